@@ -1,0 +1,36 @@
+// The one place that declares every mmfm op: torch.ops.mmfm.<name>. The implementations
+// are registered per device by each op family's binding (csrc/<family>/*_binding.cpp).
+// Keep docs/ops.md in step with these schemas.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(mmfm, m) {
+  // quantization (csrc/quant)
+  m.def("nearest_code(Tensor z, Tensor codebook, int topk=1, bool cosine=False) -> (Tensor indices, Tensor distances)");
+  m.def("code_stats(Tensor z, Tensor indices, int num_codes) -> (Tensor sums, Tensor counts)");
+  m.def(
+      "ema_codebook_update(Tensor cluster_size, Tensor embed_sum, Tensor counts, Tensor sums, float decay, "
+      "float eps, float dead_threshold) -> (Tensor cluster_size, Tensor embed_sum, Tensor codebook, Tensor dead)");
+  m.def("fsq_quantize(Tensor z, Tensor levels) -> (Tensor codes, Tensor indices)");
+  m.def("fsq_indices_to_codes(Tensor indices, Tensor levels) -> Tensor");
+  m.def("fsq_codes_to_indices(Tensor codes, Tensor levels) -> Tensor");
+  m.def("lfq_quantize(Tensor z) -> (Tensor codes, Tensor indices)");
+  m.def("lfq_indices_to_codes(Tensor indices, int dim) -> Tensor");
+  m.def("lfq_entropy(Tensor z, float temperature, bool exact) -> Tensor");
+  m.def("lfq_entropy_backward(Tensor grad_out, Tensor z, float temperature, bool exact) -> Tensor");
+  m.def("residual_vq(Tensor z, Tensor codebooks) -> (Tensor indices, Tensor quantized, Tensor residual_norm)");
+}
+
+// `import mmfm._C` loads this library, which runs the registrations above.
+static struct PyModuleDef mmfm_c_module = {PyModuleDef_HEAD_INIT, "_C", "mmfm compiled ops (torch.ops.mmfm)", -1,
+                                           nullptr};
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&mmfm_c_module);
+  if (mod == nullptr) return nullptr;
+#ifdef MMFM_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+  return mod;
+}
