@@ -1,0 +1,85 @@
+"""The one `mmfm` command. Each subcommand is a plain function taking parsed args.
+
+    mmfm doctor                 what is installed, whether the extension loaded
+    mmfm demo [quant]           the main demo (for now: VQ and FSQ autoencoders on real digits)
+    mmfm bench NAME [...]       a benchmark from tools/bench/NAME.py (quant, sampling, ...)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(REPO_ROOT, "tools", "bench")
+
+
+def cmd_doctor(args) -> int:
+    from mmfm.doctor import main
+
+    return main(args)
+
+
+def cmd_demo(args) -> int:
+    if args.name == "quant":
+        from mmfm.demos.quant import main
+
+        return main(args)
+    print(f"mmfm demo: unknown demo '{args.name}'; available: quant", file=sys.stderr)
+    return 2
+
+
+def available_benchmarks() -> list[str]:
+    if not os.path.isdir(BENCH_DIR):
+        return []
+    return sorted(f[:-3] for f in os.listdir(BENCH_DIR) if f.endswith(".py") and f != "common.py")
+
+
+def cmd_bench(args, rest: list[str]) -> int:
+    names = available_benchmarks()
+    if not names:
+        print(f"mmfm bench: no benchmarks found in {BENCH_DIR}; benchmarks live in the source checkout "
+              "(tools/bench), so run mmfm from an editable install (pip install --no-build-isolation -e .)",
+              file=sys.stderr)
+        return 2
+    if args.name not in names:
+        print(f"mmfm bench: unknown benchmark '{args.name}'; available: {', '.join(names)}", file=sys.stderr)
+        return 2
+    sys.path.insert(0, BENCH_DIR)
+    module = runpy.run_path(os.path.join(BENCH_DIR, f"{args.name}.py"), run_name=f"mmfm_bench_{args.name}")
+    return int(module["main"](rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmfm", description="multimodal foundation models over one token vocabulary")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="report the install: packages, extension, compiled ops, nvcc")
+    demo = sub.add_parser("demo", help="run a demo")
+    demo.add_argument("name", nargs="?", default="quant", help="which demo (default: quant)")
+    demo.add_argument("--out", default="runs/demo_quant", help="folder for the demo's outputs")
+    demo.add_argument("--steps", type=int, default=300, help="training steps per autoencoder")
+    demo.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="run tools/bench/NAME.py (its own options follow; --help lists them)",
+                           add_help=False)
+    bench.add_argument("name", nargs="?", default="", help="benchmark name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        if not args.name or args.name.startswith("-"):
+            print(f"usage: mmfm bench NAME [options]; available: {', '.join(available_benchmarks()) or 'none'}",
+                  file=sys.stderr)
+            return 2
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return {"doctor": cmd_doctor, "demo": cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+# Tests are sized for 2 cores; keep torch from oversubscribing when pytest runs in parallel.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_report_header(config):
+    from mmfm import _ext
+
+    state = "loaded" if _ext.extension_loaded() else f"NOT loaded ({_ext.load_error()})"
+    return f"mmfm._C: {state}; torch {torch.__version__}"
+
+
+@pytest.fixture
+def needs_extension():
+    from mmfm import _ext
+
+    if not _ext.extension_loaded():
+        pytest.fail(f"mmfm._C must be built for this test: {_ext.load_error()}")
