@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a demo")
     demo.add_argument("name", nargs="?", default="quant", help="which demo (default: quant)")
     demo.add_argument("--out", default="runs/demo_quant", help="folder for the demo's outputs")
-    demo.add_argument("--steps", type=int, default=300, help="training steps per autoencoder")
+    demo.add_argument("--steps", type=int, default=2000, help="training steps per autoencoder")
     demo.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="run tools/bench/NAME.py (its own options follow; --help lists them)",
                            add_help=False)

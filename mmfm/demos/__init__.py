@@ -1,0 +1,1 @@
+"""Demos behind `mmfm demo NAME`."""
