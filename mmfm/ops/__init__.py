@@ -3,4 +3,8 @@ pure-torch reference beside it that runs when mmfm._C is absent."""
 from mmfm._ext import compiled_ops, extension_loaded, load_error, with_cuda
 from mmfm.ops import quant
 
+# Load mmfm._C now so torch.ops.mmfm.* exist after `import mmfm`; a failure is recorded and
+# reported once, by the first op that has to fall back to its reference.
+extension_loaded()
+
 __all__ = ["quant", "compiled_ops", "extension_loaded", "load_error", "with_cuda"]

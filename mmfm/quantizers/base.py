@@ -40,7 +40,8 @@ class QuantizerOutput:
 
 
 def check_int(value, name: str, owner: str, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum)):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{owner}: argument '{name}' must be an integer {bound}, got {value!r}")
     return int(value)

@@ -39,8 +39,8 @@ class MultiScaleResidualVQ(Quantizer):
     """
 
     def __init__(self, dim: int, codebook_size: int, scales=(1, 2, 4, 8), beta: float = 0.25, use_ema: bool = False,
-                 decay: float = 0.99, eps: float = 1e-5, dead_threshold: float = 1.0, upsample: str = "linear",
-                 seed: int = 0, sync_fn: Callable | None = None):
+                 decay: float = 0.99, eps: float = 1e-5, dead_threshold: float = 1.0, revive_sampling: str = "distance",
+                 upsample: str = "linear", seed: int = 0, sync_fn: Callable | None = None):
         super().__init__()
         name = "MultiScaleResidualVQ"
         try:
@@ -55,10 +55,12 @@ class MultiScaleResidualVQ(Quantizer):
         self.dim, self.scales, self.upsample = check_int(dim, "dim", name, 1), scales, upsample
         self.quantizers = torch.nn.ModuleList(
             VectorQuantizer(dim, codebook_size, beta=beta, use_ema=use_ema, decay=decay, eps=eps,
-                            dead_threshold=dead_threshold, seed=seed + i, sync_fn=sync_fn)
+                            dead_threshold=dead_threshold,
+                            revive_sampling=revive_sampling, seed=seed + i, sync_fn=sync_fn)
             for i in range(len(scales)))
         self._remember(dim=dim, codebook_size=codebook_size, scales=scales, beta=beta, use_ema=use_ema, decay=decay,
-                       eps=eps, dead_threshold=dead_threshold, upsample=upsample, seed=seed)
+                       eps=eps, dead_threshold=dead_threshold, revive_sampling=revive_sampling, upsample=upsample,
+                       seed=seed)
 
     @property
     def codebook_size(self) -> int:

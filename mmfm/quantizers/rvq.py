@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mmfm.ops.quant import residual_vq
 from mmfm.quantizers.base import (QuantizerOutput, Quantizer, check_float, check_indices, check_int, check_last_dim,
-                                  perplexity_of)
+                                  perplexity_of, usage_metrics)
 from mmfm.quantizers.vq import VectorQuantizer
 
 
@@ -31,21 +31,22 @@ class ResidualVQ(Quantizer):
     """
 
     def __init__(self, dim: int, codebook_size: int, num_levels: int, beta: float = 0.25, use_ema: bool = False,
-                 decay: float = 0.99, eps: float = 1e-5, dead_threshold: float = 1.0, quantizer_dropout: float = 0.0,
-                 min_levels: int = 1, seed: int = 0, sync_fn: Callable | None = None):
+                 decay: float = 0.99, eps: float = 1e-5, dead_threshold: float = 1.0, revive_sampling: str = "distance",
+                 quantizer_dropout: float = 0.0, min_levels: int = 1, seed: int = 0, sync_fn: Callable | None = None):
         super().__init__()
         self.num_levels = check_int(num_levels, "num_levels", "ResidualVQ", 1)
         self.quantizer_dropout = check_float(quantizer_dropout, "quantizer_dropout", "ResidualVQ", 0.0, 1.0)
         self.min_levels = check_int(min_levels, "min_levels", "ResidualVQ", 1, self.num_levels)
         self.quantizers = torch.nn.ModuleList(
             VectorQuantizer(dim, codebook_size, beta=beta, use_ema=use_ema, decay=decay, eps=eps,
-                            dead_threshold=dead_threshold, seed=seed + m, sync_fn=sync_fn)
+                            dead_threshold=dead_threshold,
+                            revive_sampling=revive_sampling, seed=seed + m, sync_fn=sync_fn)
             for m in range(self.num_levels))
         self.dim, self.seed = int(dim), int(seed)
         self._loss_weight = beta if use_ema else 1.0 + beta  # value of the VQ loss given the residual norm
         self._remember(dim=dim, codebook_size=codebook_size, num_levels=num_levels, beta=beta, use_ema=use_ema,
-                       decay=decay, eps=eps, dead_threshold=dead_threshold, quantizer_dropout=quantizer_dropout,
-                       min_levels=min_levels, seed=seed)
+                       decay=decay, eps=eps, dead_threshold=dead_threshold, revive_sampling=revive_sampling,
+                       quantizer_dropout=quantizer_dropout, min_levels=min_levels, seed=seed)
         self._generator: torch.Generator | None = None
 
     @property
@@ -95,8 +96,6 @@ class ResidualVQ(Quantizer):
         return QuantizerOutput((zf + (total - zf).detach()).to(z.dtype), torch.stack(indices, -1), loss, metrics)
 
     def _metrics(self, indices: list) -> dict:
-        from mmfm.quantizers.base import usage_metrics
-
         per = [usage_metrics(i, self.codebook_size) for i in indices]
         out = {"usage": torch.stack([p["usage"] for p in per]).mean(),
                "perplexity": torch.stack([p["perplexity"] for p in per]).mean(),
@@ -118,7 +117,8 @@ class ResidualVQ(Quantizer):
             raise ValueError("ResidualVQ.decode: argument 'indices' must be an int64 tensor [..., levels]")
         have = indices.shape[-1]
         if have > self.num_levels:
-            raise ValueError(f"ResidualVQ.decode: argument 'indices' has {have} levels, the module has {self.num_levels}")
+            raise ValueError(f"ResidualVQ.decode: argument 'indices' has {have} levels, "
+                             f"the module has {self.num_levels}")
         n = have if levels is None else check_int(levels, "levels", "ResidualVQ.decode", 1, have)
         check_indices(indices, "ResidualVQ.decode", self.codebook_size)
         out = torch.zeros(indices.shape[:-1] + (self.dim,), device=indices.device)

@@ -31,6 +31,10 @@ class VectorQuantizer(Quantizer):
             `cluster_size`, kept in both modes with the same `decay`) falls below this is dead and
             is re-initialised from a random row of the current batch (kmeans-free revival).
             0 disables revival. Revived codes restart with cluster_size = dead_threshold.
+        revive_sampling: "distance" (default) draws the revival rows without replacement with
+            probability proportional to their squared distance to their current code (k-means++
+            style: dead codes move to where the codebook serves the data worst); "uniform" draws
+            them uniformly.
         seed: seeds the codebook init and the torch.Generator that picks revival rows. The
             generator state is not saved; a loaded module restarts its sequence from `seed`.
         sync_fn: cross-rank reduction, default None = no collective at all. When given it is
@@ -45,8 +49,8 @@ class VectorQuantizer(Quantizer):
     """
 
     def __init__(self, dim: int, codebook_size: int, beta: float = 0.25, use_ema: bool = False, decay: float = 0.99,
-                 eps: float = 1e-5, cosine: bool = False, dead_threshold: float = 1.0, seed: int = 0,
-                 sync_fn: Callable | None = None):
+                 eps: float = 1e-5, cosine: bool = False, dead_threshold: float = 1.0,
+                 revive_sampling: str = "distance", seed: int = 0, sync_fn: Callable | None = None):
         super().__init__()
         name = type(self).__name__
         self.dim = check_int(dim, "dim", name, 1)
@@ -55,12 +59,16 @@ class VectorQuantizer(Quantizer):
         self.decay = check_float(decay, "decay", name, 0.0, 1.0, high_open=True)
         self.eps = check_float(eps, "eps", name, 0.0, low_open=True)
         self.dead_threshold = check_float(dead_threshold, "dead_threshold", name, 0.0)
+        if revive_sampling not in ("distance", "uniform"):
+            raise ValueError(f"{name}: argument 'revive_sampling' must be 'distance' or 'uniform', "
+                             f"got {revive_sampling!r}")
+        self.revive_sampling = revive_sampling
         self.use_ema, self.cosine, self.seed = bool(use_ema), bool(cosine), int(seed)
         if sync_fn is not None and not callable(sync_fn):
             raise ValueError(f"{name}: argument 'sync_fn' must be callable or None")
         self.sync_fn = sync_fn
         self._remember(dim=dim, codebook_size=codebook_size, beta=beta, use_ema=use_ema, decay=decay, eps=eps,
-                       cosine=cosine, dead_threshold=dead_threshold, seed=seed)
+                       cosine=cosine, dead_threshold=dead_threshold, revive_sampling=revive_sampling, seed=seed)
 
         init = torch.randn(self.num_codes, self.dim, generator=torch.Generator().manual_seed(self.seed))
         if self.cosine:
@@ -97,13 +105,13 @@ class VectorQuantizer(Quantizer):
         """
         z_in = self._prepare(z)
         codes = self.codes()
-        idx, _ = nearest_code(z_in.detach().contiguous(), codes.detach().float().contiguous())
+        idx, dist = nearest_code(z_in.detach().contiguous(), codes.detach().float().contiguous())
         q = F.embedding(idx, codes.float())
         commit = F.mse_loss(z_in, q.detach())
         loss = self.beta * commit if self.use_ema else F.mse_loss(q, z_in.detach()) + self.beta * commit
         metrics = usage_metrics(idx, self.num_codes)
         if self.training:
-            metrics["revived"] = self._update(z_in.detach().reshape(-1, self.dim), idx.reshape(-1))
+            metrics["revived"] = self._update(z_in.detach().reshape(-1, self.dim), idx.reshape(-1), dist.reshape(-1))
         return z_in, q, idx, loss, metrics
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -121,7 +129,7 @@ class VectorQuantizer(Quantizer):
 
     # ------------------------------------------------------------------ training-time state
     @torch.no_grad()
-    def _update(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _update(self, rows: torch.Tensor, idx: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
         if self.use_ema:
             sums, counts = code_stats(rows, idx, self.num_codes)
             sums, counts = call_sync(self.sync_fn, sums), call_sync(self.sync_fn, counts)
@@ -136,18 +144,24 @@ class VectorQuantizer(Quantizer):
             self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
             dead = self.cluster_size < self.dead_threshold
         self.code_usage.add_(counts.round().long())
-        return self._revive(rows, dead)
+        return self._revive(rows, dead, dist)
 
-    def _revive(self, rows: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    def _revive(self, rows: torch.Tensor, dead: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
         n_dead = int(dead.sum())
         if n_dead == 0 or self.dead_threshold <= 0:
             return torch.zeros((), device=rows.device)
         if self._generator is None:
             self._generator = torch.Generator().manual_seed(self.seed)
         n = rows.shape[0]
-        pick = (torch.randperm(n, generator=self._generator)[:n_dead] if n >= n_dead
-                else torch.randint(n, (n_dead,), generator=self._generator))
-        new = rows[pick.to(rows.device)].float()
+        if n < n_dead:  # fewer rows than dead codes: draw with replacement
+            pick = torch.randint(n, (n_dead,), generator=self._generator).to(rows.device)
+        elif self.revive_sampling == "uniform":
+            pick = torch.randperm(n, generator=self._generator)[:n_dead].to(rows.device)
+        else:  # weighted sampling without replacement (Efraimidis-Spirakis keys log(u) / w)
+            u = torch.rand(n, generator=self._generator, dtype=torch.float64).to(rows.device)
+            keys = u.log() / (dist.double().clamp_min(0) + 1e-30)
+            pick = keys.topk(n_dead).indices
+        new = rows[pick].float()
         if self.sync_fn is not None:
             world = call_sync(self.sync_fn, torch.ones((), device=rows.device))
             new = call_sync(self.sync_fn, new.clone()) / world
