@@ -78,6 +78,9 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z_, const at::
   at::Tensor dist = at::empty({N, topk}, z.options().dtype(at::kFloat));
 #ifdef MMFM_WITH_CUDA
   if (z.is_cuda()) {
+    // The CUDA kernel keeps each row's list in registers and shared memory.
+    TORCH_CHECK_VALUE(topk <= 64, "mmfm.", op, ": 'topk' must be <= 64 for CUDA tensors, got ", topk,
+                      "; move the inputs to the CPU for larger top-k");
     cuda_ok(nearest_code_cuda(z.data_ptr(), e.data_ptr(), dtype_of(z), N, K, D, topk, cosine,
                               idx.data_ptr<int64_t>(), dist.data_ptr<float>(), stream()),
             op);

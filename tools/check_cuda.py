@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Compiles every CUDA kernel (csrc/**/*.cu) with nvcc, without a GPU or a CUDA torch.
+
+The .cu files are written against raw pointers and include no torch header (see
+docs/architecture.md), so nvcc alone can build them. This catches kernels that do not
+compile, for every target architecture, on a machine that has nvcc but no GPU (CI).
+
+    python3 tools/check_cuda.py                    # all csrc/**/*.cu, sm_80 and sm_90
+    python3 tools/check_cuda.py csrc/quant/fsq_cuda.cu --arch 90
+    python3 tools/check_cuda.py --nvcc /usr/local/cuda/bin/nvcc --jobs 4
+
+Warnings are errors (host: -Wall -Werror, device: --Werror all-warnings). Object files go to
+a temporary directory that is removed afterwards. One line per file with its time; on
+failure nvcc's output is printed and the exit status is 1. Without nvcc the exit status is
+1, or 0 with --allow-missing (for machines that cannot have it).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def find_nvcc(explicit: str | None) -> str | None:
+    if explicit:
+        return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            cand = os.path.join(home, "bin", "nvcc")
+            if os.path.isfile(cand) and os.access(cand, os.X_OK):
+                return cand
+    return None
+
+
+def cuda_sources() -> list[str]:
+    out = []
+    for dirpath, _, files in os.walk(CSRC):
+        out.extend(os.path.join(dirpath, f) for f in files if f.endswith(".cu"))
+    return sorted(out)
+
+
+def nvcc_command(nvcc: str, src: str, obj: str, archs: list[str]) -> list[str]:
+    cmd = [nvcc, "-std=c++17", "-O3", "-I", CSRC, "-DMMFM_WITH_CUDA=1"]
+    for a in archs:
+        cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    # Warnings are errors on both sides: the host compiler's and nvcc's own (device code).
+    cmd += ["-Xcompiler", "-Wall,-Werror", "--Werror", "all-warnings", "-c", src, "-o", obj]
+    return cmd
+
+
+def compile_one(nvcc: str, src: str, outdir: str, archs: list[str], timeout: float) -> tuple[str, bool, float, str]:
+    rel = os.path.relpath(src, ROOT)
+    obj = os.path.join(outdir, rel.replace(os.sep, "_") + ".o")
+    cmd = nvcc_command(nvcc, src, obj, archs)
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout)
+        ok, log = proc.returncode == 0, proc.stdout
+        if not ok:
+            log = f"$ {' '.join(cmd)}\n{log}(exit status {proc.returncode})\n"
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        ok, log = False, f"$ {' '.join(cmd)}\n{out}timed out after {timeout:.0f} s\n"
+    return rel, ok, time.monotonic() - t0, log
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="*", help="the .cu files to compile (default: every csrc/**/*.cu)")
+    p.add_argument("--nvcc", metavar="PATH", help="nvcc to use (default: nvcc on PATH, then $CUDA_HOME/bin)")
+    p.add_argument("--arch", action="append", metavar="SM",
+                   help="compute capability to build for, e.g. 90; repeatable (default: 80 and 90)")
+    p.add_argument("--jobs", type=int, default=2, help="files compiled in parallel (default 2)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per file (default 600)")
+    p.add_argument("--allow-missing", action="store_true", help="exit 0 when nvcc is not found")
+    args = p.parse_args(argv)
+
+    nvcc = find_nvcc(args.nvcc)
+    if nvcc is None:
+        where = f"at {args.nvcc}" if args.nvcc else "on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin"
+        print(f"check_cuda: nvcc not found {where}; CUDA kernels not compiled"
+              + (" (--allow-missing: not an error)" if args.allow_missing else ""))
+        return 0 if args.allow_missing else 1
+
+    sources = [os.path.abspath(f) for f in args.files] if args.files else cuda_sources()
+    missing = [s for s in sources if not os.path.isfile(s)]
+    if missing:
+        print("check_cuda: no such file: " + ", ".join(missing))
+        return 1
+    if not sources:
+        print("check_cuda: no .cu files under csrc/")
+        return 0
+    archs = [a.replace("sm_", "").replace("compute_", "") for a in (args.arch or ["80", "90"])]
+    try:
+        version = subprocess.run([nvcc, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 timeout=60).stdout.strip().splitlines()[-1]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        version = "version unknown"
+    print(f"check_cuda: {len(sources)} file(s), {nvcc} ({version}), sm_{', sm_'.join(archs)}, {args.jobs} job(s)")
+
+    t0 = time.monotonic()
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="mmfm_check_cuda_") as outdir:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(compile_one, nvcc, s, outdir, archs, args.timeout) for s in sources]
+            for fut in concurrent.futures.as_completed(futures):
+                rel, ok, secs, log = fut.result()
+                print(f"  {'ok  ' if ok else 'FAIL'} {secs:6.1f} s  {rel}", flush=True)
+                if not ok:
+                    failed.append((rel, log))
+    for rel, log in failed:
+        print(f"\n---- nvcc output for {rel} ----\n{log.rstrip()}")
+    status = f"{len(failed)} of {len(sources)} failed" if failed else f"all {len(sources)} compiled"
+    print(f"check_cuda: {status} in {time.monotonic() - t0:.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
