@@ -26,6 +26,27 @@ def _open(url: str):
     return wds.gopen(url, "rb")
 
 
+class _CountingReader:
+    """Counts the bytes a stream delivers: Python's tarfile, reading a stream, takes a tar cut
+    at a header for a normal end, so the end is checked against the byte count instead."""
+
+    def __init__(self, stream):
+        self.stream, self.bytes = stream, 0
+
+    def read(self, n=-1):
+        data = self.stream.read(n)
+        self.bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+
+def _block_end(member: tarfile.TarInfo) -> int:
+    return member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
 def iter_shard(url: str, report: Report) -> Iterator[tuple[str, dict]]:
     try:
         stream = _open(url)
@@ -34,14 +55,16 @@ def iter_shard(url: str, report: Report) -> Iterator[tuple[str, dict]]:
         return
     finished = False  # a consumer that stops early closes a pipe: early; that is not an error
     try:
+        counted = _CountingReader(stream)
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|*")
+            tar = tarfile.open(fileobj=counted, mode="r|")
         except Exception as e:
             report("unopenable_shard", url, "", f"not a readable tar: {type(e).__name__}: {e}")
             return
-        key, fields = None, {}
+        key, fields, data_end = None, {}, 0
         try:
             for member in tar:
+                data_end = _block_end(member)
                 if not member.isfile():
                     continue
                 name = member.name
@@ -61,6 +84,10 @@ def iter_shard(url: str, report: Report) -> Iterator[tuple[str, dict]]:
                         yield key, fields
                     key, fields = mkey, {}
                 fields[field] = data
+            counted.drain()
+            # a complete tar ends with two zero blocks after the last member's data
+            if counted.bytes < data_end + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"archive ends at byte {counted.bytes} without its end-of-archive blocks")
         except (tarfile.TarError, EOFError, OSError) as e:
             report("truncated_shard", url, key or "", f"{type(e).__name__}: {e}; sample dropped, rest of shard skipped")
             return
