@@ -32,6 +32,13 @@ def add_data_parser(sub) -> None:
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     SUBCOMMANDS["verify"] = "mmfm.data.verify"
 
+    d = dsub.add_parser("demo", help="the six-modality demo corpus from bundled and synthesised sources (no network)")
+    d.add_argument("--out", required=True, help="folder for the shards")
+    d.add_argument("--scale", type=float, default=1.0, help="multiplies the sample counts (default 1)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    SUBCOMMANDS["demo"] = "mmfm.data.demo"
+
 
 def run_data(args: argparse.Namespace) -> int:
     module = importlib.import_module(SUBCOMMANDS[args.data_command])
