@@ -39,6 +39,16 @@ def add_data_parser(sub) -> None:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     SUBCOMMANDS["demo"] = "mmfm.data.demo"
 
+    s = dsub.add_parser("select", help="DSIR: pick the k raw samples most like the target (hashed n-grams, "
+                                       "importance weights, Gumbel-top-k)")
+    s.add_argument("--target", required=True, help="shards of the kind of data wanted (folder, pattern or glob)")
+    s.add_argument("--raw", required=True, help="shards of the pool to select from")
+    s.add_argument("--out", required=True, help="folder for the selected shards and select-report.json")
+    s.add_argument("--k", type=int, required=True, help="how many samples to select")
+    s.add_argument("--buckets", type=int, default=10_000, help="hash bins for unigram+bigram features")
+    s.add_argument("--seed", type=int, default=0)
+    SUBCOMMANDS["select"] = "mmfm.data.select"
+
 
 def run_data(args: argparse.Namespace) -> int:
     module = importlib.import_module(SUBCOMMANDS[args.data_command])
