@@ -38,3 +38,19 @@ def test_demo_is_deterministic_at_small_scale(tmp_path):
     assert a["physics"]["samples"] >= 1
     for m in ("image", "video", "shape3d", "physics"):
         assert (tmp_path / "a" / f"{m}-000000.tar").read_bytes() == (tmp_path / "b" / f"{m}-000000.tar").read_bytes()
+
+
+def test_bench_data_quick_writes_records(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "data.json"
+    out = subprocess.run([sys.executable, "-m", "mmfm.cli", "bench", "data", "--quick", "--modalities", "image,audio",
+                          "--json", str(path)], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr
+    records = json.loads(path.read_text())
+    assert {(r["case"]["modality"], r["impl"]) for r in records} == {
+        ("image", "mmfm"), ("image", "webdataset"), ("audio", "mmfm"), ("audio", "webdataset")}
+    assert all(r["bench"] == "data" and r["samples_per_s"] > 0 and r["mb_per_s"] > 0 for r in records)

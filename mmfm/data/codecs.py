@@ -128,7 +128,7 @@ def decode_field(field: str, data: bytes):
 
             with Image.open(io.BytesIO(data)) as im:
                 im.load()  # forces the full decode: a truncated file fails here, not later
-                return np.asarray(im)
+                return np.array(im)  # a writable copy: torch.from_numpy warns on read-only arrays
         if ext == "wav":
             return decode_wav(data)
         if ext == "flac":
