@@ -3,6 +3,7 @@
     mmfm doctor                 what is installed, whether the extension loaded
     mmfm demo [quant]           the main demo (for now: VQ and FSQ autoencoders on real digits)
     mmfm bench NAME [...]       a benchmark from tools/bench/NAME.py (quant, sampling, ...)
+    mmfm data SUB [...]         shards: build, verify, demo, select (mmfm/data/commands.py)
 """
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ def cmd_bench(args, rest: list[str]) -> int:
     return int(module["main"](rest) or 0)
 
 
+def cmd_data(args) -> int:
+    from mmfm.data.commands import run_data
+
+    return run_data(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description="multimodal foundation models over one token vocabulary")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run tools/bench/NAME.py (its own options follow; --help lists them)",
                            add_help=False)
     bench.add_argument("name", nargs="?", default="", help="benchmark name")
+    from mmfm.data.commands import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"doctor": cmd_doctor, "demo": cmd_demo}[args.command](args)
+    return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data}[args.command](args)
 
 
 if __name__ == "__main__":

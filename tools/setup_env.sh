@@ -27,8 +27,21 @@ if [ ! -f "$stamp" ]; then
   "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
   "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt \
     deepspeed webdataset sentencepiece safetensors numpy pillow pyyaml tqdm tensorboard ninja \
-    scikit-learn pytest vector-quantize-pytorch
+    scikit-learn pytest vector-quantize-pytorch \
+    trimesh scikit-image
   touch "$stamp"
+fi
+
+# System packages: espeak-ng synthesises the demo corpus' speech (mmfm data demo). Installed
+# when apt-get exists and we are root; otherwise the demo skips speech and says so.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    log "installing espeak-ng (apt-get)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null) \
+      || log "apt-get install espeak-ng failed; the demo corpus will have no speech samples"
+  else
+    log "espeak-ng not found and cannot apt-get install it (needs root and apt); the demo corpus will have no speech samples"
+  fi
 fi
 
 # The extension: rebuilt by ninja only where sources changed.

@@ -1,0 +1,93 @@
+"""Text: documents that ship with Python and the installed packages, cleaned and deduplicated.
+
+Sources: docstrings of standard-library modules (PSF-2.0), and the long descriptions (READMEs)
+and license texts in installed packages' dist-info folders, each with the package's license as
+its metadata declares it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata as md
+import inspect
+import re
+import warnings
+
+STDLIB_MODULES = ("json", "os", "collections", "itertools", "functools", "pathlib", "re", "string", "textwrap",
+                  "tarfile", "zipfile", "csv", "random", "statistics", "heapq", "bisect", "dataclasses",
+                  "argparse", "logging", "subprocess", "threading", "queue", "shutil", "tempfile", "typing",
+                  "enum", "datetime", "calendar", "decimal", "fractions", "math", "hashlib", "base64", "wave",
+                  "contextlib", "abc", "copy", "pprint", "difflib", "unittest", "inspect", "ast", "io", "struct")
+
+MIN_CHARS, MAX_CHARS = 200, 4000
+
+
+def clean(text: str) -> str:
+    text = re.sub(r"\r\n?", "\n", text)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()[:MAX_CHARS]
+
+
+def _doc(obj) -> str:
+    with warnings.catch_warnings():  # typing.io / typing.re warn when their docstrings are read
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return inspect.getdoc(obj) or ""
+
+
+def _stdlib_docs():
+    for name in STDLIB_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        yield f"python stdlib docstring: {name}", "PSF-2.0", _doc(mod)
+        for attr, obj in sorted(vars(mod).items()):
+            if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            if getattr(obj, "__module__", None) != name:
+                continue
+            yield f"python stdlib docstring: {name}.{attr}", "PSF-2.0", _doc(obj)
+
+
+def _package_docs():
+    for dist in sorted(md.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        name = dist.metadata["Name"] or "unknown"
+        license = dist.metadata.get("License-Expression") or dist.metadata.get("License") or "see package metadata"
+        license = license.splitlines()[0][:100] if license else "see package metadata"
+        body = dist.metadata.get_payload() if hasattr(dist.metadata, "get_payload") else None
+        if body:
+            yield f"package description (README): {name} {dist.version}", license, body
+        for f in dist.files or []:
+            in_dist_info = any(p.endswith(".dist-info") for p in f.parts[:-1])
+            if in_dist_info and re.search(r"(LICEN[CS]E|COPYING|NOTICE)[^/]*$", f.name):
+                try:
+                    with open(f.locate(), encoding="utf-8", errors="replace") as fh:
+                        body = fh.read()
+                except OSError:
+                    continue
+                yield f"license text: {name} {dist.version} {f.name}", license, body
+
+
+def text_samples(count: int):
+    """Up to `count` cleaned, deduplicated documents, alternating stdlib and package sources."""
+    seen: set[str] = set()
+    n = 0
+    sources = [_stdlib_docs(), _package_docs()]
+    while sources and n < count:
+        for gen in list(sources):
+            try:
+                source, license, text = next(gen)
+            except StopIteration:
+                sources.remove(gen)
+                continue
+            text = clean(text)
+            digest = hashlib.sha1(re.sub(r"\W+", " ", text.lower()).encode()).hexdigest()
+            if len(text) < MIN_CHARS or digest in seen:
+                continue
+            seen.add(digest)
+            yield {"__key__": f"text_{n:06d}", "txt": text,
+                   "json": {"modality": "text", "source": source, "license": license, "chars": len(text)}}
+            n += 1
+            if n >= count:
+                return
