@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/vecmath.h"
 #include "quant/quant_kernels.h"
 
 namespace mmfm {
@@ -38,17 +39,42 @@ std::vector<Level> prepare(const int64_t* levels, int64_t C) {
 void fsq_quantize_cpu(const void* z, DType dt, const int64_t* levels, int64_t N, int64_t C, float* codes,
                       int64_t* idx) {
   const std::vector<Level> lv = prepare(levels, C);
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    int64_t index = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const Level& l = lv[c];
-      const float bounded = std::tanh(load_as_float(z, dt, n * C + c) + l.shift) * l.half_l - l.offset;
-      const float q = std::nearbyint(bounded);  // round half to even, as torch.round
-      codes[n * C + c] = q / static_cast<float>(l.half_width);
-      index += (static_cast<int64_t>(q) + l.half_width) * l.radix;
+  // The per-channel constants repeat every C elements, so over a tile of kLanes * C elements
+  // (a whole number of rows) they form a fixed pattern: the element loop needs no modulo and
+  // vectorises, tanh included (vtanhf).
+  constexpr int64_t kLanes = 16;
+  const int64_t tile = kLanes * C;
+  std::vector<float> shift(tile), half_l(tile), offset(tile), inv_hw(tile);
+  for (int64_t j = 0; j < tile; ++j) {
+    const Level& l = lv[j % C];
+    shift[j] = l.shift;
+    half_l[j] = l.half_l;
+    offset[j] = l.offset;
+    inv_hw[j] = 1.f / static_cast<float>(l.half_width);
+  }
+  const int64_t tiles = (N + kLanes - 1) / kLanes;
+#pragma omp parallel
+  {
+    std::vector<float> x(tile);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t row0 = t * kLanes, rows = std::min(kLanes, N - row0), count = rows * C;
+      for (int64_t j = 0; j < count; ++j) x[j] = load_as_float(z, dt, row0 * C + j);
+      float* out = codes + row0 * C;
+#pragma omp simd
+      for (int64_t j = 0; j < count; ++j) {
+        const float bounded = vtanhf(x[j] + shift[j]) * half_l[j] - offset[j];
+        out[j] = __builtin_rintf(bounded) * inv_hw[j];  // round half to even, as torch.round
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        int64_t index = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t q = static_cast<int64_t>(__builtin_rintf(out[r * C + c] * lv[c].half_width));
+          index += (q + lv[c].half_width) * lv[c].radix;
+        }
+        idx[row0 + r] = index;
+      }
     }
-    idx[n] = index;
   }
 }
 
