@@ -118,6 +118,17 @@ class NeuralTokenizer(nn.Module):
         """Reconstruction figures (floats) of a batch, as eval reports them."""
         raise NotImplementedError
 
+    # -- optional hooks, called by `mmfm tokenizer train` -----------------------------------
+    def fit_data(self, train: torch.Tensor) -> None:
+        """Before training: fit data statistics (e.g. normalisation) on the prepared training set."""
+
+    def after_training(self, train: torch.Tensor) -> None:
+        """After training: fit anything post hoc (e.g. TokenBridge's bins) on the training set."""
+
+    def preview(self, x: torch.Tensor, recon: torch.Tensor) -> list:
+        """[(input image, reconstruction image)] pairs, [C, H, W] in [0, 1], for the side-by-side PNG."""
+        return []
+
     # -- shared ---------------------------------------------------------------------------
     @property
     def bits_per_sample(self) -> float:

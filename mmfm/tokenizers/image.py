@@ -321,3 +321,11 @@ class Image1DTokenizer(NeuralTokenizer):
         """PSNR of decoding only the first k tokens, for each k in lengths."""
         tokens = self.encode_tensor(x)
         return [psnr(x, self.decode_tensor(tokens[:, :k])) for k in lengths]
+
+
+def _image_preview(self, x, recon):
+    return [(a, b.clamp(0, 1)) for a, b in zip(x, recon)]
+
+
+ImageConvTokenizer.preview = _image_preview
+Image1DTokenizer.preview = _image_preview
