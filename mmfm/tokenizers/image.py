@@ -62,7 +62,7 @@ def image_to_tensor(sample, size: int, owner: str) -> torch.Tensor:
 
     if arr.shape[:2] != (size, size):
         arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).float() / 255.0
 
 
 def image_metrics(x: torch.Tensor, recon: torch.Tensor) -> dict:
