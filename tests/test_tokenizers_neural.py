@@ -159,3 +159,4 @@ def test_physics_refinement_lowers_error():
     tok.eval()
     m = tok.metrics(x)
     assert m["rel_l2"] < m["rel_l2_before_refine"]
+
