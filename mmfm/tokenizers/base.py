@@ -159,10 +159,7 @@ class NeuralTokenizer(nn.Module):
         was = self.training
         self.eval()
         try:
-            if isinstance(samples, torch.Tensor):
-                x = torch.stack([self.prepare(s) for s in samples])
-            else:
-                x = torch.stack([self.prepare(s) for s in samples])
+            x = torch.stack([self.prepare(s) for s in samples])  # a batch tensor iterates as its samples
             return self.encode_tensor(x.to(self.device))
         finally:
             self.train(was)

@@ -277,19 +277,27 @@ def eval_main(args) -> int:
     return 0
 
 
-def print_records(records: list[dict], out=sys.stdout) -> None:
-    figures = []
+def print_records(records: list[dict], out=None) -> None:
+    """One small table per tokenizer (its records share the figures), blank line between."""
+    out = out or sys.stdout  # looked up at call time (pytest's capsys swaps sys.stdout)
+    groups: dict[str, list[dict]] = {}
     for r in records:
-        for k, v in r.items():
-            if k not in ("bench", "case", "impl") and isinstance(v, (int, float)) and k not in figures:
-                figures.append(k)
-    rows = [["tokenizer", "tokens", "impl", *figures]]
-    for r in records:
-        cells = [str(r["case"]["tokenizer"]), str(r["case"]["tokens"]), r["impl"]]
-        for f in figures:
-            v = r.get(f)
-            cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) and not math.isnan(v) else str(v)))
-        rows.append(cells)
-    widths = [max(len(c) for c in col) for col in zip(*rows)]
-    for cells in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)), file=out)
+        groups.setdefault(str(r["case"]["tokenizer"]), []).append(r)
+    for i, recs in enumerate(groups.values()):
+        figures = []
+        for r in recs:
+            for k, v in r.items():
+                if k not in ("bench", "case", "impl") and isinstance(v, (int, float)) and k not in figures:
+                    figures.append(k)
+        rows = [["tokenizer", "tokens", "impl", *figures]]
+        for r in recs:
+            cells = [str(r["case"]["tokenizer"]), str(r["case"]["tokens"]), r["impl"]]
+            for f in figures:
+                v = r.get(f)
+                cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+            rows.append(cells)
+        widths = [max(len(c) for c in col) for col in zip(*rows)]
+        if i:
+            print(file=out)
+        for cells in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip(), file=out)

@@ -62,12 +62,10 @@ class TextTokenizer:
         if not texts:
             raise ValueError("TextTokenizer.fit: argument 'texts' holds no non-empty text")
         if c.byte_fallback:
-            distinct = len(set("".join(texts)))
             need = 256 + 4 + len(c.user_special_tokens)
             if c.vocab_size <= need:
                 raise ValueError(f"TextTokenizer.fit: vocab_size {c.vocab_size} must exceed {need} with "
                                  "byte_fallback (256 bytes + specials + user tokens)")
-            del distinct
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts), model_writer=buf, model_type=c.model_type, vocab_size=c.vocab_size,
