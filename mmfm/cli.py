@@ -4,6 +4,7 @@
     mmfm demo [quant]           the main demo (for now: VQ and FSQ autoencoders on real digits)
     mmfm bench NAME [...]       a benchmark from tools/bench/NAME.py (quant, sampling, ...)
     mmfm data SUB [...]         shards: build, verify, demo, select (mmfm/data/commands.py)
+    mmfm tokenizer SUB [...]    tokenizers: train, eval (mmfm/tokenizers/commands.py)
 """
 from __future__ import annotations
 
@@ -58,6 +59,12 @@ def cmd_data(args) -> int:
     return run_data(args)
 
 
+def cmd_tokenizer(args) -> int:
+    from mmfm.tokenizers.commands import run_tokenizer
+
+    return run_tokenizer(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description="multimodal foundation models over one token vocabulary")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.data.commands import add_data_parser
 
     add_data_parser(sub)
+    from mmfm.tokenizers.commands import add_tokenizer_parser
+
+    add_tokenizer_parser(sub)
     return parser
 
 
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data}[args.command](args)
+    return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,303 @@
+"""`mmfm tokenizer train --config X.yaml` and `mmfm tokenizer eval [--config X.yaml ...] [--json PATH]`.
+
+train: reads the config's shards (training split), trains (TrainLoop: progress bar, losses and
+metrics to <out>/train.jsonl and TensorBoard <out>/tb, checkpoints with exact resume), writes
+<out>/reconstructions.png (held-out inputs left, reconstructions right), and saves the tokenizer
+to <out>/tokenizer. image_1d also writes <out>/psnr_vs_tokens.png.
+
+eval: for each config (default: every configs/tokenizers/*.yaml whose <out>/tokenizer exists),
+loads the saved tokenizer, reconstructs the held-out split and prints one record per tokenizer
+and one per baseline at the same bit budget (mmfm.tokenizers.baselines). Records follow
+ARCHITECTURE.md: bench "tokenizer", case {tokenizer, tokens}, impl "mmfm" or the baseline's name.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+
+
+# primary metric per modality: (name, higher is better)
+PRIMARY = {"image": ("psnr", True), "video": ("psnr", True), "audio": ("snr_db", True),
+           "physics": ("rel_l2", False), "shape3d": ("chamfer", False), "text": ("bytes_per_token", True)}
+
+
+def add_tokenizer_parser(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train and evaluate modality tokenizers (configs/tokenizers/*.yaml)")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train one tokenizer from shards and save it")
+    t.add_argument("--config", required=True, help="configs/tokenizers/<name>.yaml")
+    t.add_argument("--steps", type=int, default=None, help="override train.steps")
+    t.add_argument("--out", default=None, help="override train.out")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    e = tsub.add_parser("eval", help="metrics on held-out samples against baselines at the same bit budget")
+    e.add_argument("--config", action="append", default=None,
+                   help="a config (repeatable; default: every configs/tokenizers/*.yaml that has been trained)")
+    e.add_argument("--out", default=None, help="override train.out (with a single --config)")
+    e.add_argument("--json", metavar="PATH", help="also write the records as a JSON list")
+    e.add_argument("--max-samples", type=int, default=64, help="held-out samples per tokenizer (default 64)")
+
+
+def run_tokenizer(args) -> int:
+    from mmfm.tokenizers.config import ConfigError
+
+    try:
+        return train_main(args) if args.tokenizer_command == "train" else eval_main(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"mmfm tokenizer {args.tokenizer_command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _config_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+# ------------------------------------------------------------------------------------ train
+def train_main(args) -> int:
+    from mmfm.tokenizers.config import load_config
+
+    cfg = load_config(args.config)
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    if args.out:
+        cfg.train.out = args.out
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    os.makedirs(cfg.train.out, exist_ok=True)
+    if cfg.tokenizer == "text":
+        return _train_text(cfg)
+    return _train_neural(cfg, progress=not args.quiet)
+
+
+def _train_text(cfg) -> int:
+    from mmfm.tokenizers.data import read_samples
+    from mmfm.tokenizers.registry import build_tokenizer
+
+    d = cfg.data
+    train = [s["txt"] for s in read_samples(d.shards, d.modality, "train", d.holdout_fraction, d.max_samples)
+             if isinstance(s.get("txt"), str)]
+    held = [s["txt"] for s in read_samples(d.shards, d.modality, "eval", d.holdout_fraction)
+            if isinstance(s.get("txt"), str)]
+    tok = build_tokenizer("text", cfg.model).fit(train)
+    out = os.path.join(cfg.train.out, "tokenizer")
+    tok.save(out)
+    row = {"step": 0, "train_documents": len(train), "vocab_size": tok.vocab_size,
+           "bytes_per_token_train": tok.bytes_per_token(train),
+           "bytes_per_token_heldout": tok.bytes_per_token(held) if held else None}
+    with open(os.path.join(cfg.train.out, "train.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"text tokenizer: {len(train)} documents, vocab {tok.vocab_size}, bytes/token held-out "
+          f"{row['bytes_per_token_heldout']}; saved to {out}")
+    return 0
+
+
+def _train_neural(cfg, progress: bool) -> int:
+    import torch
+
+    from mmfm.tokenizers.data import prepare_all, random_batches, read_samples
+    from mmfm.tokenizers.registry import build_tokenizer
+    from mmfm.tokenizers.render import save_pairs
+    from mmfm.tokenizers.train import JsonlLogger, TrainLoop
+
+    d, t, out = cfg.data, cfg.train, cfg.train.out
+    torch.manual_seed(t.seed)
+    tok = build_tokenizer(cfg.tokenizer, cfg.model)
+    samples = read_samples(d.shards, d.modality, "train", d.holdout_fraction, d.max_samples)
+    x = prepare_all(tok, [s for s in samples if _usable(tok, s)])
+    print(f"{cfg.tokenizer}: {x.shape[0]} training samples {tuple(x.shape[1:])}, {tok.tokens_per_sample} tokens "
+          f"of {tok.vocab_size} per sample", file=sys.stderr)
+    tok.fit_data(x)
+    log = JsonlLogger(os.path.join(out, "train.jsonl"), os.path.join(out, "tb"))
+    gen = torch.Generator().manual_seed(t.seed)
+    opt = torch.optim.AdamW(tok.parameters(), t.lr, weight_decay=t.weight_decay)
+    loop = TrainLoop(tok, opt, random_batches(x, t.batch_size, gen), os.path.join(out, "checkpoints"), gen, log)
+    if loop.load_checkpoint():
+        print(f"resumed from step {loop.step_count}", file=sys.stderr)
+    loop.run(t.steps, t.log_every, t.checkpoint_every, progress)
+    if hasattr(tok, "refinement_parameters"):  # physics: stage 2, the refinement alone
+        gen2 = torch.Generator().manual_seed(t.seed + 1)
+        opt2 = torch.optim.AdamW(tok.refinement_parameters(), t.lr)
+        stage2 = TrainLoop(tok, opt2, random_batches(x, t.batch_size, gen2), os.path.join(out, "checkpoints_refine"),
+                           gen2, lambda s, m: log(t.steps + s, {f"refine/{k}": v for k, v in m.items()}))
+        stage2.load_checkpoint()
+        stage2.run(cfg.model.refine_steps, t.log_every, t.checkpoint_every, progress)
+    tok.after_training(x)
+    tok.eval()
+    held = [s for s in read_samples(d.shards, d.modality, "eval", d.holdout_fraction, 8) if _usable(tok, s)]
+    if held:
+        hx = prepare_all(tok, held)
+        with torch.no_grad():
+            recon = tok.decode(tok.encode_batch(hx))
+            metrics = {k: v for k, v in tok.metrics(hx, recon).items() if isinstance(v, (int, float))}
+        save_pairs(os.path.join(out, "reconstructions.png"), tok.preview(hx, recon))
+        log(loop.step_count, {f"heldout/{k}": v for k, v in metrics.items()})
+        print("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if hasattr(tok, "psnr_by_prefix"):
+            _prefix_plot(tok, hx, out)
+    log.close()
+    tok.save(os.path.join(out, "tokenizer"))
+    print(f"saved {cfg.tokenizer} to {os.path.join(out, 'tokenizer')}")
+    return 0
+
+
+def _usable(tok, sample) -> bool:
+    """Physics configs take 2D fields with the configured channels; other data in the shards is skipped."""
+    if tok.modality != "physics":
+        return True
+    f = (sample.get("npz") or {}).get("fields")
+    c = tok.config
+    return f is not None and f.ndim == 4 and f.shape[1] == c.channels and f.shape[2:] == (c.grid, c.grid)
+
+
+def prefix_lengths(k: int) -> list[int]:
+    out, n = [], 1
+    while n < k:
+        out.append(n)
+        n *= 2
+    return out + [k]
+
+
+def _prefix_plot(tok, hx, out) -> list[float]:
+    from mmfm.tokenizers.render import line_plot
+
+    lengths = prefix_lengths(tok.tokens_per_sample)
+    values = tok.psnr_by_prefix(hx, lengths)
+    line_plot(os.path.join(out, "psnr_vs_tokens.png"), lengths, values, "held-out PSNR vs kept tokens",
+              "tokens kept", "PSNR dB")
+    with open(os.path.join(out, "psnr_vs_tokens.json"), "w") as f:
+        json.dump({"tokens": lengths, "psnr": values}, f)
+    return values
+
+
+# ------------------------------------------------------------------------------------- eval
+def _default_configs() -> list[str]:
+    from mmfm.tokenizers.config import load_config
+
+    found = []
+    for p in sorted(glob.glob("configs/tokenizers/*.yaml")):
+        if os.path.exists(os.path.join(load_config(p).train.out, "tokenizer")):
+            found.append(p)
+    return found
+
+
+def eval_records(cfg, name: str, tok, max_samples: int) -> list[dict]:
+    import torch
+
+    from mmfm.tokenizers import baselines as B
+    from mmfm.tokenizers.data import prepare_all, read_samples
+    from mmfm.tokenizers.metrics import chamfer, f_score, mel_distance, psnr, rel_l2, snr_db, ssim
+
+    d = cfg.data
+    held = read_samples(d.shards, d.modality, "eval", d.holdout_fraction, 0 if tok.modality == "text" else 0)
+    if tok.modality == "text":
+        texts = [s["txt"] for s in held if isinstance(s.get("txt"), str)]
+        bpt = tok.bytes_per_token(texts)
+        n_bytes = sum(len(s.encode()) for s in texts)
+        case = {"tokenizer": name, "tokens": "variable"}
+        return [{"bench": "tokenizer", "case": case, "impl": "mmfm", "bytes_per_token": bpt, "samples": len(texts),
+                 "vocab_size": tok.vocab_size, "tokens_total": round(n_bytes / bpt)},
+                {"bench": "tokenizer", "case": case, "impl": "utf8_bytes", "bytes_per_token": 1.0,
+                 "samples": len(texts), "vocab_size": 256, "tokens_total": n_bytes}]
+    held = [s for s in held if _usable(tok, s)][:max_samples]
+    x = prepare_all(tok, held)
+    with torch.no_grad():
+        recon = torch.cat([tok.decode(tok.encode_batch(b)) for b in x.split(16)])
+        m = tok.metrics(x, recon)
+    bits = tok.bits_per_sample
+    case = {"tokenizer": name, "tokens": tok.tokens_per_sample}
+    common = {"samples": x.shape[0], "bits": round(bits, 1)}
+    recs = [{"bench": "tokenizer", "case": case, "impl": "mmfm", **m, **common}]
+    if tok.modality == "image":
+        r, s = B.bicubic_down_up(x, bits)
+        recs.append({"bench": "tokenizer", "case": case, "impl": "bicubic", "psnr": psnr(x, r), "ssim": ssim(x, r),
+                     "side": s, **common})
+    elif tok.modality == "video":
+        r, s = B.video_bicubic(x, bits)
+        recs.append({"bench": "tokenizer", "case": case, "impl": "bicubic", "psnr": psnr(x.flatten(0, 1), r.flatten(0, 1)),
+                     "side": s, **common})
+    elif tok.modality == "audio":
+        bps = tok.bits_per_second()
+        r, rate = B.mu_law_resample(x, tok.config.sample_rate, bps)
+        recs.append({"bench": "tokenizer", "case": case, "impl": "mulaw_resample", "snr_db": snr_db(x, r),
+                     "mel_distance": float(mel_distance(x, r, tok.config.sample_rate)), "bits_per_s": bps,
+                     "rate_hz": rate, **common})
+    elif tok.modality == "physics":
+        r, s = B.field_subsample(x, bits)
+        recs.append({"bench": "tokenizer", "case": case, "impl": "subsample_bicubic", "rel_l2": rel_l2(x, r),
+                     "side": s, **common})
+    elif tok.modality == "shape3d":
+        r, k = B.random_points(x, bits)
+        recs.append({"bench": "tokenizer", "case": case, "impl": "random_subsample",
+                     "chamfer": float(chamfer(r, x[..., :3]).mean()),
+                     "f_score": f_score(r, x[..., :3], tok.config.fscore_threshold), "points": k,
+                     "bytes_per_shape": bits / 8, **common})
+    return recs
+
+
+def beats_baseline(records: list[dict], modality: str) -> bool | None:
+    metric, higher = PRIMARY[modality]
+    mine = [r[metric] for r in records if r["impl"] == "mmfm"]
+    other = [r[metric] for r in records if r["impl"] != "mmfm"]
+    if not mine or not other:
+        return None
+    return mine[0] > other[0] if higher else mine[0] < other[0]
+
+
+def eval_main(args) -> int:
+    from mmfm.tokenizers.base import load_tokenizer
+    from mmfm.tokenizers.config import load_config
+
+    paths = args.config or _default_configs()
+    if not paths:
+        print("mmfm tokenizer eval: no trained tokenizer found (train one with mmfm tokenizer train --config ...)",
+              file=sys.stderr)
+        return 2
+    records, verdicts = [], []
+    for p in paths:
+        cfg = load_config(p)
+        out = args.out if args.out and len(paths) == 1 else cfg.train.out
+        tok = load_tokenizer(os.path.join(out, "tokenizer"))
+        recs = eval_records(cfg, _config_name(p), tok, args.max_samples)
+        records += recs
+        verdicts.append((_config_name(p), tok.modality, beats_baseline(recs, tok.modality)))
+    print_records(records)
+    for name, modality, ok in verdicts:
+        metric = PRIMARY[modality][0]
+        print(f"{name}: {'beats' if ok else 'does NOT beat'} its baseline on {metric}")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(records, f, indent=1)
+        os.replace(tmp, args.json)
+        print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
+    return 0
+
+
+def print_records(records: list[dict], out=None) -> None:
+    """One small table per tokenizer (its records share the figures), blank line between."""
+    out = out or sys.stdout  # looked up at call time (pytest's capsys swaps sys.stdout)
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(str(r["case"]["tokenizer"]), []).append(r)
+    for i, recs in enumerate(groups.values()):
+        figures = []
+        for r in recs:
+            for k, v in r.items():
+                if k not in ("bench", "case", "impl") and isinstance(v, (int, float)) and k not in figures:
+                    figures.append(k)
+        rows = [["tokenizer", "tokens", "impl", *figures]]
+        for r in recs:
+            cells = [str(r["case"]["tokenizer"]), str(r["case"]["tokens"]), r["impl"]]
+            for f in figures:
+                v = r.get(f)
+                cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+            rows.append(cells)
+        widths = [max(len(c) for c in col) for col in zip(*rows)]
+        if i:
+            print(file=out)
+        for cells in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip(), file=out)

@@ -1,0 +1,331 @@
+"""Image tokenizers.
+
+image_conv: a 2D convolutional autoencoder (VQGAN-like shape, without the GAN): stride-2 conv
+    stages down to a latent grid, quantized per position with VQ, FSQ or LFQ (config
+    `quantizer`), decoded by the mirror image. Tokens: the latent grid in raster order,
+    (image_size / 2^downsamples)^2 per image. `quantizer: none` gives the continuous
+    autoencoder that the TokenBridge path (mmfm.tokenizers.tokenbridge) discretises.
+
+image_1d: a 1D tokenizer in the TiTok manner (Yu et al. 2024, arXiv:2406.07550): a ViT encoder
+    over patches together with K learned latent queries; the queries' outputs, quantized, are
+    the K tokens. The decoder reads the tokens plus one learned mask token per patch and
+    predicts the patches. Tail-token drop / nested dropout (One-D-Piece, FlexTok): in training
+    each image keeps only its first k ~ U{1..K} tokens, the rest replaced by a learned
+    "dropped" embedding, so information concentrates at the head and any prefix decodes.
+
+Both take images as float [3, S, S] in [0, 1]; `prepare` turns a shard sample (uint8 PNG, grey or
+RGB) into that, resizing with bicubic filtering.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, check_finite
+from mmfm.tokenizers.metrics import psnr, ssim
+from mmfm.tokenizers.quantizer_choice import check_quantizer_fields, codebook_size_of, make_quantizer
+from mmfm.tokenizers.registry import register
+
+
+def image_to_tensor(sample, size: int, owner: str) -> torch.Tensor:
+    """A shard sample (dict with 'png'/'jpg'), a uint8 array [H, W(, C)] or a float tensor [3, H, W]
+    in [0, 1] -> float [3, size, size]. Grey images are repeated to RGB; anything else is an error."""
+    if isinstance(sample, torch.Tensor):
+        if sample.dim() != 3 or sample.shape[0] != 3:
+            raise ValueError(f"{owner}: image tensor must have shape [3, H, W] (3 channels), got {tuple(sample.shape)}")
+        check_finite(sample, owner, "the image tensor")
+        x = sample.float()
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        return x
+    if isinstance(sample, dict):
+        arr = sample.get("png", sample.get("jpg"))
+        if arr is None:
+            raise ValueError(f"{owner}: sample {sample.get('__key__')!r} has no 'png' or 'jpg' field")
+    else:
+        arr = sample
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"{owner}: image must be grey [H, W] or RGB [H, W, 3], got shape {arr.shape} "
+                         f"({arr.shape[-1] if arr.ndim == 3 else '?'} channels)")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{owner}: image array must be uint8, got {arr.dtype}")
+    from PIL import Image
+
+    if arr.shape[:2] != (size, size):
+        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).float() / 255.0
+
+
+def image_metrics(x: torch.Tensor, recon: torch.Tensor) -> dict:
+    r = recon.clamp(0, 1)
+    return {"psnr": psnr(x, r), "ssim": ssim(x, r)}
+
+
+# ---------------------------------------------------------------------------------------- conv
+@dataclass
+class ImageConvConfig:
+    image_size: int = 32
+    channels: int = 32              # width of the first stage; doubles per downsample
+    downsamples: int = 2            # latent grid = image_size / 2^downsamples
+    quantizer: str = "vq"           # vq, fsq, lfq or none
+    latent_dim: int = 8
+    codebook_size: int = 256        # vq only
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_quantizer_fields(self.quantizer, self.latent_dim, self.codebook_size, self.fsq_levels)
+        if self.image_size % (2 ** self.downsamples):
+            raise ValueError(f"image_size: {self.image_size} is not divisible by 2^downsamples = {2 ** self.downsamples}")
+
+
+def _res_block(c: int) -> nn.Module:
+    return nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
+                         nn.Conv2d(c, c, 3, padding=1))
+
+
+class _Residual(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def conv_encoder(in_ch: int, width: int, downsamples: int, out_dim: int) -> nn.Module:
+    layers, c = [nn.Conv2d(in_ch, width, 3, padding=1)], width
+    for _ in range(downsamples):
+        layers += [_Residual(_res_block(c)), nn.Conv2d(c, c * 2, 4, stride=2, padding=1)]
+        c *= 2
+    layers += [_Residual(_res_block(c)), nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, out_dim, 1)]
+    return nn.Sequential(*layers)
+
+
+def conv_decoder(out_ch: int, width: int, downsamples: int, in_dim: int) -> nn.Module:
+    c = width * 2 ** downsamples
+    layers = [nn.Conv2d(in_dim, c, 3, padding=1), _Residual(_res_block(c))]
+    for _ in range(downsamples):
+        layers += [nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), _Residual(_res_block(c // 2))]
+        c //= 2
+    layers += [nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, out_ch, 3, padding=1)]
+    return nn.Sequential(*layers)
+
+
+@register("image_conv", ImageConvConfig)
+class ImageConvTokenizer(NeuralTokenizer):
+    modality = "image"
+
+    def __init__(self, config: ImageConvConfig):
+        super().__init__(config)
+        config.validate()
+        torch.manual_seed(config.seed)
+        c = config
+        self.encoder = conv_encoder(3, c.channels, c.downsamples, c.latent_dim)
+        self.decoder = conv_decoder(3, c.channels, c.downsamples, c.latent_dim)
+        self.quantizer = make_quantizer(c.quantizer, c.latent_dim, c.codebook_size, c.fsq_levels, c.seed)
+        self.grid = c.image_size // 2 ** c.downsamples
+
+    @property
+    def vocab_size(self) -> int:
+        c = self.config
+        return codebook_size_of(c.quantizer, c.latent_dim, c.codebook_size, c.fsq_levels)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.grid * self.grid
+
+    def prepare(self, sample) -> torch.Tensor:
+        return image_to_tensor(sample, self.config.image_size, type(self).__name__)
+
+    def _check_batch(self, x: torch.Tensor) -> None:
+        s = self.config.image_size
+        if x.dim() != 4 or x.shape[1:] != (3, s, s):
+            raise ValueError(f"{type(self).__name__}: images must be [B, 3, {s}, {s}], got {tuple(x.shape)}")
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Continuous latents [B, h, w, latent_dim] (before quantization)."""
+        self._check_batch(x)
+        return self.encoder(x * 2 - 1).permute(0, 2, 3, 1)
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return (self.decoder(z.permute(0, 3, 1, 2)) + 1) / 2
+
+    def forward(self, x: torch.Tensor) -> StepOutput:
+        z = self.latents(x)
+        if self.quantizer is None:
+            q, qloss, metrics = z, z.new_zeros(()), {}
+        else:
+            out = self.quantizer(z)
+            q, qloss, metrics = out.quantized, out.loss, {k: float(v) for k, v in out.metrics.items()}
+        recon = self.decode_latents(q)
+        rec = F.mse_loss(recon, x)
+        metrics["recon_mse"] = float(rec.detach())
+        return StepOutput(recon, rec + qloss, metrics)
+
+    def encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantizer is None:
+            raise ValueError("ImageConvTokenizer: quantizer is 'none' (continuous); tokenize it with "
+                             "mmfm.tokenizers.tokenbridge")
+        return self.quantizer.encode(self.latents(x)).reshape(x.shape[0], -1)
+
+    def decode_tensor(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] != self.tokens_per_sample:
+            raise ValueError(f"ImageConvTokenizer.decode: expected {self.tokens_per_sample} tokens per image, "
+                             f"got {tokens.shape[1]}")
+        z = self.quantizer.decode(tokens.reshape(-1, self.grid, self.grid))
+        return self.decode_latents(z).clamp(0, 1)
+
+    def metrics(self, x, recon) -> dict:
+        return image_metrics(x, recon)
+
+
+# ---------------------------------------------------------------------------------------- 1D
+@dataclass
+class Image1DConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    width: int = 64
+    depth: int = 2                  # transformer layers in the encoder and in the decoder
+    heads: int = 4
+    num_tokens: int = 32            # K learned latent queries = tokens per image
+    quantizer: str = "fsq"          # vq, fsq or lfq
+    latent_dim: int = 4
+    codebook_size: int = 1024
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    nested_dropout: bool = True     # train with tail-token drop so any prefix decodes
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.quantizer == "none":
+            raise ValueError("quantizer: image_1d needs a quantizer (vq, fsq or lfq)")
+        check_quantizer_fields(self.quantizer, self.latent_dim, self.codebook_size, self.fsq_levels)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size: {self.patch_size} does not divide image_size {self.image_size}")
+        if self.width % self.heads:
+            raise ValueError(f"heads: {self.heads} does not divide width {self.width}")
+
+
+def transformer(width: int, depth: int, heads: int) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
+@register("image_1d", Image1DConfig)
+class Image1DTokenizer(NeuralTokenizer):
+    modality = "image"
+
+    def __init__(self, config: Image1DConfig):
+        super().__init__(config)
+        config.validate()
+        torch.manual_seed(config.seed)
+        c = config
+        self.num_patches = (c.image_size // c.patch_size) ** 2
+        pdim = 3 * c.patch_size ** 2
+        self.patch_in = nn.Linear(pdim, c.width)
+        self.patch_pos = nn.Parameter(torch.randn(self.num_patches, c.width) * 0.02)
+        self.queries = nn.Parameter(torch.randn(c.num_tokens, c.width) * 0.02)
+        self.encoder = transformer(c.width, c.depth, c.heads)
+        self.to_latent = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, c.latent_dim))
+        self.quantizer = make_quantizer(c.quantizer, c.latent_dim, c.codebook_size, c.fsq_levels, c.seed)
+        self.from_latent = nn.Linear(c.latent_dim, c.width)
+        self.token_pos = nn.Parameter(torch.randn(c.num_tokens, c.width) * 0.02)
+        self.dropped = nn.Parameter(torch.zeros(c.width))      # stands in for every token not kept
+        self.mask_patch = nn.Parameter(torch.randn(self.num_patches, c.width) * 0.02)
+        self.decoder = transformer(c.width, c.depth, c.heads)
+        self.patch_out = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, pdim))
+        self._drop_gen = torch.Generator().manual_seed(c.seed)
+
+    @property
+    def vocab_size(self) -> int:
+        c = self.config
+        return codebook_size_of(c.quantizer, c.latent_dim, c.codebook_size, c.fsq_levels)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.config.num_tokens
+
+    tokens_rule = "num_tokens per image; any prefix of them (1..num_tokens) decodes"
+
+    def prepare(self, sample) -> torch.Tensor:
+        return image_to_tensor(sample, self.config.image_size, type(self).__name__)
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        s, p = self.config.image_size, self.config.patch_size
+        if x.dim() != 4 or x.shape[1:] != (3, s, s):
+            raise ValueError(f"Image1DTokenizer: images must be [B, 3, {s}, {s}], got {tuple(x.shape)}")
+        b, g = x.shape[0], s // p
+        return x.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, 3 * p * p)
+
+    def _unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        s, p = self.config.image_size, self.config.patch_size
+        b, g = patches.shape[0], s // p
+        return patches.reshape(b, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, s, s)
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch_in(self._patchify(x) * 2 - 1) + self.patch_pos
+        q = self.queries.expand(x.shape[0], -1, -1)
+        out = self.encoder(torch.cat([h, q], 1))
+        return self.to_latent(out[:, self.num_patches:])  # [B, K, latent_dim]
+
+    def decode_latents(self, z: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B, k0, latent_dim] with k0 <= K; keep [B] (optional) keeps only each row's first keep[b]."""
+        b, k0 = z.shape[:2]
+        k_all = self.config.num_tokens
+        t = self.from_latent(z)
+        if k0 < k_all:
+            t = torch.cat([t, self.dropped.expand(b, k_all - k0, -1)], 1)
+        if keep is not None:
+            kept = torch.arange(k_all, device=z.device)[None] < keep[:, None]
+            t = torch.where(kept[..., None], t, self.dropped.expand_as(t))
+        t = t + self.token_pos
+        out = self.decoder(torch.cat([t, self.mask_patch.expand(b, -1, -1)], 1))
+        return (self._unpatchify(self.patch_out(out[:, k_all:])) + 1) / 2
+
+    def forward(self, x: torch.Tensor) -> StepOutput:
+        qout = self.quantizer(self.latents(x))
+        keep = None
+        if self.training and self.config.nested_dropout:
+            keep = torch.randint(1, self.config.num_tokens + 1, (x.shape[0],), generator=self._drop_gen).to(x.device)
+        recon = self.decode_latents(qout.quantized, keep)
+        rec = F.mse_loss(recon, x)
+        metrics = {k: float(v) for k, v in qout.metrics.items()}
+        metrics["recon_mse"] = float(rec.detach())
+        return StepOutput(recon, rec + qout.loss, metrics)
+
+    def encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.encode(self.latents(x))
+
+    def decode_tensor(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, k] for any 1 <= k <= num_tokens: a prefix decodes (the rest count as dropped)."""
+        if not 1 <= tokens.shape[1] <= self.config.num_tokens:
+            raise ValueError(f"Image1DTokenizer.decode: expected 1..{self.config.num_tokens} tokens per image, "
+                             f"got {tokens.shape[1]}")
+        return self.decode_latents(self.quantizer.decode(tokens)).clamp(0, 1)
+
+    def metrics(self, x, recon) -> dict:
+        return image_metrics(x, recon)
+
+    @torch.no_grad()
+    def psnr_by_prefix(self, x: torch.Tensor, lengths) -> list[float]:
+        """PSNR of decoding only the first k tokens, for each k in lengths."""
+        tokens = self.encode_tensor(x)
+        return [psnr(x, self.decode_tensor(tokens[:, :k])) for k in lengths]
+
+
+def _image_preview(self, x, recon):
+    return [(a, b.clamp(0, 1)) for a, b in zip(x, recon)]
+
+
+ImageConvTokenizer.preview = _image_preview
+Image1DTokenizer.preview = _image_preview
