@@ -139,6 +139,7 @@ struct SelectShared {
 template <class Src>
 __device__ float block_select(const Src& src, int64_t V, double target, bool target_is_fraction, float kmin,
                               float kmax, SelectShared& sh) {
+  if ((__float_as_uint(kmax) & 0x7fffffffu) == 0u) kmax = 0.f;  // -0 -> +0: keys equal to 0 stay below hi
   uint32_t lo = float_code(kmin);
   uint32_t hi = float_code(kmax) + 1u;  // exclusive; kmax is finite so this does not wrap
   bool hi_open = true;                  // the first interval is [kmin, +inf)
@@ -193,9 +194,9 @@ __device__ float block_select(const Src& src, int64_t V, double target, bool tar
       count = static_cast<long long>(acc[2 * kCutPivots + 1]);
     }
     lo = nlo;
-    if (count <= kGather || (!hi_open && hi - lo <= 1u)) break;
+    if (count <= kGather || hi - lo <= 1u) break;
   }
-  if (count == 0 || (!hi_open && hi - lo <= 1u)) return code_float(lo);  // a single value left (or rounding)
+  if (count == 0 || hi - lo <= 1u) return code_float(lo);  // a single value left (or rounding)
   // Gather the interval's tokens, sort them by key (then weight) descending, accumulate.
   const float lof = code_float(lo), hif = code_float(hi);
   if (threadIdx.x == 0) sh.count = 0;
