@@ -114,7 +114,7 @@ int64_t load_row(const void* x, int64_t V, int64_t lo, int64_t hi, float* __rest
   for (int64_t i = 0; i < V; ++i) {
     const float z = load<D>(x, i);
     bad += !(z < kInf);
-    s[i] = (i >= lo && i < hi) ? z : -kInf;
+    s[i] = select_f((i >= lo) & (i < hi), z, -kInf);
   }
   return bad;
 }
@@ -129,7 +129,7 @@ void scale_and_stats(float* __restrict s, int64_t V, float inv_t, RowState& r) {
       const float v = scale_logit(s[i], inv_t);
       s[i] = v;
       m = std::max(m, v);
-      mn = std::min(mn, v > -kInf ? v : kInf);
+      mn = std::min(mn, select_f(v > -kInf, v, kInf));
       nf += v > -kInf;
     }
   } else {
@@ -137,7 +137,7 @@ void scale_and_stats(float* __restrict s, int64_t V, float inv_t, RowState& r) {
     for (int64_t i = 0; i < V; ++i) {
       const float v = s[i];
       m = std::max(m, v);
-      mn = std::min(mn, v > -kInf ? v : kInf);
+      mn = std::min(mn, select_f(v > -kInf, v, kInf));
       nf += v > -kInf;
     }
   }
@@ -187,6 +187,21 @@ struct TopK {
   }
 };
 
+#if !defined(__AVX512F__)
+constexpr int64_t kBlock = 64;  // portable scans skip blocks whose max is below the threshold
+
+// Max of kBlock floats with 16 independent lanes (no serial dependency; vectorises).
+inline float block_max(const float* __restrict x) {
+  float m[16];
+  for (int l = 0; l < 16; ++l) m[l] = x[l];
+  for (int j = 16; j < kBlock; j += 16)
+    for (int l = 0; l < 16; ++l) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
+  for (int w = 8; w > 0; w >>= 1)
+    for (int l = 0; l < w; ++l) m[l] = m[l + w] > m[l] ? m[l + w] : m[l];
+  return m[0];
+}
+#endif
+
 // The k-th largest value of s[0..n) counted with multiplicity; needs 1 <= k < #finite.
 float kth_largest(const float* __restrict s, int64_t n, int64_t k, std::vector<float>& buf) {
   const int64_t cap = std::max<int64_t>(2 * k, 1024);
@@ -210,14 +225,9 @@ float kth_largest(const float* __restrict s, int64_t n, int64_t k, std::vector<f
     }
   }
 #else
-  constexpr int64_t kBlock = 64;  // blocks whose max is below the threshold are skipped
-  for (; i + kBlock <= n; i += kBlock) {
-    float bm = -kInf;
-#pragma omp simd reduction(max : bm)
-    for (int64_t j = 0; j < kBlock; ++j) bm = std::max(bm, s[i + j]);
-    if (bm > t.thr)
+  for (; i + kBlock <= n; i += kBlock)
+    if (block_max(s + i) > t.thr)
       for (int64_t j = 0; j < kBlock; ++j) t.offer(s[i + j]);
-  }
 #endif
   for (; i < n; ++i) t.offer(s[i]);
   std::nth_element(t.b, t.b + (k - 1), t.b + t.cnt, std::greater<float>());
@@ -290,7 +300,14 @@ View gather(const float* __restrict s, int64_t V, float theta, float m, Scratch&
   float* cv = sc.cval.data();
   int32_t* ci = sc.cidx.data();
   float* cw = sc.cw.data();
+#if defined(__AVX512F__)
   const int64_t n = compress_ge(s, V, theta, 0, cv, ci);
+#else
+  int64_t n = 0, b0 = 0;
+  for (; b0 + kBlock <= V; b0 += kBlock)
+    if (block_max(s + b0) >= theta) n += compress_ge(s + b0, kBlock, theta, static_cast<int32_t>(b0), cv + n, ci + n);
+  n += compress_ge(s + b0, V - b0, theta, static_cast<int32_t>(b0), cv + n, ci + n);
+#endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) cw[i] = exp_weight(cv[i] - m);
   View v;
@@ -353,12 +370,20 @@ void pivot_sums(const float* __restrict x, const float* __restrict w, int64_t n,
       M[j] += sum;
     }
 #endif
-    if (i < t1) {
+    if (i < t1) {  // portable path (and the AVX-512 tail): keys and weights once, then per pivot
+      alignas(64) float kt[kSumTile], wt[kSumTile];
+      const int64_t nt = t1 - i;
+#pragma omp simd
+      for (int64_t e = 0; e < nt; ++e) {
+        const bool in = x[i + e] >= theta;
+        kt[e] = select_f(in, key(x[i + e]), -kInf);
+        wt[e] = select_f(in, w[i + e], 0.f);
+      }
       for (int j = 0; j <= kPivots; ++j) {
         const float pj = p[j];
         float a = 0.f;
 #pragma omp simd reduction(+ : a)
-        for (int64_t e = i; e < t1; ++e) a += (x[e] >= theta && key(x[e]) >= pj) ? w[e] : 0.f;
+        for (int64_t e = 0; e < nt; ++e) a += select_f(kt[e] >= pj, wt[e], 0.f);
         M[j] += a;
       }
     }
@@ -481,7 +506,7 @@ void process_row(const SampleArgs& a, int64_t row, RowState& r, Scratch& sc) {
   if (a.allowed_mask) {
     const bool* mk = a.allowed_mask + row * V;
 #pragma omp simd
-    for (int64_t i = 0; i < V; ++i) s[i] = mk[i] ? s[i] : -kInf;
+    for (int64_t i = 0; i < V; ++i) s[i] = select_f(mk[i], s[i], -kInf);
   }
   if (a.history) {
     r.status = apply_history(s, V, a.history + row * a.L, a.L, prm, has_penalty(prm), sc.hist);
@@ -537,19 +562,15 @@ void process_row(const SampleArgs& a, int64_t row, RowState& r, Scratch& sc) {
     const float* __restrict wv = r.view.w;
     const int64_t n = r.view.n;
     const float th = r.theta;
+    // In fp64: the kept set of typical moves with mu (tokens on either side of mu swap order
+    // when it moves by more than their key gap), so mu must be right to the last fp32 bit.
     double z = 0.0, zs = 0.0;
-    for (int64_t t0 = 0; t0 < n; t0 += kSumTile) {
-      const int64_t t1 = std::min(n, t0 + kSumTile);
-      float a0 = 0.f, a1 = 0.f;
-#pragma omp simd reduction(+ : a0, a1)
-      for (int64_t i = t0; i < t1; ++i) {
-        const bool in = xv[i] >= th;
-        const float w = in ? wv[i] : 0.f;
-        a0 += w;
-        a1 += w * (in ? xv[i] : 0.f);
-      }
-      z += a0;
-      zs += a1;
+#pragma omp simd reduction(+ : z, zs)
+    for (int64_t i = 0; i < n; ++i) {
+      const bool in = xv[i] >= th;
+      const double w = select_f(in, wv[i], 0.f);
+      z += w;
+      zs += w * static_cast<double>(select_f(in, xv[i], 0.f));
     }
     r.typical = true;
     r.mu = static_cast<float>(zs / z);
@@ -567,8 +588,8 @@ inline float tile_kept_weights(const RowState& r, int64_t t0, int64_t nt, float*
   float a = 0.f;
 #pragma omp simd reduction(+ : a)
   for (int64_t i = 0; i < nt; ++i) {
-    const bool in = x[i] >= th && -std::fabs(x[i] - mu) >= tk;
-    wt[i] = in ? w[i] : 0.f;
+    const bool in = (x[i] >= th) & (-std::fabs(x[i] - mu) >= tk);  // & not &&: no branch
+    wt[i] = select_f(in, w[i], 0.f);
     a += wt[i];
   }
   return a;

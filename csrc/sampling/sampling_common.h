@@ -95,6 +95,18 @@ MMFM_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
+// c ? a : b without a branch. GCC does not if-convert float selects whose arms compute (they
+// might trap) unless the target has mask registers (AVX-512), so the CPU loops use bit masks
+// to stay vectorised on AVX2 and other targets.
+MMFM_HD float select_f(bool c, float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return bits_to_float((float_to_bits(a) & m) | (float_to_bits(b) & ~m));
+#endif
+}
+
 // ---- loads ------------------------------------------------------------------------------------
 // Branch-free IEEE half -> float (handles subnormals, inf, NaN), so the load loop vectorises.
 MMFM_HD float half_to_float(uint16_t h) {
@@ -119,11 +131,11 @@ MMFM_HD float load(const void* p, int64_t i) {
 }
 
 // ---- exp for weights -------------------------------------------------------------------
-// exp(x) for x <= 0 (x = s - max): Cephes' expf polynomial (about 1 ulp), branch-free so the
+// exp(x) for x <= 0 (x = s - max; NaN-free): Cephes' expf polynomial (about 1 ulp), branch-free so the
 // CPU loops vectorise, with the scale 2^n split in two factors so that results down to the
 // subnormal range are right. exp(-inf) and anything below -103.9 give exactly 0.
-MMFM_HD float exp_weight(float x) {
-  const float xc = x < -103.9f ? -103.9f : (x > 0.f ? 0.f : x);
+MMFM_HD float exp_weight(float x) {  // x <= 0
+  const float xc = select_f(x < -103.9f, -103.9f, x);
   // n = round(x / ln 2) by the 1.5 * 2^23 trick (floorf would not vectorise); |n| <= 150
   const float fn = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - fn * 0.693359375f;
@@ -141,7 +153,7 @@ MMFM_HD float exp_weight(float x) {
   const float s1 = bits_to_float(static_cast<uint32_t>(n1 + 127) << 23);
   const float s2 = bits_to_float(static_cast<uint32_t>(n2 + 127) << 23);
   const float v = p * s1 * s2;
-  return x < -103.9f ? 0.f : v;
+  return select_f(x >= -103.9f, v, 0.f);
 }
 
 // ---- penalties ----------------------------------------------------------------------------

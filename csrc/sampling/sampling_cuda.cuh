@@ -13,7 +13,10 @@ namespace mmfm {
 namespace sampling {
 namespace cuda {
 
-constexpr int kThreads = 512;              // threads per block (one block per row)
+#ifndef MMFM_SAMPLING_CUDA_THREADS
+#define MMFM_SAMPLING_CUDA_THREADS 512  // tests/cuda_emu builds with fewer, to run faster
+#endif
+constexpr int kThreads = MMFM_SAMPLING_CUDA_THREADS;  // threads per block (one block per row)
 constexpr int kWarps = kThreads / 32;
 constexpr int kCutPivots = 15;             // pivots per bisection pass (p[1..15]; p[0] = lower end)
 constexpr int kGather = 1024;              // a selection ends by sorting at most this many candidates

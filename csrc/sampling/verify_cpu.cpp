@@ -84,7 +84,7 @@ bool copy_row(const void* p, int64_t V, float* __restrict r) {
   for (int64_t i = 0; i < V; ++i) {
     const float x = load<D>(p, i);
     bad += !valid_prob(x);
-    r[i] = x > 0.f ? x : 0.f;
+    r[i] = select_f(x > 0.f, x, 0.f);
   }
   return bad == 0;
 }
@@ -98,7 +98,7 @@ bool residual_row(const void* p, const void* q, int64_t V, float* __restrict r) 
     const float a = load<D>(p, i), b = load<D>(q, i);
     bad += !valid_prob(a) + !valid_prob(b);
     const float d = a - b;
-    r[i] = d > 0.f ? d : 0.f;
+    r[i] = select_f(d > 0.f, d, 0.f);
   }
   return bad == 0;
 }
@@ -231,7 +231,7 @@ void multi_draft_row(const void* p, const void* q, bool q_per_draft, const int64
         const float qy = load<D>(qi, y);
         bad += !valid_prob(qy);
         const float d = r[y] - f * qy;
-        r[y] = d > 0.f ? d : 0.f;
+        r[y] = select_f(d > 0.f, d, 0.f);
         a += r[y];
       }
       R2 += a;
