@@ -34,6 +34,12 @@ namespace mmfm {
 namespace sampling {
 namespace {
 
+// No more threads than rows: an idle thread would still have to reach the region's barrier,
+// which costs a scheduler time slice when the machine is busy.
+int row_threads(int64_t rows) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, omp_get_max_threads())));
+}
+
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kLowest = -std::numeric_limits<float>::max();  // s >= kLowest <=> s finite (s < +inf)
 constexpr int64_t kTile = 256;    // elements per tile of the draw (the scan reads one tile)
@@ -678,7 +684,7 @@ void process(const SampleArgs& a, int64_t row, RowState& r, Scratch& sc) {
 }  // namespace
 
 void sample_cpu(const SampleArgs& a, int64_t* tokens, float* probs, int32_t* status) {
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(row_threads(a.B))
   for (int64_t row = 0; row < a.B; ++row) {
     Scratch& sc = scratch();
     RowState r;
@@ -697,7 +703,7 @@ void sample_cpu(const SampleArgs& a, int64_t* tokens, float* probs, int32_t* sta
 }
 
 void processed_probs_cpu(const SampleArgs& a, float* out, int32_t* status) {
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(row_threads(a.B))
   for (int64_t row = 0; row < a.B; ++row) {
     Scratch& sc = scratch();
     RowState r;

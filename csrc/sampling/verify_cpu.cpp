@@ -16,6 +16,12 @@ namespace mmfm {
 namespace sampling {
 namespace {
 
+// No more threads than rows: an idle thread would still have to reach the region's barrier,
+// which costs a scheduler time slice when the machine is busy.
+int row_threads(int64_t rows) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, omp_get_max_threads())));
+}
+
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kTile = 256;
 
@@ -267,7 +273,7 @@ void verify_chain_cpu(const void* p, DType pdt, const void* q, DType qdt, const 
                       int64_t V, uint64_t seed, uint64_t offset, int64_t* accepted, int64_t* next_token,
                       int32_t* status) {
   (void)qdt;  // the binding requires p and q to share a dtype
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(row_threads(B))
   for (int64_t b = 0; b < B; ++b) {
     switch (pdt) {
       case DType::BF16:
@@ -286,7 +292,7 @@ void verify_multi_draft_cpu(const void* p, DType pdt, const void* q, DType qdt, 
                             int64_t B, int64_t K, int64_t V, bool replacement, uint64_t seed, uint64_t offset,
                             int64_t* token, int64_t* accepted_index, int32_t* status) {
   (void)qdt;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(row_threads(B))
   for (int64_t b = 0; b < B; ++b) {
     switch (pdt) {
       case DType::BF16:
