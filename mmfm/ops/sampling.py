@@ -35,6 +35,7 @@ outside [0, V).
 """
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Integral, Real
 
@@ -112,6 +113,9 @@ def pack_params(B: int, V: int, device, **params) -> torch.Tensor:
     unknown = set(params) - set(PARAM_NAMES)
     if unknown:
         raise TypeError(f"mmfm.sample: unknown parameter(s) {sorted(unknown)}; known: {list(PARAM_NAMES)}")
+    values = tuple(params.get(n, d) for n, d in zip(PARAM_NAMES, PARAM_DEFAULTS))
+    if all(type(v) in (int, float) for v in values):  # the common case: one cached row per setting
+        return _scalar_params(values, V, str(device)).expand(B, len(PARAM_NAMES))
     scalars, columns = [], {}
     for name, default in zip(PARAM_NAMES, PARAM_DEFAULTS):
         x, col = _param_column(params.get(name, default), name, B, V, device)
@@ -123,6 +127,13 @@ def pack_params(B: int, V: int, device, **params) -> torch.Tensor:
     cols = [columns[n] if n in columns else torch.full((B,), x, dtype=torch.float32, device=device)
             for n, x in zip(PARAM_NAMES, scalars)]
     return torch.stack(cols, dim=1)
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar_params(values: tuple, V: int, device: str) -> torch.Tensor:
+    """[1, 8] parameter row for Python-number parameters (validated; read-only, shared)."""
+    row = [_param_column(v, n, 1, V, device)[0] for n, v in zip(PARAM_NAMES, values)]
+    return torch.tensor([row], dtype=torch.float32, device=device)
 
 
 def _check_param_values(params: torch.Tensor, op: str) -> None:
