@@ -41,7 +41,7 @@ int row_threads(int64_t rows) {
 }
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr float kLowest = -std::numeric_limits<float>::max();  // s >= kLowest <=> s finite (s < +inf)
+constexpr float kLowest = -std::numeric_limits<float>::max();  // s >= kLowest <=> s > -inf
 constexpr int64_t kTile = 256;    // elements per tile of the draw (the scan reads one tile)
 constexpr int64_t kSumTile = 2048;  // elements per fp32 partial sum before it is added in fp64
 constexpr int kPivots = 15;       // pivots p[1..15] per bisection pass (p[0] = lower end)

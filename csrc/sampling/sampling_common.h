@@ -115,7 +115,7 @@ MMFM_HD float half_to_float(uint16_t h) {
   const uint32_t two_w = w + w;
   const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
   const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-  const float f = two_w < (1u << 27) ? denormalized : normalized;
+  const float f = select_f(two_w < (1u << 27), denormalized, normalized);
   return bits_to_float(sign | float_to_bits(f));
 }
 

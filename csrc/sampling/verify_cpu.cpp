@@ -41,7 +41,7 @@ void grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
 
-inline bool valid_prob(float x) { return x >= 0.f && x < kInf; }
+inline bool valid_prob(float x) { return (x >= 0.f) & (x < kInf); }  // & not &&: no branch
 
 // Inverse CDF over non-negative weights w[0..V): the first i whose prefix sum exceeds u * sum.
 // Returns -1 when the weights have no positive mass.
