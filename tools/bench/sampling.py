@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     modes = args.mode or list(MODES)
     repeats = 1 if args.quick else args.repeats
     print(f"# sampling benchmark on {machine()}; logits 2 * N(0, 1) fp32", file=sys.stderr)
+    if hf_warpers("typical") is None:
+        print("# transformers is not installed: no hf_warpers records (pip install -c constraints.txt transformers)",
+              file=sys.stderr)
     records: list[dict] = []
     for V in Vs:
         for B in Bs:
