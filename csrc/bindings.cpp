@@ -19,6 +19,21 @@ TORCH_LIBRARY(mmfm, m) {
   m.def("lfq_entropy(Tensor z, float temperature, bool exact) -> Tensor");
   m.def("lfq_entropy_backward(Tensor grad_out, Tensor z, float temperature, bool exact) -> Tensor");
   m.def("residual_vq(Tensor z, Tensor codebooks) -> (Tensor indices, Tensor quantized, Tensor residual_norm)");
+
+  // sampling (csrc/sampling): params [B, 8] fp32 = (temperature, top_k, top_p, min_p, typical_p,
+  // repetition_penalty, presence_penalty, frequency_penalty); see docs/ops_sampling.md
+  m.def(
+      "sample(Tensor logits, Tensor params, Tensor? allowed_range, Tensor? allowed_mask, Tensor? history, int seed, "
+      "int offset) -> (Tensor tokens, Tensor probs)");
+  m.def(
+      "processed_probs(Tensor logits, Tensor params, Tensor? allowed_range, Tensor? allowed_mask, Tensor? history) "
+      "-> Tensor");
+  m.def(
+      "verify_chain(Tensor target_probs, Tensor draft_probs, Tensor draft_tokens, int seed, int offset) -> "
+      "(Tensor accepted, Tensor next_token)");
+  m.def(
+      "verify_multi_draft(Tensor target_probs, Tensor draft_probs, Tensor candidates, bool replacement, int seed, "
+      "int offset) -> (Tensor token, Tensor accepted_index)");
 }
 
 // `import mmfm._C` loads this library, which runs the registrations above.
