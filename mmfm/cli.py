@@ -5,6 +5,7 @@
     mmfm bench NAME [...]       a benchmark from tools/bench/NAME.py (quant, sampling, ...)
     mmfm data SUB [...]         shards: build, verify, demo, select (mmfm/data/commands.py)
     mmfm tokenizer SUB [...]    tokenizers: train, eval (mmfm/tokenizers/commands.py)
+    mmfm pretrain --config X    train under DeepSpeed (mmfm/train/commands.py)
 """
 from __future__ import annotations
 
@@ -65,6 +66,12 @@ def cmd_tokenizer(args) -> int:
     return run_tokenizer(args)
 
 
+def cmd_pretrain(args) -> int:
+    from mmfm.train.commands import cmd_pretrain as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description="multimodal foundation models over one token vocabulary")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.tokenizers.commands import add_tokenizer_parser
 
     add_tokenizer_parser(sub)
+    from mmfm.train.commands import add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 
@@ -98,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer}[args.command](args)
+    return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer,
+            "pretrain": cmd_pretrain}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -189,12 +189,13 @@ def build_objective(cfg: ObjectiveConfig, vocab) -> Objective:
     return {"ar": AR, "masked": Masked, "hybrid": Hybrid}[cfg.kind](cfg, vocab)
 
 
-def loss_and_report(logits: torch.Tensor, prep: Prepared, weights: torch.Tensor):
+def loss_and_report(logits: torch.Tensor, prep: Prepared, weights: torch.Tensor, denominator: float | None = None):
     """Weighted mean cross-entropy over labelled positions, and per-modality (sum, count) for reports.
 
     loss = sum_t w[mod_t] * ce_t / sum_t w[mod_t] over positions with a label. Returns
     (loss, sums [G], counts [G]) where sums/counts are the unweighted CE sums and label counts per
-    modality (detached; divide after summing over micro-batches and ranks)."""
+    modality (detached; divide after summing over micro-batches and ranks). `denominator` replaces
+    sum_t w[mod_t] (the trainer passes 1.0 and divides by the whole global batch's weight itself)."""
     G = len(weights)
     flat = logits.float().reshape(-1, logits.shape[-1])
     labels = prep.labels.reshape(-1)
@@ -202,7 +203,7 @@ def loss_and_report(logits: torch.Tensor, prep: Prepared, weights: torch.Tensor)
     has = labels != IGNORE
     ce = F.cross_entropy(flat, labels.clamp_min(0), reduction="none") * has
     w = weights.to(ce.device)[mods] * has
-    loss = (ce * w).sum() / w.sum().clamp_min(1e-8)
+    loss = (ce * w).sum() / (w.sum().clamp_min(1e-8) if denominator is None else denominator)
     with torch.no_grad():
         sums = torch.zeros(G, dtype=torch.float64).index_add_(0, mods, ce.detach().double())
         counts = torch.zeros(G, dtype=torch.float64).index_add_(0, mods, has.double())
