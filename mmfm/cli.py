@@ -6,6 +6,7 @@
     mmfm data SUB [...]         shards: build, verify, demo, select (mmfm/data/commands.py)
     mmfm tokenizer SUB [...]    tokenizers: train, eval (mmfm/tokenizers/commands.py)
     mmfm pretrain --config X    train under DeepSpeed (mmfm/train/commands.py)
+    mmfm export RUN --out DIR   ZeRO checkpoint -> safetensors + Hugging Face folder (mmfm/export)
 """
 from __future__ import annotations
 
@@ -72,6 +73,12 @@ def cmd_pretrain(args) -> int:
     return run(args)
 
 
+def cmd_export(args) -> int:
+    from mmfm.export import cmd_export as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description="multimodal foundation models over one token vocabulary")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.train.commands import add_train_parsers
 
     add_train_parsers(sub)
+    from mmfm.export import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer,
-            "pretrain": cmd_pretrain}[args.command](args)
+            "pretrain": cmd_pretrain, "export": cmd_export}[args.command](args)
 
 
 if __name__ == "__main__":

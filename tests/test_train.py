@@ -62,6 +62,23 @@ def test_zero_1_2_3_two_ranks_match_one_rank(corpus):
         assert losses[5] < losses[1], (stage, losses)
         for s in range(1, 6):
             assert abs(losses[s] - one[s]) <= 1e-4 * abs(one[s]), (stage, s, losses[s], one[s])
+    # export: ZeRO-3 shards (2 ranks) and stage 0 -> safetensors folder; mmfm.load == engine == transformers
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import mmfm
+
+    ids = torch.arange(48).reshape(2, 24) % 133
+    for run in ("two.json.run_zero3", "one.json.run_zero0"):
+        _run([sys.executable, "-m", "mmfm.cli", "export", str(d / run), "--out", str(d / f"{run}.export"),
+              "--shard-mb", "0.2"])
+        assert os.path.exists(d / f"{run}.export/model.safetensors.index.json")     # sharded above 0.2 MB
+        engine_logits = torch.load(d / f"{run}.logits.pt")
+        with torch.no_grad():
+            ours = mmfm.load(str(d / f"{run}.export"))(ids)
+            hf = LlamaForCausalLM.from_pretrained(str(d / f"{run}.export")).eval()(ids).logits
+        assert torch.allclose(ours, engine_logits, atol=1e-5, rtol=0)
+        assert torch.allclose(hf, ours, atol=1e-4, rtol=0)
 
 
 def _metrics(out):

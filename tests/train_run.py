@@ -21,6 +21,13 @@ if __name__ == "__main__":
         cfg.deepspeed["zero_optimization"] = {"stage": int(stage)}
         res = run(cfg)
         results[stage] = res["losses"]
+        engine = res["engine"]
+        engine.eval()
+        with torch.no_grad():   # logits of the engine's final weights on fixed ids, for the export test
+            ids = torch.arange(48).reshape(2, 24) % cfg.model.vocab_size
+            logits = engine(ids).float()
+        if torch.distributed.get_rank() == 0:
+            torch.save(logits, f"{out}.run_zero{stage}.logits.pt")
         del res
     if torch.distributed.get_rank() == 0:
         with open(out, "w") as f:
