@@ -277,7 +277,8 @@ def eval_main(args) -> int:
     return 0
 
 
-def print_records(records: list[dict], out=sys.stdout) -> None:
+def print_records(records: list[dict], out=None) -> None:
+    out = out if out is not None else sys.stdout   # looked up per call: pytest swaps sys.stdout per test
     figures = []
     for r in records:
         for k, v in r.items():
