@@ -1,7 +1,8 @@
 """The one `mmfm` command. Each subcommand is a plain function taking parsed args.
 
     mmfm doctor                 what is installed, whether the extension loaded
-    mmfm demo [quant]           the main demo (for now: VQ and FSQ autoencoders on real digits)
+    mmfm demo [e2e|quant]       the main demo: corpus -> tokenizers -> token shards -> ZeRO-2 pretrain -> export
+                                (mmfm/demos/e2e.py); quant: VQ and FSQ autoencoders on real digits
     mmfm bench NAME [...]       a benchmark from tools/bench/NAME.py (quant, sampling, ...)
     mmfm data SUB [...]         shards: build, verify, demo, select (mmfm/data/commands.py)
     mmfm tokenizer SUB [...]    tokenizers: train, eval (mmfm/tokenizers/commands.py)
@@ -29,8 +30,18 @@ def cmd_demo(args) -> int:
     if args.name == "quant":
         from mmfm.demos.quant import main
 
+        if args.out is None:
+            args.out = "runs/demo_quant"
+        if args.steps is None:
+            args.steps = 2000
         return main(args)
-    print(f"mmfm demo: unknown demo '{args.name}'; available: quant", file=sys.stderr)
+    if args.name == "e2e":
+        from mmfm.demos.e2e import main
+
+        if args.out is None:
+            args.out = "runs/demo"
+        return main(args)
+    print(f"mmfm demo: unknown demo '{args.name}'; available: e2e, quant", file=sys.stderr)
     return 2
 
 
@@ -84,10 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="report the install: packages, extension, compiled ops, nvcc")
     demo = sub.add_parser("demo", help="run a demo")
-    demo.add_argument("name", nargs="?", default="quant", help="which demo (default: quant)")
-    demo.add_argument("--out", default="runs/demo_quant", help="folder for the demo's outputs")
-    demo.add_argument("--steps", type=int, default=2000, help="training steps per autoencoder")
+    demo.add_argument("name", nargs="?", default="e2e", help="which demo: e2e (default, the main job) or quant")
+    demo.add_argument("--out", default=None, help="folder for the demo's outputs (runs/demo, runs/demo_quant)")
+    demo.add_argument("--steps", type=int, default=None, help="quant: training steps per autoencoder (2000)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--preset", choices=("demo", "test"), default="demo", help="e2e: sizes (test: toy, for tests)")
+    demo.add_argument("--scale", type=float, default=None, help="e2e: demo corpus scale (default from the preset)")
+    demo.add_argument("--threads", type=int, default=0, help="e2e: torch threads (0 = torch's default)")
+    demo.add_argument("--override", action="append", default=None, metavar="SECTION.FIELD=VALUE",
+                      help="e2e: a pretrain config override (repeatable), e.g. train.steps=100")
     bench = sub.add_parser("bench", help="run tools/bench/NAME.py (its own options follow; --help lists them)",
                            add_help=False)
     bench.add_argument("name", nargs="?", default="", help="benchmark name")
