@@ -37,11 +37,11 @@ TOKENIZERS = {
 }
 
 PRESETS = {
-    # the real demo: ~10 minutes on 2 shared cores
-    "demo": {"scale": 0.5, "tokenizer_steps": {"text": 0, "image": 80, "audio": 40, "video": 60, "shape3d": 60,
-                                                "physics": 30},
-             "tokenizer_overrides": {"text": {"model.vocab_size": 1000}, "physics": {"model.refine_steps": 15}},
-             "max_samples": 400, "pretrain_overrides": []},
+    # the real demo: each tokenizer for its config's own (short) step count, the model 300 steps;
+    # about 2-3 minutes on 2 idle cores (docs/training.md), well under 15 when the cores are shared
+    "demo": {"scale": 0.5, "tokenizer_steps": {m: 0 for m in MODALITIES},
+             "tokenizer_overrides": {"text": {"model.vocab_size": 1000}}, "max_samples": 400,
+             "pretrain_overrides": []},
     # tests: the same stages at toy sizes
     "test": {"scale": 0.02, "tokenizer_steps": {"text": 0, "image": 3, "audio": 2, "video": 2, "shape3d": 2,
                                                 "physics": 2},
