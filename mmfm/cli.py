@@ -7,6 +7,7 @@
     mmfm data SUB [...]         shards: build, verify, demo, select (mmfm/data/commands.py)
     mmfm tokenizer SUB [...]    tokenizers: train, eval (mmfm/tokenizers/commands.py)
     mmfm pretrain --config X    train under DeepSpeed (mmfm/train/commands.py)
+    mmfm finetune --from X --modality M --config Y   one modality, full or LoRA (mmfm/train/finetune.py)
     mmfm export RUN --out DIR   ZeRO checkpoint -> safetensors + Hugging Face folder (mmfm/export)
 """
 from __future__ import annotations
@@ -84,6 +85,12 @@ def cmd_pretrain(args) -> int:
     return run(args)
 
 
+def cmd_finetune(args) -> int:
+    from mmfm.train.finetune import cmd_finetune as run
+
+    return run(args)
+
+
 def cmd_export(args) -> int:
     from mmfm.export import cmd_export as run
 
@@ -116,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.train.commands import add_train_parsers
 
     add_train_parsers(sub)
+    from mmfm.train.finetune import add_finetune_parser
+
+    add_finetune_parser(sub)
     from mmfm.export import add_export_parser
 
     add_export_parser(sub)
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer,
-            "pretrain": cmd_pretrain, "export": cmd_export}[args.command](args)
+            "pretrain": cmd_pretrain, "finetune": cmd_finetune, "export": cmd_export}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,11 @@ def write_folder(state: dict, cfg: ModelConfig, out: str, vocab_path: str | None
 
 def export(run_dir: str, out: str, tokenizers: str | None = None, shard_mb: float = 2000.0) -> str:
     state, run_cfg = consolidate(run_dir)
+    if any(k.endswith(".lora_A") for k in state):   # a LoRA fine-tune: merge into plain weights
+        from mmfm.train.finetune import merge_lora_state
+
+        ft = run_cfg.get("finetune") or {}
+        state = merge_lora_state(state, float(ft["lora_alpha"]) / int(ft["lora_rank"]))
     cfg = ModelConfig(**run_cfg["model"])
     return write_folder(state, cfg, out, run_cfg["data"].get("vocab") or None, tokenizers, shard_mb)
 
