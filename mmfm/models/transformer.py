@@ -144,18 +144,18 @@ def attend(q, k, v, mask, backend: str = "auto"):
         return out.transpose(1, 2)
     if backend == "flash" and _flash_attn_func is None:
         raise RuntimeError("attention: flash requested but flash_attn is not importable")
+    if backend != "eager":   # SDPA reads the shared k/v heads itself: no repeated copies of k and v
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=rep > 1)
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    if backend == "eager":
-        s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        L = q.shape[-2]
-        allowed = torch.ones(L, L, dtype=torch.bool, device=q.device).tril() if mask is None else mask
-        s = s.masked_fill(~allowed, float("-inf"))
-        return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    L = q.shape[-2]
+    allowed = torch.ones(L, L, dtype=torch.bool, device=q.device).tril() if mask is None else mask
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -219,8 +219,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {L} exceeds max_seq_len {self.cfg.max_seq_len}")
         plan = make_plan(modality_ids, self.cfg.groups)
         x = self.embed_tokens(ids)
-        if positions is None:
-            positions = torch.arange(L, device=ids.device).unsqueeze(0).expand(B, L)
+        if positions is None:   # [1, L]: cos/sin computed once and broadcast over the batch
+            positions = torch.arange(L, device=ids.device).unsqueeze(0)
         cos, sin = self.rotary(positions, x.dtype)
         mask = None if attn_mask is None else attn_mask.unsqueeze(1)
         for layer in self.layers:
