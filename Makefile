@@ -11,7 +11,7 @@ setup:
 
 demo: setup
 	$(VENV)/bin/mmfm doctor
-	$(VENV)/bin/mmfm demo quant --out runs/demo_quant
+	$(VENV)/bin/mmfm demo e2e --out runs/demo
 
 # The whole test suite; .ci/run runs this same target in a fresh clone.
 test: setup

@@ -1,10 +1,14 @@
 """The one `mmfm` command. Each subcommand is a plain function taking parsed args.
 
     mmfm doctor                 what is installed, whether the extension loaded
-    mmfm demo [quant]           the main demo (for now: VQ and FSQ autoencoders on real digits)
+    mmfm demo [e2e|quant]       the main demo: corpus -> tokenizers -> token shards -> ZeRO-2 pretrain -> export
+                                (mmfm/demos/e2e.py); quant: VQ and FSQ autoencoders on real digits
     mmfm bench NAME [...]       a benchmark from tools/bench/NAME.py (quant, sampling, ...)
     mmfm data SUB [...]         shards: build, verify, demo, select (mmfm/data/commands.py)
     mmfm tokenizer SUB [...]    tokenizers: train, eval (mmfm/tokenizers/commands.py)
+    mmfm pretrain --config X    train under DeepSpeed (mmfm/train/commands.py)
+    mmfm finetune --from X --modality M --config Y   one modality, full or LoRA (mmfm/train/finetune.py)
+    mmfm export RUN --out DIR   ZeRO checkpoint -> safetensors + Hugging Face folder (mmfm/export)
 """
 from __future__ import annotations
 
@@ -27,8 +31,18 @@ def cmd_demo(args) -> int:
     if args.name == "quant":
         from mmfm.demos.quant import main
 
+        if args.out is None:
+            args.out = "runs/demo_quant"
+        if args.steps is None:
+            args.steps = 2000
         return main(args)
-    print(f"mmfm demo: unknown demo '{args.name}'; available: quant", file=sys.stderr)
+    if args.name == "e2e":
+        from mmfm.demos.e2e import main
+
+        if args.out is None:
+            args.out = "runs/demo"
+        return main(args)
+    print(f"mmfm demo: unknown demo '{args.name}'; available: e2e, quant", file=sys.stderr)
     return 2
 
 
@@ -65,15 +79,38 @@ def cmd_tokenizer(args) -> int:
     return run_tokenizer(args)
 
 
+def cmd_pretrain(args) -> int:
+    from mmfm.train.commands import cmd_pretrain as run
+
+    return run(args)
+
+
+def cmd_finetune(args) -> int:
+    from mmfm.train.finetune import cmd_finetune as run
+
+    return run(args)
+
+
+def cmd_export(args) -> int:
+    from mmfm.export import cmd_export as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description="multimodal foundation models over one token vocabulary")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="report the install: packages, extension, compiled ops, nvcc")
     demo = sub.add_parser("demo", help="run a demo")
-    demo.add_argument("name", nargs="?", default="quant", help="which demo (default: quant)")
-    demo.add_argument("--out", default="runs/demo_quant", help="folder for the demo's outputs")
-    demo.add_argument("--steps", type=int, default=2000, help="training steps per autoencoder")
+    demo.add_argument("name", nargs="?", default="e2e", help="which demo: e2e (default, the main job) or quant")
+    demo.add_argument("--out", default=None, help="folder for the demo's outputs (runs/demo, runs/demo_quant)")
+    demo.add_argument("--steps", type=int, default=None, help="quant: training steps per autoencoder (2000)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--preset", choices=("demo", "test"), default="demo", help="e2e: sizes (test: toy, for tests)")
+    demo.add_argument("--scale", type=float, default=None, help="e2e: demo corpus scale (default from the preset)")
+    demo.add_argument("--threads", type=int, default=0, help="e2e: torch threads (0 = torch's default)")
+    demo.add_argument("--override", action="append", default=None, metavar="SECTION.FIELD=VALUE",
+                      help="e2e: a pretrain config override (repeatable), e.g. train.steps=100")
     bench = sub.add_parser("bench", help="run tools/bench/NAME.py (its own options follow; --help lists them)",
                            add_help=False)
     bench.add_argument("name", nargs="?", default="", help="benchmark name")
@@ -83,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.tokenizers.commands import add_tokenizer_parser
 
     add_tokenizer_parser(sub)
+    from mmfm.train.commands import add_train_parsers
+
+    add_train_parsers(sub)
+    from mmfm.train.finetune import add_finetune_parser
+
+    add_finetune_parser(sub)
+    from mmfm.export import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
@@ -98,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer}[args.command](args)
+    return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer,
+            "pretrain": cmd_pretrain, "finetune": cmd_finetune, "export": cmd_export}[args.command](args)
 
 
 if __name__ == "__main__":

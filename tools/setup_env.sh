@@ -27,7 +27,7 @@ if [ ! -f "$stamp" ]; then
   "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
   "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt \
     deepspeed webdataset sentencepiece safetensors numpy pillow pyyaml tqdm tensorboard ninja \
-    scikit-learn pytest vector-quantize-pytorch \
+    scikit-learn pytest vector-quantize-pytorch transformers \
     trimesh scikit-image
   touch "$stamp"
 fi

@@ -99,8 +99,9 @@ def machine() -> str:
 
 
 def print_table(records: list[dict], figures: tuple[str, ...] = ("ms", "peak_extra_mb"), ratio_to: str | None = None,
-                out=sys.stdout) -> None:
+                out=None) -> None:
     """One row per record; with ratio_to, a column `x` = that impl's ms / this impl's ms (speed-up of this impl)."""
+    out = out if out is not None else sys.stdout   # looked up per call, not at import
     base = {}
     if ratio_to:
         for r in records:

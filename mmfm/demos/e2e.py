@@ -1,0 +1,317 @@
+"""`mmfm demo` (default) / `mmfm demo e2e`: the main job, end to end on a CPU.
+
+    1. corpus      mmfm data demo (six modalities) into <out>/corpus, unless it is there already
+    2. tokenizers  the small tokenizer configs (configs/tokenizers/*_small.yaml), trained briefly
+                   (shortened by the preset below) into <out>/tokenizers/<modality>
+    3. tokens      every corpus sample -> [caption/transcript] + modality tokens through the trained
+                   tokenizers and mmfm/vocab.py -> token shards <out>/tokens/{train,eval}-*.tar and
+                   <out>/tokens/vocab.json (held-out split by key hash, as the tokenizers use)
+    4. pretrain    configs/pretrain/demo.yaml (small model, ZeRO-2) -> <out>/pretrain
+    5. export      <out>/export (safetensors, config.json, vocab, tokenizers), loaded back with
+                   mmfm.load to check it
+and a summary: what was written, per-modality held-out losses at the start and at the end.
+
+Every stage is skipped when its output already exists, so a second run only re-trains what is
+missing (pretraining resumes from its last checkpoint). `--preset test` is the same pipeline at toy
+sizes for tests/test_demo_e2e.py.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+
+MODALITIES = ("text", "image", "audio", "video", "shape3d", "physics")
+
+# modality -> (tokenizer config, overrides "section.field" -> value) per preset
+TOKENIZERS = {
+    "text": ("configs/tokenizers/text_bpe_small.yaml", {}),
+    "image": ("configs/tokenizers/image_conv_vq_small.yaml", {}),
+    "audio": ("configs/tokenizers/audio_codec_small.yaml", {}),
+    "video": ("configs/tokenizers/video_small.yaml", {}),
+    "shape3d": ("configs/tokenizers/shape3d_small.yaml", {}),
+    # 4 frames (256 tokens per trajectory) instead of 16 (1024), so physics does not swamp the mix
+    "physics": ("configs/tokenizers/physics_small.yaml", {"model.frames": 4}),
+}
+
+PRESETS = {
+    # the real demo: each tokenizer for its config's own (short) step count, the model 300 steps;
+    # about 2-3 minutes on 2 idle cores (docs/training.md), well under 15 when the cores are shared
+    "demo": {"scale": 0.5, "tokenizer_steps": {m: 0 for m in MODALITIES},
+             "tokenizer_overrides": {"text": {"model.vocab_size": 1000}}, "max_samples": 400,
+             "pretrain_overrides": []},
+    # tests: the same stages at toy sizes
+    "test": {"scale": 0.02, "tokenizer_steps": {"text": 0, "image": 3, "audio": 2, "video": 2, "shape3d": 2,
+                                                "physics": 2},
+             "tokenizer_overrides": {"text": {"model.vocab_size": 600}, "physics": {"model.refine_steps": 1},
+                                     "audio": {"train.batch_size": 4}, "video": {"train.batch_size": 4},
+                                     "shape3d": {"train.batch_size": 4}},
+             "max_samples": 40,
+             "pretrain_overrides": ["model.dim=64", "model.n_layers=2", "model.ffn_hidden=172", "train.steps=30", "train.micro_batch=4",
+                                    "data.seq_len=128", "optim.warmup_steps=3", "train.checkpoint_every=15",
+                                    "data.eval_sequences=8", "train.progress=false", "train.plot=false"]},
+}
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _set(cfg, dotted: str, value) -> None:
+    section, field = dotted.split(".", 1)
+    obj = getattr(cfg, section)
+    if not hasattr(obj, field):
+        raise ValueError(f"demo preset: {dotted}: no such field")
+    setattr(obj, field, value)
+
+
+# ------------------------------------------------------------------------------------ stage 1
+def build_corpus(out: str, scale: float) -> str:
+    corpus = os.path.join(out, "corpus")
+    if os.path.exists(os.path.join(corpus, "demo-summary.json")):
+        _say(f"[demo] corpus: reusing {corpus}")
+        return corpus
+    from mmfm.data.demo import build_demo
+
+    _say(f"[demo] corpus: building the six-modality demo corpus at scale {scale} into {corpus}")
+    os.makedirs(corpus, exist_ok=True)
+    build_demo(corpus, scale=scale, progress=False)
+    return corpus
+
+
+# ------------------------------------------------------------------------------------ stage 2
+def tokenizer_config(modality: str, corpus: str, out: str, preset: dict):
+    from mmfm.tokenizers.config import load_config
+    from mmfm.train.engine import REPO_ROOT
+
+    path, overrides = TOKENIZERS[modality]
+    cfg = load_config(os.path.join(REPO_ROOT, path))
+    cfg.data.shards = os.path.join(corpus, f"{modality}-*.tar")
+    if modality == "text":   # documents and every other modality's captions and transcripts
+        cfg.data.shards, cfg.data.modality = os.path.join(corpus, "*-*.tar"), ""
+    cfg.train.out = os.path.join(out, "tokenizers", modality)
+    steps = preset["tokenizer_steps"][modality]
+    if steps:
+        cfg.train.steps = steps
+        cfg.train.checkpoint_every = steps
+        cfg.train.log_every = max(1, steps // 4)
+    cfg.data.max_samples = preset["max_samples"]
+    for k, v in {**overrides, **preset["tokenizer_overrides"].get(modality, {})}.items():
+        _set(cfg, k, v)
+    return cfg
+
+
+def train_tokenizers(corpus: str, out: str, preset: dict) -> dict:
+    """{modality: saved tokenizer folder}; trains those not saved yet."""
+    from mmfm.tokenizers.commands import _train_neural, _train_text
+
+    saved = {}
+    for m in MODALITIES:
+        cfg = tokenizer_config(m, corpus, out, preset)
+        folder = os.path.join(cfg.train.out, "tokenizer")
+        if not os.path.exists(os.path.join(folder, "tokenizer.yaml")):
+            t0 = time.perf_counter()
+            _say(f"[demo] tokenizer {m}: {cfg.tokenizer}"
+                 + ("" if m == "text" else f", {cfg.train.steps} steps") + f" -> {folder}")
+            os.makedirs(cfg.train.out, exist_ok=True)
+            rc = _train_text(cfg) if cfg.tokenizer == "text" else _train_neural(cfg, progress=False)
+            if rc != 0:
+                raise RuntimeError(f"demo: training the {m} tokenizer failed (status {rc})")
+            _say(f"[demo] tokenizer {m}: {time.perf_counter() - t0:.0f} s")
+        saved[m] = folder
+    return saved
+
+
+# ------------------------------------------------------------------------------------ stage 3
+def build_vocab(tokenizers: dict):
+    from mmfm.tokenizers.base import load_tokenizer
+    from mmfm.vocab import Vocab
+
+    toks = {m: load_tokenizer(p) for m, p in tokenizers.items()}
+    vocab = Vocab(toks["text"].vocab_size, {m: toks[m].vocab_size for m in MODALITIES if m != "text"})
+    return vocab, toks
+
+
+def tokenize_corpus(corpus: str, tokenizers: dict, out_dir: str, holdout_fraction: float = 0.1,
+                    max_text_tokens: int = 512) -> dict:
+    """Raw demo shards -> token shards through the trained tokenizers and the unified vocabulary.
+
+    A sample becomes <bos> [<begin_text> caption <end_text>] <begin_M> tokens <end_M> <eos> (the
+    caption or transcript first, so the model learns to continue text into the modality); a text
+    document is one text segment (cut at max_text_tokens). Samples a tokenizer cannot take (e.g. 1D
+    Burgers trajectories for the 2D physics tokenizer) are counted and skipped. Returns a report.
+    """
+    import torch
+
+    from mmfm.tokenizers.commands import _usable
+    from mmfm.tokenizers.data import is_held_out, read_samples
+    from mmfm.train.tokens import write_token_shards
+
+    done = os.path.join(out_dir, "tokens-report.json")
+    if os.path.exists(done):
+        _say(f"[demo] tokens: reusing {out_dir}")
+        with open(done) as f:
+            return json.load(f)
+    vocab, toks = build_vocab(tokenizers)
+    text = toks["text"]
+    rows = {"train": [], "eval": []}
+    report = {m: {"samples": 0, "skipped": 0, "tokens": 0} for m in MODALITIES}
+    for m in MODALITIES:
+        samples = read_samples(os.path.join(corpus, f"{m}-*.tar"), m, "all")
+        tok = toks[m]
+        if m != "text":
+            good = []
+            for s in samples:
+                try:
+                    if _usable(tok, s):
+                        tok.prepare(s)
+                        good.append(s)
+                        continue
+                except ValueError:
+                    pass
+                report[m]["skipped"] += 1
+            samples = good
+        for i in range(0, len(samples), 32):
+            chunk = samples[i:i + 32]
+            codes = None if m == "text" else tok.encode_batch(chunk)
+            for j, s in enumerate(chunk):
+                segs = []
+                caption = s.get("txt") if isinstance(s.get("txt"), str) else ""
+                if caption:
+                    segs.append(("text", text.encode(caption)[:max_text_tokens]))
+                if codes is not None:
+                    segs.append((m, codes[j]))
+                if not segs:
+                    report[m]["skipped"] += 1
+                    continue
+                ids, _ = vocab.encode_sample(segs)
+                meta = {**s["json"], "token_source": "mmfm demo e2e"}
+                split = "eval" if is_held_out(s["__key__"], holdout_fraction) else "train"
+                rows[split].append((s["__key__"], ids.numpy(), meta))
+                report[m]["samples"] += 1
+                report[m]["tokens"] += int(ids.numel())
+    # interleave modalities in the shards (a fixed shuffle), so shard order carries no modality blocks
+    g = torch.Generator().manual_seed(0)
+    os.makedirs(out_dir, exist_ok=True)
+    shards = {}
+    for split, items in rows.items():
+        order = torch.randperm(len(items), generator=g).tolist()
+        shards[split] = write_token_shards((items[k] for k in order), out_dir, prefix=split, shard_size=500)
+    vocab.save(os.path.join(out_dir, "vocab.json"))
+    report = {"modalities": report, "vocab_size": vocab.size, "train_samples": len(rows["train"]),
+              "eval_samples": len(rows["eval"]), "shards": {k: len(v) for k, v in shards.items()}}
+    with open(done, "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+# ------------------------------------------------------------------------------------ stages 4-5
+def pretrain_config(out: str, preset: dict, extra: list[str]):
+    from mmfm.train.config import load_run_config
+    from mmfm.train.engine import REPO_ROOT
+
+    tokens = os.path.join(out, "tokens")
+    overrides = [f"data.shards={tokens}/train-*.tar", f"data.eval_shards={tokens}/eval-*.tar",
+                 f"data.vocab={tokens}/vocab.json", f"train.out={os.path.join(out, 'pretrain')}"]
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)           # the config names model and DeepSpeed files relative to the checkout
+    try:
+        return load_run_config("configs/pretrain/demo.yaml", overrides + preset["pretrain_overrides"] + extra)
+    finally:
+        os.chdir(cwd)
+
+
+def _losses(ev: dict | None) -> dict:
+    return {("all" if k == "eval_loss" else k[len("eval_loss_"):]): v for k, v in (ev or {}).items()
+            if k.startswith("eval_loss")}
+
+
+def main(args) -> int:
+    t_start = time.perf_counter()
+    preset = PRESETS[args.preset]
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    import torch
+
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    times = {}
+    t = time.perf_counter()
+    corpus = build_corpus(out, args.scale if args.scale is not None else preset["scale"])
+    times["corpus"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tokenizers = train_tokenizers(corpus, out, preset)
+    times["tokenizers"] = time.perf_counter() - t
+    t = time.perf_counter()
+    report = tokenize_corpus(corpus, tokenizers, os.path.join(out, "tokens"))
+    times["tokens"] = time.perf_counter() - t
+    _say(f"[demo] tokens: {report['train_samples']} train / {report['eval_samples']} held-out samples, "
+         f"vocabulary {report['vocab_size']}")
+
+    from mmfm.train.loop import run
+
+    cfg = pretrain_config(out, preset, list(args.override or []))
+    t = time.perf_counter()
+    res = run(cfg)
+    times["pretrain"] = time.perf_counter() - t
+    if torch.distributed.get_rank() != 0:
+        return 0
+    from mmfm.export import export, load
+
+    t = time.perf_counter()
+    tok_root = os.path.join(out, "export-tokenizers")
+    os.makedirs(tok_root, exist_ok=True)
+    import shutil
+
+    for m, folder in tokenizers.items():
+        shutil.copytree(folder, os.path.join(tok_root, m), dirs_exist_ok=True)
+    export_dir = export(res["out"], os.path.join(out, "export"), tok_root)
+    model = load(export_dir)
+    times["export"] = time.perf_counter() - t
+
+    start, end = _losses(res["eval_start"]), _losses(res["eval_end"])
+    if not res["eval_start"]:   # a resumed run that had already finished: read the first eval back
+        with open(os.path.join(res["out"], "metrics.jsonl")) as f:
+            evs = [json.loads(line) for line in f if "eval_loss" in line]
+        start = _losses(evs[0]) if evs else {}
+    total = time.perf_counter() - t_start
+    losses = res["losses"]
+    steps = sorted(losses)
+    summary = {
+        "corpus": corpus, "tokenizers": tokenizers, "tokenizers_dir": os.path.join(out, "tokenizers"), "tokens": os.path.join(out, "tokens"),
+        "checkpoint": os.path.join(res["out"], "checkpoints"), "metrics": os.path.join(res["out"], "metrics.jsonl"),
+        "export": export_dir, "export_params": sum(p.numel() for p in model.parameters()),
+        "steps": res["step"], "zero_stage": cfg.deepspeed.get("zero_optimization", {}).get("stage"),
+        "train_loss_first": losses[steps[0]] if steps else None, "train_loss_last": losses[steps[-1]] if steps else None,
+        "heldout_start": start, "heldout_end": end, "token_report": report,
+        "seconds": {k: round(v, 1) for k, v in {**times, "total": total}.items()},
+    }
+    with open(os.path.join(out, "demo-summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print_summary(summary)
+    fell = bool(start) and bool(end) and end.get("all", 1e9) < start.get("all", -1)
+    if not fell:
+        print("demo: the held-out loss did NOT fall", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_summary(s: dict) -> None:
+    rep = s["token_report"]
+    print(f"\nmmfm demo: done in {s['seconds']['total']:.0f} s "
+          + "(" + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items() if k != "total") + ")")
+    print(f"  corpus      {s['corpus']}")
+    print(f"  tokenizers  {s['tokenizers_dir']}/<modality>/tokenizer: " + ", ".join(s["tokenizers"]))
+    print(f"  tokens      {s['tokens']}: {rep['train_samples']} train + {rep['eval_samples']} held-out samples, "
+          f"vocabulary {rep['vocab_size']}; " + ", ".join(f"{m} {v['samples']} ({v['tokens']} tok)"
+                                                          for m, v in rep["modalities"].items()))
+    print(f"  checkpoint  {s['checkpoint']} (ZeRO-{s['zero_stage']}, {s['steps']} steps; metrics {s['metrics']})")
+    print(f"  export      {s['export']} ({s['export_params'] / 1e6:.2f} M parameters; loads with mmfm.load)")
+    print(f"  train loss  {s['train_loss_first']:.3f} (step 1) -> {s['train_loss_last']:.3f} (step {s['steps']})")
+    print("  held-out loss per modality, start -> end:")
+    for k in sorted(s["heldout_end"], key=lambda k: (k == "all", k)):
+        a, b = s["heldout_start"].get(k), s["heldout_end"][k]
+        print(f"    {k:<9} {a if a is None else f'{a:.3f}':>7} -> {b:.3f}")
+    print("  samples     not generated yet (mmfm generate is another issue); the losses above stand in")

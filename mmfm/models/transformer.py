@@ -1,0 +1,231 @@
+"""The decoder over the unified vocabulary: RMSNorm, rotary positions, SwiGLU, grouped-query
+attention, and optional modality-aware sparsity (Mixture-of-Transformers).
+
+Dense, the parameter names and arithmetic are those of Hugging Face's LlamaForCausalLM (rotary
+with rotate_half, RMSNorm in fp32, SwiGLU as down(silu(gate(x)) * up(x))), so the adapter in
+mmfm/models/hf.py is a renaming and transformers' logits equal ours.
+
+Mixture-of-Transformers (cfg.modality_sparse): every non-embedding weight -- q/k/v/o projections,
+the three FFN matrices and both norms of each block, and the final norm -- has one copy per
+modality group, shape [groups, ...]; each token uses the copy of its modality id (the vocabulary's
+modality index: 0 for <pad>/<bos>/<eos>/<mask>, i + 1 for modality i). Self-attention itself stays
+global: after the per-modality projections, all tokens of the interleaved sequence attend to each
+other under one mask. A token's compute is that of the dense model, so FLOPs per token are unchanged
+while the parameter count grows by the number of groups.
+
+Attention: flash-attn when importable and the input is on CUDA (causal masks only), otherwise
+torch's scaled_dot_product_attention; `attention: eager` is the plain softmax reference.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmfm.models.config import ModelConfig
+
+try:  # optional: the [cuda] extra
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_attn_func = None
+
+
+def flash_attn_available() -> bool:
+    return _flash_attn_func is not None
+
+
+class GroupLinear(nn.Module):
+    """A bias-free linear layer with `groups` weight copies; token t uses copy group_ids[t]."""
+
+    def __init__(self, d_in: int, d_out: int, groups: int = 1):
+        super().__init__()
+        self.groups = groups
+        shape = (d_out, d_in) if groups == 1 else (groups, d_out, d_in)
+        self.weight = nn.Parameter(torch.empty(shape))
+
+    def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        if self.groups == 1:
+            return F.linear(x, self.weight)
+        return _grouped(x, plan, lambda g, xs: F.linear(xs, self.weight[g]), self.weight.shape[-2])
+
+
+class GroupRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, groups: int = 1):
+        super().__init__()
+        self.eps, self.groups = eps, groups
+        self.weight = nn.Parameter(torch.ones(dim if groups == 1 else (groups, dim)))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        if self.groups == 1:
+            return self.weight * self._norm(x)
+        return _grouped(x, plan, lambda g, xs: self.weight[g] * self._norm(xs), x.shape[-1])
+
+
+def make_plan(group_ids: torch.Tensor | None, groups: int):
+    """For modality-sparse layers: [(group, flat token indices)] for the groups present (None if dense)."""
+    if groups == 1 or group_ids is None:
+        return None
+    flat = group_ids.reshape(-1)
+    if int(flat.min()) < 0 or int(flat.max()) >= groups:
+        raise ValueError(f"modality_ids must lie in [0, {groups}), got [{int(flat.min())}, {int(flat.max())}]")
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=groups).tolist()
+    plan, start = [], 0
+    for g, c in enumerate(counts):
+        if c:
+            plan.append((g, order[start:start + c]))
+        start += c
+    return plan
+
+
+def _grouped(x: torch.Tensor, plan, fn, d_out: int) -> torch.Tensor:
+    if plan is None:
+        raise ValueError("a modality-sparse model needs modality_ids")
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, x.shape[-1])
+    out = xf.new_empty(xf.shape[0], d_out)
+    for g, idx in plan:
+        out.index_copy_(0, idx, fn(g, xf.index_select(0, idx)))
+    return out.reshape(*lead, d_out)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq.float()       # [B, L, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        g, hd = cfg.groups, cfg.head_dim
+        self.cfg, self.hd = cfg, hd
+        self.q_proj = GroupLinear(cfg.dim, cfg.n_heads * hd, g)
+        self.k_proj = GroupLinear(cfg.dim, cfg.n_kv_heads * hd, g)
+        self.v_proj = GroupLinear(cfg.dim, cfg.n_kv_heads * hd, g)
+        self.o_proj = GroupLinear(cfg.n_heads * hd, cfg.dim, g)
+
+    def forward(self, x, plan, cos, sin, mask):
+        B, L, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x, plan).view(B, L, c.n_heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x, plan).view(B, L, c.n_kv_heads, self.hd).transpose(1, 2)
+        v = self.v_proj(x, plan).view(B, L, c.n_kv_heads, self.hd).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = attend(q, k, v, mask, c.attention)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, c.n_heads * self.hd), plan)
+
+
+def attend(q, k, v, mask, backend: str = "auto"):
+    """q [B, H, L, D], k/v [B, Hkv, L, D]; mask None = causal, else bool [B or 1, 1, L, L] (True = attend)."""
+    rep = q.shape[1] // k.shape[1]
+    if (backend in ("auto", "flash") and mask is None and q.is_cuda and _flash_attn_func is not None
+            and q.dtype in (torch.float16, torch.bfloat16)):
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)
+    if backend == "flash" and _flash_attn_func is None:
+        raise RuntimeError("attention: flash requested but flash_attn is not importable")
+    if backend != "eager":   # SDPA reads the shared k/v heads itself: no repeated copies of k and v
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=rep > 1)
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    L = q.shape[-2]
+    allowed = torch.ones(L, L, dtype=torch.bool, device=q.device).tril() if mask is None else mask
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        g = cfg.groups
+        self.gate_proj = GroupLinear(cfg.dim, cfg.ffn_hidden, g)
+        self.up_proj = GroupLinear(cfg.dim, cfg.ffn_hidden, g)
+        self.down_proj = GroupLinear(cfg.ffn_hidden, cfg.dim, g)
+
+    def forward(self, x, plan):
+        return self.down_proj(F.silu(self.gate_proj(x, plan)) * self.up_proj(x, plan), plan)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = GroupRMSNorm(cfg.dim, cfg.norm_eps, cfg.groups)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = GroupRMSNorm(cfg.dim, cfg.norm_eps, cfg.groups)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, plan, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x, plan), plan, cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x, plan), plan)
+
+
+class Transformer(nn.Module):
+    """forward(ids [B, L], modality_ids [B, L] or None, attn_mask None (causal) or bool [B, L, L])
+    -> logits [B, L, vocab_size]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be set (>= 1) before building the model")
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = GroupRMSNorm(cfg.dim, cfg.norm_eps, cfg.groups)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2 and "layernorm" not in name and not name.startswith("norm"):
+                nn.init.normal_(p, 0.0, std)
+            else:
+                nn.init.ones_(p)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, ids: torch.Tensor, modality_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        B, L = ids.shape
+        if L > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {L} exceeds max_seq_len {self.cfg.max_seq_len}")
+        plan = make_plan(modality_ids, self.cfg.groups)
+        x = self.embed_tokens(ids)
+        if positions is None:   # [1, L]: cos/sin computed once and broadcast over the batch
+            positions = torch.arange(L, device=ids.device).unsqueeze(0)
+        cos, sin = self.rotary(positions, x.dtype)
+        mask = None if attn_mask is None else attn_mask.unsqueeze(1)
+        for layer in self.layers:
+            x = layer(x, plan, cos, sin, mask)
+        x = self.norm(x, plan)
+        if self.lm_head is None:
+            return F.linear(x, self.embed_tokens.weight)
+        return self.lm_head(x)

@@ -1,0 +1,106 @@
+"""Atomic DeepSpeed checkpoints, last K kept, exact resume.
+
+Layout under <out>/checkpoints/:
+
+    step_00000040/            engine.save_checkpoint(tag=...): DeepSpeed's model and ZeRO optimizer
+                              shards, plus mmfm_rank<r>.pt per rank (step, counters, RNG states, the
+                              data loader's state_dict, the objective's generator) and, last, COMPLETE
+    latest                    the tag of the newest COMPLETE checkpoint (written tmp + os.replace)
+
+A save is: every rank writes its DeepSpeed shards and its mmfm_rank file; barrier; rank 0 writes
+COMPLETE in the tag folder, then replaces `latest`, then deletes the oldest complete tags beyond
+keep_last and any incomplete leftovers. A crash anywhere before `latest` is replaced leaves it
+pointing at the previous checkpoint, which is untouched; resume reads only what `latest` names.
+
+Fault injection for tests: MMFM_FAULT_KILL_IN_SAVE=<step> sends SIGKILL to the process after the
+DeepSpeed shards of that step are written and before COMPLETE / `latest`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_tag(root: str) -> str | None:
+    p = os.path.join(root, LATEST)
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        tag = f.read().strip()
+    if not os.path.exists(os.path.join(root, tag, COMPLETE)):
+        raise RuntimeError(f"{p} names {tag}, which has no {COMPLETE} marker: the checkpoint folder was edited by hand")
+    return tag
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def save(engine, root: str, step: int, state: dict, keep_last: int) -> str:
+    """state: this rank's extra state (picklable, saved with torch.save)."""
+    dist = torch.distributed
+    rank = dist.get_rank()
+    tag = tag_for(step)
+    os.makedirs(root, exist_ok=True)
+    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    torch.save({**state, "rng": rng_state()}, os.path.join(root, tag, f"mmfm_rank{rank}.pt"))
+    if os.environ.get("MMFM_FAULT_KILL_IN_SAVE") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(root, tag, COMPLETE), "w") as f:
+            f.write(f"{step}\n")
+        tmp = os.path.join(root, LATEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, LATEST))
+        prune(root, keep_last, tag)
+    dist.barrier()
+    return tag
+
+
+def prune(root: str, keep_last: int, current: str) -> None:
+    tags = sorted(t for t in os.listdir(root) if t.startswith("step_") and os.path.isdir(os.path.join(root, t)))
+    complete = [t for t in tags if os.path.exists(os.path.join(root, t, COMPLETE))]
+    keep = set(complete[-keep_last:]) | {current}
+    for t in tags:
+        if t not in keep and t <= current:
+            shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+
+
+def load(engine, root: str) -> dict | None:
+    """Loads the newest complete checkpoint into the engine; returns this rank's extra state or None."""
+    tag = latest_tag(root)
+    if tag is None:
+        return None
+    path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
+    rank = torch.distributed.get_rank()
+    f = os.path.join(root, tag, f"mmfm_rank{rank}.pt")
+    if not os.path.exists(f):
+        raise RuntimeError(f"{f} is missing: the checkpoint was written by a run with fewer ranks")
+    state = torch.load(f, map_location="cpu", weights_only=False)  # our own file: RNG states hold numpy/tuples
+    set_rng_state(state.pop("rng"))
+    state["tag"] = tag
+    return state

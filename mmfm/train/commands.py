@@ -1,0 +1,42 @@
+"""`mmfm pretrain --config configs/pretrain/<name>.yaml [section.field=value ...]`."""
+from __future__ import annotations
+
+import sys
+
+
+def add_train_parsers(sub) -> None:
+    p = sub.add_parser("pretrain", help="train a unified token model under DeepSpeed (docs/training.md)")
+    p.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=20 optim.lr=3e-4")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse_suppress())
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def cmd_pretrain(args) -> int:
+    from mmfm.tokenizers.config import ConfigError
+    from mmfm.train.config import load_run_config
+    from mmfm.train.loop import TrainingStopped, run
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"mmfm pretrain: {exc}", file=sys.stderr)
+        return 2
+    try:
+        res = run(cfg)
+    except TrainingStopped as exc:
+        print(f"mmfm pretrain: {exc}", file=sys.stderr)
+        return 3
+    import torch
+
+    if torch.distributed.get_rank() == 0:
+        losses = res["losses"]
+        last = losses[max(losses)] if losses else float("nan")
+        print(f"pretrain: step {res['step']}, last loss {last:.4f}"
+              + (f", stopped by {res['stopped_by']}" if res["stopped_by"] else "") + f"; outputs in {res['out']}")
+    return 0

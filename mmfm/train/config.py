@@ -1,0 +1,206 @@
+"""Typed pretrain / finetune configs (configs/pretrain/<name>.yaml) with `section.field=value` overrides.
+
+    model: configs/models/small.yaml        # a model config file, or an inline ModelConfig mapping
+    deepspeed: configs/deepspeed/zero2.json # plain DeepSpeed JSON: the ZeRO section and the like
+    data: {...}                             # DataSection: token shards, vocabulary, sequence length
+    objective: {...}                        # mmfm.objectives.ObjectiveConfig
+    optim: {...}                            # OptimSection: AdamW, warmup + cosine
+    train: {...}                            # TrainSection: steps, batch, precision, checkpoints, logs
+
+Batch size, accumulation, clipping and precision live here, not in the JSON: the trainer writes
+them into the DeepSpeed config (a JSON that also sets one of them must agree, or the run stops
+naming the key). Unknown or ill-typed fields stop with the file and field named.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from mmfm.models.config import ModelConfig, load_model_config, model_config_from_dict
+from mmfm.objectives import ObjectiveConfig
+from mmfm.tokenizers.config import ConfigError, from_dict
+
+
+@dataclass
+class DataSection:
+    shards: str = ""            # token shards (mmfm/train/tokens.py), folder / brace / glob
+    eval_shards: str = ""       # held-out token shards for per-modality eval ("" = none)
+    vocab: str = ""             # vocab.json of the unified vocabulary
+    seq_len: int = 256
+    shuffle_buffer: int = 64
+    eval_sequences: int = 16    # held-out sequences evaluated (fixed set)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1   # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0           # DeepSpeed gradient_clipping (0 = off)
+
+
+@dataclass
+class TrainSection:
+    out: str = "runs/pretrain"
+    steps: int = 100
+    micro_batch: int = 4        # sequences per rank per micro-step
+    grad_accum: int = 1
+    precision: str = "fp32"     # fp32 or bf16
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0         # 0 = at the start and the end only
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    max_bad_steps: int = 3      # consecutive non-finite steps before the run stops
+    progress: bool = True
+    threads: int = 0            # torch threads per process (0 = torch's default)
+    peak_flops: float = 0.0     # per process, for MFU; 0 = measured with a matmul at start
+    offload_optimizer: bool = False  # ZeRO-Offload: DeepSpeedCPUAdam (JIT-compiles cpu_adam once)
+    init_from: str = ""         # an export folder or checkpoint folder to start the weights from
+    plot: bool = True           # loss-curve PNG at the end
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    deepspeed: dict
+    data: DataSection
+    objective: ObjectiveConfig
+    optim: OptimSection
+    train: TrainSection
+    path: str = ""
+    deepspeed_path: str = ""
+    finetune: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "objective", "optim", "train")}
+        d["deepspeed"] = self.deepspeed
+        d["finetune"] = self.finetune
+        return d
+
+
+SECTIONS = ("model", "deepspeed", "data", "objective", "optim", "train", "finetune")
+
+
+def _parse_override(item: str, path: str):
+    import yaml
+
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"{path}: override {item!r}: expected section.field=value (e.g. train.steps=10)")
+    key, value = item.split("=", 1)
+    return key.split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str], path: str) -> dict:
+    for item in overrides or []:
+        keys, value = _parse_override(item, path)
+        if keys[0] not in SECTIONS:
+            raise ConfigError(f"{path}: override {item!r}: unknown section {keys[0]!r}; expected {', '.join(SECTIONS)}")
+        d = raw
+        for k in keys[:-1]:
+            if not isinstance(d.get(k), dict):
+                d[k] = {} if d.get(k) is None else d[k]
+                if not isinstance(d[k], dict):
+                    raise ConfigError(f"{path}: override {item!r}: {k} is not a mapping")
+            d = d[k]
+        d[keys[-1]] = value
+    return raw
+
+
+def load_run_config(path, overrides: list[str] | None = None, extra_sections: tuple = ()) -> RunConfig:
+    import yaml
+
+    path = str(path)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with {', '.join(SECTIONS)}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: {unknown[0]}: unknown top-level field; expected {', '.join(SECTIONS)}")
+    if isinstance(raw.get("model"), str) and any(o.startswith("model.") for o in overrides or []):
+        try:  # a model override on a model file: read the file's mapping, then override into it
+            with open(raw["model"]) as f:
+                raw["model"] = (yaml.safe_load(f) or {}).get("model")
+        except OSError as exc:
+            raise ConfigError(f"{path}: model: cannot read {raw['model']}: {exc.strerror}") from None
+    raw = apply_overrides(raw, overrides or [], path)
+    m = raw.get("model")
+    if isinstance(m, str):
+        model = load_model_config(m)
+    elif isinstance(m, dict):
+        model = model_config_from_dict(m, f"{path}: model")
+    else:
+        raise ConfigError(f"{path}: model: expected a model config path or mapping, got {m!r}")
+    ds = raw.get("deepspeed", "configs/deepspeed/zero0.json")
+    ds_path = ""
+    if isinstance(ds, str):
+        ds_path = ds
+        try:
+            with open(ds) as f:
+                ds = json.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{path}: deepspeed: cannot read {ds}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: deepspeed: {ds} is not valid JSON: {exc}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: deepspeed: expected a JSON file path or a mapping")
+    data = from_dict(DataSection, raw.get("data"), f"{path}: data")
+    objective = from_dict(ObjectiveConfig, raw.get("objective"), f"{path}: objective")
+    optim = from_dict(OptimSection, raw.get("optim"), f"{path}: optim")
+    train = from_dict(TrainSection, raw.get("train"), f"{path}: train")
+    fin = raw.get("finetune") or {}
+    if not isinstance(fin, dict):
+        raise ConfigError(f"{path}: finetune: expected a mapping")
+    cfg = RunConfig(model, ds, data, objective, optim, train, path, ds_path, fin)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    p = cfg.path
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    checks = [
+        (t.precision in ("fp32", "bf16"), "train.precision", f"expected fp32 or bf16, got {t.precision!r}"),
+        (t.steps >= 1, "train.steps", "must be >= 1"),
+        (t.micro_batch >= 1, "train.micro_batch", "must be >= 1"),
+        (t.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+        (t.keep_last >= 1, "train.keep_last", "must be >= 1"),
+        (t.log_every >= 1, "train.log_every", "must be >= 1"),
+        (t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1"),
+        (o.lr > 0, "optim.lr", "must be > 0"),
+        (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]"),
+        (o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+        (d.seq_len >= 2, "data.seq_len", "must be >= 2"),
+        (d.seq_len <= cfg.model.max_seq_len, "data.seq_len", f"exceeds the model's max_seq_len {cfg.model.max_seq_len}"),
+    ]
+    for ok, name, why in checks:
+        if not ok:
+            raise ConfigError(f"{p}: {name}: {why}")
+    zero = cfg.deepspeed.get("zero_optimization", {})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ConfigError(f"{p}: deepspeed ({cfg.deepspeed_path or 'inline'}): zero_optimization.stage must be 0, 1, 2 or 3")
+
+
+def resolve_vocab_size(cfg: RunConfig, vocab) -> None:
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = vocab.size
+    elif cfg.model.vocab_size < vocab.size:
+        raise ConfigError(f"{cfg.path}: model.vocab_size: {cfg.model.vocab_size} is smaller than the vocabulary ({vocab.size})")
+    if cfg.model.modality_sparse and cfg.model.num_modalities == 0:
+        cfg.model.num_modalities = len(vocab.modality_names)
+
+
+def output_dir(cfg: RunConfig) -> str:
+    return os.path.abspath(cfg.train.out)

@@ -1,0 +1,118 @@
+"""DeepSpeed on this machine: environment defaults, the engine, the learning-rate schedule.
+
+Runs as a single process with no launcher: when RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT are
+absent, `setup_environment` sets a one-process rendezvous (port from MMFM_MASTER_PORT or a free
+one). Under torchrun or the deepspeed launcher they are already set and used. Without CUDA,
+DS_ACCELERATOR defaults to cpu and the backend is gloo. TORCH_EXTENSIONS_DIR defaults to
+<repo>/.torch_extensions, so DeepSpeed's JIT ops (shm_comm, ~35 s) compile once per checkout.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_environment() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO_ROOT, ".torch_extensions"))
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", os.environ.get("MMFM_MASTER_PORT") or str(_free_port()))
+
+
+def init_distributed() -> None:
+    setup_environment()
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from base to base * min_ratio at `total`.
+    step is the 0-based index of the optimizer step about to be taken."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    """The JSON from configs/deepspeed plus batch, accumulation, clipping and precision from cfg."""
+    from mmfm.tokenizers.config import ConfigError
+
+    ds = dict(cfg.deepspeed)
+    t = cfg.train
+    ours = {"train_micro_batch_size_per_gpu": t.micro_batch, "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": t.micro_batch * t.grad_accum * world_size, "gradient_clipping": cfg.optim.clip}
+    for k, v in ours.items():
+        if k in ds and ds[k] != v:
+            raise ConfigError(f"{cfg.deepspeed_path or 'deepspeed'}: {k} is {ds[k]!r} but the run config gives {v!r}; "
+                              "leave it out of the JSON (batch, accumulation and clipping come from the run config)")
+        ds[k] = v
+    ds["bf16"] = {"enabled": t.precision == "bf16"}
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10 ** 9)
+    if t.offload_optimizer:
+        ds.setdefault("zero_optimization", {}).setdefault("offload_optimizer", {"device": "cpu"})
+    return ds
+
+
+def param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if "norm" in n or "embed_tokens" in n or p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg, model):
+    """deepspeed.initialize with a client optimizer (torch AdamW; no cpu_adam JIT), or DeepSpeedCPUAdam
+    when train.offload_optimizer (ZeRO-Offload needs it)."""
+    import deepspeed
+
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if cfg.train.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+    ds_config = deepspeed_config(cfg, torch.distributed.get_world_size())
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    return engine, optimizer
+
+
+def zero_stage(cfg) -> int:
+    return int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+
+def measure_peak_flops(dtype=torch.float32, n: int = 512, reps: int = 5) -> float:
+    """Achieved FLOP/s of an n x n matmul in this process: the MFU denominator when no peak is given."""
+    import time
+
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)

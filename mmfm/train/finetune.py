@@ -1,0 +1,220 @@
+"""`mmfm finetune --from CKPT_OR_EXPORT --modality M --config configs/finetune/<name>.yaml [overrides]`.
+
+The same loop as `mmfm pretrain` (mmfm/train/loop.py: DeepSpeed, checkpoints, exact resume), with:
+  - weights from --from (an export folder or a pretrain output folder); the model config is the
+    source's (a `model:` section in the file is ignored; `model.*` overrides are refused);
+  - the loss restricted to modality M: every other modality, and the specials, are in
+    objective.no_loss (M's own <begin_M>/<end_M> markers belong to M and keep their loss);
+  - `finetune:` section (FinetuneSection): method full or lora, and freezing.
+
+Freezing is per tensor (`requires_grad = False`, so frozen tensors get no optimizer state):
+  - modality_specific: the tensors indexed by modality: the token embedding and the output head
+    (their rows are per-modality ranges of the vocabulary), and in a modality-sparse model every
+    per-modality weight stack;
+  - shared: everything else (a dense model's attention, MLP and norm weights).
+LoRA (dense models): each targeted projection W gets W x + (alpha / r) B A x, A [r, in] random,
+B [out, r] zero, W frozen (so LoRA implies freezing everything but A and B, plus what `train_also`
+lists). `mmfm export` of a LoRA run merges W + (alpha / r) B A into plain Llama weights;
+`merge_lora_state` is that merge (tests: merged logits equal the unmerged model's).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class FinetuneSection:
+    method: str = "lora"          # full or lora
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    freeze: str = "none"          # none, shared or modality_specific (full method)
+    train_also: list[str] = field(default_factory=list)  # lora: name substrings kept trainable (e.g. embed_tokens)
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+
+def parse_section(raw: dict, path: str) -> FinetuneSection:
+    from mmfm.tokenizers.config import ConfigError, from_dict
+
+    f = from_dict(FinetuneSection, raw or {}, f"{path}: finetune")
+    checks = [(f.method in ("full", "lora"), "finetune.method", f"expected full or lora, got {f.method!r}"),
+              (f.freeze in ("none", "shared", "modality_specific"), "finetune.freeze",
+               f"expected none, shared or modality_specific, got {f.freeze!r}"),
+              (f.lora_rank >= 1, "finetune.lora_rank", "must be >= 1"),
+              (all(t in LORA_TARGETS for t in f.lora_targets), "finetune.lora_targets",
+               f"each must be one of {', '.join(LORA_TARGETS)}, got {f.lora_targets}")]
+    for ok, name, why in checks:
+        if not ok:
+            raise ConfigError(f"{path}: {name}: {why}")
+    return f
+
+
+class LoRALinear(nn.Module):
+    """A dense GroupLinear with a low-rank update. State: weight (frozen), lora_A, lora_B."""
+
+    def __init__(self, base, rank: int, scale: float):
+        super().__init__()
+        if base.groups != 1:
+            raise ValueError("LoRA: modality-sparse (grouped) projections are not supported; use method: full")
+        self.groups = 1
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        d_out, d_in = self.weight.shape
+        self.scale = scale
+        self.lora_A = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank))
+
+    def forward(self, x, plan):
+        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+
+def apply_lora(model, f: FinetuneSection):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in list(model.modules()):
+        for name in f.lora_targets:
+            child = getattr(module, name, None)
+            if child is not None and hasattr(child, "groups"):
+                setattr(module, name, LoRALinear(child, f.lora_rank, f.scale))
+    for n, p in model.named_parameters():
+        if "lora_" in n or any(s in n for s in f.train_also):
+            p.requires_grad_(True)
+    return model
+
+
+def is_modality_specific(name: str, param, model) -> bool:
+    if name.startswith("embed_tokens") or name.startswith("lm_head"):
+        return True
+    return model.cfg.groups > 1 and ("layers." in name or name.startswith("norm"))
+
+
+def apply_freeze(model, f: FinetuneSection):
+    if f.freeze == "none":
+        return model
+    for n, p in model.named_parameters():
+        specific = is_modality_specific(n, p, model)
+        if (f.freeze == "modality_specific") == specific:
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"finetune.freeze={f.freeze}: nothing left to train in this model")
+    return model
+
+
+def prepare(f: FinetuneSection):
+    def fn(model):
+        model = apply_lora(model, f) if f.method == "lora" else apply_freeze(model, f)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        print(f"[finetune] {f.method}: {n_train} of {n_all} parameters trainable", file=sys.stderr, flush=True)
+        return model
+    return fn
+
+
+def merge_lora_state(state: dict, scale: float) -> dict:
+    """{..., 'x.weight', 'x.lora_A', 'x.lora_B'} -> {'x.weight': W + scale * B @ A} (plain model keys)."""
+    out = {k: v for k, v in state.items() if ".lora_" not in k}
+    for k, a in state.items():
+        if k.endswith(".lora_A"):
+            prefix = k[: -len(".lora_A")]
+            b = state[prefix + ".lora_B"]
+            out[prefix + ".weight"] = (state[prefix + ".weight"].float() + scale * (b.float() @ a.float())).to(
+                state[prefix + ".weight"].dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------ command
+def add_finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune one modality from an export or a pretrain run (full or LoRA)")
+    p.add_argument("--from", dest="source", required=True, help="export folder or pretrain output folder")
+    p.add_argument("--modality", required=True, help="the modality whose tokens get the loss")
+    p.add_argument("--config", required=True, help="configs/finetune/<name>.yaml")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=20")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse_suppress())
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def source_model_config(source: str):
+    import json
+
+    from mmfm.models.config import ModelConfig
+
+    if os.path.exists(os.path.join(source, "mmfm_model.json")):
+        with open(os.path.join(source, "mmfm_model.json")) as f:
+            return ModelConfig(**json.load(f))
+    path = os.path.join(source[:-len("/checkpoints")] if source.rstrip("/").endswith("checkpoints") else source,
+                        "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--from {source}: neither an export (mmfm_model.json) nor a pretrain run (config.json)")
+    with open(path) as f:
+        return ModelConfig(**json.load(f)["model"])
+
+
+def build_config(args):
+    from mmfm.tokenizers.config import ConfigError
+    from mmfm.train.config import load_run_config
+    from mmfm.vocab import Vocab
+
+    if any(o.startswith("model.") for o in args.overrides):
+        raise ConfigError(f"{args.config}: model.*: the model is the source's (--from); it cannot be overridden")
+    mcfg = source_model_config(args.source)
+    overrides = [f"model.{k}={json_value(v)}" for k, v in dataclasses.asdict(mcfg).items()]
+    overrides += [f"train.init_from={os.path.abspath(args.source)}"] + list(args.overrides)
+    cfg = load_run_config(args.config, overrides)
+    f = parse_section(cfg.finetune, args.config)
+    vocab = Vocab.load(cfg.data.vocab)
+    if args.modality not in vocab.ranges:
+        raise ConfigError(f"--modality {args.modality!r}: not in the vocabulary ({', '.join(vocab.ranges)})")
+    cfg.objective.no_loss = sorted(set(cfg.objective.no_loss) | {m for m in vocab.modality_names if m != args.modality})
+    cfg.finetune = {**dataclasses.asdict(f), "modality": args.modality, "source": os.path.abspath(args.source)}
+    return cfg, f
+
+
+def json_value(v) -> str:
+    """v as a YAML scalar that reads back as the same type (YAML 1.1 reads '1e-05' as a string)."""
+    import json
+
+    s = json.dumps(v)
+    if isinstance(v, float) and "e" in s and "." not in s:
+        s = s.replace("e", ".0e")
+    return s
+
+
+def cmd_finetune(args) -> int:
+    from mmfm.tokenizers.config import ConfigError
+    from mmfm.train.loop import TrainingStopped, run
+
+    try:
+        cfg, f = build_config(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"mmfm finetune: {exc}", file=sys.stderr)
+        return 2
+    try:
+        res = run(cfg, prepare_model=prepare(f))
+    except TrainingStopped as exc:
+        print(f"mmfm finetune: {exc}", file=sys.stderr)
+        return 3
+    if torch.distributed.get_rank() == 0:
+        key = f"eval_loss_{args.modality}"
+        a, b = (res.get("eval_start") or {}).get(key), (res.get("eval_end") or {}).get(key)
+        held = f", held-out {args.modality} loss {a:.4f} -> {b:.4f}" if a is not None and b is not None else ""
+        print(f"finetune ({f.method}, {args.modality}): step {res['step']}{held}; outputs in {res['out']} "
+              f"(mmfm export {res['out']} --out DIR{' merges LoRA' if f.method == 'lora' else ''})")
+    return 0

@@ -1,0 +1,46 @@
+"""Metrics: JSONL + TensorBoard rows (mmfm.tokenizers.train.JsonlLogger) and the loss-curve PNG.
+
+MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, where
+  achieved = ModelConfig.flops_per_token(seq_len) (6 x active matmul weights + attention, PaLM's
+             formula; mmfm/models/config.py) x tokens processed per second (all ranks), and
+  peak     = train.peak_flops per process x processes; when 0, it is measured at start as the
+             FLOP/s of a 512 x 512 matmul in the run's dtype in that process (so on CPU MFU says
+             how close the step comes to this machine's dense matmul speed, not to a datasheet).
+"""
+from __future__ import annotations
+
+from PIL import Image, ImageDraw
+
+COLORS = [(30, 90, 200), (200, 60, 40), (40, 150, 60), (150, 60, 170), (220, 140, 0), (0, 150, 150), (120, 120, 120)]
+
+
+def loss_plot(path: str, series: dict[str, tuple[list, list]], title: str, size=(640, 400)) -> None:
+    """series: name -> (steps, values); one line each, legend top-right, y range from the data."""
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, w - 120, 30, h - 40
+    d.rectangle([left, top, right, bottom], outline="black")
+    xs = [x for s, _ in series.values() for x in s] or [0, 1]
+    ys = [y for _, v in series.values() for y in v if y == y] or [0, 1]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = min(ys), max(ys)
+    if y1 - y0 < 1e-9:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)  # noqa: E731
+    py = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
+    for i, (name, (s, v)) in enumerate(series.items()):
+        c = COLORS[i % len(COLORS)]
+        pts = [(px(x), py(y)) for x, y in zip(s, v) if y == y]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        elif pts:
+            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=c)
+        d.text((right + 8, top + 14 * i), name, fill=c)
+    d.text((left, 8), title, fill="black")
+    d.text((left - 5, bottom + 6), str(x0), fill="black")
+    d.text((right - 20, bottom + 6), str(x1), fill="black")
+    d.text(((left + right) // 2 - 10, h - 18), "step", fill="black")
+    d.text((4, top), f"{y1:.3g}", fill="black")
+    d.text((4, bottom - 10), f"{y0:.3g}", fill="black")
+    img.save(path)

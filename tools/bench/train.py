@@ -1,0 +1,130 @@
+"""Training throughput: mmfm's Transformer vs transformers' LlamaForCausalLM of identical size.
+
+    mmfm bench train [--quick] [--json PATH] [--configs tiny,small] [--batch 8] [--seq 256] [--vocab 4096]
+
+For each model config, both models are built with the same weights (mmfm/models/hf.py adapter),
+the same batch of random ids (batch x seq), the same loss (F.cross_entropy on the shifted
+logits, computed outside the model for both) and the same optimizer (torch AdamW, lr 1e-4,
+foreach), in this process, with torch's default threads. HF uses its default attention
+(sdpa). One timed step = data (slice the next batch out of a pre-generated id tensor), forward
+(+ loss), backward, optimizer (step + zero_grad), each timed with perf_counter; steps of the two
+models alternate in blocks so that load from other processes hits both alike. Figures are
+medians over the timed steps; tokens_per_s = batch x seq / median step time.
+Records (ARCHITECTURE.md): bench "train", case {config, batch, seq, vocab, params_m}, impl
+"mmfm" or "hf_llama", tokens_per_s and data_ms / forward_ms / backward_ms / optimizer_ms / step_ms.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import base_parser, machine, record, write_json
+
+
+def _build(config_path: str, vocab: int):
+    from mmfm.models import Transformer
+    from mmfm.models.config import load_model_config
+    from mmfm.models.hf import to_hf
+
+    cfg = load_model_config(config_path)
+    cfg.vocab_size = vocab
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmfm.models.hf import hf_config_dict
+
+    d = hf_config_dict(cfg)
+    for k in ("architectures", "model_type", "torch_dtype"):
+        d.pop(k, None)
+    hf = LlamaForCausalLM(LlamaConfig(**d, attn_implementation="sdpa"))
+    missing, unexpected = hf.load_state_dict(to_hf(model.state_dict(), cfg), strict=False)
+    assert not unexpected and all(m.endswith("inv_freq") for m in missing), (missing, unexpected)
+    return cfg, model, hf
+
+
+class Runner:
+    def __init__(self, name, model, forward, data):
+        self.name, self.model, self.forward, self.data = name, model, forward, data
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+        self.times = {"data": [], "forward": [], "backward": [], "optimizer": [], "step": []}
+        self.i = 0
+        model.train()
+
+    def step(self, record_it: bool = True) -> float:
+        t0 = time.perf_counter()
+        ids = self.data[self.i % len(self.data)]
+        self.i += 1
+        t1 = time.perf_counter()
+        logits = self.forward(ids)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        if record_it:
+            for k, v in (("data", t1 - t0), ("forward", t2 - t1), ("backward", t3 - t2), ("optimizer", t4 - t3),
+                         ("step", t4 - t0)):
+                self.times[k].append(v * 1e3)
+        return float(loss.detach())
+
+
+def main(argv=None) -> int:
+    p = base_parser("train", __doc__.splitlines()[0])
+    p.add_argument("--configs", default="tiny,small", help="configs/models/<name>.yaml, comma separated")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (the demo's unified vocab is ~5.5k)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per model (default 20; 4 with --quick)")
+    p.add_argument("--block", type=int, default=2, help="steps per model before switching to the other")
+    args = p.parse_args(argv)
+    from mmfm.train.engine import REPO_ROOT
+
+    steps = args.steps or (4 if args.quick else 20)
+    seq = min(args.seq, 64) if args.quick else args.seq
+    print(f"# {machine()}; batch {args.batch} x seq {seq}, vocab {args.vocab}, {steps} timed steps per model "
+          f"(median), AdamW", file=sys.stderr)
+    records = []
+    for name in args.configs.split(","):
+        cfg, model, hf = _build(f"{REPO_ROOT}/configs/models/{name}.yaml", args.vocab)
+        gen = torch.Generator().manual_seed(0)
+        data = [torch.randint(args.vocab, (args.batch, seq), generator=gen) for _ in range(8)]
+        runners = [Runner("mmfm", model, lambda ids: model(ids), data),
+                   Runner("hf_llama", hf, lambda ids: hf(input_ids=ids, use_cache=False).logits, data)]
+        for r in runners:          # warm-up (allocator, SDPA dispatch)
+            r.step(record_it=False)
+            r.step(record_it=False)
+        done = 0
+        while done < steps:
+            for r in runners:
+                for _ in range(min(args.block, steps - done)):
+                    r.step()
+            done += min(args.block, steps - done)
+        params = sum(p.numel() for p in model.parameters())
+        case = {"config": name, "batch": args.batch, "seq": seq, "vocab": args.vocab, "params_m": round(params / 1e6, 2)}
+        for r in runners:
+            med = {k: statistics.median(v) for k, v in r.times.items()}
+            records.append(record("train", case, r.name, tokens_per_s=args.batch * seq / (med["step"] / 1e3),
+                                  **{f"{k}_ms": round(v, 3) for k, v in med.items()}))
+    _print(records)
+    write_json(records, args.json)
+    return 0
+
+
+def _print(records: list[dict]) -> None:
+    figs = ("tokens_per_s", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "step_ms")
+    base = {r["case"]["config"]: r["tokens_per_s"] for r in records if r["impl"] == "hf_llama"}
+    rows = [["config", "params_m", "impl", *figs, "vs hf_llama"]]
+    for r in records:
+        rows.append([r["case"]["config"], str(r["case"]["params_m"]), r["impl"],
+                     *[f"{r[f]:.1f}" if f == "tokens_per_s" else f"{r[f]:.2f}" for f in figs],
+                     f"{r['tokens_per_s'] / base[r['case']['config']]:.2f}x"])
+    widths = [max(len(c) for c in col) for col in zip(*rows)]
+    for cells in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
