@@ -33,9 +33,19 @@ inline void check_nonempty(const at::Tensor& t, const char* op, const char* arg)
               "); it needs at least one element");
 }
 
+bool all_finite_cpu(const void* data, DType dt, int64_t n);  // common/finite_cpu.cpp
+
+inline DType dtype_of(const at::Tensor& t);
+
 inline void check_finite(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), "mmfm.", op, ": argument '", arg,
-              "' contains NaN or inf; quantizer inputs must be finite");
+  bool ok;
+  const auto st = t.scalar_type();
+  if (t.is_cpu() && t.is_contiguous() && (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf)) {
+    ok = all_finite_cpu(t.data_ptr(), dtype_of(t), t.numel());
+  } else {
+    ok = at::isfinite(t).all().item<bool>();
+  }
+  TORCH_CHECK_VALUE(ok, "mmfm.", op, ": argument '", arg, "' contains NaN or inf; quantizer inputs must be finite");
 }
 
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* arg_a,
