@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mmfm.tokenizers.config import ConfigError, from_dict
+from mmfm.typed_config import ConfigError, from_dict, read_sections
 
 
 @dataclass
@@ -106,20 +106,10 @@ def model_config_from_dict(d, where: str) -> ModelConfig:
 
 def load_model_config(path) -> ModelConfig:
     """configs/models/<name>.yaml: a mapping with one key, `model`."""
-    import yaml
-
     path = str(path)
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict) or set(raw) - {"model"}:
-        extra = sorted(set(raw) - {"model"}) if isinstance(raw, dict) else []
-        raise ConfigError(f"{path}: {extra[0] + ': unknown top-level field; ' if extra else ''}expected one "
-                          "top-level field, 'model'")
+    raw = read_sections(path, ("model",))
+    if "model" not in raw:
+        raise ConfigError(f"{path}: model: missing; the file needs one top-level field, 'model'")
     return model_config_from_dict(raw.get("model"), f"{path}: model")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from mmfm.models.config import ModelConfig, load_model_config, model_config_from_dict
 from mmfm.objectives import ObjectiveConfig
-from mmfm.tokenizers.config import ConfigError, from_dict
+from mmfm.typed_config import ConfigError, from_dict, read_sections
 
 
 @dataclass
@@ -117,18 +117,7 @@ def load_run_config(path, overrides: list[str] | None = None, extra_sections: tu
     import yaml
 
     path = str(path)
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with {', '.join(SECTIONS)}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{path}: {unknown[0]}: unknown top-level field; expected {', '.join(SECTIONS)}")
+    raw = read_sections(path, SECTIONS)
     if isinstance(raw.get("model"), str) and any(o.startswith("model.") for o in overrides or []):
         try:  # a model override on a model file: read the file's mapping, then override into it
             with open(raw["model"]) as f:

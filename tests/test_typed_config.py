@@ -1,0 +1,34 @@
+"""mmfm.typed_config: the one YAML reader behind tokenizer, model and training configs."""
+import pytest
+
+from mmfm.models.config import load_model_config
+from mmfm.tokenizers.config import load_config
+from mmfm.typed_config import ConfigError, read_sections
+
+
+def test_read_sections_errors_name_the_file_and_field(tmp_path):
+    bad = tmp_path / "x.yaml"
+    bad.write_text("model: {}\ntrian: {}\n")
+    with pytest.raises(ConfigError, match=r"x.yaml: trian: unknown top-level field; expected model, train"):
+        read_sections(bad, ("model", "train"))
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"x.yaml: not valid YAML"):
+        read_sections(bad, ("model",))
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match=r"x.yaml: expected a mapping with model"):
+        read_sections(bad, ("model",))
+    with pytest.raises(ConfigError, match=r"missing.yaml: cannot read the config"):
+        read_sections(tmp_path / "missing.yaml", ("model",))
+    bad.write_text("model: {}\n")
+    assert read_sections(bad, ("model", "train")) == {"model": {}}
+
+
+def test_model_and_tokenizer_configs_use_it(tmp_path):
+    empty = tmp_path / "m.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=r"m.yaml: model: missing"):
+        load_model_config(empty)
+    tok = tmp_path / "t.yaml"
+    tok.write_text("tokenizer: text\nmodle: {}\n")
+    with pytest.raises(ConfigError, match=r"t.yaml: modle: unknown top-level field"):
+        load_config(tok)
