@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_launch.cuh"
 #include "common/dtype.h"
 #include "quant/quant_kernels.h"
 
@@ -32,11 +33,6 @@ struct Level {
   float half_l, offset, shift;
   int64_t L, half_width, radix;
 };
-
-unsigned blocks_for(int64_t n, int threads) {
-  const int64_t b = (n + threads - 1) / threads;
-  return static_cast<unsigned>(b < 1 ? 1 : (b > 65535 * 8 ? 65535 * 8 : b));
-}
 
 // Fills lv[0, C) in shared memory; must be called by every thread of the block.
 __device__ void prepare_levels(const int64_t* levels, int64_t C, Level* lv) {

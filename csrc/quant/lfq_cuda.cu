@@ -38,6 +38,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_launch.cuh"
 #include "common/dtype.h"
 #include "quant/quant_kernels.h"
 
@@ -55,10 +56,6 @@ constexpr int kMaxExactBits = 16;
 constexpr int kLoBits = 8;            // low bits owned by threads: 2^8 = 256 = kThreads
 constexpr int64_t kMaxCodePartials = int64_t(1) << 21;  // doubles in the per-chunk code sums
 
-unsigned blocks_for(int64_t n, int threads) {
-  const int64_t b = (n + threads - 1) / threads;
-  return static_cast<unsigned>(b < 1 ? 1 : (b > 65535 * 8 ? 65535 * 8 : b));
-}
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 

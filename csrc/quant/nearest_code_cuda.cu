@@ -38,6 +38,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "common/cuda_launch.cuh"
 #include "common/dtype.h"
 #include "quant/quant_kernels.h"
 
@@ -52,18 +53,6 @@ constexpr int kThreads = 256;  // 16 x 16 threads, each a 4 x 4 register tile
 constexpr int kMaxTopK = 64;   // per-thread sorted list length for topk > 1
 constexpr int kListThreads = 4;  // threads per row that scan a score tile (topk > 1)
 constexpr int kMinTilesPerSplit = 4;  // a split walks at least 256 codes
-
-__device__ __forceinline__ int64_t grid_stride_start() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ int64_t grid_stride_step() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
-}
-
-unsigned blocks_for(int64_t n, int threads) {
-  const int64_t b = (n + threads - 1) / threads;
-  return static_cast<unsigned>(b < 1 ? 1 : (b > 65535 * 8 ? 65535 * 8 : b));
-}
 
 // (1) Squared norm and scale of each row of a [rows, D] buffer; serial over D like the CPU.
 __global__ void row_norm_kernel(const void* x, DType dt, int64_t rows, int64_t D, bool cosine, float* scale,
@@ -327,31 +316,6 @@ __global__ void merge_splits_kernel(const float* part_score, const int64_t* part
     }
   }
 }
-
-size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
-// Scratch memory, stream-ordered (cudaMallocAsync / cudaFreeAsync on the op's stream).
-// Where the device has no memory pools (cudaErrorNotSupported) it falls back to
-// cudaMalloc / cudaFree, which synchronise but stay correct.
-struct Scratch {
-  void* ptr = nullptr;
-  bool async = true;
-  cudaError_t alloc(size_t bytes, cudaStream_t st) {
-    cudaError_t e = cudaMallocAsync(&ptr, bytes, st);
-    if (e == cudaErrorNotSupported) {
-      (void)cudaGetLastError();  // clear it: the fallback below decides
-      async = false;
-      e = cudaMalloc(&ptr, bytes);
-    }
-    return e;
-  }
-  cudaError_t release(cudaStream_t st) {
-    if (ptr == nullptr) return cudaSuccess;
-    const cudaError_t e = async ? cudaFreeAsync(ptr, st) : cudaFree(ptr);
-    ptr = nullptr;
-    return e;
-  }
-};
 
 }  // namespace
 

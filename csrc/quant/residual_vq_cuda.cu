@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_launch.cuh"
 #include "common/dtype.h"
 #include "quant/quant_kernels.h"
 
@@ -26,35 +27,6 @@ namespace quant {
 namespace {
 
 constexpr int kThreads = 256;
-
-unsigned blocks_for(int64_t n, int threads) {
-  const int64_t b = (n + threads - 1) / threads;
-  return static_cast<unsigned>(b < 1 ? 1 : (b > 65535 * 8 ? 65535 * 8 : b));
-}
-size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
-// Scratch memory, stream-ordered (cudaMallocAsync / cudaFreeAsync on the op's stream).
-// Where the device has no memory pools (cudaErrorNotSupported) it falls back to
-// cudaMalloc / cudaFree, which synchronise but stay correct.
-struct Scratch {
-  void* ptr = nullptr;
-  bool async = true;
-  cudaError_t alloc(size_t bytes, cudaStream_t st) {
-    cudaError_t e = cudaMallocAsync(&ptr, bytes, st);
-    if (e == cudaErrorNotSupported) {
-      (void)cudaGetLastError();  // clear it: the fallback below decides
-      async = false;
-      e = cudaMalloc(&ptr, bytes);
-    }
-    return e;
-  }
-  cudaError_t release(cudaStream_t st) {
-    if (ptr == nullptr) return cudaSuccess;
-    const cudaError_t e = async ? cudaFreeAsync(ptr, st) : cudaFree(ptr);
-    ptr = nullptr;
-    return e;
-  }
-};
 
 // out[i] = x[i] as fp32, for a buffer of `count` elements of type dt.
 __global__ void widen_kernel(const void* x, DType dt, int64_t count, float* out) {
