@@ -54,6 +54,17 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
               "' (", b.device(), ") must be on the same device");
 }
 
+// The build decides which devices an op accepts: CPU always, CUDA when compiled with it.
+inline void check_device_supported(const at::Tensor& t, const char* op, const char* arg) {
+#ifdef MMFM_WITH_CUDA
+  TORCH_CHECK_VALUE(t.is_cpu() || t.is_cuda(), "mmfm.", op, ": argument '", arg, "' must be a CPU or CUDA tensor, got ",
+                    t.device());
+#else
+  TORCH_CHECK_VALUE(t.is_cpu(), "mmfm.", op, ": argument '", arg, "' is on ", t.device(),
+                    " but this mmfm._C was built without CUDA; rebuild with a CUDA torch and nvcc");
+#endif
+}
+
 inline DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kBFloat16:

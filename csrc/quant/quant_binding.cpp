@@ -28,16 +28,6 @@ void* stream() { return static_cast<void*>(at::cuda::getCurrentCUDAStream().stre
 #define MMFM_DEVICE_GUARD(t) (void)0
 #endif
 
-void check_device_supported(const at::Tensor& t, const char* op, const char* arg) {
-#ifdef MMFM_WITH_CUDA
-  TORCH_CHECK_VALUE(t.is_cpu() || t.is_cuda(), "mmfm.", op, ": argument '", arg, "' must be a CPU or CUDA tensor, got ",
-              t.device());
-#else
-  TORCH_CHECK_VALUE(t.is_cpu(), "mmfm.", op, ": argument '", arg, "' is on ", t.device(),
-              " but this mmfm._C was built without CUDA; rebuild with a CUDA torch and nvcc");
-#endif
-}
-
 void check_levels(const at::Tensor& levels, const char* op) {
   check_dtype(levels, at::kLong, op, "levels");
   check_dim(levels, 1, op, "levels", "[C]");

@@ -37,16 +37,6 @@ void* stream() { return static_cast<void*>(at::cuda::getCurrentCUDAStream().stre
 #define MMFM_DEVICE_GUARD(t) (void)0
 #endif
 
-void check_device_supported(const at::Tensor& t, const char* op, const char* arg) {
-#ifdef MMFM_WITH_CUDA
-  TORCH_CHECK_VALUE(t.is_cpu() || t.is_cuda(), "mmfm.", op, ": argument '", arg,
-                    "' must be a CPU or CUDA tensor, got ", t.device());
-#else
-  TORCH_CHECK_VALUE(t.is_cpu(), "mmfm.", op, ": argument '", arg, "' is on ", t.device(),
-                    " but this mmfm._C was built without CUDA; rebuild with a CUDA torch and nvcc");
-#endif
-}
-
 const char* kParamNames[kNumParams] = {"temperature", "top_k",      "top_p",           "min_p",
                                        "typical_p",   "repetition_penalty", "presence_penalty", "frequency_penalty"};
 const char* kParamRules[kNumParams] = {"a finite number >= 0 (0 = greedy)",
