@@ -122,7 +122,7 @@ class Attention(nn.Module):
         self.v_proj = GroupLinear(cfg.dim, cfg.n_kv_heads * hd, g)
         self.o_proj = GroupLinear(cfg.n_heads * hd, cfg.dim, g)
 
-    def forward(self, x, plan, cos, sin, mask):
+    def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, counts=None):
         B, L, _ = x.shape
         c = self.cfg
         q = self.q_proj(x, plan).view(B, L, c.n_heads, self.hd).transpose(1, 2)
@@ -131,6 +131,9 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if cache is not None:   # append this step's keys/values, attend over past + new
+            upto = cache.write(layer, k, v, counts)
+            k, v = cache.read(layer, upto)
         out = attend(q, k, v, mask, c.attention)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, c.n_heads * self.hd), plan)
 
@@ -178,14 +181,20 @@ class Block(nn.Module):
         self.post_attention_layernorm = GroupRMSNorm(cfg.dim, cfg.norm_eps, cfg.groups)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, plan, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x, plan), plan, cos, sin, mask)
+    def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, counts=None):
+        x = x + self.self_attn(self.input_layernorm(x, plan), plan, cos, sin, mask, cache, layer, counts)
         return x + self.mlp(self.post_attention_layernorm(x, plan), plan)
 
 
 class Transformer(nn.Module):
     """forward(ids [B, L], modality_ids [B, L] or None, attn_mask None (causal) or bool [B, L, L])
-    -> logits [B, L, vocab_size]."""
+    -> logits [B, L, vocab_size].
+
+    With cache= (mmfm.models.kv_cache.KVCache), ids are the new tokens only: their keys/values are
+    appended to the cache, attention covers the cached past plus the new tokens (attn_mask, if
+    given, is the [B, L, L] mask among the new tokens, e.g. a draft tree), positions default to
+    the cache slots, and the cache's lengths advance by L (or by counts[b] for ragged rows).
+    return_hidden=True returns the final-norm hidden states [B, L, dim] instead of logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -213,19 +222,33 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, ids: torch.Tensor, modality_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        B, L = ids.shape
+                attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache=None, counts: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        B, L = ids.shape if ids is not None else inputs_embeds.shape[:2]
         if L > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds max_seq_len {self.cfg.max_seq_len}")
         plan = make_plan(modality_ids, self.cfg.groups)
-        x = self.embed_tokens(ids)
-        if positions is None:   # [1, L]: cos/sin computed once and broadcast over the batch
-            positions = torch.arange(L, device=ids.device).unsqueeze(0)
+        x = self.embed_tokens(ids) if inputs_embeds is None else inputs_embeds
+        if cache is not None:
+            if cache.batch != B:
+                raise ValueError(f"cache holds {cache.batch} rows but ids has {B}")
+            if positions is None:
+                positions = cache.lengths[:, None] + torch.arange(L, device=x.device)[None, :]
+            upto = int(cache.lengths.max()) + L
+            mask = cache.attention_mask(L, upto, attn_mask)
+        else:
+            if positions is None:   # [1, L]: cos/sin computed once and broadcast over the batch
+                positions = torch.arange(L, device=x.device).unsqueeze(0)
+            mask = None if attn_mask is None else attn_mask.unsqueeze(1)
         cos, sin = self.rotary(positions, x.dtype)
-        mask = None if attn_mask is None else attn_mask.unsqueeze(1)
-        for layer in self.layers:
-            x = layer(x, plan, cos, sin, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, plan, cos, sin, mask, cache, i, counts)
+        if cache is not None:
+            cache.advance(L, counts)
         x = self.norm(x, plan)
+        if return_hidden:
+            return x
         if self.lm_head is None:
             return F.linear(x, self.embed_tokens.weight)
         return self.lm_head(x)
