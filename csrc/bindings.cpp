@@ -34,6 +34,12 @@ TORCH_LIBRARY(mmfm, m) {
   m.def(
       "verify_multi_draft(Tensor target_probs, Tensor draft_probs, Tensor candidates, bool replacement, int seed, "
       "int offset) -> (Tensor token, Tensor accepted_index)");
+
+  // key-value cache (csrc/cache): cache [B, H, T, D] contiguous, written in place; int64 row
+  // arguments [B]; see docs/ops_cache.md
+  m.def("kv_append(Tensor(a!) cache, Tensor new, Tensor starts, Tensor? counts) -> ()");
+  m.def("kv_insert(Tensor(a!) cache, Tensor lengths, Tensor at, Tensor entries) -> ()");
+  m.def("kv_gather_rows(Tensor cache, Tensor rows) -> Tensor");
 }
 
 // `import mmfm._C` loads this library, which runs the registrations above.
