@@ -1,4 +1,4 @@
-// A CPU stand-in for the small part of CUDA that the sampling kernels use, so that their
+// A CPU stand-in for the small part of CUDA that the sampling and cache kernels use, so that their
 // block-level logic (reductions, scans, bisection, shared-memory sort, draws, barriers) can be
 // tested on a machine without a GPU. Compiled as plain C++ instead of the real
 // <cuda_runtime.h> (tests/test_sampling_cuda_emulated.py puts this folder first on the include
@@ -31,8 +31,24 @@ struct dim3 {
 };
 typedef struct CUstream_st* cudaStream_t;
 typedef int cudaError_t;
+enum : int { cudaSuccess = 0, cudaErrorNotSupported = 801 };
 inline cudaError_t cudaGetLastError() { return 0; }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+// Host allocation stand-ins, so csrc/common/cuda_launch.cuh (Scratch) compiles here.
+inline cudaError_t cudaMalloc(void** p, size_t n) { return (*p = std::malloc(n)) != nullptr ? 0 : 2; }
+inline cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return 0;
+}
+inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) { return cudaMalloc(p, n); }
+inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
+// The vector types the copy kernels move (16 and 8 bytes, aligned like CUDA's).
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
 
 namespace emu {
 
@@ -65,6 +81,14 @@ inline dim3& thread_idx() {
   return d;
 }
 inline dim3& block_idx() {
+  static dim3 d;
+  return d;
+}
+inline dim3& block_dim() {
+  static dim3 d;
+  return d;
+}
+inline dim3& grid_dim() {
   static dim3 d;
   return d;
 }
@@ -155,6 +179,8 @@ inline void run_block(int n, const std::function<void()>& body) {
 template <class F>
 void launch(dim3 grid, dim3 threads, F&& kernel_call) {
   const std::function<void()> body = kernel_call;
+  grid_dim() = grid;
+  block_dim() = threads;
   for (unsigned x = 0; x < grid.x; ++x) {
     block_idx().x = x;
     run_block(static_cast<int>(threads.x), body);
@@ -165,6 +191,8 @@ void launch(dim3 grid, dim3 threads, F&& kernel_call) {
 
 #define threadIdx (::emu::thread_idx())
 #define blockIdx (::emu::block_idx())
+#define blockDim (::emu::block_dim())
+#define gridDim (::emu::grid_dim())
 
 inline void __syncthreads() { emu::yield(emu::kAtBlockBarrier); }
 
