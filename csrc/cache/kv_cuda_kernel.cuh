@@ -105,8 +105,9 @@ __global__ void __launch_bounds__(kThreads) append_kernel(char* cache, CacheDims
 // end down: every thread loads its units of a tile into registers, the block synchronises,
 // then stores them delta units higher. A tile's stores land on units already loaded (its
 // own, or the tile above's, which finished loading before the previous barrier), and the
-// next tile's loads lie below this tile's stores, so one barrier per tile suffices. A last
-// barrier separates the lowest tile's loads from the entries' stores into the gap.
+// next tile's loads lie below this tile's stores, so one barrier per tile suffices. The
+// entries' stores into the gap [0, delta) need no barrier of their own: every load happened
+// before the last tile's barrier, and the tiles' stores all land at or above delta.
 template <int W>
 __global__ void __launch_bounds__(kThreads) insert_kernel(char* cache, CacheDims c, Source entries,
                                                           const int64_t* lengths, const int64_t* at,
@@ -135,7 +136,6 @@ __global__ void __launch_bounds__(kThreads) insert_kernel(char* cache, CacheDims
     }
     e = s;
   }
-  __syncthreads();
   const char* src = static_cast<const char*>(entries.data) + b * entries.sb + h * entries.sh;
   for (int64_t u = t; u < delta; u += kThreads) {
     const int64_t i = u / row_units, v = u % row_units;
