@@ -21,7 +21,7 @@ from numbers import Integral
 
 import torch
 
-from mmfm._ext import compiled
+from mmfm._ext import compiled, extension_loaded
 
 CACHE_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_TYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -49,37 +49,44 @@ def _source(src, cache: torch.Tensor, op: str, name: str) -> torch.Tensor:
     if not src.is_floating_point():
         raise TypeError(f"mmfm.{op}: argument '{name}' must be a float tensor, got {src.dtype}")
     B, H, _, D = cache.shape
-    if src.dim() != 4 or src.shape[0] != B or src.shape[1] != H or src.shape[3] != D:
+    shape = src.shape
+    if len(shape) != 4 or shape[0] != B or shape[1] != H or shape[3] != D:
         raise ValueError(f"mmfm.{op}: argument '{name}' must have shape [B={B}, H={H}, L, D={D}] to match 'cache', "
-                         f"got {tuple(src.shape)}")
+                         f"got {tuple(shape)}")
     if src.device != cache.device:
         raise ValueError(f"mmfm.{op}: arguments 'cache' ({cache.device}) and '{name}' ({src.device}) must be on the "
                          "same device")
-    src = src.detach()
+    if src.requires_grad:
+        src = src.detach()
     if src.dtype != cache.dtype:
         src = src.to(cache.dtype)
-    if src.shape[3] > 1 and src.stride(3) != 1:
+    if D > 1 and src.stride(3) != 1:
         src = src.contiguous()
     return src
 
 
 def _rows_arg(x, B: int, op: str, name: str, device) -> torch.Tensor:
     """A per-row argument as an int64 tensor [B] on `device`."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype not in _INT_TYPES:
+            raise TypeError(f"mmfm.{op}: argument '{name}' must hold integers, got {x.dtype}")
+        if x.dim() != 1 or x.shape[0] != B:
+            raise ValueError(f"mmfm.{op}: argument '{name}' must be an int or a tensor of shape [B={B}], got shape "
+                             f"{tuple(x.shape)}")
+        if x.dtype == torch.long and x.device == device:
+            return x   # the decode loop's case: no call into torch
+        return x.to(device=device, dtype=torch.long)
     if isinstance(x, Integral) and not isinstance(x, bool):
         return torch.full((B,), int(x), dtype=torch.long, device=device)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"mmfm.{op}: argument '{name}' must be an int or an integer tensor [B={B}], got "
-                        f"{type(x).__name__}")
-    if x.dtype not in _INT_TYPES:
-        raise TypeError(f"mmfm.{op}: argument '{name}' must hold integers, got {x.dtype}")
-    if x.dim() != 1 or x.shape[0] != B:
-        raise ValueError(f"mmfm.{op}: argument '{name}' must be an int or a tensor of shape [B={B}], got shape "
-                         f"{tuple(x.shape)}")
-    return x.to(device=device, dtype=torch.long)
+    raise TypeError(f"mmfm.{op}: argument '{name}' must be an int or an integer tensor [B={B}], got "
+                    f"{type(x).__name__}")
 
 
 def _device_ok(cache: torch.Tensor) -> bool:
-    return cache.device.type in ("cpu", "cuda") and compiled(cache)
+    """Whether the compiled op takes this cache (other devices run the reference)."""
+    if cache.is_cpu:
+        return extension_loaded() or compiled()   # compiled() only to warn once
+    return cache.is_cuda and compiled(cache)
 
 
 def _first_bad(bad: torch.Tensor) -> int:
