@@ -92,10 +92,10 @@ def test_append_defaults_ints_and_dtype_cast():
 
 def test_append_large_enough_for_threads():
     """Past the parallel threshold the copy is split over (row, head) pairs."""
-    B, H, T, D, L = 4, 4, 256, 64, 200
+    B, H, T, D, L = 4, 4, 512, 64, 400                 # 1117 slots x 4 heads x 256 bytes > 1 MiB
     cache = rnd(B, H, T, D)
     new = strided(rnd(B, H, L, D, seed=1))
-    starts, counts = torch.tensor([0, 50, 56, 3]), torch.tensor([200, 17, 200, 0])
+    starts, counts = torch.tensor([0, 50, 100, 3]), torch.tensor([400, 17, 400, 300])
     assert torch.equal(C.kv_append(cache.clone(), new, starts, counts), slice_append(cache, new, starts, counts))
 
 

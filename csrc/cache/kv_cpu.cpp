@@ -13,9 +13,11 @@ namespace mmfm {
 namespace cache {
 namespace {
 
-// Below this many bytes a parallel region costs more than it saves: a decode step's append
-// (B * H slots of a few hundred bytes) stays on the calling thread.
-constexpr int64_t kParallelBytes = int64_t(1) << 18;
+// Below this many bytes a parallel region costs more than it saves: one thread copies about
+// 1 MiB in 50-100 us, a fork/join costs a few us on an idle machine but a scheduler time slice
+// (milliseconds) when the cores are busy, since every worker must wake up. A decode step's
+// append, a typical insert and short prefills stay on the calling thread.
+constexpr int64_t kParallelBytes = int64_t(1) << 20;
 
 int threads_for(int64_t bytes, int64_t items) {
   if (bytes < kParallelBytes) return 1;
