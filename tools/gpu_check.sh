@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a machine with an NVIDIA GPU: build mmfm._C with its CUDA kernels, run the
-# CUDA tests, run the CUDA kernels under compute-sanitizer when it works there, and run the
-# quantization benchmark when `mmfm bench quant` exists. Made for a fresh, offline machine
+# CUDA tests, run the quant, sampling and cache kernels under compute-sanitizer when it works
+# there, and run the quantization and cache benchmarks. Made for a fresh, offline machine
 # (nothing is installed: what is missing is reported). Stays under 8 minutes: every step
 # has its own time limit, cut further to fit a global deadline.
 #
@@ -9,7 +9,7 @@
 #
 # Writes into OUTDIR: summary.txt (one line per step), env.txt, nvidia-smi.txt, nvcc.txt,
 # build.log, pytest_cuda.log, junit_cuda.xml, sanitizer_{memcheck,racecheck}.log,
-# bench_quant_cuda.{log,json}.
+# bench_quant_cuda.{log,json}, bench_cache_cuda.{log,json}.
 # Exit status: non-zero when the build fails, the extension lacks its CUDA kernels, a test
 # fails, or compute-sanitizer reports an error; 0 otherwise (the benchmark never fails it).
 #
@@ -183,8 +183,10 @@ elif [ -z "$SAN" ]; then
   log "sanitizer: compute-sanitizer not found; skipped"
 else
   cat >"$OUTDIR/sanitizer_driver.py" <<'EOF'
-# Small calls of every CUDA op, covering each kernel path (top-1, top-k, split codebook,
-# cosine, bf16, exact and factorised entropy). Run under compute-sanitizer.
+# Small calls of every CUDA op, covering each kernel path (quant: top-1, top-k, split codebook,
+# cosine, bf16, exact and factorised entropy; sampling: each filter, greedy, penalties, masks,
+# both verifications; cache: append, insert, gather at every access width). Run under
+# compute-sanitizer.
 import torch
 import mmfm  # noqa: F401
 ops = torch.ops.mmfm
@@ -213,6 +215,37 @@ for N, d, exact in ((300, 8, True), (70, 13, True), (5, 16, True), (300, 24, Fal
     z = rnd(N, d)
     ops.lfq_entropy(z, 1.0, exact)
     ops.lfq_entropy_backward(torch.tensor([1.0, 0.5], device=dev), z, 1.0, exact)
+# Sampling: every filter path, greedy, penalties, masks, bf16, and both verifications.
+from mmfm.ops import sampling as S
+for dtype in (torch.float32, torch.bfloat16):
+    for B, V in ((1, 7), (3, 5000)):
+        x = rnd(B, V, dtype=dtype)
+        hist = torch.randint(-1, V, (B, 9), generator=g).to(dev)
+        for kw in ({}, {"temperature": 0.0}, {"top_k": 5, "top_p": 0.9}, {"min_p": 0.1}, {"typical_p": 0.8}):
+            S.sample(x, seed=1, history=hist, repetition_penalty=1.2, allowed_range=(0, V), **kw)
+            S.processed_probs(x, allowed_mask=torch.rand(V, generator=g).to(dev) > 0.1, **kw)
+    p = torch.softmax(rnd(4, 3, 300), -1)
+    q = torch.softmax(rnd(4, 2, 300), -1)
+    S.verify_chain(p.to(dtype), q.to(dtype), torch.randint(0, 300, (4, 2), generator=g).to(dev), seed=2)
+    S.verify_multi_draft(p[:, 0].to(dtype), q[:, 0].to(dtype), torch.randint(0, 300, (4, 3), generator=g).to(dev),
+                         replacement=True, seed=3)
+    S.verify_multi_draft(p[:, 0].to(dtype), q[:, 0].to(dtype), torch.stack([torch.randperm(300, generator=g)[:3]
+                         for _ in range(4)]).to(dev), replacement=False, seed=3)
+# Key-value cache: every access width (16, 8, 4, 2 bytes), strided sources, long overlapping
+# shifts, capacity filled exactly, and a rejected call (validation only).
+from mmfm.ops import cache as KV
+for dtype, D in ((torch.bfloat16, 64), (torch.float32, 2), (torch.float32, 1), (torch.float16, 3)):
+    B, H, T = 3, 2, 700
+    kv = rnd(B, H, T, D, dtype=dtype)
+    KV.kv_append(kv, rnd(B, 9, H, D, dtype=dtype).transpose(1, 2), torch.tensor([0, 691, 5], device=dev),
+                 torch.tensor([9, 9, 0], device=dev))
+    KV.kv_insert(kv, torch.tensor([684, 3, 600], device=dev), torch.tensor([1, 3, 0], device=dev),
+                 rnd(B, H, 16, D, dtype=dtype))
+    KV.kv_gather_rows(kv, torch.tensor([2, 0, 0, 1], device=dev))
+    try:
+        KV.kv_append(kv, rnd(B, H, 2, D, dtype=dtype), T - 1)
+    except ValueError:
+        pass
 torch.cuda.synchronize()
 print("sanitizer driver done")
 EOF
@@ -232,13 +265,15 @@ EOF
   done
 fi
 
-# ---- 5. benchmark (never fails the check) ------------------------------------------------
+# ---- 5. benchmarks (never fail the check) ------------------------------------------------
 if timeout 60 "$PY" -m mmfm.cli bench quant --help >/dev/null 2>&1; then
-  step bench "$(limit 90 0)" "$OUTDIR/bench_quant_cuda.log" \
+  step bench "$(limit 90 40)" "$OUTDIR/bench_quant_cuda.log" \
     "$PY" -m mmfm.cli bench quant --device cuda --json "$OUTDIR/bench_quant_cuda.json" || true
 else
   log "bench: 'python -m mmfm.cli bench quant' is not available yet; skipped" | tee "$OUTDIR/bench_quant_cuda.log"
 fi
+step bench-cache "$(limit 40 0)" "$OUTDIR/bench_cache_cuda.log" \
+  "$PY" -m mmfm.cli bench cache --device cuda --json "$OUTDIR/bench_cache_cuda.json" || true
 
 if [ $FAILED -ne 0 ]; then
   log "RESULT: FAILED (total $(($(date +%s) - START))s)"
