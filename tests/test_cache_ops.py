@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import json
 import textwrap
 
 import pytest
@@ -306,3 +307,20 @@ def test_fallback_without_extension_runs_references_with_one_warning():
                           stderr=subprocess.STDOUT, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout
     assert "fallback ok" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ benchmark
+def test_bench_cache_quick_writes_records(tmp_path):
+    path = tmp_path / "cache.json"
+    proc = subprocess.run([sys.executable, "-m", "mmfm.cli", "bench", "cache", "--quick", "--json", str(path)],
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(path.read_text())
+    ops_seen = {r["case"]["op"] for r in records}
+    assert ops_seen == {"decode_append", "prefill_append", "insert", "gather_beams"}
+    for op in ops_seen:
+        impls = {r["impl"] for r in records if r["case"]["op"] == op}
+        assert {"mmfm", "mmfm_op", "torch", "reference"} <= impls, (op, impls)
+    assert all(r["bench"] == "cache" and r["ms"] > 0 for r in records)
+    assert "the torch path" in proc.stdout
