@@ -9,8 +9,10 @@
 #include <ATen/ATen.h>
 
 #ifdef MMFM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS,
+// cuSPARSE and cuSOLVER headers this file does not need).
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include <cstdint>
@@ -28,7 +30,7 @@ namespace {
 void cuda_ok(int code, const char* op) {
   TORCH_CHECK(code == 0, "mmfm.", op, ": CUDA kernel failed: ", cuda_error_string(code));
 }
-void* stream() { return static_cast<void*>(at::cuda::getCurrentCUDAStream().stream()); }
+void* stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
 #define MMFM_DEVICE_GUARD(t) const c10::cuda::OptionalCUDAGuard guard_(t.device())
 #else
 #define MMFM_DEVICE_GUARD(t) (void)0
