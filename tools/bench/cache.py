@@ -11,8 +11,9 @@ tensors, for one layer's keys of a cache [B, H, T, D]:
                     lengths                                        copied back into the cache
     gather_beams    R = B rows with repeats (beam reordering)      torch: cache.index_select(0, rows)
 
-Times are per call (the median over --repeats of a loop of calls, divided), x = torch's time over
-this impl's (a speed-up above 1).
+Times are per call: the median over --repeats of a loop of calls, divided, with the impls of a
+case timed round-robin so that load from other processes falls on all of them alike; the ratio
+column is torch's time over this impl's (a speed-up above 1).
 
     python tools/bench/cache.py [--json PATH] [--device cpu|cuda] [--quick] [--dtype bfloat16 float32]
     mmfm bench cache [--json PATH]
@@ -20,6 +21,7 @@ this impl's (a speed-up above 1).
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 
 import torch
@@ -32,11 +34,17 @@ from mmfm.ops import cache as C  # noqa: E402
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def _timed(fn, inner: int, device: str, repeats: int) -> float:
-    def loop():
-        for _ in range(inner):
-            fn()
-    return time_ms(loop, device, repeats) / inner
+def _interleaved_ms(impls: dict, inner: int, device: str, repeats: int) -> dict[str, float]:
+    """Median ms per call of each impl, timed round-robin (impl a, b, c, a, b, c, ...), so that
+    load from other processes falls on every impl alike and the ratios stay meaningful on a
+    busy machine. Each timing is a loop of `inner` calls."""
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for name, fn in impls.items():   # warm-up (allocator, first-touch, thread pools)
+        time_ms(fn, device, repeats=1, warmup=1)
+    for _ in range(repeats):
+        for name, fn in impls.items():
+            times[name].append(time_ms(lambda: [fn() for _ in range(inner)], device, repeats=1, warmup=0) / inner)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_decode(B, H, T, D, dtype, device, repeats, inner) -> list[dict]:
@@ -120,11 +128,9 @@ def _run(op, shape, impls, dtype, device, repeats, inner) -> list[dict]:
     case = {"op": op, **shape, "dtype": str(dtype).replace("torch.", "")}
     if device != "cpu":
         case["device"] = device
-    out = []
     with torch.no_grad():
-        for name, fn in impls.items():
-            out.append(record("cache", case, name, ms=_timed(fn, inner, device, repeats)))
-    return out
+        ms = _interleaved_ms(impls, inner, device, repeats)
+    return [record("cache", case, name, ms=t) for name, t in ms.items()]
 
 
 def summary(records: list[dict]) -> list[str]:
