@@ -82,11 +82,14 @@ def _rows_arg(x, B: int, op: str, name: str, device) -> torch.Tensor:
                     f"{type(x).__name__}")
 
 
-def _device_ok(cache: torch.Tensor) -> bool:
-    """Whether the compiled op takes this cache (other devices run the reference)."""
-    if cache.is_cpu:
-        return extension_loaded() or compiled()   # compiled() only to warn once
-    return cache.is_cuda and compiled(cache)
+def _fast_compiled(cache: torch.Tensor) -> bool:
+    """The common case without a call into _ext.compiled: a CPU cache with mmfm._C loaded."""
+    return cache.is_cpu and extension_loaded()
+
+
+def _supported(cache: torch.Tensor) -> bool:
+    """Devices the compiled ops take (others, e.g. meta, run the reference)."""
+    return cache.is_cpu or cache.is_cuda
 
 
 def _first_bad(bad: torch.Tensor) -> int:
@@ -211,7 +214,7 @@ def kv_append(cache: torch.Tensor, new: torch.Tensor, starts, counts=None) -> to
     new = _source(new, cache, op, "new")
     starts = _rows_arg(starts, B, op, "starts", cache.device)
     counts = None if counts is None else _rows_arg(counts, B, op, "counts", cache.device)
-    if _device_ok(cache):
+    if _fast_compiled(cache) or (_supported(cache) and compiled(cache)):   # compiled() warns once
         torch.ops.mmfm.kv_append(cache, new, starts, counts)
         return cache
     return _append_reference(cache, new, starts, counts)
@@ -233,7 +236,7 @@ def kv_insert(cache: torch.Tensor, lengths, at, entries: torch.Tensor) -> torch.
     entries = _source(entries, cache, op, "entries")
     lengths = _rows_arg(lengths, B, op, "lengths", cache.device)
     at = _rows_arg(at, B, op, "at", cache.device)
-    if _device_ok(cache):
+    if _fast_compiled(cache) or (_supported(cache) and compiled(cache)):   # compiled() warns once
         torch.ops.mmfm.kv_insert(cache, lengths, at, entries)
         return cache
     return _insert_reference(cache, lengths, at, entries)
@@ -249,7 +252,7 @@ def kv_gather_rows(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     op = "kv_gather_rows"
     _check_cache(cache, op)
     rows = _gather_rows_arg(rows, cache, op)
-    if _device_ok(cache):
+    if _fast_compiled(cache) or (_supported(cache) and compiled(cache)):   # compiled() warns once
         return torch.ops.mmfm.kv_gather_rows(cache, rows)
     return _gather_reference(cache, rows)
 
