@@ -14,7 +14,6 @@ import textwrap
 import pytest
 import torch
 
-from mmfm import _ext
 from mmfm.ops import cache as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
