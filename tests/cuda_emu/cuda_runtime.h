@@ -1,8 +1,9 @@
-// A CPU stand-in for the small part of CUDA that the sampling and cache kernels use, so that their
-// block-level logic (reductions, scans, bisection, shared-memory sort, draws, barriers) can be
-// tested on a machine without a GPU. Compiled as plain C++ instead of the real
-// <cuda_runtime.h> (tests/test_sampling_cuda_emulated.py puts this folder first on the include
-// path). Not a simulator of timing or memory: each thread of a block is a ucontext fiber, run
+// A CPU stand-in for the small part of CUDA that the sampling and cache kernels use, so that
+// their block-level logic (reductions, scans, bisection, shared-memory sort, draws, tiled
+// shifts, barriers) can be tested on a machine without a GPU. Compiled as plain C++ instead of
+// the real <cuda_runtime.h> (tests/test_sampling_cuda_emulated.py and
+// tests/test_cache_cuda_emulated.py put this folder first on the include path). Not a
+// simulator of timing or memory: each thread of a block is a ucontext fiber, run
 // cooperatively; __syncthreads() and the warp shuffles are barriers at which fibers yield.
 // Blocks run one after another, so `__shared__` can be a function-local static. A barrier
 // that not every live thread of the block (or warp) reaches aborts with "deadlock".
