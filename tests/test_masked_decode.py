@@ -14,6 +14,16 @@ V, MASK = 24, 3          # ids 0..3 play the specials (<mask> = 3); 4..23 are "i
 LO, HI = 4, 24
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine its spin-waits cost
+    more than the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(seed=0, std=0.02, vocab=V):
     torch.manual_seed(seed)
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=vocab,
@@ -84,33 +94,30 @@ def test_bad_arguments_name_the_argument():
 
 
 # ----------------------------------------------------------------- a tiny trained masked model
-N = 8   # block length; a block is one motif (a, b) repeated: a b a b ... (a != b)
+N = 8   # block length; a block is one token repeated N times, so its positions depend on each other
 
 
-def _motif_batch(B, g):
-    a = torch.randint(LO, HI, (B,), generator=g)
-    b = (a - LO + torch.randint(1, HI - LO, (B,), generator=g)) % (HI - LO) + LO
-    block = torch.stack([a, b], 1).repeat(1, N // 2)
-    return torch.cat([torch.ones(B, 1, dtype=torch.long), block], 1)            # <bos>=1, then the block
+def _constant_batch(B, g):
+    c = torch.randint(LO, HI, (B, 1), generator=g)
+    return torch.cat([torch.ones(B, 1, dtype=torch.long), c.expand(B, N)], 1)   # <bos>=1, then the block
 
 
 def _consistent(block: torch.Tensor) -> torch.Tensor:
-    return (block[:, 0::2] == block[:, :1]).all(1) & (block[:, 1::2] == block[:, 1:2]).all(1) & \
-        (block[:, 0] != block[:, 1])
+    return (block == block[:, :1]).all(1)
 
 
 @pytest.fixture(scope="module")
 def trained():
-    """Masked prediction with bidirectional attention (the masked objective's setting), a few
-    hundred steps of plain Adam on the motif data."""
+    """Masked prediction with bidirectional attention (the masked objective's setting), a
+    hundred steps of plain Adam on constant blocks."""
     torch.manual_seed(0)
     m = _model(seed=0).train()
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     L = N + 1
     full = torch.ones(64, L, L, dtype=torch.bool)
-    for _ in range(300):
-        x = _motif_batch(64, g)
+    for _ in range(100):
+        x = _constant_batch(64, g)
         ratio = torch.rand(64, 1, generator=g).clamp(0.1, 1.0)
         hide = (torch.rand(64, L, generator=g) < ratio) & (torch.arange(L) > 0)
         inp = torch.where(hide, torch.full_like(x, MASK), x)
@@ -130,6 +137,6 @@ def test_iterative_decoding_beats_one_shot_on_a_trained_model(trained):
     recap, stats = recap_decode(trained, prefix, N, steps=8, full_every=2, **kw)
     recap = _consistent(recap).float().mean()
     assert stats.full_passes == 4
-    # one shot samples the 8 marginals independently: about 1/20 of the blocks come out consistent
-    assert one_shot < 0.3
-    assert iterative > 0.8 and recap > 0.7, (float(iterative), float(recap))
+    # one shot samples the 8 marginals independently (each about uniform over 20 tokens)
+    assert one_shot < 0.1
+    assert iterative > 0.9 and recap > 0.85, (float(iterative), float(recap))

@@ -10,6 +10,16 @@ from mmfm.models import KVCache, ModelConfig, Transformer
 from mmfm.ops import sampling
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine its spin-waits cost
+    more than the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(vocab=64, seed=0, dim=32, layers=2, std=0.02):
     torch.manual_seed(seed)
     cfg = ModelConfig(dim=dim, n_layers=layers, n_heads=4, n_kv_heads=2, ffn_hidden=48, vocab_size=vocab,
@@ -117,7 +127,7 @@ def test_bad_arguments_name_the_argument():
 
 
 # ------------------------------------------------------------------------- distribution tests
-V, N_NEW, PROMPT = 5, 3, [1, 4, 2, 1, 4]
+V, N_NEW, PROMPT = 4, 3, [1, 3, 2, 1, 3]
 
 
 @torch.no_grad()
@@ -159,7 +169,7 @@ def test_token_recycling_sampling_distribution_equals_plain(settings):
     model = _model(vocab=V, std=0.5)
     exact = exact_joint(model, settings)
     matrix = RecyclingMatrix(V, k=3)   # shared across calls: hot trees from the first call on
-    n, got, passes = 1500, [], 0
+    n, got, passes = 800, [], 0
     for s in range(n):
         toks, stats = token_recycling_generate(model, PROMPT, max_new_tokens=N_NEW, seed=s, matrix=matrix,
                                                tree_size=10, k=3, **settings)
@@ -179,5 +189,5 @@ def test_draft_model_sampling_distribution_equals_plain():
     settings = SETTINGS[1]
     exact = exact_joint(model, settings)
     got = [draft_model_generate(model, drafter, PROMPT, max_new_tokens=N_NEW, num_draft=2, seed=s,
-                                **settings)[0].tolist() for s in range(1500)]
+                                **settings)[0].tolist() for s in range(600)]
     assert chi2_pvalue(_counts(got), exact) > 1e-3
