@@ -251,3 +251,27 @@ def draft_model_generate(model, drafter, prompt_ids, *, max_new_tokens: int, num
         out, stop = _finish(out + drafts[:a] + [nxt], max_new_tokens, eos_id)
     stats.new_tokens = len(out)
     return torch.tensor(out, dtype=torch.long), stats
+
+
+def layer_drafter(model, n_layers: int):
+    """A smaller mmfm model made of the target's first n_layers blocks, its final norm and head
+    (weights shared, not copied): a drafter that needs no training of its own (self-speculation,
+    as in LayerSkip / Draft & Verify); how often its drafts are accepted depends on how much the
+    later layers change the prediction."""
+    import copy
+
+    from mmfm.models import Transformer
+
+    if not isinstance(n_layers, int) or not 1 <= n_layers < model.cfg.n_layers:
+        raise ValueError(f"n_layers: expected an int in [1, {model.cfg.n_layers - 1}] (fewer layers than the "
+                         f"target's {model.cfg.n_layers}), got {n_layers!r}")
+    cfg = copy.copy(model.cfg)
+    cfg.n_layers = n_layers
+    with torch.device("meta"):
+        small = Transformer(cfg)
+    small.embed_tokens = model.embed_tokens
+    small.layers = torch.nn.ModuleList(model.layers[:n_layers])
+    small.norm = model.norm
+    small.lm_head = model.lm_head
+    small.rotary = model.rotary
+    return small.eval()
