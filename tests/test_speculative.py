@@ -191,3 +191,27 @@ def test_draft_model_sampling_distribution_equals_plain():
     got = [draft_model_generate(model, drafter, PROMPT, max_new_tokens=N_NEW, num_draft=2, seed=s,
                                 **settings)[0].tolist() for s in range(600)]
     assert chi2_pvalue(_counts(got), exact) > 1e-3
+
+
+def test_bench_speculative_quick_writes_records(tmp_path):
+    """The benchmark end to end at toy size (an untrained byte-level stand-in model)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    js = tmp_path / "spec.json"
+    p = subprocess.run([sys.executable, "-m", "mmfm.cli", "bench", "speculative", "--quick", "--model",
+                        str(tmp_path / "none"), "--train-steps", "0", "--threads", "1", "--json", str(js)],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = json.loads(js.read_text())
+    impls = {r["impl"] for r in records}
+    assert {"mmfm", "mmfm_token_recycling", "mmfm_draft_model", "mmfm_maskgit"} <= impls
+    for r in records:
+        assert r["bench"] == "speculative" and r["tokens_per_s"] > 0
+        if r["case"]["mode"] == "greedy":
+            assert r["same_as_plain"] is True
+        if r["impl"] == "mmfm_token_recycling":
+            assert r["matrix_bytes"] == 256 * 8 * 4

@@ -73,17 +73,24 @@ def load_export(folder: str):
     return model, encode, f"export {folder}"
 
 
-def byte_model(steps: int, seed: int = 0):
+def byte_model(steps: int, seed: int = 0, cache: bool = True):
     """A byte-level model of the demo model's shape (dim 128, 4 layers), trained `steps` Adam
-    steps on standard-library source other than the prompt modules; cached in /tmp."""
+    steps on standard-library source other than the prompt modules; cached in /tmp unless
+    cache=False (--quick)."""
     path = f"/tmp/mmfm_bench_speculative_bytes_{steps}.pt"
-    cfg = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=344, vocab_size=256,
-                      max_seq_len=512)
+    if cache:
+        cfg = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=344, vocab_size=256,
+                          max_seq_len=512)
+    else:   # --quick: a toy model, so the smoke test stays fast
+        cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=256,
+                          max_seq_len=128)
     torch.manual_seed(seed)
     model = Transformer(cfg)
-    if os.path.exists(path):
+    if cache and os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), lambda s: list(s.encode()), f"bytes model, {steps} steps (cached {path})"
+    if steps == 0:   # an untrained model: enough for the smoke test, and avoids the optimizer import
+        return model.eval(), lambda s: list(s.encode()), "bytes model, untrained"
     from tqdm import tqdm
 
     mods = ("collections", "dataclasses", "argparse", "pathlib", "functools", "typing", "enum", "tokenize",
@@ -97,15 +104,17 @@ def byte_model(steps: int, seed: int = 0):
         lr = 3e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        starts = torch.randint(0, len(data) - 257, (16,), generator=g)
-        batch = torch.stack([data[s:s + 257] for s in starts.tolist()])
+        n = 257 if cache else 33
+        starts = torch.randint(0, len(data) - n, (16 if cache else 4,), generator=g)
+        batch = torch.stack([data[s:s + n] for s in starts.tolist()])
         logits = model(batch[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    print(f"# bytes model: final train loss {float(loss):.3f}", file=sys.stderr)
-    torch.save(model.state_dict(), path)
+    print(f"# bytes model: final train loss {loss.item():.3f}", file=sys.stderr)
+    if cache:
+        torch.save(model.state_dict(), path)
     return model.eval(), lambda s: list(s.encode()), f"bytes model, {steps} steps"
 
 
@@ -250,7 +259,7 @@ def main(argv=None) -> int:
         model, encode, desc = load_export(args.model)
     else:
         print(f"# {args.model} is not an export folder: using a byte-level stand-in model", file=sys.stderr)
-        model, encode, desc = byte_model(args.train_steps)
+        model, encode, desc = byte_model(args.train_steps, cache=not args.quick)
     print(f"# speculative benchmark on {machine()}; model: {desc}", file=sys.stderr)
     records = bench_decoding(model, encode, desc, args) + bench_masked(model, args)
     print_table(records, figures=("ms", "tokens_per_s", "acceptance_length", "target_passes", "full_passes",
