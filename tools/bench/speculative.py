@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=3, help=f"stdlib modules used as prompts (of {PROMPT_MODULES})")
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--tree-size", type=int, default=40)
+    p.add_argument("--tree-size", type=int, default=20, help="draft-tree nodes (20 suits a small model on CPU)")
     p.add_argument("--k", type=int, default=8, help="candidates per matrix row")
     p.add_argument("--num-draft", type=int, default=4)
     p.add_argument("--drafter-layers", type=int, default=1)
