@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmfm.generate.recycling import RecyclingMatrix, build_tree, tree_template
-from mmfm.generate.speculative import draft_model_generate, token_recycling_generate
+from mmfm.generate.speculative import draft_model_generate, layer_drafter, token_recycling_generate
 from mmfm.models import KVCache, ModelConfig, Transformer
 from mmfm.ops import sampling
 
@@ -100,6 +100,23 @@ def test_draft_model_greedy_equals_plain_greedy():
     got, stats = draft_model_generate(model, model, prompt, max_new_tokens=30, num_draft=3, temperature=0)
     assert got.tolist() == want
     assert stats.accepted == stats.drafted and stats.acceptance_length > 3.5
+
+
+@torch.no_grad()
+def test_layer_drafter_is_the_first_layers_with_shared_weights():
+    model = _model(layers=3, std=0.2)
+    d = layer_drafter(model, 1)
+    assert d.embed_tokens.weight is model.embed_tokens.weight and len(d.layers) == 1
+    ids = torch.tensor([[3, 9, 27, 17]])
+    x = model.embed_tokens(ids)
+    cos, sin = model.rotary(torch.arange(4)[None], x.dtype)
+    x = model.layers[0](x, None, cos, sin, None)
+    torch.testing.assert_close(d(ids), model.lm_head(model.norm(x, None)))
+    want = plain_generate(model, [5, 6, 7], 20, temperature=0)
+    got, stats = draft_model_generate(model, d, [5, 6, 7], max_new_tokens=20, num_draft=3, temperature=0)
+    assert got.tolist() == want and stats.draft_passes > 0
+    with pytest.raises(ValueError, match="n_layers"):
+        layer_drafter(model, 3)
 
 
 def test_eos_and_max_new_tokens_cut_the_output():
