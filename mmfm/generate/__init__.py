@@ -1,0 +1,1 @@
+"""Generation: plain, speculative (Token Recycling, draft model) and masked parallel decoding."""

@@ -1,0 +1,234 @@
+"""Speculative decoding is lossless: Token Recycling and draft-model decoding give exactly the
+plain greedy tokens at temperature 0, and their sampled sequences follow the exact distribution
+of plain sampling (chi-square against the enumerated joint distribution of short sequences)."""
+import pytest
+import torch
+
+from mmfm.generate.recycling import RecyclingMatrix, build_tree, tree_template
+from mmfm.generate.speculative import draft_model_generate, layer_drafter, token_recycling_generate
+from mmfm.models import KVCache, ModelConfig, Transformer
+from mmfm.ops import sampling
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine its spin-waits cost
+    more than the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(vocab=64, seed=0, dim=32, layers=2, std=0.02):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(dim=dim, n_layers=layers, n_heads=4, n_kv_heads=2, ffn_hidden=48, vocab_size=vocab,
+                      max_seq_len=256, init_std=std)
+    return Transformer(cfg).eval()
+
+
+@torch.no_grad()
+def plain_generate(model, prompt, n, seed=0, **settings):
+    """The reference: one cached forward per token, the fused sample op."""
+    cache = KVCache.for_model(model, batch=1, capacity=len(prompt) + n + 1)
+    logits = model(torch.tensor([prompt]), cache=cache)[0, -1:]
+    out = []
+    for step in range(n):
+        t = sampling.sample(logits, **settings, seed=seed, offset=step)
+        out.append(int(t[0]))
+        logits = model(t[None], cache=cache)[0, -1:]
+    return out
+
+
+def test_tree_template_is_bfs_ordered_and_tree_prunes_unknown_rows():
+    t = tree_template(20, k=4, max_depth=5)
+    assert len(t) == 20 and t.parent[0] == -1
+    assert all(0 <= p < i for i, p in enumerate(t.parent) if i)           # parents first
+    assert all(t.depth[i] == t.depth[p] + 1 for i, p in enumerate(t.parent) if i)
+    m = RecyclingMatrix(10, k=4)
+    tree = build_tree(m, 3, t)
+    assert tree.tokens.tolist() == [3]                                     # cold matrix: root only
+    m.table[3] = torch.tensor([5, 6, 7, 8], dtype=torch.int32)
+    m.table[5] = torch.tensor([9, 1, 2, 0], dtype=torch.int32)
+    tree = build_tree(m, 3, t)
+    toks = tree.tokens.tolist()
+    assert toks[0] == 3 and sorted(toks[c] for c in tree.children[0]) == [5, 6, 7, 8]
+    kid5 = next(c for c in tree.children[0] if toks[c] == 5)
+    assert [toks[c] for c in tree.children[kid5]] == [9, 1, 2, 0][:len(tree.children[kid5])]
+    for i, p in enumerate(tree.parent):                                   # mask = self + ancestors
+        anc, j = set(), i
+        while j >= 0:
+            anc.add(j)
+            j = tree.parent[j]
+        assert set(tree.mask[i].nonzero().flatten().tolist()) == anc
+    assert m.nbytes == 10 * 4 * 4
+
+
+def test_matrix_update_keeps_topk_of_logits():
+    m = RecyclingMatrix(6, k=2)
+    logits = torch.tensor([[0., 5, 1, 4, 2, 3], [9., 0, 0, 0, 0, 8]])
+    m.update(torch.tensor([2, 4]), logits)
+    assert m.table[2].tolist() == [1, 3] and m.table[4].tolist() == [0, 5]
+    with pytest.raises(ValueError, match="vocab_size=6"):
+        m.update(torch.tensor([0]), torch.zeros(1, 7))
+
+
+@pytest.mark.parametrize("tree_size", [1, 12, 40])
+def test_token_recycling_greedy_equals_plain_greedy(tree_size):
+    model = _model(std=0.2)   # a peaked random model: greedy falls into loops, so drafts get accepted
+    matrix = RecyclingMatrix(64, k=8)
+    total_passes = total_tokens = 0
+    for s, prompt in enumerate(([1, 2, 3], [7, 7, 9, 11, 7, 7], list(range(20, 40)))):
+        want = plain_generate(model, prompt, 40, temperature=0)
+        got, stats = token_recycling_generate(model, prompt, max_new_tokens=40, temperature=0, seed=s,
+                                              matrix=matrix, tree_size=tree_size)
+        assert got.tolist() == want
+        total_passes += stats.target_passes
+        total_tokens += stats.new_tokens
+    if tree_size > 1:   # the trees did get verified and accepted (not only the root path)
+        assert total_passes < 0.8 * (total_tokens - 3)
+
+
+def test_draft_model_greedy_equals_plain_greedy():
+    model = _model(std=0.2)
+    other = _model(seed=1, dim=16, layers=1, std=0.2)
+    prompt = [5, 6, 7, 8]
+    want = plain_generate(model, prompt, 30, temperature=0)
+    got, stats = draft_model_generate(model, other, prompt, max_new_tokens=30, num_draft=3, temperature=0)
+    assert got.tolist() == want
+    # the target as its own drafter: every draft is accepted, num_draft + 1 tokens per pass
+    got, stats = draft_model_generate(model, model, prompt, max_new_tokens=30, num_draft=3, temperature=0)
+    assert got.tolist() == want
+    assert stats.accepted == stats.drafted and stats.acceptance_length > 3.5
+
+
+@torch.no_grad()
+def test_layer_drafter_is_the_first_layers_with_shared_weights():
+    model = _model(layers=3, std=0.2)
+    d = layer_drafter(model, 1)
+    assert d.embed_tokens.weight is model.embed_tokens.weight and len(d.layers) == 1
+    ids = torch.tensor([[3, 9, 27, 17]])
+    x = model.embed_tokens(ids)
+    cos, sin = model.rotary(torch.arange(4)[None], x.dtype)
+    x = model.layers[0](x, None, cos, sin, None)
+    torch.testing.assert_close(d(ids), model.lm_head(model.norm(x, None)))
+    want = plain_generate(model, [5, 6, 7], 20, temperature=0)
+    got, stats = draft_model_generate(model, d, [5, 6, 7], max_new_tokens=20, num_draft=3, temperature=0)
+    assert got.tolist() == want and stats.draft_passes > 0
+    with pytest.raises(ValueError, match="n_layers"):
+        layer_drafter(model, 3)
+
+
+def test_eos_and_max_new_tokens_cut_the_output():
+    model = _model(std=0.2)
+    want = plain_generate(model, [1, 2], 30, temperature=0)
+    eos = want[9]
+    got, _ = token_recycling_generate(model, [1, 2], max_new_tokens=30, temperature=0, eos_id=eos)
+    assert got.tolist() == want[:want.index(eos) + 1]
+    got, _ = draft_model_generate(model, model, [1, 2], max_new_tokens=7, num_draft=4, temperature=0)
+    assert got.tolist() == want[:7]
+
+
+def test_bad_arguments_name_the_argument():
+    model = _model()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        token_recycling_generate(model, [1], max_new_tokens=0)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        token_recycling_generate(model, [1, 64], max_new_tokens=2)
+    with pytest.raises(ValueError, match="matrix"):
+        token_recycling_generate(model, [1], max_new_tokens=2, matrix=RecyclingMatrix(10))
+    with pytest.raises(ValueError, match="drafter"):
+        draft_model_generate(model, _model(vocab=32), [1], max_new_tokens=2)
+    with pytest.raises(ValueError, match="num_draft"):
+        draft_model_generate(model, model, [1], max_new_tokens=2, num_draft=0)
+
+
+# ------------------------------------------------------------------------- distribution tests
+V, N_NEW, PROMPT = 4, 3, [1, 3, 2, 1, 3]
+
+
+@torch.no_grad()
+def exact_joint(model, settings) -> torch.Tensor:
+    """P(x1, x2, x3 | prompt) under plain sampling, enumerated over all V**3 sequences."""
+    seqs = torch.cartesian_prod(*[torch.arange(V)] * N_NEW)                   # [V^3, 3]
+    ids = torch.cat([torch.tensor(PROMPT).expand(len(seqs), -1), seqs], 1)
+    logits = model(ids)[:, len(PROMPT) - 1:-1]                                 # predicts x1..x3
+    p = sampling.processed_probs(logits.reshape(-1, V), **settings).view(len(seqs), N_NEW, V).double()
+    return p.gather(2, seqs[:, :, None]).squeeze(2).prod(1)
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; cells with expected count < 5 are pooled."""
+    n = counts.sum()
+    exp = probs * n
+    small = exp < 5
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    exp = torch.cat([exp[~small], exp[small].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
+
+
+def _counts(tokens_list) -> torch.Tensor:
+    c = torch.zeros(V ** N_NEW, dtype=torch.long)
+    for t in tokens_list:
+        a, b, d = t
+        c[(a * V + b) * V + d] += 1
+    return c
+
+
+SETTINGS = [dict(temperature=1.0), dict(temperature=0.8, top_k=4, top_p=0.9)]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_token_recycling_sampling_distribution_equals_plain(settings):
+    model = _model(vocab=V, std=0.5)
+    exact = exact_joint(model, settings)
+    matrix = RecyclingMatrix(V, k=3)   # shared across calls: hot trees from the first call on
+    n, got, passes = 800, [], 0
+    for s in range(n):
+        toks, stats = token_recycling_generate(model, PROMPT, max_new_tokens=N_NEW, seed=s, matrix=matrix,
+                                               tree_size=10, k=3, **settings)
+        got.append(toks.tolist())
+        passes += stats.target_passes
+    assert passes < n * (N_NEW - 1)         # drafts were accepted, so verification mattered
+    assert chi2_pvalue(_counts(got), exact) > 1e-3
+    # power check: the same statistic rejects samples from a slightly different distribution
+    other = exact_joint(model, {**settings, "temperature": settings["temperature"] * 1.3})
+    wrong = torch.multinomial(other.float(), n, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert chi2_pvalue(torch.bincount(wrong, minlength=V ** N_NEW), exact) < 1e-3
+
+
+def test_draft_model_sampling_distribution_equals_plain():
+    model = _model(vocab=V, std=0.5)
+    drafter = _model(vocab=V, seed=3, dim=16, layers=1, std=0.5)
+    settings = SETTINGS[1]
+    exact = exact_joint(model, settings)
+    got = [draft_model_generate(model, drafter, PROMPT, max_new_tokens=N_NEW, num_draft=2, seed=s,
+                                **settings)[0].tolist() for s in range(600)]
+    assert chi2_pvalue(_counts(got), exact) > 1e-3
+
+
+def test_bench_speculative_quick_writes_records(tmp_path):
+    """The benchmark end to end at toy size (an untrained byte-level stand-in model)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    js = tmp_path / "spec.json"
+    p = subprocess.run([sys.executable, "-m", "mmfm.cli", "bench", "speculative", "--quick", "--model",
+                        str(tmp_path / "none"), "--train-steps", "0", "--threads", "1", "--json", str(js)],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = json.loads(js.read_text())
+    impls = {r["impl"] for r in records}
+    assert {"mmfm", "mmfm_token_recycling", "mmfm_draft_model", "mmfm_maskgit"} <= impls
+    for r in records:
+        assert r["bench"] == "speculative" and r["tokens_per_s"] > 0
+        if r["case"]["mode"] == "greedy":
+            assert r["same_as_plain"] is True
+        if r["impl"] == "mmfm_token_recycling":
+            assert r["matrix_bytes"] == 256 * 8 * 4

@@ -1,0 +1,297 @@
+"""Benchmark of speculative and masked decoding against plain decoding, side by side in one
+process, on repetitive text (Python standard-library source from the running interpreter).
+
+Impls (rate tokens_per_s, the same model, KV cache and fused sample op throughout):
+    mmfm                    plain decoding: one cached forward and one `sample` per token
+    mmfm_token_recycling    Token Recycling (mmfm.generate.speculative.token_recycling_generate)
+    mmfm_draft_model        draft-model speculation, the drafter being the target's first
+                            --drafter-layers blocks (layer_drafter)
+Each case is a sampling mode: greedy (temperature 0; every impl must emit the plain tokens,
+checked and recorded as `same_as_plain`) and sample (temperature 1; lossless by construction and
+by tests/test_speculative.py). Records carry the acceptance length (tokens per target pass).
+
+Masked decoding (bench `speculative`, case `masked`): MaskGIT (--maskgit-steps full passes) vs
+ReCAP (the same step count, a full pass every --full-every steps), full passes, token evaluations
+and time; the speed-up is compute only (the demo model is not trained with the masked objective,
+so these records say nothing about sample quality; tests/test_masked_decode.py checks that on a
+trained tiny model).
+
+The model: --model (an `mmfm export` folder, default /work/demo_run/export, with its vocab.json
+and text tokenizer), or, when that folder does not exist, a byte-level model of the demo's
+shape trained here for --train-steps on standard-library source (stated in every record).
+
+    python tools/bench/speculative.py [--json PATH] [--quick] [--model DIR]
+    mmfm bench speculative [--json PATH]
+"""
+from __future__ import annotations
+
+import glob
+import inspect
+import importlib
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import base_parser, machine, print_table, record, write_json  # noqa: E402
+
+from mmfm.generate.masked import maskgit_decode, recap_decode  # noqa: E402
+from mmfm.generate.recycling import RecyclingMatrix  # noqa: E402
+from mmfm.generate.speculative import (draft_model_generate, layer_drafter,  # noqa: E402
+                                       token_recycling_generate)
+from mmfm.models import KVCache, ModelConfig, Transformer  # noqa: E402
+from mmfm.ops import sampling  # noqa: E402
+
+PROMPT_MODULES = ("textwrap", "json.encoder", "string", "shlex", "fnmatch", "glob")
+MODES = {"greedy": dict(temperature=0.0), "sample": dict(temperature=1.0)}
+# masked decoding ids; the byte stand-in has no <mask>, so byte 3 plays it (timing only)
+MASKED_SETUP = {"mask_id": 3, "allowed_range": (4, 256), "prefix": [1, 2]}
+
+
+def stdlib_sources(n: int) -> list[str]:
+    return [inspect.getsource(importlib.import_module(m)) for m in PROMPT_MODULES[:n]]
+
+
+# ------------------------------------------------------------------------------------ models
+def load_export(folder: str):
+    """(model, encode(text) -> global ids, description) from an `mmfm export` folder."""
+    import mmfm
+    from mmfm.tokenizers import load_tokenizer
+    from mmfm.vocab import Vocab
+
+    model = mmfm.load(folder)
+    vocab = Vocab.load(os.path.join(folder, "vocab.json"))
+    text_dir = os.path.join(folder, "tokenizers", "text")
+    tok_dirs = [d for d in (os.path.join(text_dir, "tokenizer"), text_dir)
+                if os.path.exists(os.path.join(d, "tokenizer.yaml")) or glob.glob(os.path.join(d, "*.model"))]
+    if not tok_dirs:
+        raise FileNotFoundError(f"{folder}: no text tokenizer under tokenizers/text")
+    tok = load_tokenizer(tok_dirs[0])
+
+    def encode(text: str) -> list[int]:
+        return [vocab.bos_id] + vocab.to_global("text", tok.encode(text)).tolist()
+
+    if "image" in vocab.ranges:   # masked decoding: an image block after <bos> <image>
+        r = vocab.ranges["image"]
+        MASKED_SETUP.update(mask_id=vocab.mask_id, allowed_range=(r.start, r.stop),
+                            prefix=[vocab.bos_id, vocab.begin_id("image")])
+    return model, encode, f"export {folder}"
+
+
+def byte_model(steps: int, seed: int = 0, cache: bool = True):
+    """A byte-level model of the demo model's shape (dim 128, 4 layers), trained `steps` Adam
+    steps on standard-library source other than the prompt modules; cached in /tmp unless
+    cache=False (--quick)."""
+    path = f"/tmp/mmfm_bench_speculative_bytes_{steps}.pt"
+    if cache:
+        cfg = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=344, vocab_size=256,
+                          max_seq_len=512)
+    else:   # --quick: a toy model, so the smoke test stays fast
+        cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=256,
+                          max_seq_len=128)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    if cache and os.path.exists(path):
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), lambda s: list(s.encode()), f"bytes model, {steps} steps (cached {path})"
+    if steps == 0:   # an untrained model: enough for the smoke test, and avoids the optimizer import
+        return model.eval(), lambda s: list(s.encode()), "bytes model, untrained"
+    from tqdm import tqdm
+
+    mods = ("collections", "dataclasses", "argparse", "pathlib", "functools", "typing", "enum", "tokenize",
+            "inspect", "copy", "pprint", "difflib", "calendar", "configparser")
+    text = "\n".join(inspect.getsource(importlib.import_module(m)) for m in mods).encode()
+    data = torch.tensor(list(text), dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for step in tqdm(range(steps), desc="train bytes model", file=sys.stderr):
+        lr = 3e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        n = 257 if cache else 33
+        starts = torch.randint(0, len(data) - n, (16 if cache else 4,), generator=g)
+        batch = torch.stack([data[s:s + n] for s in starts.tolist()])
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"# bytes model: final train loss {loss.item():.3f}", file=sys.stderr)
+    if cache:
+        torch.save(model.state_dict(), path)
+    return model.eval(), lambda s: list(s.encode()), f"bytes model, {steps} steps"
+
+
+# ------------------------------------------------------------------------------------ decoding
+@torch.no_grad()
+def plain_generate(model, prompt, max_new_tokens, seed, **settings):
+    """The baseline: one cached forward per token and the fused sample op."""
+    cache = KVCache.for_model(model, batch=1, capacity=len(prompt) + max_new_tokens + 1)
+    logits = model(torch.tensor([prompt]), cache=cache)[0, -1:]
+    out = []
+    for step in range(max_new_tokens):
+        t = sampling.sample(logits, **settings, seed=seed, offset=step)
+        out.append(int(t[0]))
+        if len(out) == max_new_tokens:
+            break
+        logits = model(t[None], cache=cache)[0, -1:]
+    return out, None
+
+
+def run_impl(name, model, drafter, prompts, args, settings):
+    """(seconds, outputs, stats list) over all prompts; Token Recycling keeps one matrix across
+    the prompts (the paper's hot start), fresh for every timed run."""
+    matrix = RecyclingMatrix(model.cfg.vocab_size, k=args.k)
+    outs, stats = [], []
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        if name == "mmfm":
+            o, s = plain_generate(model, p, args.new_tokens, i, **settings)
+        elif name == "mmfm_token_recycling":
+            o, s = token_recycling_generate(model, p, max_new_tokens=args.new_tokens, seed=i, matrix=matrix,
+                                            tree_size=args.tree_size, **settings)
+            o = o.tolist()
+        else:
+            o, s = draft_model_generate(model, drafter, p, max_new_tokens=args.new_tokens, seed=i,
+                                        num_draft=args.num_draft, **settings)
+            o = o.tolist()
+        outs.append(o)
+        stats.append(s)
+    return time.perf_counter() - t0, outs, stats, matrix
+
+
+def bench_decoding(model, encode, desc, args) -> list[dict]:
+    sources = stdlib_sources(args.prompts)
+    prompts = [encode(s)[:args.prompt_tokens] for s in sources]
+    drafter = layer_drafter(model, args.drafter_layers)
+    impls = ["mmfm", "mmfm_token_recycling", "mmfm_draft_model"]
+    records = []
+    for mode in args.modes:
+        settings = MODES[mode]
+        case = {"mode": mode, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens, "model": desc}
+        runs = {name: [] for name in impls}
+        results = {}
+        for name in impls:                        # warm-up (untimed)
+            run_impl(name, model, drafter, prompts[:1], args, settings)
+        for _ in range(args.repeats):             # interleaved, so load changes hit every impl alike
+            for name in impls:
+                sec, outs, stats, matrix = run_impl(name, model, drafter, prompts, args, settings)
+                runs[name].append(sec)
+                results[name] = (outs, stats, matrix)
+        plain_outs = results["mmfm"][0]
+        for name in impls:
+            outs, stats, matrix = results[name]
+            sec = sorted(runs[name])[len(runs[name]) // 2]
+            n_tok = sum(len(o) for o in outs)
+            fig = {"ms": sec * 1e3, "tokens_per_s": n_tok / sec, "tokens": n_tok}
+            if stats[0] is not None:
+                passes = sum(s.target_passes for s in stats)
+                fig["acceptance_length"] = round(sum(s.new_tokens - 1 for s in stats) / max(passes, 1), 3)
+                fig["target_passes"] = passes
+            else:
+                fig["acceptance_length"] = 1.0
+                fig["target_passes"] = n_tok - len(outs)
+            if name == "mmfm_token_recycling":
+                fig["matrix_bytes"] = matrix.nbytes
+                fig["tree_size"] = args.tree_size
+            if name == "mmfm_draft_model":
+                fig["num_draft"] = args.num_draft
+                fig["drafter_layers"] = args.drafter_layers
+            if mode == "greedy":
+                fig["same_as_plain"] = outs == plain_outs
+            records.append(record("speculative", case, name, **fig))
+    return records
+
+
+def bench_masked(model, args) -> list[dict]:
+    """MaskGIT vs ReCAP timing on the model's architecture with bidirectional attention."""
+    prefix = torch.tensor([MASKED_SETUP["prefix"]]).expand(args.masked_batch, -1)
+    case = {"mode": "masked", "length": args.masked_length, "batch": args.masked_batch, "steps": args.maskgit_steps}
+    kw = dict(mask_id=MASKED_SETUP["mask_id"], allowed_range=MASKED_SETUP["allowed_range"], seed=0)
+    impls = {"mmfm_maskgit": lambda: maskgit_decode(model, prefix, args.masked_length, steps=args.maskgit_steps, **kw)}
+    for fe in args.full_every:
+        impls[f"mmfm_recap_full_every_{fe}"] = (
+            lambda fe=fe: recap_decode(model, prefix, args.masked_length, steps=args.maskgit_steps, full_every=fe,
+                                       **kw))
+    times = {n: [] for n in impls}
+    stats = {}
+    for fn in impls.values():
+        fn()
+    for _ in range(args.repeats):
+        for n, fn in impls.items():
+            t0 = time.perf_counter()
+            _, stats[n] = fn()
+            times[n].append(time.perf_counter() - t0)
+    out = []
+    for n in impls:
+        sec = sorted(times[n])[len(times[n]) // 2]
+        out.append(record("speculative", case, n, ms=sec * 1e3,
+                          tokens_per_s=args.masked_length * args.masked_batch / sec, **stats[n].as_dict()))
+    return out
+
+
+def main(argv=None) -> int:
+    p = base_parser("speculative", __doc__.split("\n\n")[0])
+    p.add_argument("--model", default="/work/demo_run/export", help="an `mmfm export` folder")
+    p.add_argument("--train-steps", type=int, default=300,
+                   help="steps of the byte-level stand-in model when --model does not exist")
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
+    p.add_argument("--prompts", type=int, default=3, help=f"stdlib modules used as prompts (of {PROMPT_MODULES})")
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--tree-size", type=int, default=20, help="draft-tree nodes (20 suits a small model on CPU)")
+    p.add_argument("--k", type=int, default=8, help="candidates per matrix row")
+    p.add_argument("--num-draft", type=int, default=4)
+    p.add_argument("--drafter-layers", type=int, default=1)
+    p.add_argument("--masked-length", type=int, default=256)
+    p.add_argument("--masked-batch", type=int, default=1)
+    p.add_argument("--maskgit-steps", type=int, default=12)
+    p.add_argument("--full-every", type=int, nargs="*", default=[2, 3])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    args = p.parse_args(argv)
+    if args.device != "cpu":
+        print("mmfm bench speculative: only --device cpu is wired up", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.prompts, args.new_tokens, args.prompt_tokens, args.repeats = 1, 16, 32, 1
+        args.masked_length, args.maskgit_steps, args.train_steps = 16, 4, min(args.train_steps, 5)
+    if os.path.exists(os.path.join(args.model, "mmfm_model.json")):
+        model, encode, desc = load_export(args.model)
+    else:
+        print(f"# {args.model} is not an export folder: using a byte-level stand-in model", file=sys.stderr)
+        model, encode, desc = byte_model(args.train_steps, cache=not args.quick)
+    print(f"# speculative benchmark on {machine()}; model: {desc}", file=sys.stderr)
+    records = bench_decoding(model, encode, desc, args) + bench_masked(model, args)
+    print_table(records, figures=("ms", "tokens_per_s", "acceptance_length", "target_passes", "full_passes",
+                                  "cheap_passes", "same_as_plain"), ratio_to=None)
+    print()
+    for line in summary(records):
+        print(line)
+    write_json(records, args.json)
+    return 0
+
+
+def summary(records: list[dict]) -> list[str]:
+    lines = []
+    base = {}
+    for r in records:
+        if r["impl"] in ("mmfm", "mmfm_maskgit"):
+            base[r["case"]["mode"]] = r["tokens_per_s"]
+    for r in records:
+        b = base.get(r["case"]["mode"])
+        if b and r["impl"] not in ("mmfm", "mmfm_maskgit"):
+            extra = f", acceptance length {r['acceptance_length']}" if "acceptance_length" in r else \
+                f", {r['full_passes']} full + {r['cheap_passes']} cheap passes"
+            ratio = r["tokens_per_s"] / b
+            lines.append(f"{r['case']['mode']}: {r['impl']} {ratio:.2f}x the baseline's tokens/s{extra}")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
