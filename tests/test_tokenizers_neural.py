@@ -160,3 +160,42 @@ def test_physics_refinement_lowers_error():
     m = tok.metrics(x)
     assert m["rel_l2"] < m["rel_l2_before_refine"]
 
+
+
+def _blobs(n, seed):
+    """Smooth random images: each a few random Gaussian blobs, so a few numbers say most of it."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 8), torch.linspace(0, 1, 8), indexing="ij")
+    c = torch.rand(n, 3, 2, 2, generator=g)            # per blob: centre (y, x) ...
+    colour = torch.rand(n, 3, 3, generator=g)           # ... and its RGB
+    img = torch.zeros(n, 3, 8, 8)
+    for b in range(3):
+        d = (yy - c[:, b, 0, 0, None, None]) ** 2 + (xx - c[:, b, 0, 1, None, None]) ** 2
+        img += colour[:, b, :, None, None] * torch.exp(-d / 0.05)[:, None]
+    return (img / 1.5).clamp(0, 1)
+
+
+def test_image_1d_heldout_psnr_rises_with_kept_tokens():
+    """The issue's requirement for the 1D tokenizer: held-out PSNR against the number of kept tokens
+    rises monotonically. Nested dropout (keep k ~ U{1..K}) puts the coarse content in the head tokens;
+    without it a prefix decodes to noise-level quality, so this fails if the dropout is broken.
+    Checked on held-out images after a short, seeded training (about 2 s of CPU)."""
+    torch.manual_seed(0)
+    cfg = Image1DConfig(image_size=8, patch_size=2, width=32, depth=1, heads=2, num_tokens=8, latent_dim=3,
+                        fsq_levels=[5, 5, 5])
+    tok = build_tokenizer("image_1d", cfg)
+    train, held = _blobs(256, 0), _blobs(64, 1)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(tok.parameters(), 3e-3)
+    tok.train()
+    for _ in range(300):
+        out = tok(train[torch.randint(256, (32,), generator=g)])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    tok.eval()
+    lengths = [1, 2, 4, 8]
+    values = tok.psnr_by_prefix(held, lengths)
+    for k, a, b in zip(lengths[1:], values, values[1:]):
+        assert b > a, f"held-out PSNR fell from {a:.2f} to {b:.2f} dB at {k} tokens: {values}"
+    assert values[-1] > values[0] + 2.0, values
