@@ -202,3 +202,18 @@ def test_image_1d_heldout_psnr_rises_with_kept_tokens():
     for k, a, b in zip(lengths[1:], values, values[1:]):
         assert b > a, f"held-out PSNR fell from {a:.2f} to {b:.2f} dB at {k} tokens: {values}"
     assert values[-1] > values[0] + 1.0, values
+
+
+def test_physics_roll_augmentation_shifts_whole_trajectories():
+    """augment_roll shifts each trajectory (all its frames alike) by one periodic offset, in training only."""
+    cfg = PhysicsConfig(grid=16, frames=2, width=8, downsamples=2, fsq_levels=[5, 5, 5], refine_width=8,
+                        augment_roll=True)
+    tok = build_tokenizer("physics", cfg)
+    x = torch.randn(3, 2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    rolled = tok._roll(x)
+    assert not torch.equal(rolled, x)
+    for a, b in zip(x, rolled):
+        hits = [(dy, dx) for dy in range(16) for dx in range(16) if torch.equal(torch.roll(a, (dy, dx), (-2, -1)), b)]
+        assert len(hits) == 1                      # one shift, the same for every frame
+    tok.eval()
+    assert torch.equal(tok(x).recon, tok(x).recon)  # eval: no augmentation, deterministic

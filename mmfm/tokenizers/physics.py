@@ -42,6 +42,7 @@ class PhysicsConfig:
     refine_steps: int = 200          # stage 2: refinement alone on the frozen autoencoder
     patch: int = 1                   # pixel-unshuffle factor before the encoder (1 = none)
     loss: str = "mse"                # mse (normalised fields) or rel (relative L2, the eval metric)
+    augment_roll: bool = False       # training only: roll each trajectory by a random (dy, dx); periodic fields only
     seed: int = 0
 
     def validate(self) -> None:
@@ -76,6 +77,7 @@ class PhysicsTokenizer(NeuralTokenizer):
         self.register_buffer("mean", torch.zeros(c.channels))
         self.register_buffer("std", torch.ones(c.channels))
         self.latent_grid = c.grid // c.patch // 2 ** c.downsamples
+        self._roll_gen = torch.Generator().manual_seed(c.seed)
 
     @property
     def vocab_size(self) -> int:
@@ -139,7 +141,17 @@ class PhysicsTokenizer(NeuralTokenizer):
         coarse = self._decode(q)
         return coarse, coarse + self.refine(coarse)
 
+    def _roll(self, x):
+        """A periodic domain has no preferred origin: each trajectory shifted whole by a random
+        (dy, dx) is another valid one. The demo corpus has 6 training runs; the autoencoder
+        overfits them (train rel L2 0.09, held-out 0.25) without this."""
+        g = self.config.grid
+        shifts = torch.randint(g, (x.shape[0], 2), generator=self._roll_gen)
+        return torch.stack([torch.roll(t, (int(a), int(b)), (-2, -1)) for t, (a, b) in zip(x, shifts)])
+
     def forward(self, x) -> StepOutput:
+        if self.training and self.config.augment_roll:
+            x = self._roll(x)
         f = self._frames(x)
         out = self.quantizer(self._encode(f))
         coarse = self._decode(out.quantized)
