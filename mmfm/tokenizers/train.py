@@ -97,7 +97,8 @@ class TrainLoop:
             (saved in checkpoints so that resume continues the same sequence), or None.
         checkpoint_dir: folder for the checkpoints (None: no checkpoints).
         log: callable(step, metrics dict) for the JSONL / TensorBoard loggers (rank 0), or None.
-        total_steps: the step count the cosine schedule ends at (default: run's `steps`).
+        config_path: the YAML file, for error messages.
+    The cosine schedule ends at the `steps` given to run().
     """
 
     def __init__(self, model, train, batches: Iterator[torch.Tensor], checkpoint_dir: str | None = None,
