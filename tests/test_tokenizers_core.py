@@ -1,13 +1,11 @@
-"""Config parsing, the text tokenizer, the training loop's checkpoint / resume."""
+"""Config parsing, the text tokenizer, batch drawing (checkpoint / resume: test_tokenizer_cli.py)."""
 import numpy as np
 import pytest
 import torch
 
 from mmfm.tokenizers import ConfigError, build_tokenizer, load_config, load_tokenizer
 from mmfm.tokenizers.data import random_batches
-from mmfm.tokenizers.image import ImageConvConfig
 from mmfm.tokenizers.text import TextConfig
-from mmfm.tokenizers.train import TrainLoop
 
 TEXTS = [f"The function number {i} returns {i * 37} items from the list; see section {i % 7}." for i in range(200)]
 TEXTS += ["Il était une fois un café près de la gare — naïve façade.", "数据 and tokens: 3.14159 and 2718."]
@@ -79,29 +77,6 @@ def test_text_needs_text():
         build_tokenizer("text", TextConfig()).fit(["", "  "])
     with pytest.raises(ValueError, match="must exceed"):
         build_tokenizer("text", TextConfig(vocab_size=200)).fit(TEXTS)
-
-
-def test_train_loop_checkpoint_resume_is_exact(tmp_path):
-    cfg = ImageConvConfig(image_size=16, channels=8, downsamples=1, quantizer="fsq", latent_dim=4)
-    data = torch.rand(20, 3, 16, 16)
-
-    def make(ckpt):
-        torch.manual_seed(0)
-        model = build_tokenizer("image_conv", cfg)
-        opt = torch.optim.Adam(model.parameters(), 1e-3)
-        gen = torch.Generator().manual_seed(1)
-        return TrainLoop(model, opt, random_batches(data, 4, gen), str(ckpt), gen)
-
-    full = make(tmp_path / "a")
-    full.run(6, log_every=1)
-    first = make(tmp_path / "b")
-    first.run(3, log_every=1)                  # saves a checkpoint at the end
-    resumed = make(tmp_path / "b")
-    assert resumed.load_checkpoint() and resumed.step_count == 3
-    resumed.run(6, log_every=1)
-    for k, v in full.model.state_dict().items():
-        assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
-    assert not (tmp_path / "b" / "checkpoint.pt.tmp").exists()
 
 
 def test_random_batches_deterministic():

@@ -1,7 +1,8 @@
 """`mmfm tokenizer train --config X.yaml` and `mmfm tokenizer eval [--config X.yaml ...] [--json PATH]`.
 
-train: reads the config's shards (training split), trains (TrainLoop: progress bar, losses and
-metrics to <out>/train.jsonl and TensorBoard <out>/tb, checkpoints with exact resume), writes
+train: reads the config's shards (training split), trains on the DeepSpeed engine (TrainLoop:
+progress bar, losses and metrics to <out>/train.jsonl and TensorBoard <out>/tb, the model's atomic
+checkpoints in <out>/checkpoints with exact resume), writes
 <out>/reconstructions.png (held-out inputs left, reconstructions right), and saves the tokenizer
 to <out>/tokenizer. image_1d also writes <out>/psnr_vs_tokens.png.
 
@@ -111,20 +112,28 @@ def _train_neural(cfg, progress: bool) -> int:
     print(f"{cfg.tokenizer}: {x.shape[0]} training samples {tuple(x.shape[1:])}, {tok.tokens_per_sample} tokens "
           f"of {tok.vocab_size} per sample", file=sys.stderr)
     tok.fit_data(x)
-    log = JsonlLogger(os.path.join(out, "train.jsonl"), os.path.join(out, "tb"))
+    rank0 = _rank() == 0
+    log = JsonlLogger(os.path.join(out, "train.jsonl"), os.path.join(out, "tb")) if rank0 else None
     gen = torch.Generator().manual_seed(t.seed)
-    opt = torch.optim.AdamW(tok.parameters(), t.lr, weight_decay=t.weight_decay)
-    loop = TrainLoop(tok, opt, random_batches(x, t.batch_size, gen), os.path.join(out, "checkpoints"), gen, log)
+    loop = TrainLoop(tok, t, random_batches(x, t.batch_size, gen), os.path.join(out, "checkpoints"), gen, log,
+                     cfg.path)
     if loop.load_checkpoint():
         print(f"resumed from step {loop.step_count}", file=sys.stderr)
     loop.run(t.steps, t.log_every, t.checkpoint_every, progress)
-    if hasattr(tok, "refinement_parameters"):  # physics: stage 2, the refinement alone
+    if hasattr(tok, "refinement_parameters"):  # physics: stage 2, the refinement alone on the frozen rest
+        refine = {id(p) for p in tok.refinement_parameters()}
+        for p in tok.parameters():
+            p.requires_grad_(id(p) in refine)
         gen2 = torch.Generator().manual_seed(t.seed + 1)
-        opt2 = torch.optim.AdamW(tok.refinement_parameters(), t.lr)
-        stage2 = TrainLoop(tok, opt2, random_batches(x, t.batch_size, gen2), os.path.join(out, "checkpoints_refine"),
-                           gen2, lambda s, m: log(t.steps + s, {f"refine/{k}": v for k, v in m.items()}))
+        stage2 = TrainLoop(tok, t, random_batches(x, t.batch_size, gen2), os.path.join(out, "checkpoints_refine"),
+                           gen2, (lambda s, m: log(t.steps + s, {f"refine/{k}": v for k, v in m.items()})) if log else None,
+                           cfg.path)
         stage2.load_checkpoint()
         stage2.run(cfg.model.refine_steps, t.log_every, t.checkpoint_every, progress)
+        for p in tok.parameters():
+            p.requires_grad_(True)
+    if not rank0:
+        return 0
     tok.after_training(x)
     tok.eval()
     held = [s for s in read_samples(d.shards, d.modality, "eval", d.holdout_fraction, 8) if _usable(tok, s)]
@@ -142,6 +151,12 @@ def _train_neural(cfg, progress: bool) -> int:
     tok.save(os.path.join(out, "tokenizer"))
     print(f"saved {cfg.tokenizer} to {os.path.join(out, 'tokenizer')}")
     return 0
+
+
+def _rank() -> int:
+    import torch
+
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _usable(tok, sample) -> bool:

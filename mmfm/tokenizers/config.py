@@ -32,10 +32,15 @@ class TrainConfig:
     steps: int = 500
     batch_size: int = 16
     lr: float = 1e-3
+    warmup_steps: int = 0            # linear warmup, then cosine to lr * min_lr_ratio (engine.lr_at)
+    min_lr_ratio: float = 1.0        # 1.0 = constant learning rate after warmup
+    clip: float = 1.0                # gradient clipping (DeepSpeed gradient_clipping; 0 = off)
     weight_decay: float = 0.0
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 250
+    keep_last: int = 2               # complete checkpoints kept
+    deepspeed: str = ""              # a DeepSpeed JSON (configs/deepspeed/*.json); "" = ZeRO stage 0
     threads: int = 0                 # torch threads (0 = leave torch's default)
 
 

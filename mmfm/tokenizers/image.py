@@ -203,6 +203,7 @@ class Image1DConfig:
     codebook_size: int = 1024
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     nested_dropout: bool = True     # train with tail-token drop so any prefix decodes
+    token_mixing: bool = False      # add a learned linear patch <-> token path (see Image1DTokenizer)
     seed: int = 0
 
     def validate(self) -> None:
@@ -244,6 +245,14 @@ class Image1DTokenizer(NeuralTokenizer):
         self.mask_patch = nn.Parameter(torch.randn(self.num_patches, c.width) * 0.02)
         self.decoder = transformer(c.width, c.depth, c.heads)
         self.patch_out = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, pdim))
+        if c.token_mixing:
+            # Attention starts uniform, so at first every query sees the mean of all patches, spatial
+            # detail averages away, and the latents vary with the query far more than with the image
+            # (measured: 5x); thousands of steps pass before attention sharpens. A learned linear map
+            # from patches to queries (and from tokens to patches in the decoder), as in MLP-Mixer's
+            # token mixing, gives each token position-specific access from step 0.
+            self.enc_mix = nn.Parameter(torch.randn(c.num_tokens, self.num_patches) / self.num_patches ** 0.5)
+            self.dec_mix = nn.Parameter(torch.randn(self.num_patches, c.num_tokens) / c.num_tokens ** 0.5)
         self._drop_gen = torch.Generator().manual_seed(c.seed)
 
     @property
@@ -275,6 +284,8 @@ class Image1DTokenizer(NeuralTokenizer):
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         h = self.patch_in(self._patchify(x) * 2 - 1) + self.patch_pos
         q = self.queries.expand(x.shape[0], -1, -1)
+        if self.config.token_mixing:
+            q = q + torch.einsum("kp,bpd->bkd", self.enc_mix, h)
         out = self.encoder(torch.cat([h, q], 1))
         return self.to_latent(out[:, self.num_patches:])  # [B, K, latent_dim]
 
@@ -289,7 +300,10 @@ class Image1DTokenizer(NeuralTokenizer):
             kept = torch.arange(k_all, device=z.device)[None] < keep[:, None]
             t = torch.where(kept[..., None], t, self.dropped.expand_as(t))
         t = t + self.token_pos
-        out = self.decoder(torch.cat([t, self.mask_patch.expand(b, -1, -1)], 1))
+        patches = self.mask_patch.expand(b, -1, -1)
+        if self.config.token_mixing:
+            patches = patches + torch.einsum("pk,bkd->bpd", self.dec_mix, t)
+        out = self.decoder(torch.cat([t, patches], 1))
         return (self._unpatchify(self.patch_out(out[:, k_all:])) + 1) / 2
 
     def forward(self, x: torch.Tensor) -> StepOutput:

@@ -1,69 +1,150 @@
-"""The tokenizer training loop: plain PyTorch, small enough to hold in your head.
+"""Tokenizer training on the model's DeepSpeed engine and checkpoints (mmfm/train/engine.py,
+mmfm/train/checkpoint.py), so that tokenizer training scales to many GPUs the way model training does.
 
-THE SEAM FOR THE TRAINING ENGINE. The issue asks tokenizers to train with the same engine and
-checkpointing as the model. That engine (DeepSpeed ZeRO, issue 6) does not exist yet, so this
-is a plain single-process loop with the same three duties, each behind one small method:
+One `TrainLoop` per training stage. Per step: every rank draws the same global batch from the
+seeded generator and takes its rows (rank r: rows r*mb .. (r+1)*mb, mb = batch_size / world);
+the engine averages gradients over ranks, so the step is that of the global batch's mean loss;
+the learning rate (warmup + cosine, engine.lr_at) is written into the optimizer's groups before
+engine.step(), which clips gradients (train.clip).
 
-    step(batch)        forward, backward, optimizer step          -> engine.backward / engine.step
-    save_checkpoint()  atomic: write <dir>/ckpt.tmp, os.replace    -> engine.save_checkpoint
-    load_checkpoint()  model, optimizer, step, data-RNG state       -> engine.load_checkpoint
+Checkpoints are the model's: atomic tag folders under <checkpoint_dir> with a `latest` pointer,
+the last `keep_last` kept. Each holds the engine's model and optimizer state plus the step, the
+batch generator's state and the state of any torch.Generator the tokenizer owns (image_1d's
+nested-dropout draws), so a resumed run sees the same batches and draws as an uninterrupted one.
 
-When the engine lands, a subclass overrides those three and nothing else changes: the model is
-any NeuralTokenizer (forward(batch) -> StepOutput with .loss), the data is any iterator of
-batches whose state is a torch.Generator (or a ShardLoader's state_dict).
-
-Resume is exact: the checkpoint holds the model, the optimizer, the step and the state of the
-generator that draws the batches, so the resumed run sees the same batches as an uninterrupted one.
+Single process with no launcher: a one-rank gloo group (engine.init_distributed); under torchrun
+or the deepspeed launcher the launcher's ranks are used.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
-CHECKPOINT = "checkpoint.pt"
+DEFAULT_DEEPSPEED = {"zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True,
+                     "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+
+
+@dataclass
+class _Optim:
+    """The fields of mmfm.train.config.OptimSection that build_engine reads."""
+    lr: float
+    weight_decay: float
+    clip: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class _Train:
+    micro_batch: int
+    grad_accum: int = 1
+    precision: str = "fp32"
+    offload_optimizer: bool = False
+
+
+@dataclass
+class EngineConfig:
+    """What mmfm.train.engine.build_engine needs, filled from a tokenizer TrainConfig."""
+    optim: _Optim
+    train: _Train
+    deepspeed: dict = field(default_factory=lambda: dict(DEFAULT_DEEPSPEED))
+    deepspeed_path: str = ""
+
+
+def engine_config(t, world: int, config_path: str = "") -> EngineConfig:
+    """t: a tokenizer TrainConfig. Its batch_size is the global batch, split evenly over the ranks."""
+    from mmfm.tokenizers.config import ConfigError
+
+    where = f"{config_path}: " if config_path else ""
+    if t.batch_size % world:
+        raise ConfigError(f"{where}train.batch_size: {t.batch_size} is not divisible by the {world} ranks")
+    ds = dict(DEFAULT_DEEPSPEED)
+    if t.deepspeed:
+        try:
+            with open(t.deepspeed) as f:
+                ds = json.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{where}train.deepspeed: cannot read {t.deepspeed}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}train.deepspeed: {t.deepspeed} is not valid JSON: {exc}") from None
+    return EngineConfig(_Optim(t.lr, t.weight_decay, t.clip), _Train(t.batch_size // world), ds, t.deepspeed)
+
+
+def _generators(model) -> dict[str, torch.Generator]:
+    """torch.Generators the tokenizer's modules own (image_1d's nested dropout), by module path."""
+    out = {}
+    for name, m in model.named_modules():
+        for attr, v in vars(m).items():
+            if isinstance(v, torch.Generator):
+                out[f"{name}.{attr}" if name else attr] = v
+    return out
 
 
 class TrainLoop:
     """Args:
-        model: a NeuralTokenizer (forward(batch) -> StepOutput).
-        optimizer: any torch optimizer over the model's parameters.
-        batches: iterator of input batches; `generator` is the torch.Generator it draws from
+        model: a NeuralTokenizer (forward(batch) -> StepOutput). Only parameters with
+            requires_grad train (physics' second stage freezes all but the refinement).
+        train: the tokenizer TrainConfig (lr, warmup_steps, min_lr_ratio, clip, batch_size,
+            weight_decay, keep_last, deepspeed).
+        batches: iterator of global batches; `generator` is the torch.Generator it draws from
             (saved in checkpoints so that resume continues the same sequence), or None.
-        checkpoint_dir: folder for checkpoint.pt (None: no checkpoints).
-        log: callable(step, metrics dict) for the JSONL / TensorBoard loggers, or None.
+        checkpoint_dir: folder for the checkpoints (None: no checkpoints).
+        log: callable(step, metrics dict) for the JSONL / TensorBoard loggers (rank 0), or None.
+        config_path: the YAML file, for error messages.
+    The cosine schedule ends at the `steps` given to run().
     """
 
-    def __init__(self, model, optimizer, batches: Iterator[torch.Tensor], checkpoint_dir: str | None = None,
-                 generator: torch.Generator | None = None, log: Callable[[int, dict], None] | None = None):
-        self.model, self.optimizer, self.batches = model, optimizer, batches
-        self.checkpoint_dir, self.generator, self.log = checkpoint_dir, generator, log
-        self.step_count = 0
+    def __init__(self, model, train, batches: Iterator[torch.Tensor], checkpoint_dir: str | None = None,
+                 generator: torch.Generator | None = None, log: Callable[[int, dict], None] | None = None,
+                 config_path: str = ""):
+        from mmfm.train.engine import build_engine, init_distributed
 
-    def step(self, batch: torch.Tensor) -> dict:
-        self.model.train()
-        out = self.model(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
+        init_distributed()
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.model, self.t, self.batches = model, train, batches
+        self.checkpoint_dir, self.generator = checkpoint_dir, generator
+        self.log = log if self.rank == 0 else None
+        self.engine, _ = build_engine(engine_config(train, self.world, config_path), model)
+        self.step_count = 0
+        self._saved = -1             # the step of the newest checkpoint, never rewritten in place
+
+    def step(self, batch: torch.Tensor, total: int) -> dict:
+        from mmfm.train.engine import lr_at
+
+        mb = batch.shape[0] // self.world
+        rows = batch[self.rank * mb:(self.rank + 1) * mb] if self.world > 1 else batch
+        self.engine.train()
+        out = self.engine(rows)
+        self.engine.backward(out.loss)
+        lr = lr_at(self.step_count, self.t.lr, self.t.warmup_steps, total, self.t.min_lr_ratio)
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        self.engine.step()
         self.step_count += 1
-        return {"loss": float(out.loss.detach()), **out.metrics}
+        loss = out.loss.detach().clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= self.world
+        return {"loss": float(loss), "lr": lr, **out.metrics}
 
     def run(self, steps: int, log_every: int = 25, checkpoint_every: int = 0, progress: bool = False) -> list[dict]:
         """Train until `steps` total steps (counting steps done before a resume). Returns the logged rows."""
         rows = []
         bar = None
-        if progress:
+        if progress and self.rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps, initial=self.step_count, desc="train", unit="step")
+            bar = tqdm(total=steps, initial=self.step_count, desc="train", unit="step", file=sys.stderr)
         t0 = time.perf_counter()
         while self.step_count < steps:
-            metrics = self.step(next(self.batches))
+            metrics = self.step(next(self.batches), steps)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
@@ -76,35 +157,35 @@ class TrainLoop:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
-        if self.checkpoint_dir:
-            self.save_checkpoint()
+        self.save_checkpoint()
         return rows
 
-    # -- checkpointing: the part the DeepSpeed engine will replace ---------------------------
-    def checkpoint_path(self) -> str:
-        return os.path.join(self.checkpoint_dir, CHECKPOINT)
-
     def save_checkpoint(self) -> None:
-        if not self.checkpoint_dir:
+        from mmfm.train import checkpoint as ckpt
+
+        if not self.checkpoint_dir or self._saved == self.step_count:
             return
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
-        state = {"step": self.step_count, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "generator": self.generator.get_state() if self.generator is not None else None}
-        tmp = self.checkpoint_path() + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path())  # a crash mid-write leaves the previous checkpoint intact
+        state = {"step": self.step_count,
+                 "generator": self.generator.get_state() if self.generator is not None else None,
+                 "model_generators": {k: g.get_state() for k, g in _generators(self.model).items()}}
+        ckpt.save(self.engine, self.checkpoint_dir, self.step_count, state, self.t.keep_last)
+        self._saved = self.step_count
 
     def load_checkpoint(self) -> bool:
-        """Resume from checkpoint_dir if it holds a checkpoint; returns whether it did."""
-        if not self.checkpoint_dir or not os.path.exists(self.checkpoint_path()):
+        """Resume from the newest complete checkpoint in checkpoint_dir, if any; returns whether it did."""
+        from mmfm.train import checkpoint as ckpt
+
+        if not self.checkpoint_dir:
             return False
-        # weights_only: tensors, dicts and numbers only, never arbitrary pickled objects
-        state = torch.load(self.checkpoint_path(), map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = ckpt.load(self.engine, self.checkpoint_dir)
+        if state is None:
+            return False
         if self.generator is not None and state["generator"] is not None:
             self.generator.set_state(state["generator"])
-        self.step_count = int(state["step"])
+        for k, g in _generators(self.model).items():
+            if k in state["model_generators"]:
+                g.set_state(state["model_generators"][k])
+        self.step_count = self._saved = int(state["step"])
         return True
 
 
