@@ -27,12 +27,12 @@ from common import base_parser, machine, print_table, record, write_json  # noqa
 SETTINGS = dict(temperature=0.8, top_k=50, top_p=0.9)
 DEMO_EXPORT = "runs/demo/export"
 DEMO_VOCAB = 3784
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def random_export(folder: str, vocab_size: int = DEMO_VOCAB) -> str:
     from mmfm.export import write_folder
     from mmfm.models import Transformer, load_model_config
-    from mmfm.train.engine import REPO_ROOT
 
     cfg = load_model_config(os.path.join(REPO_ROOT, "configs/models/small.yaml"))
     cfg.vocab_size = vocab_size
@@ -88,6 +88,12 @@ def bench(folder: str, batches, new: int, prompt_len: int, repeats: int, label: 
     V = models["mmfm"].cfg.vocab_size
     records = []
     with torch.inference_mode():
+        if "hf_generate" in models:   # the same weights: both models give the same logits
+            ids = torch.randint(0, V, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+            diff = float((models["mmfm"](ids) - models["hf_generate"](ids).logits).abs().max())
+            print(f"# mmfm vs transformers logits on one prompt: max |diff| {diff:.2e}", file=sys.stderr)
+            if diff > 1e-3:
+                raise RuntimeError(f"bench generate: mmfm and transformers disagree on the logits ({diff:.2e})")
         for B in batches:
             g = torch.Generator().manual_seed(B)
             prompts = torch.randint(0, V, (B, prompt_len), generator=g)
