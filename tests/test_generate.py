@@ -62,7 +62,12 @@ def test_cached_greedy_equals_recomputed_greedy(sparse):
     got = decode(model, prompts_for(), Constraints(VOCAB, TARGETS), SamplingConfig(temperature=0), pad_id=VOCAB.pad_id,
                  mod_table=table)
     for p, t, g in zip(prompts_for(), TARGETS, got):
-        assert g.tolist() == greedy_recompute(model, p, t, table=table)
+        want = greedy_recompute(model, p, t, table=table)
+        assert g.tolist() == want
+        # alone (equal-length rows: the step's slice write and unmasked attention)
+        alone = decode(model, [p], Constraints(VOCAB, [t]), SamplingConfig(temperature=0), pad_id=VOCAB.pad_id,
+                       mod_table=table)[0]
+        assert alone.tolist() == want
     # the image and audio rows ran their full segments plus the forced end marker
     assert got[0].numel() == 11 and int(got[0][-1]) == VOCAB.end_id("image")
     assert got[1].numel() == 7 and int(got[1][-1]) == VOCAB.end_id("audio")
@@ -107,6 +112,19 @@ def test_stop_ids_and_max_new_tokens():
         decode(model, prompts_for()[2:], None, SamplingConfig(temperature=0), max_new_tokens=500)
     with pytest.raises(ValueError, match="targets\\[0\\].modality"):
         Constraints(VOCAB, [Target("smell", 3)])
+
+
+def test_presence_penalty_sees_prompt_and_output():
+    model = tiny_model()
+    p = prompts_for()[2]
+    rows = decode(model, [p, p], Constraints(VOCAB, [Target("text", 20)] * 2),
+                  SamplingConfig(temperature=0, presence_penalty=1e4), pad_id=VOCAB.pad_id)
+    for row in rows:
+        body = [t for t in row.tolist() if t < VOCAB.ranges["text"].stop]
+        assert len(body) == len(set(body)) and 9 not in body, row
+    plain = decode(model, [p], Constraints(VOCAB, [Target("text", 20)]), SamplingConfig(temperature=0),
+                   pad_id=VOCAB.pad_id)[0].tolist()
+    assert len(set(plain)) < len(plain) or 9 in plain   # without the penalty this model repeats
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
