@@ -96,6 +96,11 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
         length = max_new_tokens
     else:
         length = toks.segment_length(to)
+    paths = None
+    if out:   # a wrong extension fails before any decoding
+        from mmfm.generate.outputs import output_path
+
+        paths = [output_path(str(out), to, None if len(prompts) == 1 else i) for i in range(len(prompts))]
     ids = [build_prompt(vocab, toks, p, to, inputs) for p in prompts]
     uncond = [unconditional_prompt(vocab, to) for _ in prompts] if cfg_scale != 1.0 else None
     device = next(bundle.model.parameters()).device
@@ -112,12 +117,11 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
         tok = toks[to]
         value = tok.decode(local)
         s = Sample(to, local, value, prompt=prompts[i])
-        if out:
-            from mmfm.generate.outputs import output_path, write_output
+        if paths:
+            from mmfm.generate.outputs import write_output
 
-            path = output_path(out, to, None if len(prompts) == 1 else i)
             rate = getattr(getattr(tok, "config", None), "sample_rate", None)
-            s.paths = write_output(path, to, value, sample_rate=rate)
+            s.paths = write_output(paths[i], to, value, sample_rate=rate)
         samples.append(s)
     return samples
 
