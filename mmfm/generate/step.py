@@ -13,8 +13,9 @@ step computes the same function with about a third of the ops:
     q and k are rotated together as qk * cos + roll(qk, hd/2) * [-sin, sin];
   * the attention mask (ragged rows only) is built once per step; no nn.Module calls.
 
-The weights are copies taken when the step is built, so build it after loading and don't
-train the model while decoding. tests/test_generate.py checks that greedy decoding through this
+The folded weights are copies taken when the step is built, so build it after loading and don't
+train the model while decoding. Low-precision models fold and normalise in their own dtype
+(Transformer.forward normalises in fp32), so bf16/fp16 logits can differ in the last bits. tests/test_generate.py checks that greedy decoding through this
 step equals greedy decoding by recomputing the whole sequence with Transformer.forward.
 """
 from __future__ import annotations
@@ -33,7 +34,6 @@ class DenseStep:
             raise ValueError("DenseStep: modality-sparse models decode through Transformer.forward")
         self.cfg = cfg
         self.H, self.Hkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.eps = cfg.norm_eps
         self.ffn = cfg.ffn_hidden
         self.embed = model.embed_tokens.weight
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
