@@ -110,6 +110,8 @@ def test_stop_ids_and_max_new_tokens():
         decode(model, prompts_for()[2:], None, SamplingConfig(temperature=0), max_new_tokens=0)
     with pytest.raises(ValueError, match="max_seq_len"):
         decode(model, prompts_for()[2:], None, SamplingConfig(temperature=0), max_new_tokens=500)
+    with pytest.raises(ValueError, match="stop_ids"):
+        Constraints(VOCAB, [Target("text", 3)], stop_ids=[VOCAB.size])
     with pytest.raises(ValueError, match="targets\\[0\\].modality"):
         Constraints(VOCAB, [Target("smell", 3)])
 

@@ -55,6 +55,9 @@ class Constraints:
             end.append(vocab.end_id(t.modality))
             left.append(t.length)
             is_text.append(text)
+        bad = [int(x) for x in stop_ids if not 0 <= int(x) < V]
+        if bad:
+            raise ValueError(f"Constraints: argument 'stop_ids' holds {bad[:3]}, outside the vocabulary [0, {V})")
         as_long = dict(dtype=torch.long, device=device)
         self.vocab, self.targets = vocab, list(targets)
         self.body_lo, self.body_hi = torch.tensor(lo, **as_long), torch.tensor(hi, **as_long)
