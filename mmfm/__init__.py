@@ -14,3 +14,16 @@ def load(folder: str):
 
 
 __all__.append("load")
+
+
+def __getattr__(name: str):
+    # lazy: `mmfm.generate(...)` without importing the decoder (and its deps) on `import mmfm`;
+    # the package mmfm.generate is itself callable (see mmfm/generate/__init__.py)
+    if name == "generate":
+        import importlib
+
+        return importlib.import_module("mmfm.generate")
+    raise AttributeError(f"module 'mmfm' has no attribute {name!r}")
+
+
+__all__.append("generate")

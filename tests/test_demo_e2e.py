@@ -50,3 +50,11 @@ def test_demo_e2e_test_preset_loss_falls_and_export_loads(tmp_path):
     assert logits.shape == (1, 16, vocab.size) and bool(torch.isfinite(logits).all())
     assert os.path.exists(os.path.join(s["export"], "vocab.json"))
     assert os.path.exists(os.path.join(s["export"], "tokenizers", "image", "tokenizer.yaml"))
+    # stage 6: one generated sample per modality, written and readable
+    from mmfm.generate.outputs import read_output
+
+    assert [r["modality"] for r in s["samples"]] == ["text", "image", "audio", "video", "shape3d", "physics"]
+    for r in s["samples"]:
+        assert all(os.path.getsize(p) > 0 for p in r["paths"]), r
+        read_output(r["paths"][0], r["modality"])
+    assert "samples" in p.stdout

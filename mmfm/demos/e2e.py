@@ -9,6 +9,9 @@
     4. pretrain    configs/pretrain/demo.yaml (small model, ZeRO-2) -> <out>/pretrain
     5. export      <out>/export (safetensors, config.json, vocab, tokenizers), loaded back with
                    mmfm.load to check it
+    6. samples     mmfm.generate on the export: a text continuation of a prompt, and an image, audio
+                   clip, video, 3D shape and physics field each conditioned on a held-out caption,
+                   into <out>/samples/ (PNG, WAV, GIF, PLY + PNG, NPZ + PNG; listed in samples.json)
 and a summary: what was written, per-modality held-out losses at the start and at the end.
 
 Every stage is skipped when its output already exists, so a second run only re-trains what is
@@ -223,6 +226,47 @@ def pretrain_config(out: str, preset: dict, extra: list[str]):
         os.chdir(cwd)
 
 
+# ------------------------------------------------------------------------------------ stage 6
+TEXT_PROMPT = "The"
+SAMPLE_SETTINGS = dict(temperature=0.9, top_k=100, cfg_scale=2.0, seed=0)
+
+
+def _caption(corpus: str, modality: str) -> str:
+    """A caption of the modality's corpus (the first held-out one when there is one)."""
+    from mmfm.tokenizers.data import is_held_out, read_samples
+
+    samples = [s for s in read_samples(os.path.join(corpus, f"{modality}-*.tar"), modality, "all")
+               if isinstance(s.get("txt"), str) and s["txt"]]
+    held = [s for s in samples if is_held_out(s["__key__"], 0.1)]
+    return (held or samples)[0]["txt"] if samples else ""
+
+
+def generate_samples(export_dir: str, corpus: str, out: str) -> list[dict]:
+    """One generated sample per modality into <out>/samples; reuses samples.json when present."""
+    from mmfm.generate import Bundle, generate
+
+    folder = os.path.join(out, "samples")
+    index = os.path.join(folder, "samples.json")
+    if os.path.exists(index):
+        _say(f"[demo] samples: reusing {folder}")
+        with open(index) as f:
+            return json.load(f)
+    bundle = Bundle.load(export_dir)
+    rows = []
+    for m in MODALITIES:
+        t = time.perf_counter()
+        prompt = TEXT_PROMPT if m == "text" else _caption(corpus, m)
+        kw = dict(SAMPLE_SETTINGS, cfg_scale=1.0, max_new_tokens=48) if m == "text" else SAMPLE_SETTINGS
+        s = generate(bundle, prompt, m, out=os.path.join(folder, m), **kw)[0]
+        rows.append({"modality": m, "prompt": prompt, "paths": s.paths, "tokens": int(s.tokens.numel()),
+                     "seconds": round(time.perf_counter() - t, 2), **({"text": s.value} if m == "text" else {})})
+        _say(f"[demo] samples: {m} <- {prompt[:60]!r}: {', '.join(s.paths)}")
+    os.makedirs(folder, exist_ok=True)
+    with open(index, "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows
+
+
 def _losses(ev: dict | None) -> dict:
     return {("all" if k == "eval_loss" else k[len("eval_loss_"):]): v for k, v in (ev or {}).items()
             if k.startswith("eval_loss")}
@@ -270,6 +314,9 @@ def main(args) -> int:
     export_dir = export(res["out"], os.path.join(out, "export"), tok_root)
     model = load(export_dir)
     times["export"] = time.perf_counter() - t
+    t = time.perf_counter()
+    samples = generate_samples(export_dir, corpus, out)
+    times["samples"] = time.perf_counter() - t
 
     start, end = _losses(res["eval_start"]), _losses(res["eval_end"])
     if not res["eval_start"]:   # a resumed run that had already finished: read the first eval back
@@ -285,7 +332,7 @@ def main(args) -> int:
         "export": export_dir, "export_params": sum(p.numel() for p in model.parameters()),
         "steps": res["step"], "zero_stage": cfg.deepspeed.get("zero_optimization", {}).get("stage"),
         "train_loss_first": losses[steps[0]] if steps else None, "train_loss_last": losses[steps[-1]] if steps else None,
-        "heldout_start": start, "heldout_end": end, "token_report": report,
+        "heldout_start": start, "heldout_end": end, "token_report": report, "samples": samples,
         "seconds": {k: round(v, 1) for k, v in {**times, "total": total}.items()},
     }
     with open(os.path.join(out, "demo-summary.json"), "w") as f:
@@ -314,4 +361,8 @@ def print_summary(s: dict) -> None:
     for k in sorted(s["heldout_end"], key=lambda k: (k == "all", k)):
         a, b = s["heldout_start"].get(k), s["heldout_end"][k]
         print(f"    {k:<9} {a if a is None else f'{a:.3f}':>7} -> {b:.3f}")
-    print("  samples     not generated yet (mmfm generate is another issue); the losses above stand in")
+    print(f"  samples     {os.path.dirname(s['samples'][0]['paths'][0]) if s.get('samples') else '-'} (mmfm generate, "
+          f"one per modality):")
+    for row in s.get("samples", []):
+        what = f"{row['text']!r}" if row["modality"] == "text" else ", ".join(os.path.basename(p) for p in row["paths"])
+        print(f"    {row['modality']:<9} {row['prompt'][:40]!r} -> {what[:80]}")

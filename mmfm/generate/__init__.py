@@ -1,1 +1,146 @@
-"""Generation: plain, speculative (Token Recycling, draft model) and masked parallel decoding."""
+"""Any-to-any generation with a static KV cache and the fused sampler (docs/generation.md).
+
+    import mmfm
+    samples = mmfm.generate("runs/demo/export", "a red circle", to="image", out="red.png",
+                            temperature=0.9, top_k=50, cfg_scale=3.0)
+    samples[0].value      # the decoded image [3, H, W]; samples[0].paths == ["red.png"]
+
+`mmfm generate --model DIR --prompt ... --to M --out PATH` is the same call (commands.py).
+Pieces: prompt.py (prompts in the unified vocabulary), constraints.py (which ids each row may emit),
+decode.py (the loop), step.py (the lean dense decode step), outputs.py (file writers and readers);
+speculative.py + recycling.py (Token Recycling and draft-model speculative decoding, docs/speculative.md)
+and masked.py (MaskGIT / ReCAP parallel decoding).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from mmfm.generate.constraints import Constraints, Target
+from mmfm.generate.decode import SamplingConfig, decode, modality_table
+from mmfm.generate.prompt import Tokenizers, build_prompt, unconditional_prompt
+from mmfm.vocab import Vocab
+
+
+@dataclass
+class Bundle:
+    """An exported model folder, loaded: the model, its vocabulary and its tokenizers."""
+    model: torch.nn.Module
+    vocab: Vocab
+    tokenizers: Tokenizers
+    folder: str = ""
+
+    @classmethod
+    def load(cls, folder: str) -> "Bundle":
+        from mmfm.export import load
+
+        if not os.path.exists(os.path.join(folder, "mmfm_model.json")):
+            raise FileNotFoundError(f"--model {folder!r}: not an exported model folder (no mmfm_model.json; "
+                                    "make one with mmfm export)")
+        vpath = os.path.join(folder, "vocab.json")
+        if not os.path.exists(vpath):
+            raise FileNotFoundError(f"--model {folder!r}: no vocab.json (export with a run that names data.vocab)")
+        vocab = Vocab.load(vpath)
+        model = load(folder)
+        if model.cfg.vocab_size != vocab.size:
+            raise ValueError(f"--model {folder!r}: the model's vocab_size {model.cfg.vocab_size} differs from "
+                             f"vocab.json's size {vocab.size}")
+        return cls(model, vocab, Tokenizers(os.path.join(folder, "tokenizers"), vocab), folder)
+
+
+@dataclass
+class Sample:
+    """One generated row: its modality, the tokenizer-local ids, the decoded value (str or tensor)
+    and the files written (empty without `out`)."""
+    modality: str
+    tokens: torch.Tensor
+    value: object
+    paths: list = field(default_factory=list)
+    prompt: str = ""
+
+
+def _segment(vocab: Vocab, to: str, new: torch.Tensor) -> torch.Tensor:
+    """The generated ids of one row -> the target segment's local ids (markers and <eos> dropped)."""
+    r = vocab.ranges[to]
+    keep = (new >= r.start) & (new < r.stop)
+    body = new[keep] if to != "text" else new[:int(keep.long().cumprod(0).sum())]
+    return vocab.to_local(to, body)
+
+
+def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, out: str | None = None,
+             max_new_tokens: int = 64, cfg_scale: float = 1.0, seed: int = 0, stop_ids=(), progress: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
+             repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0) -> list[Sample]:
+    """Generate one `to` sample per prompt (a string or a list of strings: a batch).
+
+    model: an exported folder (mmfm export) or a Bundle. inputs: {modality: value or file path}
+    conditioning every row (e.g. {"image": "in.png"}). out: a path; each sample is written there
+    (batch rows as <stem>-<i><ext>) in the modality's format (outputs.py). max_new_tokens: the
+    text limit (a modality segment always has its tokenizer's length). cfg_scale: classifier-free
+    guidance (1 = off; 0 = unconditional). Sampling options as mmfm.ops.sample (temperature 0 = greedy).
+    """
+    bundle = model if isinstance(model, Bundle) else Bundle.load(str(model))
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("argument 'prompt' must be a string or a non-empty list of strings")
+    vocab, toks = bundle.vocab, bundle.tokenizers
+    if to not in vocab.ranges:
+        raise ValueError(f"argument 'to' is {to!r}; this model can generate {list(vocab.ranges)}")
+    if to == "text":
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"argument 'max_new_tokens' must be an integer >= 1, got {max_new_tokens!r}")
+        length = max_new_tokens
+    else:
+        length = toks.segment_length(to)
+    paths = None
+    if out:   # a wrong extension fails before any decoding
+        from mmfm.generate.outputs import output_path
+
+        paths = [output_path(str(out), to, None if len(prompts) == 1 else i) for i in range(len(prompts))]
+    ids = [build_prompt(vocab, toks, p, to, inputs) for p in prompts]
+    uncond = [unconditional_prompt(vocab, to) for _ in prompts] if cfg_scale != 1.0 else None
+    device = next(bundle.model.parameters()).device
+    cons = Constraints(vocab, [Target(to, length)] * len(prompts), device=device, stop_ids=stop_ids)
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                              repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty)
+    table = modality_table(vocab) if bundle.model.cfg.groups > 1 else None
+    new = decode(bundle.model, ids, cons, sampling, uncond=uncond, cfg_scale=cfg_scale, seed=seed,
+                 pad_id=vocab.pad_id, mod_table=table, progress=progress)
+    samples = []
+    for i, row in enumerate(new):
+        local = _segment(vocab, to, row)
+        tok = toks[to]
+        value = tok.decode(local)
+        s = Sample(to, local, value, prompt=prompts[i])
+        if paths:
+            from mmfm.generate.outputs import write_output
+
+            rate = getattr(getattr(tok, "config", None), "sample_rate", None)
+            s.paths = write_output(paths[i], to, value, sample_rate=rate)
+        samples.append(s)
+    return samples
+
+
+def summary(samples: list[Sample]) -> str:
+    return json.dumps([{"modality": s.modality, "tokens": int(s.tokens.numel()), "paths": s.paths,
+                        **({"text": s.value} if s.modality == "text" else {})} for s in samples], indent=1)
+
+
+class _CallableModule(types.ModuleType):
+    """`mmfm.generate` is both this package and the function: importing the package replaces the
+    attribute on `mmfm`, so the module itself forwards calls to `generate`."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = ["Bundle", "Constraints", "Sample", "SamplingConfig", "Target", "decode", "generate", "modality_table"]

@@ -1,0 +1,65 @@
+"""`mmfm generate --model EXPORT_DIR --prompt "..." [--image IN.png | --audio IN.wav | ...]
+--to text|image|video|audio|3d|physics --out PATH [sampling options]`: a thin wrapper of
+mmfm.generate.generate."""
+from __future__ import annotations
+
+import sys
+
+ALIASES = {"3d": "shape3d"}
+INPUTS = ("image", "audio", "video", "shape3d", "physics")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from mmfm.generate import Bundle, generate, summary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        prompts = [""]
+    inputs = {m: getattr(args, m) for m in INPUTS if getattr(args, m)}
+    to = ALIASES.get(args.to, args.to)
+    try:
+        bundle = Bundle.load(args.model)
+        samples = generate(bundle, prompts, to, inputs=inputs, out=args.out, max_new_tokens=args.max_new_tokens,
+                           cfg_scale=args.cfg_scale, seed=args.seed, progress=not args.no_progress,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                           typical_p=args.typical_p, repetition_penalty=args.repetition_penalty)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mmfm generate: {exc}", file=sys.stderr)
+        return 2
+    if to == "text" and not args.out:
+        for s in samples:
+            print(s.value)
+    else:
+        print(summary(samples))
+    return 0
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text, images, video, audio, 3D or physics from an exported model")
+    p.add_argument("--model", required=True, help="exported model folder (mmfm export), with vocab.json and tokenizers/")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text prompt (repeat for a batch; for --to text it is continued, otherwise it is the caption)")
+    p.add_argument("--prompt-file", default=None, help="one prompt per line (added to --prompt)")
+    for m in INPUTS:
+        p.add_argument(f"--{m}", default=None, metavar="PATH",
+                       help=f"{m} input conditioning every prompt (read as in mmfm/generate/outputs.py)")
+    p.add_argument("--to", required=True, choices=("text", "image", "video", "audio", "3d", "shape3d", "physics"))
+    p.add_argument("--out", default=None, help="output path (batch rows: <stem>-<i><ext>); text prints without it")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="text: the most tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--typical-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off, 0 = unconditional)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -1,0 +1,152 @@
+"""Benchmark of autoregressive generation: tokens/s of mmfm's decoder (static KV cache + fused
+`sample`, impl `mmfm`) side by side with Hugging Face transformers' `generate` (`hf_generate`) on
+the same weights (the export's Llama layout, loaded with LlamaForCausalLM.from_pretrained), the
+same prompts and the same sampling settings (temperature 0.8, top_k 50, top_p 0.9), at batch 1
+and 8. Every impl generates exactly --new tokens per row (no stop token), prefill included.
+
+    python tools/bench/generate.py [--model EXPORT_DIR] [--json PATH] [--new 128] [--prompt-len 32]
+    mmfm bench generate [--json PATH]
+
+Without --model it uses runs/demo/export when present, else a random-weight model of the demo's
+shape (configs/models/small.yaml, vocabulary 3784) exported to a temporary folder: decoding cost
+does not depend on the weights' values. Implementations live in IMPLS (name -> function), so
+speculative decoders are one more entry.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import base_parser, machine, print_table, record, write_json  # noqa: E402
+
+SETTINGS = dict(temperature=0.8, top_k=50, top_p=0.9)
+DEMO_EXPORT = "runs/demo/export"
+DEMO_VOCAB = 3784
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def random_export(folder: str, vocab_size: int = DEMO_VOCAB) -> str:
+    from mmfm.export import write_folder
+    from mmfm.models import Transformer, load_model_config
+
+    cfg = load_model_config(os.path.join(REPO_ROOT, "configs/models/small.yaml"))
+    cfg.vocab_size = vocab_size
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    return write_folder(model.state_dict(), cfg, folder)
+
+
+def run_mmfm(model, prompts: torch.Tensor, new: int, seed: int) -> torch.Tensor:
+    from mmfm.generate.decode import SamplingConfig, decode
+
+    rows = decode(model, list(prompts), None, SamplingConfig(**SETTINGS), max_new_tokens=new, seed=seed,
+                  pad_id=0, stop_on_done=False)
+    return torch.stack(rows)
+
+
+def run_hf(hf, prompts: torch.Tensor, new: int, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, max_new_tokens=new,
+                      min_new_tokens=0, **SETTINGS)
+    return out[:, prompts.shape[1]:]
+
+
+# name -> (loader(export_dir) -> model, runner(model, prompts, new, seed) -> tokens [B, new])
+IMPLS = {
+    "mmfm": (lambda d: __import__("mmfm").load(d), run_mmfm),
+}
+
+
+def _load_hf(folder: str):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None    # every impl runs exactly --new steps
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def hf_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if hf_available():
+    IMPLS["hf_generate"] = (_load_hf, run_hf)
+
+
+def bench(folder: str, batches, new: int, prompt_len: int, repeats: int, label: str) -> list[dict]:
+    models = {name: load(folder) for name, (load, _) in IMPLS.items()}
+    V = models["mmfm"].cfg.vocab_size
+    records = []
+    with torch.inference_mode():
+        if "hf_generate" in models:   # the same weights: both models give the same logits
+            ids = torch.randint(0, V, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+            diff = float((models["mmfm"](ids) - models["hf_generate"](ids).logits).abs().max())
+            print(f"# mmfm vs transformers logits on one prompt: max |diff| {diff:.2e}", file=sys.stderr)
+            if diff > 1e-3:
+                raise RuntimeError(f"bench generate: mmfm and transformers disagree on the logits ({diff:.2e})")
+        for B in batches:
+            g = torch.Generator().manual_seed(B)
+            prompts = torch.randint(0, V, (B, prompt_len), generator=g)
+            case = {"model": label, "B": B, "prompt": prompt_len, "new": new}
+            times = {name: [] for name in IMPLS}
+            for r in range(repeats + 1):   # the first round warms up every impl
+                for name, (_, fn) in IMPLS.items():   # interleaved: machine load hits all impls alike
+                    t0 = time.perf_counter()
+                    out = fn(models[name], prompts, new, seed=r)
+                    dt = time.perf_counter() - t0
+                    if tuple(out.shape) != (B, new):
+                        raise RuntimeError(f"bench generate: {name} returned {tuple(out.shape)}, expected {(B, new)}")
+                    if r:
+                        times[name].append(dt)
+            for name, ts in times.items():
+                med = sorted(ts)[len(ts) // 2]
+                records.append(record("generate", case, name, ms=med * 1e3, tokens_per_s=B * new / med))
+    return records
+
+
+def main(argv=None) -> int:
+    p = base_parser("generate", __doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help=f"exported model folder (default {DEMO_EXPORT} if present, "
+                   "else a random-weight model of the demo's shape)")
+    p.add_argument("--B", type=int, nargs="*", help="batch sizes (default 1 8)")
+    p.add_argument("--new", type=int, default=None, help="new tokens per row (default 128; --quick 16)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    if args.device != "cpu":
+        print("mmfm bench generate: only --device cpu is measured here", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    new = args.new or (16 if args.quick else 128)
+    batches = args.B or ((1,) if args.quick else (1, 8))
+    repeats = 1 if args.quick else args.repeats
+    if "hf_generate" not in IMPLS:
+        print("# transformers is not installed: no hf_generate records", file=sys.stderr)
+    print(f"# generate benchmark on {machine()}; sampling {SETTINGS}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, label = args.model, "given"
+        if folder is None and os.path.exists(os.path.join(DEMO_EXPORT, "config.json")):
+            folder, label = DEMO_EXPORT, "demo"
+        if folder is None:
+            folder, label = random_export(os.path.join(tmp, "export")), "small-random"
+        elif args.model:
+            label = os.path.basename(os.path.normpath(args.model))
+        records = bench(folder, batches, new, args.prompt_len, repeats, label)
+    print_table(records, figures=("ms", "tokens_per_s"), ratio_to="hf_generate")
+    write_json(records, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
