@@ -319,6 +319,23 @@ def test_bench_generate_quick_writes_records(tmp_path):
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
     assert p.returncode == 0, p.stderr[-3000:]
     records = json.loads(js.read_text())
-    assert {r["impl"] for r in records} == {"mmfm", "hf_generate"}
+    assert {r["impl"] for r in records} == {"mmfm", "hf_generate", "mmfm_token_recycling"}
     for r in records:
         assert r["bench"] == "generate" and r["case"]["B"] == 1 and r["case"]["new"] == 4 and r["tokens_per_s"] > 0
+
+
+def test_speculative_api_greedy_equals_plain_greedy(export_dir):
+    """mmfm.generate(..., speculative=...) is lossless: at temperature 0 it returns plain greedy text."""
+    from mmfm.generate import generate
+
+    plain = generate(export_dir, ["a red", "the"], "text", max_new_tokens=12, temperature=0.0)
+    for method, extra in (("token_recycling", {}), ("draft", {"draft_model": export_dir})):
+        stats = {}
+        spec = generate(export_dir, ["a red", "the"], "text", max_new_tokens=12, temperature=0.0,
+                        speculative=method, stats=stats, **extra)
+        assert [s.tokens.tolist() for s in spec] == [s.tokens.tolist() for s in plain], method
+        assert len(stats["rows"]) == 2
+    with pytest.raises(ValueError, match="speculative"):
+        generate(export_dir, "x", "image", speculative="token_recycling")
+    with pytest.raises(ValueError, match="draft_model"):
+        generate(export_dir, "x", "text", speculative="draft")

@@ -76,7 +76,8 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
              max_new_tokens: int = 64, cfg_scale: float = 1.0, seed: int = 0, stop_ids=(), progress: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
              repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-             frequency_penalty: float = 0.0) -> list[Sample]:
+             frequency_penalty: float = 0.0, speculative: str | None = None, draft_model=None,
+             stats: dict | None = None) -> list[Sample]:
     """Generate one `to` sample per prompt (a string or a list of strings: a batch).
 
     model: an exported folder (mmfm export) or a Bundle. inputs: {modality: value or file path}
@@ -84,6 +85,12 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
     (batch rows as <stem>-<i><ext>) in the modality's format (outputs.py). max_new_tokens: the
     text limit (a modality segment always has its tokenizer's length). cfg_scale: classifier-free
     guidance (1 = off; 0 = unconditional). Sampling options as mmfm.ops.sample (temperature 0 = greedy).
+
+    speculative: None, "token_recycling" or "draft" (draft_model: an exported folder or a Bundle of
+    a smaller model over the same vocabulary). Lossless: the output distribution is plain
+    sampling's (docs/speculative.md). Text only, one row at a time, no CFG and no penalties; the
+    model's full vocabulary is sampled and the text segment is cut at the first non-text id, as
+    with plain decoding. `stats`, when a dict, receives the acceptance figures per prompt.
     """
     bundle = model if isinstance(model, Bundle) else Bundle.load(str(model))
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -104,6 +111,12 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
 
         paths = [output_path(str(out), to, None if len(prompts) == 1 else i) for i in range(len(prompts))]
     ids = [build_prompt(vocab, toks, p, to, inputs) for p in prompts]
+    if speculative is not None:
+        new = _speculative(bundle, ids, speculative, draft_model, length, seed, stats,
+                           to=to, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                           min_p=min_p, typical_p=typical_p, repetition_penalty=repetition_penalty,
+                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+        return _finish(bundle, to, prompts, new, paths)
     uncond = [unconditional_prompt(vocab, to) for _ in prompts] if cfg_scale != 1.0 else None
     device = next(bundle.model.parameters()).device
     cons = Constraints(vocab, [Target(to, length)] * len(prompts), device=device, stop_ids=stop_ids)
@@ -113,6 +126,54 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
     table = modality_table(vocab) if bundle.model.cfg.groups > 1 else None
     new = decode(bundle.model, ids, cons, sampling, uncond=uncond, cfg_scale=cfg_scale, seed=seed,
                  pad_id=vocab.pad_id, mod_table=table, progress=progress)
+    return _finish(bundle, to, prompts, new, paths)
+
+
+def _speculative(bundle, ids, method, draft_model, length, seed, stats, *, to, cfg_scale,
+                 repetition_penalty, presence_penalty, frequency_penalty, **sampling) -> list[torch.Tensor]:
+    from mmfm.generate.speculative import draft_model_generate, token_recycling_generate
+
+    if method not in ("token_recycling", "draft"):
+        raise ValueError(f"argument 'speculative' must be 'token_recycling' or 'draft', got {method!r}")
+    if to != "text":
+        raise ValueError(f"argument 'speculative' decodes text only (got to={to!r}); "
+                         "modality segments use the constrained plain loop")
+    if cfg_scale != 1.0 or repetition_penalty != 1.0 or presence_penalty or frequency_penalty:
+        raise ValueError("argument 'speculative' does not combine with cfg_scale or penalties")
+    drafter = None
+    if method == "draft":
+        if draft_model is None:
+            raise ValueError("argument 'draft_model' is required with speculative='draft'")
+        drafter = (draft_model if isinstance(draft_model, Bundle) else Bundle.load(str(draft_model))).model
+        if drafter.cfg.vocab_size != bundle.model.cfg.vocab_size:
+            raise ValueError(f"argument 'draft_model': vocab_size {drafter.cfg.vocab_size} differs from the "
+                             f"model's {bundle.model.cfg.vocab_size}")
+    table = modality_table(bundle.vocab) if bundle.model.cfg.groups > 1 else None
+    # the plain loop's text constraint (constraints.py): text ids, <end_text> or <eos>
+    vocab = bundle.vocab
+    allowed = torch.zeros(vocab.size, dtype=torch.bool)
+    r = vocab.ranges["text"]
+    allowed[r.start:r.stop] = True
+    allowed[vocab.end_id("text")] = True
+    allowed[vocab.eos_id] = True
+    allowed = allowed.to(next(bundle.model.parameters()).device)
+    out = []
+    with torch.inference_mode():
+        for i, row in enumerate(ids):
+            kw = dict(max_new_tokens=length, seed=seed + i, eos_id=vocab.eos_id, modality_table=table,
+                      allowed_mask=allowed, **sampling)
+            if method == "token_recycling":
+                toks, st = token_recycling_generate(bundle.model, row, **kw)
+            else:
+                toks, st = draft_model_generate(bundle.model, drafter, row, **kw)
+            if stats is not None:
+                stats.setdefault("rows", []).append(st.as_dict())
+            out.append(toks)
+    return out
+
+
+def _finish(bundle, to, prompts, new, paths) -> list[Sample]:
+    vocab, toks = bundle.vocab, bundle.tokenizers
     samples = []
     for i, row in enumerate(new):
         local = _segment(vocab, to, row)

@@ -24,15 +24,21 @@ def cmd_generate(args) -> int:
         prompts = [""]
     inputs = {m: getattr(args, m) for m in INPUTS if getattr(args, m)}
     to = ALIASES.get(args.to, args.to)
+    stats = {} if args.speculative else None
     try:
         bundle = Bundle.load(args.model)
         samples = generate(bundle, prompts, to, inputs=inputs, out=args.out, max_new_tokens=args.max_new_tokens,
                            cfg_scale=args.cfg_scale, seed=args.seed, progress=not args.no_progress,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                           typical_p=args.typical_p, repetition_penalty=args.repetition_penalty)
+                           typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
+                           speculative=args.speculative, draft_model=args.draft_model, stats=stats)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mmfm generate: {exc}", file=sys.stderr)
         return 2
+    if stats:
+        import json
+
+        print(f"speculative ({args.speculative}): " + json.dumps(stats["rows"]), file=sys.stderr)
     if to == "text" and not args.out:
         for s in samples:
             print(s.value)
@@ -61,5 +67,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off, 0 = unconditional)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", choices=("token_recycling", "draft"), default=None,
+                   help="lossless speculative decoding (text, one row at a time; docs/speculative.md)")
+    p.add_argument("--draft-model", default=None, metavar="DIR", help="exported drafter for --speculative draft")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

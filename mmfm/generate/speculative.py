@@ -49,10 +49,12 @@ class SpecStats:
                 "mean_tree_nodes": round(sum(self.tree_nodes) / len(self.tree_nodes), 2) if self.tree_nodes else 0}
 
 
-def sampling_settings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0) -> dict:
+def sampling_settings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, allowed_mask=None) -> dict:
     """The settings shared by plain sampling and verification (history penalties are not
-    supported here: they would need each tree node's own history)."""
-    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p)
+    supported here: they would need each tree node's own history). allowed_mask (bool [V]) is
+    the constraint plain decoding applies (e.g. text ids + <end_text> + <eos> for a text row)."""
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                allowed_mask=allowed_mask)
 
 
 def prompt_tensor(prompt_ids, vocab_size: int, device) -> torch.Tensor:
@@ -110,13 +112,14 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
                              top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0, seed: int | None = None,
                              eos_id: int | None = None, matrix: RecyclingMatrix | None = None, tree_size: int = 40,
                              k: int = 8, max_depth: int = 8, warm_from_prompt: bool = True,
-                             modality_table: torch.Tensor | None = None) -> tuple[torch.Tensor, SpecStats]:
+                             modality_table: torch.Tensor | None = None,
+                             allowed_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, SpecStats]:
     """Generate up to max_new_tokens after prompt_ids with Token Recycling; returns (int64 [n]
     new tokens, SpecStats). `matrix` (a RecyclingMatrix) is updated in place, so passing the same
     one across calls keeps its candidates (the paper's hot start); warm_from_prompt also fills it
     from the prefill's logits. tree_size / k / max_depth shape the static draft tree."""
     _check_common(max_new_tokens, seed)
-    settings = sampling_settings(temperature, top_k, top_p, min_p, typical_p)
+    settings = sampling_settings(temperature, top_k, top_p, min_p, typical_p, allowed_mask)
     greedy = temperature == 0
     V = model.cfg.vocab_size
     device = next(model.parameters()).device
@@ -159,7 +162,7 @@ def _walk_tree(tree, logits: torch.Tensor, settings: dict, greedy: bool, rng: _R
     the accepted drafts then the target's own next token)."""
     tokens = tree.tokens.tolist()
     if greedy:   # the same op and tie rule as plain greedy decoding, for every node at once
-        best = sampling.sample(logits, temperature=0, seed=0).tolist()
+        best = sampling.sample(logits, temperature=0, seed=0, allowed_mask=settings['allowed_mask']).tolist()
     else:
         probs = sampling.processed_probs(logits, **settings)
     cur, path, emitted = 0, [0], []
@@ -189,7 +192,8 @@ def _walk_tree(tree, logits: torch.Tensor, settings: dict, greedy: bool, rng: _R
 def draft_model_generate(model, drafter, prompt_ids, *, max_new_tokens: int, num_draft: int = 4,
                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                          typical_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
-                         modality_table: torch.Tensor | None = None) -> tuple[torch.Tensor, SpecStats]:
+                         modality_table: torch.Tensor | None = None,
+                             allowed_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, SpecStats]:
     """Generate with a smaller mmfm model (same vocabulary) drafting num_draft tokens per target
     pass, verified by verify_chain; returns (int64 [n] new tokens, SpecStats)."""
     _check_common(max_new_tokens, seed)
@@ -199,7 +203,7 @@ def draft_model_generate(model, drafter, prompt_ids, *, max_new_tokens: int, num
     if drafter.cfg.vocab_size != V:
         raise ValueError(f"drafter: vocab_size {drafter.cfg.vocab_size} differs from the target's {V}; the drafter "
                          "must share the unified vocabulary")
-    settings = sampling_settings(temperature, top_k, top_p, min_p, typical_p)
+    settings = sampling_settings(temperature, top_k, top_p, min_p, typical_p, allowed_mask)
     greedy = temperature == 0
     device = next(model.parameters()).device
     ids = prompt_tensor(prompt_ids, V, device)
@@ -234,7 +238,7 @@ def draft_model_generate(model, drafter, prompt_ids, *, max_new_tokens: int, num
         stats.target_passes += 1
         stats.drafted += G
         if greedy:
-            best = sampling.sample(tl, temperature=0, seed=0).tolist()
+            best = sampling.sample(tl, temperature=0, seed=0, allowed_mask=settings['allowed_mask']).tolist()
             a = next((j for j in range(G) if drafts[j] != best[j]), G)
             nxt = best[a]
         else:
