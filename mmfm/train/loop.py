@@ -49,7 +49,7 @@ def _allreduce(t: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> torch.Tens
 def evaluate(engine, batches, vocab, table) -> dict:
     """Per-modality next-token loss on fixed held-out sequences (every rank evaluates all of them:
     collective-safe under ZeRO-3, identical results)."""
-    from mmfm.objectives import ObjectiveConfig, build_objective, loss_and_report
+    from mmfm.objectives import ObjectiveConfig, build_objective, model_loss_and_report
 
     ar = build_objective(ObjectiveConfig(kind="ar"), vocab)
     G = len(vocab.modality_names)
@@ -59,8 +59,7 @@ def evaluate(engine, batches, vocab, table) -> dict:
         for ids, valid in batches:
             mods = table[ids]
             p = ar.prepare(ids, mods, valid)
-            logits = engine(p.input_ids, p.modality_ids)
-            _, s, c = loss_and_report(logits, p, ar.weights)
+            _, s, c = model_loss_and_report(engine, p, ar.weights)
             sums += s
             counts += c
     engine.train()
@@ -93,7 +92,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
     prepare_model(model) -> model, if given, runs before the engine (fine-tuning: LoRA, freezing)."""
     from mmfm.data.dataset import ShardLoader
     from mmfm.models import Transformer
-    from mmfm.objectives import build_objective, loss_and_report, modality_table
+    from mmfm.objectives import build_objective, model_loss_and_report, modality_table
     from mmfm.train.tokens import token_dataset
     from mmfm.vocab import Vocab
 
@@ -193,16 +192,16 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
                 r0 = (a * world + rank) * t.micro_batch
                 rows = slice(r0, r0 + t.micro_batch)
                 mask = None if prep.attn_mask is None else prep.attn_mask[rows]
-                logits = engine(prep.input_ids[rows], prep.modality_ids[rows], mask)
                 sub = type(prep)(prep.input_ids[rows], prep.modality_ids[rows], prep.labels[rows],
                                  prep.label_mod[rows], mask)
-                local_sum, s, c = loss_and_report(logits, sub, weights, denominator=1.0)
+                # the fused output projection + cross-entropy (Transformer.loss); no logits materialised
+                local_sum, s, c = model_loss_and_report(engine, sub, weights, denominator=1.0)
                 loss = local_sum * (world * t.grad_accum) / max(den, 1e-8)
                 ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) and step + 1 not in nan_steps else 0.0])
                 ok = _allreduce(ok, torch.distributed.ReduceOp.MIN)
                 if ok.item() < 1:
                     finite_all = False
-                    loss = logits.sum() * 0.0
+                    loss = local_sum.nan_to_num(0.0) * 0.0   # zero gradients, same graph
                 else:
                     sums += s
                     counts += c

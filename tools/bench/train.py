@@ -3,9 +3,12 @@
     mmfm bench train [--quick] [--json PATH] [--configs tiny,small] [--batch 8] [--seq 256] [--vocab 4096]
 
 For each model config, both models are built with the same weights (mmfm/models/hf.py adapter),
-the same batch of random ids (batch x seq), the same loss (F.cross_entropy on the shifted
-logits, computed outside the model for both) and the same optimizer (torch AdamW, lr 1e-4,
-foreach), in this process, with torch's default threads. HF uses its default attention
+the same batch of random ids (batch x seq), the same next-token loss (mean cross-entropy over the
+shifted labels) and the same optimizer (torch AdamW, lr 1e-4, foreach), in this process, with
+torch's default threads. Each side computes the loss its own standard way: HF as its users do
+(logits, then F.cross_entropy on the shifted logits); mmfm through its training path, the one
+`mmfm pretrain` runs (mmfm.objectives.model_loss_and_report -> Transformer.loss: output
+projection and cross-entropy fused in row chunks, no [tokens, vocab] logits). HF uses its default attention
 (sdpa). One timed step = data (slice the next batch out of a pre-generated id tensor), forward
 (+ loss), backward, optimizer (step + zero_grad), each timed with perf_counter; steps of the two
 models alternate in blocks so that load from other processes hits both alike. Figures are
@@ -47,9 +50,30 @@ def _build(config_path: str, vocab: int):
     return cfg, model, hf
 
 
+def hf_loss(hf):
+    def loss(ids):
+        logits = hf(input_ids=ids, use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    return loss
+
+
+def mmfm_loss(model):
+    """The trainer's loss call (mmfm/train/loop.py) on AR labels of one modality group."""
+    from mmfm.objectives import Prepared, model_loss_and_report
+
+    weights = torch.ones(1)
+
+    def loss(ids):
+        labels = torch.full_like(ids, -100)
+        labels[:, :-1] = ids[:, 1:]
+        zeros = torch.zeros_like(ids)
+        return model_loss_and_report(model, Prepared(ids, zeros, labels, zeros, None), weights)[0]
+    return loss
+
+
 class Runner:
-    def __init__(self, name, model, forward, data):
-        self.name, self.model, self.forward, self.data = name, model, forward, data
+    def __init__(self, name, model, loss, data):
+        self.name, self.model, self.loss, self.data = name, model, loss, data
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
         self.times = {"data": [], "forward": [], "backward": [], "optimizer": [], "step": []}
         self.i = 0
@@ -60,8 +84,7 @@ class Runner:
         ids = self.data[self.i % len(self.data)]
         self.i += 1
         t1 = time.perf_counter()
-        logits = self.forward(ids)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        loss = self.loss(ids)
         t2 = time.perf_counter()
         loss.backward()
         t3 = time.perf_counter()
@@ -95,8 +118,7 @@ def main(argv=None) -> int:
         cfg, model, hf = _build(f"{REPO_ROOT}/configs/models/{name}.yaml", args.vocab)
         gen = torch.Generator().manual_seed(0)
         data = [torch.randint(args.vocab, (args.batch, seq), generator=gen) for _ in range(8)]
-        runners = [Runner("mmfm", model, lambda ids: model(ids), data),
-                   Runner("hf_llama", hf, lambda ids: hf(input_ids=ids, use_cache=False).logits, data)]
+        runners = [Runner("mmfm", model, mmfm_loss(model), data), Runner("hf_llama", hf, hf_loss(hf), data)]
         for r in runners:          # warm-up (allocator, SDPA dispatch)
             r.step(record_it=False)
             r.step(record_it=False)
