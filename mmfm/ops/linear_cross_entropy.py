@@ -57,14 +57,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             e = min(N, s + chunk)
             h, lab = hidden[s:e], labels[s:e, None]
             logits = torch.mm(h, wt).float()
-            lse = torch.logsumexp(logits, dim=1)
-            ce[s:e] = lse - logits.gather(1, lab).squeeze(1)
+            picked = logits.gather(1, lab).squeeze(1)
+            # one pass each, in place in the chunk's buffer: shift, exp, row sums -> CE and softmax
+            m = logits.amax(dim=1, keepdim=True)
+            g = logits.sub_(m).exp_()
+            sums = g.sum(dim=1)
+            ce[s:e] = sums.log() + m.squeeze(1) - picked
             if not (want_h or want_w):
                 continue
-            # d(w * ce)/d logits = w * (softmax - one_hot), built in place in the chunk's buffer
-            g = logits.sub_(lse[:, None]).exp_()
-            g.scatter_add_(1, lab, torch.full_like(lse[:, None], -1.0))
-            g.mul_(tw[s:e, None])
+            # d(w * ce)/d logits = w * (softmax - one_hot)
+            w = tw[s:e]
+            g.mul_((w / sums)[:, None])
+            g.scatter_add_(1, lab, -w[:, None])
             g = g.to(hidden.dtype)
             if want_h:
                 torch.mm(g, weight, out=g_hidden[s:e])
