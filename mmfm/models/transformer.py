@@ -129,17 +129,33 @@ class Attention(nn.Module):
     def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, counts=None):
         B, L, _ = x.shape
         c = self.cfg
-        q = self.q_proj(x, plan).view(B, L, c.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x, plan).view(B, L, c.n_kv_heads, self.hd).transpose(1, 2)
-        v = self.v_proj(x, plan).view(B, L, c.n_kv_heads, self.hd).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        H, Hkv = c.n_heads, c.n_kv_heads
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)          # [.., L, 1, hd]: broadcast over heads
+        if _plain(self.q_proj, self.k_proj, self.v_proj):
+            # one matmul for q, k, v (x read once, one grad-input matmul in backward), and one rotary
+            # over q and k together, which are adjacent heads of that output
+            w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+            qkv = F.linear(x, w).view(B, L, H + 2 * Hkv, self.hd)
+            qk = qkv[:, :, :H + Hkv]
+            qk = qk * cos + rotate_half(qk) * sin
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+        else:
+            q = self.q_proj(x, plan).view(B, L, H, self.hd)
+            k = self.k_proj(x, plan).view(B, L, Hkv, self.hd)
+            v = self.v_proj(x, plan).view(B, L, Hkv, self.hd)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:   # append this step's keys/values, attend over past + new
             upto = cache.write(layer, k, v, counts)
             k, v = cache.read(layer, upto)
         out = attend(q, k, v, mask, c.attention)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, c.n_heads * self.hd), plan)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, H * self.hd), plan)
+
+
+def _plain(*mods) -> bool:
+    """Dense GroupLinear projections (not modality-sparse, not wrapped by LoRA): fusable by concatenation."""
+    return all(type(m) is GroupLinear and m.groups == 1 for m in mods)
 
 
 def attend(q, k, v, mask, backend: str = "auto"):
@@ -174,7 +190,11 @@ class MLP(nn.Module):
         self.down_proj = GroupLinear(cfg.ffn_hidden, cfg.dim, g)
 
     def forward(self, x, plan):
-        return self.down_proj(F.silu(self.gate_proj(x, plan)) * self.up_proj(x, plan), plan)
+        if _plain(self.gate_proj, self.up_proj):   # gate and up in one matmul
+            gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x, plan), self.up_proj(x, plan)
+        return self.down_proj(F.silu(gate) * up, plan)
 
 
 class Block(nn.Module):

@@ -46,19 +46,22 @@ def _allreduce(t: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> torch.Tens
     return t
 
 
-def evaluate(engine, batches, vocab, table) -> dict:
-    """Per-modality next-token loss on fixed held-out sequences (every rank evaluates all of them:
-    collective-safe under ZeRO-3, identical results)."""
+def evaluate(engine, batches, vocab, table, objective=None) -> dict:
+    """Per-modality loss of the run's objective (default: next token) on fixed held-out sequences,
+    with the objective's random choices (masked positions, budgets, prefix lengths) drawn from a
+    fixed seed so that evaluations at different steps see the same inputs and targets. Every rank
+    evaluates all of them: collective-safe under ZeRO-3, identical results."""
     from mmfm.objectives import ObjectiveConfig, build_objective, model_loss_and_report
 
-    ar = build_objective(ObjectiveConfig(kind="ar"), vocab)
+    ar = objective or build_objective(ObjectiveConfig(kind="ar"), vocab)
+    gen = torch.Generator().manual_seed(1234)
     G = len(vocab.modality_names)
     sums, counts = torch.zeros(G, dtype=torch.float64), torch.zeros(G, dtype=torch.float64)
     engine.eval()
     with torch.no_grad():
         for ids, valid in batches:
             mods = table[ids]
-            p = ar.prepare(ids, mods, valid)
+            p = ar.prepare(ids, mods, valid, gen)
             _, s, c = model_loss_and_report(engine, p, ar.weights)
             sums += s
             counts += c
@@ -152,7 +155,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
     evals = eval_batches(cfg, vocab)
     result = {"losses": {}, "out": out, "stopped_by": None, "eval_start": None, "eval_end": None}
     if evals:
-        result["eval_start"] = evaluate(engine, evals, vocab, table)
+        result["eval_start"] = evaluate(engine, evals, vocab, table, objective)
         if logger:
             logger(step, result["eval_start"])
         say(f"[pretrain] held-out loss at step {step}: {_fmt(result['eval_start'])}")
@@ -250,7 +253,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
                     logger(step, row)
                 window = {"tokens": 0, "time": 0.0, "data": 0.0}
             if evals and t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                ev = evaluate(engine, evals, vocab, table)
+                ev = evaluate(engine, evals, vocab, table, objective)
                 if logger:
                     logger(step, ev)
             if kill_at and step == kill_at:
@@ -269,12 +272,12 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
         if bar is not None:
             bar.close()
     if evals and result["stopped_by"] is None:
-        result["eval_end"] = evaluate(engine, evals, vocab, table)
+        result["eval_end"] = evaluate(engine, evals, vocab, table, objective)
         if logger:
             logger(step, result["eval_end"])
         say(f"[pretrain] held-out loss at step {step}: {_fmt(result['eval_end'])}")
     if rank == 0:
-        _finish(out, result)
+        _finish(out, result, t.plot)
     if logger:
         logger.close()
     result["engine"] = engine
@@ -286,7 +289,7 @@ def _fmt(ev: dict) -> str:
     return ", ".join(f"{k.replace('eval_loss_', '').replace('eval_loss', 'all')} {v:.3f}" for k, v in ev.items())
 
 
-def _finish(out: str, result: dict) -> None:
+def _finish(out: str, result: dict, plot: bool = True) -> None:
     from mmfm.train.metrics import loss_plot
 
     rows = []
@@ -299,7 +302,7 @@ def _finish(out: str, result: dict) -> None:
         pts = [(r["step"], r[key]) for r in rows if key in r and "tokens_per_s" in r]
         if pts:
             series[key] = ([s for s, _ in pts], [v for _, v in pts])
-    if series:
+    if series and plot:
         loss_plot(os.path.join(out, "loss_curve.png"), series, "training loss (total and per modality)")
     summary = {k: v for k, v in result.items() if k not in ("engine",)}
     with open(os.path.join(out, "summary.json"), "w") as f:
