@@ -47,7 +47,9 @@ def runs(tmp_path_factory):
         {"name": "offload_bf16_resumed", "config": f"{REPO}/configs/pretrain/offload_bf16.yaml",
          "overrides": offload + [f"train.out={d}/offload_killed"]},
         {"name": "masked", "config": f"{REPO}/configs/pretrain/masked.yaml",
-         "overrides": common + [tiny, f"train.out={d}/masked", "train.checkpoint_every=0"]},
+         # masked prediction on this toy data learns slowly: more steps, a larger batch, a lower lr
+         "overrides": common + [tiny, f"train.out={d}/masked", "train.checkpoint_every=0", "train.steps=20",
+                                "train.micro_batch=8", "optim.lr=0.003"]},
         {"name": "hybrid_mot", "config": f"{REPO}/configs/pretrain/hybrid.yaml",
          "overrides": common + [tiny_mot, f"train.out={d}/hybrid", "train.checkpoint_every=0"]},
         {"name": "mot", "config": f"{REPO}/configs/pretrain/mot.yaml",
@@ -63,8 +65,10 @@ def runs(tmp_path_factory):
     return res
 
 
-def _falls(losses):
-    return sum(losses[s] for s in (STEPS - 1, STEPS)) < sum(losses[s] for s in (1, 2))
+def _falls(losses, k=2):
+    """Mean of the last k training losses below the mean of the first k (single steps are noisy)."""
+    steps = sorted(losses)
+    return sum(losses[s] for s in steps[-k:]) < sum(losses[s] for s in steps[:k])
 
 
 def test_offload_bf16_trains_and_resumes_exactly(runs):
@@ -83,7 +87,7 @@ def test_offload_bf16_trains_and_resumes_exactly(runs):
 @pytest.mark.parametrize("name", ["masked", "hybrid_mot", "mot"])
 def test_objectives_and_mot_lower_the_loss_and_report_per_modality(runs, name):
     r = runs[name]
-    assert _falls(r["losses"]), r["losses"]
+    assert _falls(r["losses"], 4 if name == "masked" else 2), r["losses"]
     assert r["eval_end"]["eval_loss"] < r["eval_start"]["eval_loss"], (r["eval_start"], r["eval_end"])
     train_rows = [row for row in r["rows"] if "tokens_per_s" in row]
     for mod in ("image", "audio", "text"):

@@ -12,7 +12,11 @@ projection and cross-entropy fused in row chunks, no [tokens, vocab] logits). HF
 (sdpa). One timed step = data (slice the next batch out of a pre-generated id tensor), forward
 (+ loss), backward, optimizer (step + zero_grad), each timed with perf_counter; steps of the two
 models alternate in blocks so that load from other processes hits both alike. Figures are
-medians over the timed steps; tokens_per_s = batch x seq / median step time.
+medians over the timed steps; tokens_per_s = batch x seq / median step time. cpu_step_ms is the
+process CPU time of a step (time.process_time) and tokens_per_cpu_s the rate over it: on a machine
+shared with other work, wall time includes the time this process waited for a core, CPU time
+mostly does not (with one thread; with several, spin-waiting threads count), so the two ratios
+bracket the comparison.
 Records (ARCHITECTURE.md): bench "train", case {config, batch, seq, vocab, params_m}, impl
 "mmfm" or "hf_llama", tokens_per_s and data_ms / forward_ms / backward_ms / optimizer_ms / step_ms.
 """
@@ -75,11 +79,12 @@ class Runner:
     def __init__(self, name, model, loss, data):
         self.name, self.model, self.loss, self.data = name, model, loss, data
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
-        self.times = {"data": [], "forward": [], "backward": [], "optimizer": [], "step": []}
+        self.times = {"data": [], "forward": [], "backward": [], "optimizer": [], "step": [], "cpu_step": []}
         self.i = 0
         model.train()
 
     def step(self, record_it: bool = True) -> float:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         ids = self.data[self.i % len(self.data)]
         self.i += 1
@@ -91,9 +96,10 @@ class Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
+        c4 = time.process_time()
         if record_it:
             for k, v in (("data", t1 - t0), ("forward", t2 - t1), ("backward", t3 - t2), ("optimizer", t4 - t3),
-                         ("step", t4 - t0)):
+                         ("step", t4 - t0), ("cpu_step", c4 - c0)):
                 self.times[k].append(v * 1e3)
         return float(loss.detach())
 
@@ -133,6 +139,7 @@ def main(argv=None) -> int:
         for r in runners:
             med = {k: statistics.median(v) for k, v in r.times.items()}
             records.append(record("train", case, r.name, tokens_per_s=args.batch * seq / (med["step"] / 1e3),
+                                  tokens_per_cpu_s=args.batch * seq / (med["cpu_step"] / 1e3),
                                   **{f"{k}_ms": round(v, 3) for k, v in med.items()}))
     _print(records)
     write_json(records, args.json)
@@ -140,13 +147,14 @@ def main(argv=None) -> int:
 
 
 def _print(records: list[dict]) -> None:
-    figs = ("tokens_per_s", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "step_ms")
-    base = {r["case"]["config"]: r["tokens_per_s"] for r in records if r["impl"] == "hf_llama"}
-    rows = [["config", "params_m", "impl", *figs, "vs hf_llama"]]
+    figs = ("tokens_per_s", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "step_ms", "cpu_step_ms")
+    base = {r["case"]["config"]: r for r in records if r["impl"] == "hf_llama"}
+    rows = [["config", "params_m", "impl", *figs, "vs hf_llama", "cpu vs hf_llama"]]
     for r in records:
+        b = base[r["case"]["config"]]
         rows.append([r["case"]["config"], str(r["case"]["params_m"]), r["impl"],
                      *[f"{r[f]:.1f}" if f == "tokens_per_s" else f"{r[f]:.2f}" for f in figs],
-                     f"{r['tokens_per_s'] / base[r['case']['config']]:.2f}x"])
+                     f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x", f"{r['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}x"])
     widths = [max(len(c) for c in col) for col in zip(*rows)]
     for cells in rows:
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
