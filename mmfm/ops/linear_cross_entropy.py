@@ -8,8 +8,8 @@ Training a small-dimension model over a large vocabulary spends much of its step
 writing [N, V] floats, log-softmax over them, the loss gradient (a zero fill, a scatter, the
 log-softmax backward) and the copies of slicing and upcasting, each a pass through memory far
 larger than the cache. Here each chunk of rows computes its logits, softmax and logit gradient
-(softmax - one_hot, times the row's weight) while the chunk is still in cache, and folds it at
-once into grad_hidden and grad_weight. So the gradients are finished in the forward pass (the
+(softmax - one_hot, times the row's weight) in place in one buffer, and folds it at once into
+grad_hidden and grad_weight. So the gradients are finished in the forward pass (the
 loss is a scalar sum, so backward only scales them by the incoming gradient): no logits are kept
 for backward and the output projection is not recomputed.
 
@@ -23,9 +23,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# ~1M fp32 logits (4 MB) per chunk: large enough for efficient matmuls, small enough to stay in
-# cache between the matmul that writes the chunk and the softmax passes that read it
-CHUNK_ELEMENTS = 1 << 20
+# ~8M fp32 logits (32 MB) per chunk bounds the memory for large vocabularies and batches; smaller
+# chunks (that stay in L2) were ~15% faster with one thread on an idle core but up to 2x slower with
+# two OpenMP threads on a busy machine, where every extra parallel region waits for a descheduled
+# thread (measured on the 2-core CPU, docs/benchmarks.md ## train). At the bench size (2048 x 4096)
+# this is one chunk, still without keeping logits or a separate backward pass.
+CHUNK_ELEMENTS = 1 << 23
 
 
 def _check(hidden, weight, labels, token_weights):
