@@ -78,6 +78,9 @@ def test_offload_bf16_trains_and_resumes_exactly(runs):
     assert sorted(ref["losses"]) == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) for v in ref["losses"].values()) and _falls(ref["losses"]), ref["losses"]
     assert ref["eval_end"]["eval_loss"] < ref["eval_start"]["eval_loss"]
+    # the trainer's steps and evaluations all went through the fused loss, never full logits:
+    # 8 steps x 2 micro-batches + 2 evaluations x 1 held-out batch
+    assert ref["head_calls"] == {"logits": 0, "fused_loss": STEPS * 2 + 2}, ref["head_calls"]
     # resumed from step 4 after the SIGKILL: steps 5..8 replay the uninterrupted run's losses
     assert sorted(resumed["losses"]) == [5, 6, 7, 8]
     for s in (5, 6, 7, 8):

@@ -5,7 +5,9 @@ Per optimizer step:
      shards, drawn identically on every rank (mmfm/train/tokens.py);
   2. the objective prepares inputs, labels and masks for the whole global batch with one seeded
      torch.Generator, and the loss denominator (weighted label count) of the whole global batch;
-  3. each micro-step a, rank r takes rows (a * world + r) * micro_batch ...; its loss is its
+  3. each micro-step a, rank r takes rows (a * world + r) * micro_batch ...; the engine computes the
+     loss through the model's fused head (model_loss_and_report -> Transformer.loss: no
+     [tokens, vocab] logits, mmfm/ops/linear_cross_entropy.py); its loss is its
      weighted CE sum x world x accum / denominator, so after DeepSpeed's 1/accum scaling and
      gradient averaging over ranks the gradient is that of the global batch's weighted mean loss,
      exactly as a 1-rank run at the same global batch computes it;
