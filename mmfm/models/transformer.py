@@ -25,11 +25,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmfm.models.config import ModelConfig
+from mmfm.ops.linear_cross_entropy import linear_cross_entropy
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     _flash_attn_func = None
+
+
+IGNORE_INDEX = -100   # mmfm.objectives' label for "no loss here"
 
 
 def flash_attn_available() -> bool:
@@ -125,17 +129,33 @@ class Attention(nn.Module):
     def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, counts=None):
         B, L, _ = x.shape
         c = self.cfg
-        q = self.q_proj(x, plan).view(B, L, c.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x, plan).view(B, L, c.n_kv_heads, self.hd).transpose(1, 2)
-        v = self.v_proj(x, plan).view(B, L, c.n_kv_heads, self.hd).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        H, Hkv = c.n_heads, c.n_kv_heads
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)          # [.., L, 1, hd]: broadcast over heads
+        if _plain(self.q_proj, self.k_proj, self.v_proj):
+            # one matmul for q, k, v (x read once, one grad-input matmul in backward), and one rotary
+            # over q and k together, which are adjacent heads of that output
+            w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+            qkv = F.linear(x, w).view(B, L, H + 2 * Hkv, self.hd)
+            qk = qkv[:, :, :H + Hkv]
+            qk = qk * cos + rotate_half(qk) * sin
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+        else:
+            q = self.q_proj(x, plan).view(B, L, H, self.hd)
+            k = self.k_proj(x, plan).view(B, L, Hkv, self.hd)
+            v = self.v_proj(x, plan).view(B, L, Hkv, self.hd)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:   # append this step's keys/values, attend over past + new
             upto = cache.write(layer, k, v, counts)
             k, v = cache.read(layer, upto)
         out = attend(q, k, v, mask, c.attention)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, c.n_heads * self.hd), plan)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, H * self.hd), plan)
+
+
+def _plain(*mods) -> bool:
+    """Dense GroupLinear projections (not modality-sparse, not wrapped by LoRA): fusable by concatenation."""
+    return all(type(m) is GroupLinear and m.groups == 1 for m in mods)
 
 
 def attend(q, k, v, mask, backend: str = "auto"):
@@ -170,7 +190,11 @@ class MLP(nn.Module):
         self.down_proj = GroupLinear(cfg.ffn_hidden, cfg.dim, g)
 
     def forward(self, x, plan):
-        return self.down_proj(F.silu(self.gate_proj(x, plan)) * self.up_proj(x, plan), plan)
+        if _plain(self.gate_proj, self.up_proj):   # gate and up in one matmul
+            gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x, plan), self.up_proj(x, plan)
+        return self.down_proj(F.silu(gate) * up, plan)
 
 
 class Block(nn.Module):
@@ -186,6 +210,18 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x, plan), plan)
 
 
+class LMHead(nn.Linear):
+    """The output projection (an nn.Linear, so parameter names and loading are unchanged). Called with
+    labels, it returns the fused chunked loss instead of logits; the loss goes through this module's
+    own call so that DeepSpeed ZeRO-3 gathers the weight for it as it does for plain logits."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None):
+        if labels is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, labels, token_weights)
+
+
 class Transformer(nn.Module):
     """forward(ids [B, L], modality_ids [B, L] or None, attn_mask None (causal) or bool [B, L, L])
     -> logits [B, L, vocab_size].
@@ -194,7 +230,10 @@ class Transformer(nn.Module):
     appended to the cache, attention covers the cached past plus the new tokens (attn_mask, if
     given, is the [B, L, L] mask among the new tokens, e.g. a draft tree), positions default to
     the cache slots, and the cache's lengths advance by L (or by counts[b] for ragged rows).
-    return_hidden=True returns the final-norm hidden states [B, L, dim] instead of logits."""
+    return_hidden=True returns the final-norm hidden states [B, L, dim] instead of logits.
+
+    Training goes through `loss` (forward with labels=): the output projection and cross-entropy
+    run fused in row chunks (mmfm/ops/linear_cross_entropy.py), only over labelled positions."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -205,7 +244,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = GroupRMSNorm(cfg.dim, cfg.norm_eps, cfg.groups)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.dim, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.reset_parameters()
 
@@ -224,7 +263,8 @@ class Transformer(nn.Module):
     def forward(self, ids: torch.Tensor, modality_ids: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache=None, counts: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, *, labels: torch.Tensor | None = None,
+                label_weights: torch.Tensor | None = None):
         B, L = ids.shape if ids is not None else inputs_embeds.shape[:2]
         if L > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -249,6 +289,31 @@ class Transformer(nn.Module):
         x = self.norm(x, plan)
         if return_hidden:
             return x
+        if labels is not None:
+            return self._loss_head(x, labels, label_weights)
         if self.lm_head is None:
             return F.linear(x, self.embed_tokens.weight)
         return self.lm_head(x)
+
+    def _loss_head(self, x: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor | None):
+        if labels.shape != x.shape[:2]:
+            raise ValueError(f"labels: expected [B, L] = {list(x.shape[:2])} like ids, got {list(labels.shape)}")
+        flat = labels.reshape(-1)
+        rows = torch.nonzero(flat != IGNORE_INDEX).squeeze(1)   # unlabelled positions need no logits
+        h = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        w = None if label_weights is None else label_weights.reshape(-1).index_select(0, rows)
+        lab = flat.index_select(0, rows)
+        if self.lm_head is None:
+            loss, ce = linear_cross_entropy(h, self.embed_tokens.weight, lab, w)
+        else:
+            loss, ce = self.lm_head(h, lab, w)
+        full = torch.zeros(flat.shape[0], dtype=ce.dtype, device=ce.device).index_copy_(0, rows, ce)
+        return loss, full.view(labels.shape)
+
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor | None = None,
+             modality_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None):
+        """(sum over labelled positions of label_weights * CE, per-position CE [B, L] fp32 detached,
+        0 where labels == -100). Equals F.cross_entropy on forward()'s logits; the logits are never
+        materialised. The trainer calls this through the engine as forward(..., labels=...)."""
+        return self(ids, modality_ids, attn_mask, positions, labels=labels, label_weights=label_weights)

@@ -13,6 +13,8 @@ per-modality report are shared:
     masked    4M-style: Dirichlet input/target budgets per modality, bidirectional attention
     hybrid    BAMM-style: a causal prefix and a masked suffix in one sequence and one mask
 """
-from mmfm.objectives.base import (ObjectiveConfig, Prepared, build_objective, loss_and_report, modality_table)
+from mmfm.objectives.base import (ObjectiveConfig, Prepared, build_objective, loss_and_report, modality_table,
+                                  model_loss_and_report)
 
-__all__ = ["ObjectiveConfig", "Prepared", "build_objective", "loss_and_report", "modality_table"]
+__all__ = ["ObjectiveConfig", "Prepared", "build_objective", "loss_and_report", "modality_table",
+           "model_loss_and_report"]

@@ -195,15 +195,32 @@ def loss_and_report(logits: torch.Tensor, prep: Prepared, weights: torch.Tensor,
     loss = sum_t w[mod_t] * ce_t / sum_t w[mod_t] over positions with a label. Returns
     (loss, sums [G], counts [G]) where sums/counts are the unweighted CE sums and label counts per
     modality (detached; divide after summing over micro-batches and ranks). `denominator` replaces
-    sum_t w[mod_t] (the trainer passes 1.0 and divides by the whole global batch's weight itself)."""
-    G = len(weights)
+    sum_t w[mod_t] (the trainer passes 1.0 and divides by the whole global batch's weight itself).
+    This is the plain path (full logits); training uses `model_loss_and_report`, which gives the
+    same values without materialising the logits."""
     flat = logits.float().reshape(-1, logits.shape[-1])
     labels = prep.labels.reshape(-1)
-    mods = prep.label_mod.reshape(-1)
     has = labels != IGNORE
     ce = F.cross_entropy(flat, labels.clamp_min(0), reduction="none") * has
-    w = weights.to(ce.device)[mods] * has
-    loss = (ce * w).sum() / (w.sum().clamp_min(1e-8) if denominator is None else denominator)
+    w = weights.to(ce.device)[prep.label_mod.reshape(-1)] * has
+    return _finish(ce, (ce * w).sum(), w, prep, len(weights), denominator)
+
+
+def model_loss_and_report(model, prep: Prepared, weights: torch.Tensor, denominator: float | None = None):
+    """loss_and_report's results through the model's fused loss path (Transformer.loss: output
+    projection + cross-entropy in row chunks, only over labelled positions). `model` is the
+    Transformer or a DeepSpeed engine wrapping it (called as forward(..., labels=, label_weights=),
+    so engine hooks such as ZeRO-3 parameter gathering apply)."""
+    has = prep.labels != IGNORE
+    w = weights.to(prep.labels.device)[prep.label_mod] * has
+    total, ce = model(prep.input_ids, prep.modality_ids, prep.attn_mask, labels=prep.labels, label_weights=w)
+    return _finish(ce.reshape(-1), total, w.reshape(-1), prep, len(weights), denominator)
+
+
+def _finish(ce, weighted_sum, w, prep: Prepared, G: int, denominator):
+    loss = weighted_sum / (w.sum().clamp_min(1e-8) if denominator is None else denominator)
+    mods = prep.label_mod.reshape(-1)
+    has = prep.labels.reshape(-1) != IGNORE
     with torch.no_grad():
         sums = torch.zeros(G, dtype=torch.float64).index_add_(0, mods, ce.detach().double())
         counts = torch.zeros(G, dtype=torch.float64).index_add_(0, mods, has.double())

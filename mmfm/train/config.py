@@ -86,13 +86,15 @@ class RunConfig:
 
 
 SECTIONS = ("model", "deepspeed", "data", "objective", "optim", "train", "finetune")
+WHOLE = ("model", "deepspeed")   # sections an override may replace whole: model=FILE, deepspeed=FILE
 
 
 def _parse_override(item: str, path: str):
     import yaml
 
-    if "=" not in item or "." not in item.split("=", 1)[0]:
-        raise ConfigError(f"{path}: override {item!r}: expected section.field=value (e.g. train.steps=10)")
+    if "=" not in item or ("." not in item.split("=", 1)[0] and item.split("=", 1)[0] not in WHOLE):
+        raise ConfigError(f"{path}: override {item!r}: expected section.field=value (e.g. train.steps=10), "
+                          "model=FILE or deepspeed=FILE")
     key, value = item.split("=", 1)
     return key.split("."), yaml.safe_load(value)
 
@@ -118,6 +120,9 @@ def load_run_config(path, overrides: list[str] | None = None, extra_sections: tu
 
     path = str(path)
     raw = read_sections(path, SECTIONS)
+    whole = [o for o in overrides or [] if o.split("=", 1)[0] in WHOLE]
+    raw = apply_overrides(raw, whole, path)          # model=FILE first, then model.field=... into it
+    overrides = [o for o in overrides or [] if o not in whole]
     if isinstance(raw.get("model"), str) and any(o.startswith("model.") for o in overrides or []):
         try:  # a model override on a model file: read the file's mapping, then override into it
             with open(raw["model"]) as f:

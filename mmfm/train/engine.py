@@ -83,14 +83,22 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def offloads_optimizer(cfg) -> bool:
+    """train.offload_optimizer, or a DeepSpeed JSON (zero2_offload.json) that offloads to cpu/nvme."""
+    zero = cfg.deepspeed.get("zero_optimization", {}) or {}
+    off = zero.get("offload_optimizer") or {}
+    return bool(cfg.train.offload_optimizer) or (isinstance(off, dict) and off.get("device", "none") != "none")
+
+
 def build_engine(cfg, model):
     """deepspeed.initialize with a client optimizer (torch AdamW; no cpu_adam JIT), or DeepSpeedCPUAdam
-    when train.offload_optimizer (ZeRO-Offload needs it)."""
+    when the optimizer is offloaded (train.offload_optimizer or the JSON's offload_optimizer):
+    ZeRO-Offload refuses other client optimizers."""
     import deepspeed
 
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
-    if cfg.train.offload_optimizer:
+    if offloads_optimizer(cfg):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         opt = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)

@@ -5,7 +5,9 @@ Per optimizer step:
      shards, drawn identically on every rank (mmfm/train/tokens.py);
   2. the objective prepares inputs, labels and masks for the whole global batch with one seeded
      torch.Generator, and the loss denominator (weighted label count) of the whole global batch;
-  3. each micro-step a, rank r takes rows (a * world + r) * micro_batch ...; its loss is its
+  3. each micro-step a, rank r takes rows (a * world + r) * micro_batch ...; the engine computes the
+     loss through the model's fused head (model_loss_and_report -> Transformer.loss: no
+     [tokens, vocab] logits, mmfm/ops/linear_cross_entropy.py); its loss is its
      weighted CE sum x world x accum / denominator, so after DeepSpeed's 1/accum scaling and
      gradient averaging over ranks the gradient is that of the global batch's weighted mean loss,
      exactly as a 1-rank run at the same global batch computes it;
@@ -46,21 +48,23 @@ def _allreduce(t: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> torch.Tens
     return t
 
 
-def evaluate(engine, batches, vocab, table) -> dict:
-    """Per-modality next-token loss on fixed held-out sequences (every rank evaluates all of them:
-    collective-safe under ZeRO-3, identical results)."""
-    from mmfm.objectives import ObjectiveConfig, build_objective, loss_and_report
+def evaluate(engine, batches, vocab, table, objective=None) -> dict:
+    """Per-modality loss of the run's objective (default: next token) on fixed held-out sequences,
+    with the objective's random choices (masked positions, budgets, prefix lengths) drawn from a
+    fixed seed so that evaluations at different steps see the same inputs and targets. Every rank
+    evaluates all of them: collective-safe under ZeRO-3, identical results."""
+    from mmfm.objectives import ObjectiveConfig, build_objective, model_loss_and_report
 
-    ar = build_objective(ObjectiveConfig(kind="ar"), vocab)
+    ar = objective or build_objective(ObjectiveConfig(kind="ar"), vocab)
+    gen = torch.Generator().manual_seed(1234)
     G = len(vocab.modality_names)
     sums, counts = torch.zeros(G, dtype=torch.float64), torch.zeros(G, dtype=torch.float64)
     engine.eval()
     with torch.no_grad():
         for ids, valid in batches:
             mods = table[ids]
-            p = ar.prepare(ids, mods, valid)
-            logits = engine(p.input_ids, p.modality_ids)
-            _, s, c = loss_and_report(logits, p, ar.weights)
+            p = ar.prepare(ids, mods, valid, gen)
+            _, s, c = model_loss_and_report(engine, p, ar.weights)
             sums += s
             counts += c
     engine.train()
@@ -93,7 +97,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
     prepare_model(model) -> model, if given, runs before the engine (fine-tuning: LoRA, freezing)."""
     from mmfm.data.dataset import ShardLoader
     from mmfm.models import Transformer
-    from mmfm.objectives import build_objective, loss_and_report, modality_table
+    from mmfm.objectives import build_objective, model_loss_and_report, modality_table
     from mmfm.train.tokens import token_dataset
     from mmfm.vocab import Vocab
 
@@ -153,7 +157,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
     evals = eval_batches(cfg, vocab)
     result = {"losses": {}, "out": out, "stopped_by": None, "eval_start": None, "eval_end": None}
     if evals:
-        result["eval_start"] = evaluate(engine, evals, vocab, table)
+        result["eval_start"] = evaluate(engine, evals, vocab, table, objective)
         if logger:
             logger(step, result["eval_start"])
         say(f"[pretrain] held-out loss at step {step}: {_fmt(result['eval_start'])}")
@@ -193,16 +197,16 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
                 r0 = (a * world + rank) * t.micro_batch
                 rows = slice(r0, r0 + t.micro_batch)
                 mask = None if prep.attn_mask is None else prep.attn_mask[rows]
-                logits = engine(prep.input_ids[rows], prep.modality_ids[rows], mask)
                 sub = type(prep)(prep.input_ids[rows], prep.modality_ids[rows], prep.labels[rows],
                                  prep.label_mod[rows], mask)
-                local_sum, s, c = loss_and_report(logits, sub, weights, denominator=1.0)
+                # the fused output projection + cross-entropy (Transformer.loss); no logits materialised
+                local_sum, s, c = model_loss_and_report(engine, sub, weights, denominator=1.0)
                 loss = local_sum * (world * t.grad_accum) / max(den, 1e-8)
                 ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) and step + 1 not in nan_steps else 0.0])
                 ok = _allreduce(ok, torch.distributed.ReduceOp.MIN)
                 if ok.item() < 1:
                     finite_all = False
-                    loss = logits.sum() * 0.0
+                    loss = local_sum.nan_to_num(0.0) * 0.0   # zero gradients, same graph
                 else:
                     sums += s
                     counts += c
@@ -251,7 +255,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
                     logger(step, row)
                 window = {"tokens": 0, "time": 0.0, "data": 0.0}
             if evals and t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                ev = evaluate(engine, evals, vocab, table)
+                ev = evaluate(engine, evals, vocab, table, objective)
                 if logger:
                     logger(step, ev)
             if kill_at and step == kill_at:
@@ -270,12 +274,12 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
         if bar is not None:
             bar.close()
     if evals and result["stopped_by"] is None:
-        result["eval_end"] = evaluate(engine, evals, vocab, table)
+        result["eval_end"] = evaluate(engine, evals, vocab, table, objective)
         if logger:
             logger(step, result["eval_end"])
         say(f"[pretrain] held-out loss at step {step}: {_fmt(result['eval_end'])}")
     if rank == 0:
-        _finish(out, result)
+        _finish(out, result, t.plot)
     if logger:
         logger.close()
     result["engine"] = engine
@@ -287,7 +291,7 @@ def _fmt(ev: dict) -> str:
     return ", ".join(f"{k.replace('eval_loss_', '').replace('eval_loss', 'all')} {v:.3f}" for k, v in ev.items())
 
 
-def _finish(out: str, result: dict) -> None:
+def _finish(out: str, result: dict, plot: bool = True) -> None:
     from mmfm.train.metrics import loss_plot
 
     rows = []
@@ -300,7 +304,7 @@ def _finish(out: str, result: dict) -> None:
         pts = [(r["step"], r[key]) for r in rows if key in r and "tokens_per_s" in r]
         if pts:
             series[key] = ([s for s, _ in pts], [v for _, v in pts])
-    if series:
+    if series and plot:
         loss_plot(os.path.join(out, "loss_curve.png"), series, "training loss (total and per modality)")
     summary = {k: v for k, v in result.items() if k not in ("engine",)}
     with open(os.path.join(out, "summary.json"), "w") as f:
