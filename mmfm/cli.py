@@ -9,6 +9,7 @@
     mmfm pretrain --config X    train under DeepSpeed (mmfm/train/commands.py)
     mmfm finetune --from X --modality M --config Y   one modality, full or LoRA (mmfm/train/finetune.py)
     mmfm export RUN --out DIR   ZeRO checkpoint -> safetensors + Hugging Face folder (mmfm/export)
+    mmfm cacheaug train|eval    a coprocessor that augments a frozen decoder's KV cache (mmfm/cache)
 """
 from __future__ import annotations
 
@@ -97,6 +98,12 @@ def cmd_export(args) -> int:
     return run(args)
 
 
+def cmd_cacheaug(args) -> int:
+    from mmfm.cache.commands import cmd_cacheaug as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description="multimodal foundation models over one token vocabulary")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.export import add_export_parser
 
     add_export_parser(sub)
+    from mmfm.cache.commands import add_cacheaug_parser
+
+    add_cacheaug_parser(sub)
     return parser
 
 
@@ -145,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer,
-            "pretrain": cmd_pretrain, "finetune": cmd_finetune, "export": cmd_export}[args.command](args)
+            "pretrain": cmd_pretrain, "finetune": cmd_finetune, "export": cmd_export,
+            "cacheaug": cmd_cacheaug}[args.command](args)
 
 
 if __name__ == "__main__":
