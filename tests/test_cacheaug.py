@@ -32,8 +32,9 @@ def _model(sparse=False, seed=0, vocab=50):
 
 
 def _rows(ids, rows, pts, A):
+    """(prefixes x_0 .. x_{p-1}, continuations x_p .. x_{p+A}) of each (row, point)."""
     return ([ids[r, :p] for r, p in zip(rows.tolist(), pts.tolist())],
-            torch.stack([ids[r, p:p + A] for r, p in zip(rows.tolist(), pts.tolist())]))
+            torch.stack([ids[r, p:p + A + 1] for r, p in zip(rows.tolist(), pts.tolist())]))
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -49,9 +50,9 @@ def test_training_path_equals_generation_path(sparse):
         train_path = ahead_nll(dec, cp, ids, rows, pts, 6, modality_ids=mods)
     gen_path = cached_ahead_nll(dec, cp, prompts, targets, table=table)
     torch.testing.assert_close(train_path, gen_path, rtol=1e-5, atol=1e-5)
-    # N = 0 (no coprocessor, or one with zero latents): the plain decoder's next-token loss
+    # N = 0 (no coprocessor, or one with zero latents): the plain decoder's loss on x_{p+1} .. x_{p+6}
     full = F.cross_entropy(dec(ids, mods)[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1), reduction="none").view(3, 39)
-    plain = torch.stack([full[r, p - 1:p + 5] for r, p in zip(rows.tolist(), pts.tolist())])
+    plain = torch.stack([full[r, p:p + 6] for r, p in zip(rows.tolist(), pts.tolist())])
     for c in (None, Coprocessor(dec.cfg, 0)):
         torch.testing.assert_close(cached_ahead_nll(dec, c, prompts, targets, table=table), plain, rtol=1e-5, atol=1e-5)
         with torch.no_grad():
@@ -62,23 +63,27 @@ def test_training_path_equals_generation_path(sparse):
 
 
 def test_augment_appends_latents_at_each_rows_length():
+    from mmfm.cache import prefill
+
     dec = _model()
     cp = Coprocessor.from_decoder(dec, 4)
     prompts = [torch.randint(0, 50, (n,)) for n in (3, 9, 6)]
-    from mmfm.cache import prefill
-
-    cache = KVCache.for_model(dec, 3, 9 + 4)
+    nxt = torch.randint(0, 50, (3, 1))
+    cache = KVCache.for_model(dec, 3, 9 + 4 + 1)
     prefill(dec, prompts, cache)
     before_k = cache.k.clone()
-    logits = augment(dec, cp, cache)
-    assert logits.shape == (3, 50) and cache.lengths.tolist() == [7, 13, 10]
+    assert augment(dec, cp, cache) == 4 and cache.lengths.tolist() == [7, 13, 10]
     for b, n in enumerate((3, 9, 6)):   # the prefix entries are untouched; latents follow them
-        torch.testing.assert_close(cache.k[:, b, :, :n], before_k[:, b, :, :n], rtol=0, atol=0)
-        one = KVCache.for_model(dec, 1, n + 4)
+        assert torch.equal(cache.k[:, b, :, :n], before_k[:, b, :, :n])
+    logits = dec(nxt, cache=cache)[:, -1]
+    for b, n in enumerate((3, 9, 6)):   # each row as if alone
+        one = KVCache.for_model(dec, 1, n + 5)
         prefill(dec, [prompts[b]], one)
-        torch.testing.assert_close(augment(dec, cp, one)[0], logits[b], rtol=1e-5, atol=1e-5)
+        augment(dec, cp, one)
+        torch.testing.assert_close(dec(nxt[b:b + 1], cache=one)[0, -1], logits[b], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="free slots"):
         augment(dec, cp, cache)
+    assert augment(dec, None, cache) == 0
 
 
 def test_generate_without_coprocessor_is_plain_greedy_decoding():
@@ -108,7 +113,7 @@ def test_save_load_round_trip(tmp_path):
     for (n, a), (_, b) in zip(cp.state_dict().items(), back.state_dict().items()):
         if not n.startswith("body.embed_tokens"):
             assert torch.equal(a, b), n
-    prompts, targets = [torch.randint(0, 50, (8,))], torch.randint(0, 50, (1, 4))
+    prompts, targets = [torch.randint(0, 50, (8,))], torch.randint(0, 50, (1, 5))
     assert torch.equal(cached_ahead_nll(dec, cp, prompts, targets), cached_ahead_nll(dec, back, prompts, targets))
     other = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, vocab_size=50))
     with pytest.raises(ValueError, match="dim"):
@@ -124,8 +129,9 @@ def test_choose_points_respects_validity_and_modalities():
     table = (torch.arange(40) >= 10).long()             # ids 10.. are group 1
     g = torch.Generator().manual_seed(0)
     rows, pts = choose_points(ids, valid, table, points=50, ahead=5, min_prefix=12, groups=[1], generator=g)
-    assert rows.tolist().count(0) == 40 - 5 - 12 + 1 and rows.tolist().count(1) == 30 - 5 - 12 + 1
-    assert bool((pts >= 12).all()) and bool((pts[rows == 1] + 5 <= 30).all())
+    # x_p .. x_{p+5} must be real tokens of group 1: p in [12, 34] (row 0), [12, 24] (row 1)
+    assert rows.tolist().count(0) == 23 and rows.tolist().count(1) == 13
+    assert bool((pts >= 12).all()) and bool((pts[rows == 1] + 5 < 30).all())
 
 
 # ---------------------------------------------------------------- DeepSpeed training, end to end

@@ -6,10 +6,14 @@ then to its own soft tokens (causally); its final-norm hidden states at the N so
 are the latent embeddings. The frozen decoder runs those latents as `inputs_embeds`, which appends
 their keys/values to its own cache.
 
-Positions (one convention for training, eval and generation): for a prefix of length p, the soft
-tokens and the latents take positions p .. p+N-1 and the tokens after them continue at p+N, p+N+1,
-...; the decoder's logits at the last latent predict the first token after the prefix (the logits
-of the prefix's last token are not used once the cache is augmented).
+Where the latents go (one convention for training, eval and generation): the augmented cache is
+the cache of everything before the token about to be fed. In a decode loop that is the natural
+point: the cache holds x_0 .. x_{p-1} and x_p waits to be fed; augment appends the latents, then
+x_p is fed as usual and its logits predict x_{p+1}. So every scored prediction starts from a real
+token's embedding, as in the decoder's own training, and the latents act as extra context it
+attends to. Positions: the soft tokens and the latents take p .. p+N-1 and the tokens after them
+continue at p+N, p+N+1, ... At a prompt's end this means: prefill all but the prompt's last token,
+augment, feed the last token.
 
 The coprocessor has no vocabulary: its embedding table is a single frozen row (never read, since
 its inputs are the soft tokens) and it has no output head, so it stores only blocks, final norm
@@ -85,17 +89,16 @@ def _check_pair(decoder: Transformer, coprocessor: Coprocessor) -> None:
 
 
 @torch.no_grad()
-def augment(decoder: Transformer, coprocessor: Coprocessor | None, cache) -> torch.Tensor | None:
+def augment(decoder: Transformer, coprocessor: Coprocessor | None, cache) -> int:
     """Append the coprocessor's N latents to every row of `cache` (a KVCache holding the decoder's
-    prefix, ragged lengths allowed) at the row's current length; returns the decoder's logits at
-    the last latent [B, vocab] (the distribution of the next token), or None when there is nothing
-    to add (no coprocessor, or N = 0), in which case the caller keeps its own next-token logits.
+    prefix, ragged lengths allowed) at the row's current length; returns N (0, and the cache
+    untouched, without a coprocessor). Then feed the pending token as usual.
 
     The cache needs N free slots per row. The coprocessor writes its soft tokens' keys/values into
     those slots first; they are then dropped and the decoder's keys/values of the latents take their
     place, so augmenting costs no extra cache memory."""
     if coprocessor is None or coprocessor.num_latents == 0:
-        return None
+        return 0
     _check_pair(decoder, coprocessor)
     N = coprocessor.num_latents
     start = cache.lengths.clone()
@@ -105,9 +108,9 @@ def augment(decoder: Transformer, coprocessor: Coprocessor | None, cache) -> tor
     positions = start[:, None] + torch.arange(N, device=start.device)[None, :]
     latents = coprocessor(cache, positions)
     cache.truncate(start)
-    logits = decoder(None, coprocessor.group_ids(cache.batch, N, latents.device), positions=positions,
-                     cache=cache, inputs_embeds=latents.to(next(decoder.parameters()).dtype))
-    return logits[:, -1]
+    decoder(None, coprocessor.group_ids(cache.batch, N, latents.device), positions=positions, cache=cache,
+            inputs_embeds=latents.to(next(decoder.parameters()).dtype), return_hidden=True)
+    return N
 
 
 class PrefixCache:
@@ -181,7 +184,7 @@ def save_coprocessor(coprocessor: Coprocessor, folder: str, extra: dict | None =
     save_file(state, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
     meta = {"format_version": FORMAT_VERSION, "num_latents": coprocessor.num_latents,
             "latent_group": coprocessor.latent_group, "decoder_model": dataclasses.asdict(coprocessor.decoder_cfg),
-            "positions": "latents at p..p+N-1 after a prefix of length p; following tokens from p+N",
+            "positions": "cache of x_0..x_{p-1}, latents at p..p+N-1, then x_p fed at p+N, ...",
             **(extra or {})}
     tmp = os.path.join(folder, CONFIG + ".tmp")
     with open(tmp, "w") as f:

@@ -2,9 +2,10 @@
 the coprocessor's latents, on held-out token shards.
 
 Rows: every text segment (<begin_text> ... <end_text>) of every held-out sample gives up to
-`points` augmentation points p, spaced `ahead` apart, with at least `min_prefix` tokens before p
-and the `ahead` scored tokens inside the segment (its <end_text> included). The prefix is the
-sample's ids before p, so a caption's prefix holds its image (or audio, video, ...) tokens.
+`points` augmentation points p, spaced `ahead` apart, with at least `min_prefix` tokens before p,
+x_p in the segment's body and the `ahead` scored tokens x_{p+1} .. x_{p+ahead} inside the segment
+(its <end_text> included). The cache holds the sample's ids before p (so a caption's prefix holds
+its image, audio, video ... tokens), then the latents; x_p is fed and x_{p+1} .. are scored.
 Category: `text` for text-only samples, `caption` for a text segment inside a sample of another
 modality (captions and transcripts).
 
@@ -23,7 +24,7 @@ import tarfile
 import numpy as np
 import torch
 
-from mmfm.cache.generate import cached_ahead_nll
+from mmfm.cache.generate import cached_ahead_nll_many
 
 
 def read_samples(spec: str, limit: int = 0):
@@ -63,8 +64,8 @@ def eval_rows(samples, vocab, *, ahead: int, points: int, min_prefix: int, max_p
             if e is None:
                 continue
             p, taken = max(s + 1, min_prefix), 0
-            while p + ahead <= e + 1 and taken < points:
-                rows.append((ids[max(0, p - max_prefix):p], ids[p:p + ahead], cat))
+            while p + ahead <= e and taken < points:
+                rows.append((ids[max(0, p - max_prefix):p], ids[p:p + ahead + 1], cat))
                 p += ahead
                 taken += 1
                 if max_rows and len(rows) >= max_rows:
@@ -72,16 +73,18 @@ def eval_rows(samples, vocab, *, ahead: int, points: int, min_prefix: int, max_p
     return rows
 
 
-def score(decoder, coprocessor, rows, batch: int = 32, pad_id: int = 0, table=None, desc: str = "") -> torch.Tensor:
-    """nll [R, ahead] of every row, in batches, through cached_ahead_nll."""
+def score(decoder, coprocessors: list, rows, batch: int = 32, pad_id: int = 0, table=None) -> list[torch.Tensor]:
+    """[nll [R, ahead] for each entry of coprocessors (None = plain)], in batches of rows."""
     from tqdm import tqdm
 
-    out = []
-    for i in tqdm(range(0, len(rows), batch), desc=desc or "score", unit="batch", file=sys.stderr, leave=False):
+    outs = [[] for _ in coprocessors]
+    for i in tqdm(range(0, len(rows), batch), desc="cacheaug eval", unit="batch", file=sys.stderr):
         chunk = rows[i:i + batch]
-        out.append(cached_ahead_nll(decoder, coprocessor, [r[0] for r in chunk], torch.stack([r[1] for r in chunk]),
-                                    pad_id, table))
-    return torch.cat(out)
+        res = cached_ahead_nll_many(decoder, coprocessors, [r[0] for r in chunk], torch.stack([r[1] for r in chunk]),
+                                    pad_id, table)
+        for o, r in zip(outs, res):
+            o.append(r)
+    return [torch.cat(o) for o in outs]
 
 
 def ppl_by_category(nll: torch.Tensor, cats: list[str]) -> dict[str, float]:
@@ -114,29 +117,27 @@ def evaluate(decoder_dir: str, coprocessor_dirs: list[str], shards: str, *, ahea
                              f"but {decoder_dir} has {dec_hash[:12]}")
     n_max = max([c.num_latents for c in coprocs] + [0])
     rows = eval_rows(read_samples(shards), vocab, ahead=ahead, points=points, min_prefix=min_prefix,
-                     max_prefix=decoder.cfg.max_seq_len - n_max - ahead, max_rows=max_rows)
+                     max_prefix=decoder.cfg.max_seq_len - n_max - ahead - 1, max_rows=max_rows)
     if not rows:
         raise ValueError(f"cacheaug eval: no text segment in {shards} is long enough for min_prefix {min_prefix} "
                          f"and ahead {ahead}")
     cats = [r[2] for r in rows]
     counts = {c: cats.count(c) for c in set(cats)}
     counts["all"] = len(cats)
-    plain = ppl_by_category(score(decoder, None, rows, batch, vocab.pad_id, table, "plain"), cats)
-    records = []
-
-    def add(n: int, aug: dict[str, float]):
-        for c in plain:
-            case = {"latents": n, "data": c, "ahead": ahead, "rows": counts[c]}
-            records.append({"bench": "cacheaug", "case": case, "impl": "decoder", "ppl": plain[c]})
-            records.append({"bench": "cacheaug", "case": case, "impl": "mmfm", "ppl": aug[c]})
-
     from mmfm.cache.coprocessor import Coprocessor
 
-    zero = Coprocessor(decoder.cfg, 0)
-    add(0, ppl_by_category(score(decoder, zero, rows, batch, vocab.pad_id, table, "N=0"), cats))
-    for d, c in sorted(zip(coprocessor_dirs, coprocs), key=lambda x: x[1].num_latents):
-        add(c.num_latents, ppl_by_category(score(decoder, c, rows, batch, vocab.pad_id, table, f"N={c.num_latents}"),
-                                           cats))
+    order = sorted(zip(coprocessor_dirs, coprocs), key=lambda x: x[1].num_latents)
+    # N = 0 goes through augment like the others (a coprocessor with no latents adds nothing)
+    entries = [None, Coprocessor(decoder.cfg, 0)] + [c for _, c in order]
+    nlls = score(decoder, entries, rows, batch, vocab.pad_id, table)
+    plain = ppl_by_category(nlls[0], cats)
+    records = []
+    for c, nll in zip(entries[1:], nlls[1:]):
+        aug = ppl_by_category(nll, cats)
+        for k in plain:
+            case = {"latents": c.num_latents, "data": k, "ahead": ahead, "rows": counts[k]}
+            records.append({"bench": "cacheaug", "case": case, "impl": "decoder", "ppl": plain[k]})
+            records.append({"bench": "cacheaug", "case": case, "impl": "mmfm", "ppl": aug[k]})
     if weights_hash(decoder) != dec_hash:
         raise RuntimeError("cacheaug eval: the decoder's weights changed during evaluation")
     return records

@@ -2,10 +2,11 @@
 augmentation point, given the prefix's cache plus the coprocessor's latents.
 
 One forward serves many (sequence, point) rows: the decoder runs each packed sequence once
-(no grad) to get its keys/values; row r = (sequence b, point p) reads slots [0, p) of b through a
-PrefixCache, the coprocessor adds N soft tokens there, and the decoder runs the N latents and the
-ahead tokens x_p .. x_{p+A-2}; the logits at the last latent score x_p and those at x_{p+i} score
-x_{p+i+1} (positions as in mmfm/cache/coprocessor.py). Gradients reach the coprocessor only
+(no grad) to get its keys/values; row r = (sequence b, point p) reads slots [0, p) of b (x_0 ..
+x_{p-1}) through a PrefixCache, the coprocessor adds N soft tokens there, and the decoder runs the
+N latents and then x_p .. x_{p+A-1}, whose logits score x_{p+1} .. x_{p+A} (the convention of
+mmfm/cache/coprocessor.py: the augmented cache is the cache of everything before the token about
+to be fed). Gradients reach the coprocessor only
 through the decoder's forward over the latents: the decoder's own parameters have requires_grad
 False and the prefix keys/values are constants.
 """
@@ -20,25 +21,24 @@ from mmfm.models import KVCache, Transformer
 
 
 @torch.no_grad()
-def prefix_pass(decoder: Transformer, ids: torch.Tensor, modality_ids=None, logits: bool = True):
-    """(k, v [n_layers, B, Hkv, S, D], logits [B, S, V] or None) of the decoder over whole sequences.
-    Training skips the logits (only the plain N = 0 score reads them; the output head is a quarter
-    of the demo model's compute)."""
+def prefix_pass(decoder: Transformer, ids: torch.Tensor, modality_ids=None):
+    """(k, v [n_layers, B, Hkv, S, D]) of the decoder over whole sequences (return_hidden: the
+    output head's logits are not needed)."""
     cache = KVCache.for_model(decoder, ids.shape[0], ids.shape[1])
-    out = decoder(ids, modality_ids, cache=cache, return_hidden=not logits)
-    return cache.k, cache.v, (out if logits else None)
+    decoder(ids, modality_ids, cache=cache, return_hidden=True)
+    return cache.k, cache.v
 
 
 def choose_points(ids: torch.Tensor, valid: torch.Tensor, table: torch.Tensor, *, points: int, ahead: int,
                   min_prefix: int, groups: list[int] | None, generator: torch.Generator):
     """(rows, positions) [R]: up to `points` distinct positions p per sequence, drawn uniformly among
-    those with p >= min_prefix whose ahead tokens ids[p:p+ahead] are all real (valid) and, when
-    `groups` is given, of those modality groups."""
+    those with p >= min_prefix whose fed and scored tokens ids[p : p+ahead+1] are all real (valid)
+    and, when `groups` is given, of those modality groups."""
     B, S = ids.shape
     ok = valid.bool()
     if groups:
         ok = ok & torch.isin(table[ids], torch.tensor(groups, dtype=torch.long))
-    win = ok.unfold(1, ahead, 1).all(-1)                 # [B, S - ahead + 1]: window at p is all ok
+    win = ok.unfold(1, ahead + 1, 1).all(-1)             # [B, S - ahead]: window at p is all ok
     win[:, :min_prefix] = False
     rows, pos = [], []
     for b in range(B):
@@ -55,37 +55,29 @@ def choose_points(ids: torch.Tensor, valid: torch.Tensor, table: torch.Tensor, *
 
 def ahead_nll(decoder: Transformer, coprocessor: Coprocessor | None, ids: torch.Tensor, rows: torch.Tensor,
               points: torch.Tensor, ahead: int, kv=None, modality_ids=None) -> torch.Tensor:
-    """nll [R, ahead] of the decoder on ids[rows[r], points[r] : points[r] + ahead] given the prefix
-    ids[rows[r], :points[r]], augmented by the coprocessor's latents (None or N = 0: plain)."""
-    k, v, logits_full = kv if kv is not None else prefix_pass(decoder, ids, modality_ids)
+    """nll [R, ahead] of the decoder on ids[rows[r], points[r] + 1 : points[r] + 1 + ahead]: the cache
+    holds the prefix ids[rows[r], :points[r]] plus the coprocessor's latents (None or N = 0: none),
+    and the decoder is fed x_p .. x_{p+ahead-1} after them."""
+    k, v = kv if kv is not None else prefix_pass(decoder, ids, modality_ids)
     dev = ids.device
     R = rows.numel()
     N = 0 if coprocessor is None else coprocessor.num_latents
-    span = torch.arange(ahead, device=dev)
-    tgt = ids[rows[:, None], points[:, None] + span[None, :]]            # [R, A]
-    tgt_mods = None if modality_ids is None else modality_ids[rows[:, None], points[:, None] + span[None, :]]
-    pcache = PrefixCache(k[:, rows], v[:, rows], points)
-    pieces, mods = [], []
+    span = torch.arange(ahead + 1, device=dev)
+    seq = ids[rows[:, None], points[:, None] + span[None, :]]               # [R, A + 1]: x_p .. x_{p+A}
+    pieces, groups = [], []
     if N:
         pos_lat = points[:, None] + torch.arange(N, device=dev)[None, :]
-        latents = coprocessor(PrefixCache(k[:, rows], v[:, rows], points), pos_lat)
-        pieces.append(latents)
-        mods.append(coprocessor.group_ids(R, N, dev))
-    if ahead > 1:
-        pieces.append(decoder.embed_tokens(tgt[:, :-1]))
-        mods.append(None if tgt_mods is None else tgt_mods[:, :-1])
-    if pieces:
-        x = torch.cat(pieces, dim=1)
-        L = x.shape[1]
-        group_ids = None if decoder.cfg.groups == 1 else torch.cat(mods, dim=1)
-        logits = decoder(None, group_ids, positions=points[:, None] + torch.arange(L, device=dev)[None, :],
-                         cache=pcache, inputs_embeds=x)
-    if N:
-        logits = logits[:, N - 1:]
-    else:   # plain: the prefix's last token predicts x_p
-        first = logits_full[rows, points - 1][:, None]
-        logits = first if ahead == 1 else torch.cat([first, logits], dim=1)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
+        pieces.append(coprocessor(PrefixCache(k[:, rows], v[:, rows], points), pos_lat))
+        groups.append(coprocessor.group_ids(R, N, dev))
+    pieces.append(decoder.embed_tokens(seq[:, :-1]))
+    if modality_ids is not None:
+        groups.append(modality_ids[rows[:, None], points[:, None] + span[None, :-1]])
+    x = torch.cat(pieces, dim=1)
+    L = x.shape[1]
+    group_ids = None if decoder.cfg.groups == 1 else torch.cat(groups, dim=1)
+    logits = decoder(None, group_ids, positions=points[:, None] + torch.arange(L, device=dev)[None, :],
+                     cache=PrefixCache(k[:, rows], v[:, rows], points), inputs_embeds=x)[:, N:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seq[:, 1:].reshape(-1),
                            reduction="none").view(R, ahead)
 
 
@@ -108,5 +100,5 @@ class AugmentedDecoder(nn.Module):
         return self
 
     def forward(self, ids, rows, points, modality_ids=None):
-        kv = prefix_pass(self.decoder, ids, modality_ids, logits=self.coprocessor.num_latents == 0)
+        kv = prefix_pass(self.decoder, ids, modality_ids)
         return ahead_nll(self.decoder, self.coprocessor, ids, rows, points, self.ahead, kv, modality_ids)
