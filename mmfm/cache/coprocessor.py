@@ -9,11 +9,18 @@ their keys/values to its own cache.
 Where the latents go (one convention for training, eval and generation): the augmented cache is
 the cache of everything before the token about to be fed. In a decode loop that is the natural
 point: the cache holds x_0 .. x_{p-1} and x_p waits to be fed; augment appends the latents, then
-x_p is fed as usual and its logits predict x_{p+1}. So every scored prediction starts from a real
-token's embedding, as in the decoder's own training, and the latents act as extra context it
-attends to. Positions: the soft tokens and the latents take p .. p+N-1 and the tokens after them
-continue at p+N, p+N+1, ... At a prompt's end this means: prefill all but the prompt's last token,
-augment, feed the last token.
+x_p is fed as usual and its logits predict x_{p+1}. Every scored prediction starts from a real
+token's embedding, as in the decoder's own training, and the latents are extra context it attends to.
+
+Positions: the real tokens keep their own positions (x_p is fed at position p, exactly as without
+augmentation) and all N latents (and the coprocessor's soft tokens) sit at position p, the
+augmentation point. So x_{p+k} sees x_{p-1} at distance k + 1, as the decoder was trained, and the
+latents at distance k. (Continuing the positions after the latents was tried first: it moves
+x_{p-1} N + 1 positions away from x_p, the frozen decoder's strongest cue, and on the demo model
+the augmented perplexity stayed above the plain one after 200 steps.) The price: a decode loop
+must pass positions = cache.lengths - (latent slots so far) instead of the default cache.lengths
+(mmfm/cache/generate.py does). At a prompt's end: prefill all but the prompt's last token, augment,
+feed the last token at position len(prompt) - 1.
 
 The coprocessor has no vocabulary: its embedding table is a single frozen row (never read, since
 its inputs are the soft tokens) and it has no output head, so it stores only blocks, final norm
@@ -71,7 +78,8 @@ class Coprocessor(nn.Module):
         return torch.full((B, L), self.latent_group, dtype=torch.long, device=device)
 
     def forward(self, cache, positions: torch.Tensor) -> torch.Tensor:
-        """Latents [B, N, dim] for the prefix in `cache` (a KVCache or PrefixCache of the decoder).
+        """Latents [B, N, dim] for the prefix in `cache` (a KVCache or PrefixCache of the decoder);
+        positions [B, N] of the soft tokens.
         The soft tokens' own keys/values are appended to `cache` (the caller drops them)."""
         B, N = cache.batch, self.num_latents
         x = self.soft.unsqueeze(0).expand(B, N, self.soft.shape[1])
@@ -89,14 +97,16 @@ def _check_pair(decoder: Transformer, coprocessor: Coprocessor) -> None:
 
 
 @torch.no_grad()
-def augment(decoder: Transformer, coprocessor: Coprocessor | None, cache) -> int:
+def augment(decoder: Transformer, coprocessor: Coprocessor | None, cache, positions: torch.Tensor | None = None) -> int:
     """Append the coprocessor's N latents to every row of `cache` (a KVCache holding the decoder's
     prefix, ragged lengths allowed) at the row's current length; returns N (0, and the cache
-    untouched, without a coprocessor). Then feed the pending token as usual.
+    untouched, without a coprocessor). Then feed the pending token as usual, at its own position.
 
-    The cache needs N free slots per row. The coprocessor writes its soft tokens' keys/values into
-    those slots first; they are then dropped and the decoder's keys/values of the latents take their
-    place, so augmenting costs no extra cache memory."""
+    positions [B]: the position of each row's pending token, where the latents sit (default
+    cache.lengths, right when the cache holds no earlier latents; otherwise cache.lengths minus the
+    latent slots already in the row). The cache needs N free slots per row: the coprocessor writes
+    its soft tokens' keys/values there first; they are then dropped and the decoder's keys/values
+    of the latents take their place, so augmenting costs no extra cache memory."""
     if coprocessor is None or coprocessor.num_latents == 0:
         return 0
     _check_pair(decoder, coprocessor)
@@ -105,10 +115,13 @@ def augment(decoder: Transformer, coprocessor: Coprocessor | None, cache) -> int
     if bool((start + N > cache.capacity).any()):
         raise ValueError(f"augment: the cache needs {N} free slots per row for the latents (capacity "
                          f"{cache.capacity}, lengths up to {int(start.max())})")
-    positions = start[:, None] + torch.arange(N, device=start.device)[None, :]
-    latents = coprocessor(cache, positions)
+    at = start if positions is None else torch.as_tensor(positions, device=start.device).long().reshape(-1)
+    if at.shape != start.shape:
+        raise ValueError(f"augment: positions must hold one position per row ({start.numel()}), got {tuple(at.shape)}")
+    pos = at[:, None].expand(-1, N)
+    latents = coprocessor(cache, pos)
     cache.truncate(start)
-    decoder(None, coprocessor.group_ids(cache.batch, N, latents.device), positions=positions, cache=cache,
+    decoder(None, coprocessor.group_ids(cache.batch, N, latents.device), positions=pos, cache=cache,
             inputs_embeds=latents.to(next(decoder.parameters()).dtype), return_hidden=True)
     return N
 
@@ -184,7 +197,7 @@ def save_coprocessor(coprocessor: Coprocessor, folder: str, extra: dict | None =
     save_file(state, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
     meta = {"format_version": FORMAT_VERSION, "num_latents": coprocessor.num_latents,
             "latent_group": coprocessor.latent_group, "decoder_model": dataclasses.asdict(coprocessor.decoder_cfg),
-            "positions": "cache of x_0..x_{p-1}, latents at p..p+N-1, then x_p fed at p+N, ...",
+            "positions": "cache of x_0..x_{p-1}, then N latents all at position p, then x_p fed at position p",
             **(extra or {})}
     tmp = os.path.join(folder, CONFIG + ".tmp")
     with open(tmp, "w") as f:

@@ -2,8 +2,9 @@
 uses, and the one the eval scores with.
 
     prefill(decoder, [p[:-1] for p in prompts], cache)   # ragged; all but each prompt's last token
-    augment(decoder, coprocessor, cache)                 # N latents appended (mmfm/cache/coprocessor.py)
-    logits = decoder(last_tokens[:, None], cache=cache)  # then decode as usual
+    offset = augment(decoder, coprocessor, cache)        # N latents appended (mmfm/cache/coprocessor.py)
+    logits = decoder(last[:, None], cache=cache,         # then decode as usual, tokens at their own
+                     positions=(cache.lengths - offset)[:, None])   # positions (latents take none)
 
 With coprocessor=None every function here is the decoder's plain cached forward.
 """
@@ -61,11 +62,12 @@ def cached_ahead_nll_many(decoder: Transformer, coprocessors: list, prefixes: li
     cont = continuations.to(dev)
     base = KVCache.for_model(decoder, R, max(p.numel() for p in prefixes) + n_max + A1)
     prefill(decoder, prefixes, base, pad_id, table)
+    pos = base.lengths[:, None] + torch.arange(A1 - 1, device=dev)[None, :]
     out = []
     for i, c in enumerate(coprocessors):
         cache = base if i == len(coprocessors) - 1 else clone_cache(base)
         augment(decoder, c, cache)
-        logits = decoder(cont[:, :-1], _groups(table, cont[:, :-1]), cache=cache)
+        logits = decoder(cont[:, :-1], _groups(table, cont[:, :-1]), positions=pos, cache=cache)
         out.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), cont[:, 1:].reshape(-1),
                                    reduction="none").view(R, A1 - 1))
     return out
@@ -103,10 +105,12 @@ def generate(decoder: Transformer, prompts: list[torch.Tensor], max_new_tokens: 
     pending = torch.stack([p[-1] for p in prompts]).to(dev)
     out = torch.zeros(len(prompts), 0, dtype=torch.long, device=dev)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
+    latent_slots = 0    # cache slots holding latents: a token's position is its slot minus these
     for t in range(max_new_tokens):
         if t == 0 or (every and t % every == 0):
-            augment(decoder, coprocessor, cache)
-        logits = decoder(pending[:, None], _groups(table, pending[:, None]), cache=cache)[:, -1]
+            latent_slots += augment(decoder, coprocessor, cache, cache.lengths - latent_slots)
+        logits = decoder(pending[:, None], _groups(table, pending[:, None]), cache=cache,
+                         positions=(cache.lengths - latent_slots)[:, None])[:, -1]
         if temperature == 0:
             nxt = logits.argmax(-1)
         else:

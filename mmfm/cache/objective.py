@@ -4,9 +4,8 @@ augmentation point, given the prefix's cache plus the coprocessor's latents.
 One forward serves many (sequence, point) rows: the decoder runs each packed sequence once
 (no grad) to get its keys/values; row r = (sequence b, point p) reads slots [0, p) of b (x_0 ..
 x_{p-1}) through a PrefixCache, the coprocessor adds N soft tokens there, and the decoder runs the
-N latents and then x_p .. x_{p+A-1}, whose logits score x_{p+1} .. x_{p+A} (the convention of
-mmfm/cache/coprocessor.py: the augmented cache is the cache of everything before the token about
-to be fed). Gradients reach the coprocessor only
+N latents (all at position p) and then x_p .. x_{p+A-1} at their own positions, whose logits score
+x_{p+1} .. x_{p+A} (the convention of mmfm/cache/coprocessor.py). Gradients reach the coprocessor only
 through the decoder's forward over the latents: the decoder's own parameters have requires_grad
 False and the prefix keys/values are constants.
 """
@@ -66,17 +65,19 @@ def ahead_nll(decoder: Transformer, coprocessor: Coprocessor | None, ids: torch.
     seq = ids[rows[:, None], points[:, None] + span[None, :]]               # [R, A + 1]: x_p .. x_{p+A}
     pieces, groups = [], []
     if N:
-        pos_lat = points[:, None] + torch.arange(N, device=dev)[None, :]
+        pos_lat = points[:, None].expand(R, N)         # every latent at the augmentation point
         pieces.append(coprocessor(PrefixCache(k[:, rows], v[:, rows], points), pos_lat))
         groups.append(coprocessor.group_ids(R, N, dev))
     pieces.append(decoder.embed_tokens(seq[:, :-1]))
     if modality_ids is not None:
         groups.append(modality_ids[rows[:, None], points[:, None] + span[None, :-1]])
     x = torch.cat(pieces, dim=1)
-    L = x.shape[1]
     group_ids = None if decoder.cfg.groups == 1 else torch.cat(groups, dim=1)
-    logits = decoder(None, group_ids, positions=points[:, None] + torch.arange(L, device=dev)[None, :],
-                     cache=PrefixCache(k[:, rows], v[:, rows], points), inputs_embeds=x)[:, N:]
+    pos = points[:, None] + torch.arange(ahead, device=dev)[None, :]    # x_p .. at their own positions
+    if N:
+        pos = torch.cat([points[:, None].expand(R, N), pos], dim=1)
+    logits = decoder(None, group_ids, positions=pos, cache=PrefixCache(k[:, rows], v[:, rows], points),
+                     inputs_embeds=x)[:, N:]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seq[:, 1:].reshape(-1),
                            reduction="none").view(R, ahead)
 
