@@ -58,8 +58,10 @@ def _train(args) -> int:
     import torch
 
     if torch.distributed.get_rank() == 0:
-        ls = res["losses"]
-        tail = f", ahead loss {ls[min(ls)]:.4f} -> {ls[max(ls)]:.4f}" if ls else ""
+        from mmfm.cache.train import window_means
+
+        first, last = window_means(res["losses"])
+        tail = f", ahead loss {first:.4f} -> {last:.4f} (means of the first and last 10 steps)" if res["losses"] else ""
         print(f"cacheaug train: step {res['step']}{tail}; coprocessor in {res['coprocessor']}")
     return 0
 

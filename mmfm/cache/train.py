@@ -44,6 +44,14 @@ def modality_groups(cfg, vocab) -> list[int]:
     return out
 
 
+def window_means(losses: dict, k: int = 10) -> tuple[float, float]:
+    """Mean ahead loss of the first and of the last k steps (one step's batch is too noisy to compare)."""
+    if not losses:
+        return float("nan"), float("nan")
+    steps = sorted(losses)
+    return (sum(losses[s] for s in steps[:k]) / len(steps[:k]), sum(losses[s] for s in steps[-k:]) / len(steps[-k:]))
+
+
 def run(cfg, log=None) -> dict:
     from mmfm.cache.coprocessor import Coprocessor, save_coprocessor, weights_hash
     from mmfm.cache.objective import AugmentedDecoder, choose_points
@@ -176,8 +184,9 @@ def run(cfg, log=None) -> dict:
             json.dump(result, f, indent=1)
         if logger:
             logger.close()
-        first, last = (losses[min(losses)], losses[max(losses)]) if losses else (float("nan"), float("nan"))
-        say(f"[cacheaug] step {step}: ahead loss {first:.4f} (first step) -> {last:.4f}; decoder unchanged "
+        first, last = window_means(losses)
+        say(f"[cacheaug] step {step}: ahead loss {first:.4f} (mean of the first 10 steps) -> {last:.4f} (last 10); "
+            f"decoder unchanged "
             f"(sha256 {hash_before[:12]}); coprocessor in {result['coprocessor']}")
     dist.barrier()
     return result
