@@ -52,7 +52,7 @@ def _train(args) -> int:
     try:
         cfg = load_aug_config(args.config, args.overrides, args.decoder)
         res = run(cfg)
-    except ConfigError as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"mmfm cacheaug train: {exc}", file=sys.stderr)
         return 2
     import torch

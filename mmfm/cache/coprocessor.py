@@ -177,6 +177,16 @@ class PrefixCache:
         self.lengths = self.lengths + L
 
 
+def load_decoder(folder: str, what: str = "--decoder") -> Transformer:
+    """The frozen decoder from an export folder, with an error that names the argument."""
+    from mmfm.export import load
+
+    if not os.path.exists(os.path.join(folder, "mmfm_model.json")):
+        raise FileNotFoundError(f"{what}: {folder} is not an mmfm export folder (no mmfm_model.json; "
+                                "make one with `mmfm export RUN --out DIR`)")
+    return load(folder)
+
+
 def weights_hash(module: nn.Module) -> str:
     """sha256 over every tensor of the state dict (name, dtype, shape, bytes), in name order."""
     h = hashlib.sha256()

@@ -100,8 +100,7 @@ def evaluate(decoder_dir: str, coprocessor_dirs: list[str], shards: str, *, ahea
     """Records (bench cacheaug, figure ppl, case latents / data / ahead / rows; impl `decoder` for the
     plain cache and `mmfm` for the augmented one), N = 0 first (the plain decoder through augment's
     no-op path), then one pair per coprocessor."""
-    from mmfm.cache.coprocessor import load_coprocessor, weights_hash
-    from mmfm.export import load as load_decoder
+    from mmfm.cache.coprocessor import load_coprocessor, load_decoder, weights_hash
     from mmfm.objectives import modality_table
     from mmfm.vocab import Vocab
 

@@ -53,10 +53,9 @@ def window_means(losses: dict, k: int = 10) -> tuple[float, float]:
 
 
 def run(cfg, log=None) -> dict:
-    from mmfm.cache.coprocessor import Coprocessor, save_coprocessor, weights_hash
+    from mmfm.cache.coprocessor import Coprocessor, load_decoder, save_coprocessor, weights_hash
     from mmfm.cache.objective import AugmentedDecoder, choose_points
     from mmfm.data.dataset import ShardLoader
-    from mmfm.export import load as load_decoder
     from mmfm.objectives import modality_table
     from mmfm.train.engine import build_engine, init_distributed, lr_at
     from mmfm.train.tokens import token_dataset
@@ -69,7 +68,7 @@ def run(cfg, log=None) -> dict:
     if t.threads:
         torch.set_num_threads(t.threads)
     say = log or _say(rank)
-    decoder = load_decoder(cfg.decoder)
+    decoder = load_decoder(cfg.decoder, f"{cfg.path}: decoder")
     vocab_path = d.vocab or os.path.join(cfg.decoder, "vocab.json")
     vocab = Vocab.load(vocab_path)
     if vocab.size > decoder.cfg.vocab_size:
