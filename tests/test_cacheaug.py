@@ -198,6 +198,7 @@ def test_training_lowers_ahead_loss_and_leaves_decoder_unchanged(trained):
     summary = json.load(open(d / "out" / "summary.json"))
     dec = load(str(d / "export"))
     assert summary["decoder_sha256_before"] == summary["decoder_sha256_after"] == weights_hash(dec)
+    assert sorted(int(k) for k in summary["gains"]) == list(range(1, 11))    # plain - augmented, logged per step
     assert os.path.exists(d / "out" / "checkpoints" / "latest")
     trained_cp = load_coprocessor(str(d / "out" / "coprocessor"), dec)
     init_cp = Coprocessor.from_decoder(dec, 4, seed=0)

@@ -60,8 +60,9 @@ def _train(args) -> int:
     if torch.distributed.get_rank() == 0:
         from mmfm.cache.train import window_means
 
-        first, last = window_means(res["losses"])
-        tail = f", ahead loss {first:.4f} -> {last:.4f} (means of the first and last 10 steps)" if res["losses"] else ""
+        first, last = window_means(res["gains"])
+        tail = (f", gain over the plain decoder {first:+.4f} -> {last:+.4f} nats/token (means of the first and "
+                f"last 10 steps)" if res["gains"] else "")
         print(f"cacheaug train: step {res['step']}{tail}; coprocessor in {res['coprocessor']}")
     return 0
 

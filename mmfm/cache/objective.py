@@ -85,7 +85,9 @@ def ahead_nll(decoder: Transformer, coprocessor: Coprocessor | None, ids: torch.
 class AugmentedDecoder(nn.Module):
     """The module DeepSpeed wraps: the trainable coprocessor and the frozen decoder (requires_grad
     False, so it has no optimizer state and no gradients, but sits in the graph between the latents
-    and the loss). forward(ids, rows, points) -> nll [R, ahead]."""
+    and the loss). forward(ids, rows, points) -> (nll [R, ahead], plain nll [R, ahead]): the plain
+    decoder's nll on the same tokens (no grad, sharing the prefix pass) is what the log compares
+    against, since one batch's loss alone says little about whether the latents help."""
 
     def __init__(self, decoder: Transformer, coprocessor: Coprocessor, ahead: int):
         super().__init__()
@@ -102,4 +104,6 @@ class AugmentedDecoder(nn.Module):
 
     def forward(self, ids, rows, points, modality_ids=None):
         kv = prefix_pass(self.decoder, ids, modality_ids)
-        return ahead_nll(self.decoder, self.coprocessor, ids, rows, points, self.ahead, kv, modality_ids)
+        with torch.no_grad():
+            plain = ahead_nll(self.decoder, None, ids, rows, points, self.ahead, kv, modality_ids)
+        return ahead_nll(self.decoder, self.coprocessor, ids, rows, points, self.ahead, kv, modality_ids), plain

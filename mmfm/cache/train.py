@@ -120,6 +120,7 @@ def run(cfg, log=None) -> dict:
 
         bar = tqdm(total=t.steps, initial=step, desc="cacheaug", unit="step", file=sys.stderr)
     losses: dict[int, float] = {}
+    gains: dict[int, float] = {}    # plain - augmented ahead loss on the same batch (> 0: the latents help)
     it = iter(loader)
     t_window = time.perf_counter()
     try:
@@ -132,16 +133,16 @@ def run(cfg, log=None) -> dict:
                                          min_prefix=d.min_prefix, groups=groups, generator=gen)
             den = float(rows.numel() * d.ahead)
             lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, t.steps, cfg.optim.min_lr_ratio)
-            total = torch.zeros(1, dtype=torch.float64)
+            total = torch.zeros(2, dtype=torch.float64)     # augmented, plain
             for a in range(t.grad_accum):
                 s0 = (a * world + rank) * t.micro_batch
                 mine = (rows >= s0) & (rows < s0 + t.micro_batch)
                 sub = ids[s0:s0 + t.micro_batch]
                 mods = table[sub] if sparse else None
                 if bool(mine.any()):
-                    nll = engine(sub, rows[mine] - s0, points[mine], mods)
+                    nll, plain = engine(sub, rows[mine] - s0, points[mine], mods)
                     loss = nll.sum() * (world * t.grad_accum) / max(den, 1.0)
-                    total += float(nll.detach().sum())
+                    total += torch.tensor([float(nll.detach().sum()), float(plain.sum())], dtype=torch.float64)
                 else:   # no eligible point here: a zero loss that still touches every trainable tensor
                     loss = sum(p.sum() for p in coproc.parameters() if p.requires_grad) * 0.0
                 if not bool(torch.isfinite(loss)):
@@ -153,15 +154,17 @@ def run(cfg, log=None) -> dict:
                 engine.step()
             step += 1
             dist.all_reduce(total)
-            loss_val = float(total) / max(den, 1.0)
+            loss_val, plain_val = (float(x) / max(den, 1.0) for x in total)
             losses[step] = loss_val
+            gains[step] = plain_val - loss_val
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(ahead_loss=f"{loss_val:.4f}")
+                bar.set_postfix(ahead_loss=f"{loss_val:.4f}", gain=f"{plain_val - loss_val:+.4f}")
             if step % t.log_every == 0 or step == t.steps:
                 now = time.perf_counter()
                 if logger:
-                    logger(step, {"ahead_loss": loss_val, "ahead_ppl": math.exp(min(loss_val, 50.0)), "lr": lr,
+                    logger(step, {"ahead_loss": loss_val, "ahead_ppl": math.exp(min(loss_val, 50.0)),
+                                  "plain_loss": plain_val, "gain": plain_val - loss_val, "lr": lr,
                                   "points": int(rows.numel()), "step_s": (now - t_window) / t.log_every})
                 t_window = now
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
@@ -173,7 +176,7 @@ def run(cfg, log=None) -> dict:
     if hash_after != hash_before:
         raise RuntimeError(f"cacheaug: the decoder's weights changed during training ({hash_before[:12]} -> "
                            f"{hash_after[:12]}); the decoder must stay frozen")
-    result = {"out": out, "step": step, "losses": losses, "decoder_sha256_before": hash_before,
+    result = {"out": out, "step": step, "losses": losses, "gains": gains, "decoder_sha256_before": hash_before,
               "decoder_sha256_after": hash_after, "coprocessor": os.path.join(out, "coprocessor")}
     if rank == 0:
         save_coprocessor(coproc, result["coprocessor"],
@@ -183,9 +186,9 @@ def run(cfg, log=None) -> dict:
             json.dump(result, f, indent=1)
         if logger:
             logger.close()
-        first, last = window_means(losses)
-        say(f"[cacheaug] step {step}: ahead loss {first:.4f} (mean of the first 10 steps) -> {last:.4f} (last 10); "
-            f"decoder unchanged "
+        first, last = window_means(gains)
+        say(f"[cacheaug] step {step}: gain over the plain decoder {first:+.4f} nats/token (mean of the first 10 "
+            f"steps) -> {last:+.4f} (last 10); decoder unchanged "
             f"(sha256 {hash_before[:12]}); coprocessor in {result['coprocessor']}")
     dist.barrier()
     return result
