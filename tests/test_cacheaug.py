@@ -95,9 +95,22 @@ def test_generate_without_coprocessor_is_plain_greedy_decoding():
         for _ in range(6):
             seq = torch.cat([seq, dec(seq[None])[0, -1].argmax()[None]])
         assert torch.equal(g, seq[p.numel():])
+    torch.manual_seed(1)             # large weights: a latent or token at a wrong position changes the argmax
+    dec = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, vocab_size=50,
+                                  max_seq_len=128, init_std=0.5)).eval()
     cp = Coprocessor.from_decoder(dec, 3)
-    aug = generate(dec, prompts, 6, coprocessor=cp, every=2)     # prompt end + after tokens 2 and 4
-    assert [len(a) for a in aug] == [6, 6]
+    aug = generate(dec, prompts, 3, coprocessor=cp, every=2)     # at the prompt's end, and before token 2 is fed
+    from mmfm.cache import prefill
+
+    for p, g in zip(prompts, aug):   # the same schedule by hand: tokens at their own positions, latents at theirs
+        n = p.numel()
+        cache = KVCache.for_model(dec, 1, n + 3 + 6)
+        prefill(dec, [p[:-1]], cache)
+        augment(dec, cp, cache)
+        two = dec(torch.stack([p[-1], g[0]])[None], cache=cache, positions=torch.tensor([[n - 1, n]]))[0]
+        augment(dec, cp, cache, torch.tensor([n + 1]))
+        last = dec(g[1:2][None], cache=cache, positions=torch.tensor([[n + 1]]))[0, -1]
+        assert [int(two[0].argmax()), int(two[1].argmax()), int(last.argmax())] == g.tolist()
     with pytest.raises(ValueError, match="every"):
         generate(dec, prompts, 6, coprocessor=cp, every=-1)
 
