@@ -10,6 +10,7 @@
     mmfm finetune --from X --modality M --config Y   one modality, full or LoRA (mmfm/train/finetune.py)
     mmfm export RUN --out DIR   ZeRO checkpoint -> safetensors + Hugging Face folder (mmfm/export)
     mmfm generate --model DIR --prompt P --to M --out PATH   any-to-any decoding (mmfm/generate)
+    mmfm cacheaug train|eval    a coprocessor that augments a frozen decoder's KV cache (mmfm/cache)
 """
 from __future__ import annotations
 
@@ -104,6 +105,12 @@ def cmd_generate(args) -> int:
     return run(args)
 
 
+def cmd_cacheaug(args) -> int:
+    from mmfm.cache.commands import cmd_cacheaug as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description="multimodal foundation models over one token vocabulary")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.generate.commands import add_generate_parser
 
     add_generate_parser(sub)
+    from mmfm.cache.commands import add_cacheaug_parser
+
+    add_cacheaug_parser(sub)
     return parser
 
 
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer,
             "pretrain": cmd_pretrain, "finetune": cmd_finetune, "export": cmd_export,
-            "generate": cmd_generate}[args.command](args)
+            "generate": cmd_generate, "cacheaug": cmd_cacheaug}[args.command](args)
 
 
 if __name__ == "__main__":
