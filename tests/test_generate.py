@@ -339,3 +339,52 @@ def test_speculative_api_greedy_equals_plain_greedy(export_dir):
         generate(export_dir, "x", "image", speculative="token_recycling")
     with pytest.raises(ValueError, match="draft_model"):
         generate(export_dir, "x", "text", speculative="draft")
+
+
+def test_coprocessor_decoding_equals_the_cache_reference_loop(tmp_path):
+    """decode(..., coprocessor=) augments as mmfm.cache.generate does (prompt end and every M tokens);
+    greedy outputs agree token for token, and a coprocessor with 0 latents is the plain decoder."""
+    from mmfm.cache import Coprocessor, generate as cache_generate, load_coprocessor, save_coprocessor
+    from mmfm.generate.decode import decode
+
+    model = tiny_model()
+    torch.manual_seed(3)
+    cop = Coprocessor.from_decoder(model, num_latents=3).eval()
+    with torch.no_grad():   # an untrained coprocessor is a copy of the decoder: perturb it so latents matter
+        for p in cop.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_coprocessor(cop, str(tmp_path / "cop"))
+    cop = load_coprocessor(str(tmp_path / "cop"), model)
+    prompts = [torch.tensor([1, 5, 9, 7]), torch.tensor([2, 8])]
+    with torch.no_grad():
+        for every in (0, 3):
+            ref = cache_generate(model, prompts, 8, coprocessor=cop, every=every, temperature=0.0)
+            got = decode(model, prompts, None, SamplingConfig(temperature=0.0), max_new_tokens=8,
+                         coprocessor=cop, augment_every=every, stop_on_done=False)
+            assert [r.tolist() for r in got] == [r.tolist() for r in ref], every
+        plain = decode(model, prompts, None, SamplingConfig(temperature=0.0), max_new_tokens=8)
+        zero = decode(model, prompts, None, SamplingConfig(temperature=0.0), max_new_tokens=8,
+                      coprocessor=Coprocessor(model.cfg, 0))
+        assert [r.tolist() for r in zero] == [r.tolist() for r in plain]
+        aug = decode(model, prompts, None, SamplingConfig(temperature=0.0), max_new_tokens=8, coprocessor=cop)
+        assert [r.tolist() for r in aug] != [r.tolist() for r in plain]   # the latents do change the output
+    with pytest.raises(ValueError, match="augment_every"):
+        decode(model, prompts, None, max_new_tokens=4, coprocessor=cop, augment_every=-1)
+
+
+def test_cli_with_coprocessor_folder(export_dir, tmp_path):
+    from mmfm.cache import Coprocessor, save_coprocessor
+    from mmfm.generate import Bundle
+
+    cop = Coprocessor.from_decoder(Bundle.load(export_dir).model, num_latents=2)
+    save_coprocessor(cop, str(tmp_path / "cop"))
+    p = subprocess.run([sys.executable, "-m", "mmfm.cli", "generate", "--model", export_dir, "--prompt", "a red",
+                        "--to", "text", "--max-new-tokens", "6", "--temperature", "0", "--no-progress",
+                        "--coprocessor", str(tmp_path / "cop"), "--augment-every", "2"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
+    assert p.returncode == 0, p.stderr[-2000:]
+    q = subprocess.run([sys.executable, "-m", "mmfm.cli", "generate", "--model", export_dir, "--prompt", "a",
+                        "--to", "text", "--coprocessor", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+    assert q.returncode == 2 and "missing" in q.stderr

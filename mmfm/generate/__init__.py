@@ -77,7 +77,7 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
              repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
              frequency_penalty: float = 0.0, speculative: str | None = None, draft_model=None,
-             stats: dict | None = None) -> list[Sample]:
+             stats: dict | None = None, coprocessor=None, augment_every: int = 0) -> list[Sample]:
     """Generate one `to` sample per prompt (a string or a list of strings: a batch).
 
     model: an exported folder (mmfm export) or a Bundle. inputs: {modality: value or file path}
@@ -91,6 +91,10 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
     sampling's (docs/speculative.md). Text only, one row at a time, no CFG and no penalties; the
     model's full vocabulary is sampled and the text segment is cut at the first non-text id, as
     with plain decoding. `stats`, when a dict, receives the acceptance figures per prompt.
+
+    coprocessor: a trained cache-augmentation coprocessor (a folder from mmfm cacheaug train, or a
+    mmfm.cache.Coprocessor) for this model: the cache is augmented with its latents at the
+    prompt's end and, with augment_every=M, before every M-th generated token (docs/cacheaug.md).
     """
     bundle = model if isinstance(model, Bundle) else Bundle.load(str(model))
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -111,6 +115,12 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
 
         paths = [output_path(str(out), to, None if len(prompts) == 1 else i) for i in range(len(prompts))]
     ids = [build_prompt(vocab, toks, p, to, inputs) for p in prompts]
+    if coprocessor is not None and speculative is not None:
+        raise ValueError("arguments 'coprocessor' and 'speculative' do not combine")
+    if isinstance(coprocessor, (str, os.PathLike)):
+        from mmfm.cache import load_coprocessor
+
+        coprocessor = load_coprocessor(str(coprocessor), bundle.model)
     if speculative is not None:
         new = _speculative(bundle, ids, speculative, draft_model, length, seed, stats,
                            to=to, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -125,7 +135,8 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
                               frequency_penalty=frequency_penalty)
     table = modality_table(vocab) if bundle.model.cfg.groups > 1 else None
     new = decode(bundle.model, ids, cons, sampling, uncond=uncond, cfg_scale=cfg_scale, seed=seed,
-                 pad_id=vocab.pad_id, mod_table=table, progress=progress)
+                 pad_id=vocab.pad_id, mod_table=table, progress=progress, coprocessor=coprocessor,
+                 augment_every=augment_every)
     return _finish(bundle, to, prompts, new, paths)
 
 

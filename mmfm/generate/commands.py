@@ -31,7 +31,8 @@ def cmd_generate(args) -> int:
                            cfg_scale=args.cfg_scale, seed=args.seed, progress=not args.no_progress,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                            typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
-                           speculative=args.speculative, draft_model=args.draft_model, stats=stats)
+                           speculative=args.speculative, draft_model=args.draft_model, stats=stats,
+                           coprocessor=args.coprocessor, augment_every=args.augment_every)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mmfm generate: {exc}", file=sys.stderr)
         return 2
@@ -69,6 +70,10 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative", choices=("token_recycling", "draft"), default=None,
                    help="lossless speculative decoding (text, one row at a time; docs/speculative.md)")
+    p.add_argument("--coprocessor", default=None, metavar="DIR",
+                   help="cache augmentation: a coprocessor from mmfm cacheaug train (docs/cacheaug.md)")
+    p.add_argument("--augment-every", type=int, default=0, metavar="M",
+                   help="with --coprocessor: augment again before every M-th generated token (0 = prompt's end only)")
     p.add_argument("--draft-model", default=None, metavar="DIR", help="exported drafter for --speculative draft")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

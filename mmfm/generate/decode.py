@@ -85,7 +85,8 @@ def _check_prompts(prompts, name: str, V: int) -> list[torch.Tensor]:
 def decode(model, prompts: list[torch.Tensor], constraints: Constraints | None, sampling: SamplingConfig | None = None,
            max_new_tokens: int | None = None, uncond: list[torch.Tensor] | None = None, cfg_scale: float = 1.0,
            seed: int = 0, pad_id: int = 0, mod_table: torch.Tensor | None = None, progress: bool = False,
-           check_every: int = 8, stop_on_done: bool = True) -> list[torch.Tensor]:
+           check_every: int = 8, stop_on_done: bool = True, coprocessor=None,
+           augment_every: int = 0) -> list[torch.Tensor]:
     """Generate after each prompt; returns the new tokens of each row (int64 1-D, on the CPU).
 
     prompts: B 1-D tensors of unified ids (ragged). constraints: the per-row state machine (or
@@ -94,6 +95,11 @@ def decode(model, prompts: list[torch.Tensor], constraints: Constraints | None, 
     prompts for classifier-free guidance with cfg_scale (1 = off). seed: the sampler's Philox
     seed; step i uses offset i, so a run repeats exactly. mod_table: token -> modality index for
     modality-sparse models (mmfm.generate.decode.modality_table).
+
+    coprocessor: a cache-augmentation coprocessor (mmfm.cache, docs/cacheaug.md): every row's cache
+    is augmented with its N latents before the prompt's last token is fed, and again before every
+    augment_every-th generated token is fed (0 = at the prompt's end only). Tokens keep their own
+    positions (slot minus latent slots), as the coprocessor was trained. None: the plain decoder.
     """
     sampling = sampling or SamplingConfig()
     cfg = model.cfg
@@ -115,24 +121,41 @@ def decode(model, prompts: list[torch.Tensor], constraints: Constraints | None, 
         uncond = _check_prompts(uncond, "uncond", V)
         if len(uncond) != B:
             raise ValueError(f"decode: argument 'uncond' has {len(uncond)} prompts; it needs one per prompt ({B})")
+    if isinstance(augment_every, bool) or not isinstance(augment_every, int) or augment_every < 0:
+        raise ValueError(f"decode: argument 'augment_every' must be an integer >= 0, got {augment_every!r}")
     rows = prompts + (uncond if guided else [])
     device = next(model.parameters()).device
     ids, lens = _pad_batch(rows, pad_id, device)
-    need = int(lens.max()) + max_new_tokens
-    if need > cfg.max_seq_len:
+    n_lat = 0 if coprocessor is None else int(coprocessor.num_latents)
+    augments = 1 + ((max_new_tokens - 1) // augment_every if augment_every else 0)
+    need = int(lens.max()) + max_new_tokens + n_lat * augments   # cache slots (latents take slots, not positions)
+    if int(lens.max()) + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"decode: the longest prompt ({int(lens.max())} tokens) plus max_new_tokens "
-                         f"({max_new_tokens}) is {need}, beyond the model's max_seq_len {cfg.max_seq_len}")
+                         f"({max_new_tokens}) is {int(lens.max()) + max_new_tokens}, beyond the model's max_seq_len {cfg.max_seq_len}")
     sparse = cfg.groups > 1
     if sparse and mod_table is None:
         raise ValueError("decode: a modality-sparse model needs 'mod_table' (mmfm.generate.decode.modality_table)")
     mod_table = mod_table.to(device) if mod_table is not None else None
 
     cache = KVCache.for_model(model, len(rows), capacity=need)
-    logits = model(ids, modality_ids=mod_table[ids] if sparse else None, cache=cache, counts=lens)
-    last = logits[torch.arange(len(rows), device=device), lens - 1]          # [rows, V]
-    del logits
-    # dense models step through DenseStep (same function, far fewer ops per token)
-    fast = DenseStep(model, need) if not sparse else None
+    latent_slots = 0
+    if coprocessor is None:
+        logits = model(ids, modality_ids=mod_table[ids] if sparse else None, cache=cache, counts=lens)
+        last = logits[torch.arange(len(rows), device=device), lens - 1]          # [rows, V]
+        del logits
+    else:   # prefill all but the last prompt token, augment, then feed the last token
+        from mmfm.cache import augment
+
+        if int(lens.max()) > 1:
+            head = ids[:, :int(lens.max()) - 1]
+            model(head, modality_ids=mod_table[head] if sparse else None, cache=cache, counts=lens - 1)
+        latent_slots += augment(model, coprocessor, cache, cache.lengths.clone())
+        feed0 = ids[torch.arange(len(rows), device=device), lens - 1][:, None]
+        last = model(feed0, modality_ids=mod_table[feed0] if sparse else None, cache=cache,
+                     positions=(cache.lengths - latent_slots)[:, None])[:, -1]
+    # dense models step through DenseStep (same function, far fewer ops per token); with latents in
+    # the cache positions are not slots, so the general forward takes explicit positions
+    fast = DenseStep(model, need) if not sparse and coprocessor is None else None
     upto = int(lens.max()) + 1
     ragged = bool((lens != lens[0]).any())
 
@@ -177,6 +200,12 @@ def decode(model, prompts: list[torch.Tensor], constraints: Constraints | None, 
             if fast is not None:
                 last = fast(feed, cache, upto, ragged)
                 upto += 1
+            elif coprocessor is not None:
+                if augment_every and (step + 1) % augment_every == 0:
+                    latent_slots += augment(model, coprocessor, cache, cache.lengths - latent_slots)
+                f = feed[:, None]
+                last = model(f, modality_ids=mod_table[f] if sparse else None, cache=cache,
+                             positions=(cache.lengths - latent_slots)[:, None])[:, -1]
             else:
                 last = model(feed[:, None], modality_ids=mod_table[feed[:, None]], cache=cache)[:, -1]
     finally:
