@@ -16,7 +16,7 @@ and time; the speed-up is compute only (the demo model is not trained with the m
 so these records say nothing about sample quality; tests/test_masked_decode.py checks that on a
 trained tiny model).
 
-The model: --model (an `mmfm export` folder, default /work/demo_run/export, with its vocab.json
+The model: --model (an `mmfm export` folder, default runs/demo/export, the folder `make demo` writes; with its vocab.json
 and text tokenizer), or, when that folder does not exist, a byte-level model of the demo's
 shape trained here for --train-steps on standard-library source (stated in every record).
 
@@ -236,7 +236,7 @@ def bench_masked(model, args) -> list[dict]:
 
 def main(argv=None) -> int:
     p = base_parser("speculative", __doc__.split("\n\n")[0])
-    p.add_argument("--model", default="/work/demo_run/export", help="an `mmfm export` folder")
+    p.add_argument("--model", default="runs/demo/export", help="an `mmfm export` folder (default: the one make demo writes)")
     p.add_argument("--train-steps", type=int, default=300,
                    help="steps of the byte-level stand-in model when --model does not exist")
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
