@@ -181,18 +181,22 @@ def _counts(tokens_list) -> torch.Tensor:
 SETTINGS = [dict(temperature=1.0), dict(temperature=0.8, top_k=4, top_p=0.9)]
 
 
-@pytest.mark.parametrize("settings", SETTINGS)
-def test_token_recycling_sampling_distribution_equals_plain(settings):
+@pytest.mark.parametrize("settings,min_accepted", [(SETTINGS[0], 0.0), (SETTINGS[1], 0.0), (SETTINGS[0], 1.0)])
+def test_token_recycling_sampling_distribution_equals_plain(settings, min_accepted):
+    """min_accepted 0: a tree every pass; 1.0: the adaptive back-off mixes tree and plain passes."""
     model = _model(vocab=V, std=0.5)
     exact = exact_joint(model, settings)
     matrix = RecyclingMatrix(V, k=3)   # shared across calls: hot trees from the first call on
-    n, got, passes = 800, [], 0
+    n, got, passes, plain = 800, [], 0, 0
     for s in range(n):
         toks, stats = token_recycling_generate(model, PROMPT, max_new_tokens=N_NEW, seed=s, matrix=matrix,
-                                               tree_size=10, k=3, **settings)
+                                               tree_size=10, k=3, min_accepted=min_accepted, backoff=1,
+                                               **settings)
         got.append(toks.tolist())
         passes += stats.target_passes
+        plain += stats.plain_passes
     assert passes < n * (N_NEW - 1)         # drafts were accepted, so verification mattered
+    assert (plain > 0) == (min_accepted > 0)   # the back-off path ran exactly when enabled
     assert chi2_pvalue(_counts(got), exact) > 1e-3
     # power check: the same statistic rejects samples from a slightly different distribution
     other = exact_joint(model, {**settings, "temperature": settings["temperature"] * 1.3})

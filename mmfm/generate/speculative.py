@@ -35,6 +35,7 @@ class SpecStats:
     drafted: int = 0             # draft tokens offered to the target
     accepted: int = 0            # draft tokens the target accepted
     tree_nodes: list[int] = field(default_factory=list, repr=False)   # nodes per pass (recycling)
+    plain_passes: int = 0        # recycling passes run without drafts (adaptive back-off)
 
     @property
     def acceptance_length(self) -> float:
@@ -46,7 +47,8 @@ class SpecStats:
         return {"new_tokens": self.new_tokens, "target_passes": self.target_passes,
                 "draft_passes": self.draft_passes, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_length": round(self.acceptance_length, 4),
-                "mean_tree_nodes": round(sum(self.tree_nodes) / len(self.tree_nodes), 2) if self.tree_nodes else 0}
+                "mean_tree_nodes": round(sum(self.tree_nodes) / len(self.tree_nodes), 2) if self.tree_nodes else 0,
+                "plain_passes": self.plain_passes}
 
 
 def sampling_settings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, allowed_mask=None) -> dict:
@@ -113,11 +115,18 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
                              eos_id: int | None = None, matrix: RecyclingMatrix | None = None, tree_size: int = 40,
                              k: int = 8, max_depth: int = 8, warm_from_prompt: bool = True,
                              modality_table: torch.Tensor | None = None,
-                             allowed_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, SpecStats]:
+                             allowed_mask: torch.Tensor | None = None, min_accepted: float = 1.0,
+                             backoff: int = 8) -> tuple[torch.Tensor, SpecStats]:
     """Generate up to max_new_tokens after prompt_ids with Token Recycling; returns (int64 [n]
     new tokens, SpecStats). `matrix` (a RecyclingMatrix) is updated in place, so passing the same
     one across calls keeps its candidates (the paper's hot start); warm_from_prompt also fills it
-    from the prefill's logits. tree_size / k / max_depth shape the static draft tree."""
+    from the prefill's logits. tree_size / k / max_depth shape the static draft tree.
+
+    Adaptive back-off: a tree pass costs more than a one-token pass (about 2x for a small model on
+    a CPU), so when the running mean of accepted drafts per tree pass falls below min_accepted,
+    the next `backoff` passes feed the last token alone (a plain step; the matrix still learns
+    from its logits) before a tree is tried again. Which draft is offered never changes the output
+    distribution (it depends only on the past), so this stays lossless. min_accepted=0 disables it."""
     _check_common(max_new_tokens, seed)
     settings = sampling_settings(temperature, top_k, top_p, min_p, typical_p, allowed_mask)
     greedy = temperature == 0
@@ -129,6 +138,11 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     elif matrix.vocab_size != V:
         raise ValueError(f"matrix: built for vocab_size={matrix.vocab_size}, the model has {V}")
     template = tree_template(tree_size, matrix.k, max_depth)
+    if not isinstance(backoff, int) or backoff < 0:
+        raise ValueError(f"backoff: expected an int >= 0, got {backoff!r}")
+    if not min_accepted >= 0:
+        raise ValueError(f"min_accepted: expected a number >= 0, got {min_accepted!r}")
+    accepted_ema, skip = None, 0   # running mean of accepted drafts per tree pass; plain passes left
     rng = _Rng(seed)
     stats = SpecStats()
     cache = KVCache.for_model(model, batch=1, capacity=ids.shape[1] + max_new_tokens + len(template) + 1)
@@ -139,6 +153,19 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     out = [int(sampling.sample(logits[-1:], **settings, **rng.next())[0])]
     out, stop = _finish(out, max_new_tokens, eos_id)
     while not stop:
+        if skip > 0:   # back-off: a plain one-token step (the same draw as a one-node tree)
+            skip -= 1
+            last = torch.tensor([[out[-1]]], dtype=torch.long, device=device)
+            lg = model(last, modality_ids=_modality_ids(last, modality_table, model), cache=cache)[0]
+            stats.target_passes += 1
+            stats.plain_passes += 1
+            matrix.update(last[0], lg)
+            if greedy:
+                nxt = sampling.sample(lg, temperature=0, seed=0, allowed_mask=settings["allowed_mask"])
+            else:
+                nxt = sampling.sample(lg, **settings, **rng.next())
+            out, stop = _finish(out + [int(nxt[0])], max_new_tokens, eos_id)
+            continue
         tree = build_tree(matrix, out[-1], template)
         start = int(cache.lengths[0])
         node_ids = tree.tokens.to(device)[None]
@@ -150,6 +177,11 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         stats.drafted += len(tree.parent) - 1
         path, emitted = _walk_tree(tree, logits, settings, greedy, rng)
         stats.accepted += len(path) - 1
+        if len(tree.parent) > 1 and min_accepted > 0:
+            a = float(len(path) - 1)
+            accepted_ema = a if accepted_ema is None else 0.7 * accepted_ema + 0.3 * a
+            if accepted_ema < min_accepted:
+                skip, accepted_ema = backoff, None   # the next probe starts a fresh mean
         matrix.update(tree.tokens, logits)
         cache.keep(0, start, torch.tensor(path))
         out, stop = _finish(out + emitted, max_new_tokens, eos_id)
