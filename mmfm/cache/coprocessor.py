@@ -151,13 +151,15 @@ class PrefixCache:
     def batch(self) -> int:
         return self.k_past.shape[1]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, counts) -> int:
+    def begin(self, L: int, counts) -> int:
         if counts is not None:
             raise ValueError("PrefixCache: ragged counts are not supported")
+        return self.k_past.shape[3] + self.n_new + L
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         nk, nv = self.new_k[layer], self.new_v[layer]
         self.new_k[layer] = k if nk is None else torch.cat([nk, k], dim=2)
         self.new_v[layer] = v if nv is None else torch.cat([nv, v], dim=2)
-        return self.k_past.shape[3] + self.new_k[layer].shape[2]
 
     def read(self, layer: int, upto: int):
         return (torch.cat([self.k_past[layer], self.new_k[layer]], dim=2),

@@ -49,21 +49,29 @@ class KVCache:
         return self.k.shape[1]
 
     # ---------------------------------------------------------------- used by the model
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor | None) -> int:
-        """Append this forward's keys/values ([B, Hkv, L, D]) for one layer at slots lengths[b]...;
-        returns the number of slots attention must read (max over rows of lengths + L)."""
-        L = k.shape[2]
-        if bool((self.lengths + L > self.capacity).any()) and counts is None:
+    def begin(self, L: int, counts: torch.Tensor | None) -> int:
+        """Plan one forward's append of L tokens (counts[b] for ragged rows): the capacity check and
+        the choice of copy are made once here, not per layer. Returns the number of slots
+        attention must read (max over rows of lengths + L)."""
+        top = int(self.lengths.max())
+        if counts is None and top + L > self.capacity:
             raise ValueError(f"KVCache: appending {L} tokens exceeds capacity {self.capacity} "
-                             f"(lengths up to {int(self.lengths.max())})")
-        if counts is None and bool((self.lengths == self.lengths[0]).all()):
-            s = int(self.lengths[0])   # the common case (equal lengths): one slice copy
+                             f"(lengths up to {top})")
+        # the common case (every row at the same length, no counts): one slice copy per layer
+        self._start = top if counts is None and int(self.lengths.min()) == top else None
+        self._counts = counts
+        return top + L
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append this forward's keys/values ([B, Hkv, L, D]) for one layer as planned by begin()."""
+        s = self._start
+        if s is not None:
+            L = k.shape[2]
             self.k[layer, :, :, s:s + L] = k
             self.v[layer, :, :, s:s + L] = v
         else:
-            cache_ops.kv_append(self.k[layer], k, self.lengths, counts)
-            cache_ops.kv_append(self.v[layer], v, self.lengths, counts)
-        return int(self.lengths.max()) + L
+            cache_ops.kv_append(self.k[layer], k, self.lengths, self._counts)
+            cache_ops.kv_append(self.v[layer], v, self.lengths, self._counts)
 
     def read(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto]

@@ -126,7 +126,7 @@ class Attention(nn.Module):
         self.v_proj = GroupLinear(cfg.dim, cfg.n_kv_heads * hd, g)
         self.o_proj = GroupLinear(cfg.n_heads * hd, cfg.dim, g)
 
-    def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, counts=None):
+    def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, upto: int = 0):
         B, L, _ = x.shape
         c = self.cfg
         H, Hkv = c.n_heads, c.n_kv_heads
@@ -147,7 +147,7 @@ class Attention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:   # append this step's keys/values, attend over past + new
-            upto = cache.write(layer, k, v, counts)
+            cache.write(layer, k, v)
             k, v = cache.read(layer, upto)
         out = attend(q, k, v, mask, c.attention)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, H * self.hd), plan)
@@ -205,8 +205,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = GroupRMSNorm(cfg.dim, cfg.norm_eps, cfg.groups)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, counts=None):
-        x = x + self.self_attn(self.input_layernorm(x, plan), plan, cos, sin, mask, cache, layer, counts)
+    def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, upto: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x, plan), plan, cos, sin, mask, cache, layer, upto)
         return x + self.mlp(self.post_attention_layernorm(x, plan), plan)
 
 
@@ -275,15 +275,16 @@ class Transformer(nn.Module):
                 raise ValueError(f"cache holds {cache.batch} rows but ids has {B}")
             if positions is None:
                 positions = cache.lengths[:, None] + torch.arange(L, device=x.device)[None, :]
-            upto = int(cache.lengths.max()) + L
+            upto = cache.begin(L, counts)
             mask = cache.attention_mask(L, upto, attn_mask)
         else:
             if positions is None:   # [1, L]: cos/sin computed once and broadcast over the batch
                 positions = torch.arange(L, device=x.device).unsqueeze(0)
             mask = None if attn_mask is None else attn_mask.unsqueeze(1)
+            upto = 0
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, plan, cos, sin, mask, cache, i, counts)
+            x = layer(x, plan, cos, sin, mask, cache, i, upto)
         if cache is not None:
             cache.advance(L, counts)
         x = self.norm(x, plan)
