@@ -32,3 +32,21 @@ def test_model_and_tokenizer_configs_use_it(tmp_path):
     tok.write_text("tokenizer: text\nmodle: {}\n")
     with pytest.raises(ConfigError, match=r"t.yaml: modle: unknown top-level field"):
         load_config(tok)
+
+
+def test_read_deepspeed_names_the_field_and_the_problem(tmp_path):
+    """The one reader of `deepspeed:` fields (pretrain, cacheaug and tokenizer configs)."""
+    from mmfm.train.config import read_deepspeed
+
+    good = tmp_path / "ds.json"
+    good.write_text('{"zero_optimization": {"stage": 1}}')
+    assert read_deepspeed(str(good), "run.yaml: deepspeed") == ({"zero_optimization": {"stage": 1}}, str(good))
+    assert read_deepspeed({"a": 1}, "run.yaml: deepspeed") == ({"a": 1}, "")
+    with pytest.raises(ConfigError, match=r"run.yaml: deepspeed: cannot read .*nope.json"):
+        read_deepspeed(str(tmp_path / "nope.json"), "run.yaml: deepspeed")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{stage: 1")
+    with pytest.raises(ConfigError, match=r"tok.yaml: train.deepspeed: .*bad.json is not valid JSON"):
+        read_deepspeed(str(bad), "tok.yaml: train.deepspeed")
+    with pytest.raises(ConfigError, match="expected a JSON file path or a mapping"):
+        read_deepspeed(3, "run.yaml: deepspeed")

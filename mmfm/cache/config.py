@@ -13,10 +13,9 @@ take this config unchanged. Unknown or ill-typed fields stop with the file and f
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
-from mmfm.train.config import OptimSection, TrainSection, _parse_override
+from mmfm.train.config import OptimSection, TrainSection, apply_overrides, read_deepspeed
 from mmfm.typed_config import ConfigError, from_dict, read_sections
 
 SECTIONS = ("decoder", "deepspeed", "coprocessor", "data", "optim", "train")
@@ -59,32 +58,11 @@ class AugConfig:
 
 def load_aug_config(path, overrides: list[str] | None = None, decoder: str | None = None) -> AugConfig:
     path = str(path)
-    raw = read_sections(path, SECTIONS)
-    for item in overrides or []:
-        keys, value = _parse_override(item, path)
-        if keys[0] not in SECTIONS or len(keys) != 2:
-            raise ConfigError(f"{path}: override {item!r}: expected section.field=value with section one of "
-                              f"{', '.join(SECTIONS[2:])}")
-        sec = raw.setdefault(keys[0], {})
-        if not isinstance(sec, dict):
-            raise ConfigError(f"{path}: override {item!r}: {keys[0]} is not a mapping")
-        sec[keys[1]] = value
+    raw = apply_overrides(read_sections(path, SECTIONS), overrides or [], path, SECTIONS)
     dec = decoder if decoder is not None else raw.get("decoder", "")
     if not isinstance(dec, str) or not dec:
         raise ConfigError(f"{path}: decoder: expected the export folder of the frozen decoder (or pass --decoder)")
-    ds = raw.get("deepspeed", "configs/deepspeed/zero0.json")
-    ds_path = ""
-    if isinstance(ds, str):
-        ds_path = ds
-        try:
-            with open(ds) as f:
-                ds = json.load(f)
-        except OSError as exc:
-            raise ConfigError(f"{path}: deepspeed: cannot read {ds}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: deepspeed: {ds} is not valid JSON: {exc}") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{path}: deepspeed: expected a JSON file path or a mapping")
+    ds, ds_path = read_deepspeed(raw.get("deepspeed", "configs/deepspeed/zero0.json"), f"{path}: deepspeed")
     cfg = AugConfig(
         decoder=dec, deepspeed=ds,
         coprocessor=from_dict(CoprocessorSection, raw.get("coprocessor"), f"{path}: coprocessor"),

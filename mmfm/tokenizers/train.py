@@ -67,13 +67,9 @@ def engine_config(t, world: int, config_path: str = "") -> EngineConfig:
         raise ConfigError(f"{where}train.batch_size: {t.batch_size} is not divisible by the {world} ranks")
     ds = dict(DEFAULT_DEEPSPEED)
     if t.deepspeed:
-        try:
-            with open(t.deepspeed) as f:
-                ds = json.load(f)
-        except OSError as exc:
-            raise ConfigError(f"{where}train.deepspeed: cannot read {t.deepspeed}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}train.deepspeed: {t.deepspeed} is not valid JSON: {exc}") from None
+        from mmfm.train.config import read_deepspeed
+
+        ds, _ = read_deepspeed(t.deepspeed, f"{where}train.deepspeed")
     return EngineConfig(_Optim(t.lr, t.weight_decay, t.clip), _Train(t.batch_size // world), ds, t.deepspeed)
 
 

@@ -99,11 +99,13 @@ def _parse_override(item: str, path: str):
     return key.split("."), yaml.safe_load(value)
 
 
-def apply_overrides(raw: dict, overrides: list[str], path: str) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], path: str, sections: tuple = SECTIONS) -> dict:
+    """section.field=value items (or model=FILE / deepspeed=FILE) applied to the raw YAML mapping;
+    `sections`: the top-level fields this file type has."""
     for item in overrides or []:
         keys, value = _parse_override(item, path)
-        if keys[0] not in SECTIONS:
-            raise ConfigError(f"{path}: override {item!r}: unknown section {keys[0]!r}; expected {', '.join(SECTIONS)}")
+        if keys[0] not in sections:
+            raise ConfigError(f"{path}: override {item!r}: unknown section {keys[0]!r}; expected {', '.join(sections)}")
         d = raw
         for k in keys[:-1]:
             if not isinstance(d.get(k), dict):
@@ -113,6 +115,22 @@ def apply_overrides(raw: dict, overrides: list[str], path: str) -> dict:
             d = d[k]
         d[keys[-1]] = value
     return raw
+
+
+def read_deepspeed(value, where: str) -> tuple[dict, str]:
+    """A `deepspeed` field: a plain DeepSpeed JSON file path or an inline mapping -> (the config,
+    the path or ""). `where` names the field in errors (e.g. "run.yaml: deepspeed")."""
+    if isinstance(value, str):
+        try:
+            with open(value) as f:
+                return json.load(f), value
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {value}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: {value} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a JSON file path or a mapping")
+    return value, ""
 
 
 def load_run_config(path, overrides: list[str] | None = None, extra_sections: tuple = ()) -> RunConfig:
@@ -137,19 +155,7 @@ def load_run_config(path, overrides: list[str] | None = None, extra_sections: tu
         model = model_config_from_dict(m, f"{path}: model")
     else:
         raise ConfigError(f"{path}: model: expected a model config path or mapping, got {m!r}")
-    ds = raw.get("deepspeed", "configs/deepspeed/zero0.json")
-    ds_path = ""
-    if isinstance(ds, str):
-        ds_path = ds
-        try:
-            with open(ds) as f:
-                ds = json.load(f)
-        except OSError as exc:
-            raise ConfigError(f"{path}: deepspeed: cannot read {ds}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: deepspeed: {ds} is not valid JSON: {exc}") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{path}: deepspeed: expected a JSON file path or a mapping")
+    ds, ds_path = read_deepspeed(raw.get("deepspeed", "configs/deepspeed/zero0.json"), f"{path}: deepspeed")
     data = from_dict(DataSection, raw.get("data"), f"{path}: data")
     objective = from_dict(ObjectiveConfig, raw.get("objective"), f"{path}: objective")
     optim = from_dict(OptimSection, raw.get("optim"), f"{path}: optim")
