@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmfm.generate.constraints import Constraints, Target
+from mmfm.generate.constraints import Constraints, Target, text_allowed_mask
 from mmfm.generate.decode import SamplingConfig, decode, modality_table
 from mmfm.generate.prompt import Tokenizers, build_prompt, unconditional_prompt
 from mmfm.vocab import Vocab
@@ -160,14 +160,8 @@ def _speculative(bundle, ids, method, draft_model, length, seed, stats, *, to, c
             raise ValueError(f"argument 'draft_model': vocab_size {drafter.cfg.vocab_size} differs from the "
                              f"model's {bundle.model.cfg.vocab_size}")
     table = modality_table(bundle.vocab) if bundle.model.cfg.groups > 1 else None
-    # the plain loop's text constraint (constraints.py): text ids, <end_text> or <eos>
-    vocab = bundle.vocab
-    allowed = torch.zeros(vocab.size, dtype=torch.bool)
-    r = vocab.ranges["text"]
-    allowed[r.start:r.stop] = True
-    allowed[vocab.end_id("text")] = True
-    allowed[vocab.eos_id] = True
-    allowed = allowed.to(next(bundle.model.parameters()).device)
+    vocab = bundle.vocab   # the plain loop's text constraint, so greedy output is the same
+    allowed = text_allowed_mask(vocab, next(bundle.model.parameters()).device)
     out = []
     with torch.inference_mode():
         for i, row in enumerate(ids):

@@ -29,6 +29,15 @@ class Target:
     length: int
 
 
+def text_allowed_mask(vocab: Vocab, device="cpu") -> torch.Tensor:
+    """bool [V]: what a text row may emit: text ids, `<end_text>` or `<eos>`."""
+    mask = torch.zeros(vocab.size, dtype=torch.bool, device=device)
+    r = vocab.ranges["text"]
+    mask[r.start:r.stop] = True
+    mask[[vocab.end_id("text"), vocab.eos_id]] = True
+    return mask
+
+
 class Constraints:
     """Per-row allowed tokens for `mmfm.ops.sample`, advanced with `update(tokens)`.
 
@@ -70,9 +79,7 @@ class Constraints:
         self.any_text = any(is_text)
         self._mask = None
         if self.any_text:
-            text_mask = torch.zeros(V, dtype=torch.bool, device=device)
-            text_mask[:vocab.ranges["text"].stop] = True
-            text_mask[[vocab.end_id("text"), vocab.eos_id]] = True
+            text_mask = text_allowed_mask(vocab, device)
             # non-text rows are narrowed by their range alone: an all-True mask row
             self._mask = torch.where(self.is_text[:, None], text_mask[None, :], torch.ones_like(text_mask)[None, :])
         self._range = torch.empty(B, 2, **as_long)
