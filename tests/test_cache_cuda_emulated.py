@@ -8,19 +8,13 @@ Every access width the launcher can pick (16, 8, 4, 2 bytes) is exercised. It sa
 timing or real concurrency: tests/test_cache_cuda.py does that on a GPU. Needs g++.
 """
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 
 import pytest
 import torch
+from emu_build import CXX, build_emulator
 
 from test_cache_ops import rnd, slice_append, slice_insert, strided
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
 if CXX is None:
     pytest.skip("no C++ compiler (g++) to build the CUDA emulation", allow_module_level=True)
 
@@ -31,19 +25,7 @@ P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 @pytest.fixture(scope="module")
 def emu():
-    digest = hashlib.sha1()
-    for f in SOURCES:
-        with open(os.path.join(ROOT, f), "rb") as fh:
-            digest.update(fh.read())
-    out = os.path.join(tempfile.gettempdir(), f"mmfm_cache_emu_{digest.hexdigest()[:16]}.so")
-    if not os.path.exists(out):
-        tmp = f"{out}.{os.getpid()}.tmp"
-        subprocess.run([CXX, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
-                        "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # _longjmp between fiber stacks
-                        "-I", os.path.join(ROOT, "tests", "cuda_emu"), "-I", os.path.join(ROOT, "csrc"),
-                        os.path.join(ROOT, SOURCES[0]), "-o", tmp], check=True, capture_output=True, text=True)
-        os.replace(tmp, out)
-    lib = ctypes.CDLL(out)
+    lib = build_emulator(SOURCES, "mmfm_cache_emu")
     lib.emu_kv_append.argtypes = [P, I64, I64, I64, I64, P, I64, I64, I64, I64, P, P, I32, ctypes.c_uint, P]
     lib.emu_kv_insert.argtypes = [P, I64, I64, I64, I64, P, I64, I64, I64, I64, P, P, I32, P]
     lib.emu_kv_gather_rows.argtypes = [P, I64, I64, I64, I64, P, I64, P, I32, ctypes.c_uint, P]

@@ -7,21 +7,15 @@ against the references on machines without a GPU. It says nothing about timing, 
 coalescing or real concurrency: tests/test_sampling_cuda.py does that on a GPU. Needs g++.
 """
 import ctypes
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-import tempfile
 
 import pytest
 import torch
+from emu_build import CXX, build_emulator
 
 from mmfm import _ext
 from mmfm.ops import sampling as S
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
 if CXX is None:
     pytest.skip("no C++ compiler (g++) to build the CUDA emulation", allow_module_level=True)
 
@@ -34,19 +28,7 @@ P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_flo
 
 @pytest.fixture(scope="module")
 def emu():
-    digest = hashlib.sha1()
-    for f in SOURCES:
-        with open(os.path.join(ROOT, f), "rb") as fh:
-            digest.update(fh.read())
-    out = os.path.join(tempfile.gettempdir(), f"mmfm_cuda_emu_{digest.hexdigest()[:16]}.so")
-    if not os.path.exists(out):
-        tmp = f"{out}.{os.getpid()}.tmp"
-        subprocess.run([CXX, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
-                        "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # _longjmp between fiber stacks
-                        "-I", os.path.join(ROOT, "tests", "cuda_emu"), "-I", os.path.join(ROOT, "csrc"),
-                        os.path.join(ROOT, SOURCES[0]), "-o", tmp], check=True, capture_output=True, text=True)
-        os.replace(tmp, out)
-    lib = ctypes.CDLL(out)
+    lib = build_emulator(SOURCES, "mmfm_cuda_emu")
     lib.emu_sample.argtypes = [P, ctypes.c_int, I64, I64, P, P, P, P, I64, ctypes.c_uint64, ctypes.c_uint64,
                                ctypes.c_int, P, P, P, P]
     lib.emu_verify_chain.argtypes = [P, P, P, I64, I64, I64, ctypes.c_uint64, ctypes.c_uint64, P, P, P]
