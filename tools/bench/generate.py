@@ -56,7 +56,7 @@ def run_hf(hf, prompts: torch.Tensor, new: int, seed: int) -> torch.Tensor:
     return out[:, prompts.shape[1]:]
 
 
-# name -> (loader(export_dir) -> model, runner(model, prompts, new, seed) -> tokens [B, new])
+# name -> (loader(export_dir) -> model or None to share mmfm's, runner(model, prompts, new, seed) -> tokens [B, new])
 IMPLS = {
     "mmfm": (lambda d: __import__("mmfm").load(d), run_mmfm),
 }
@@ -97,13 +97,13 @@ def run_token_recycling(model, prompts: torch.Tensor, new: int, seed: int) -> to
     return torch.stack(rows)
 
 
-IMPLS["mmfm_token_recycling"] = (lambda d: __import__("mmfm").load(d), run_token_recycling)
+IMPLS["mmfm_token_recycling"] = (None, run_token_recycling)   # None: runs on the `mmfm` impl's model
 BATCH1_ONLY = {"mmfm_token_recycling"}   # speculative decoding here verifies one row at a time
 
 
 def bench(folder: str, batches, new: int, prompt_len: int, repeats: int, label: str) -> list[dict]:
-    models = {name: load(folder) for name, (load, _) in IMPLS.items()}
-    models["mmfm_token_recycling"] = models["mmfm"]
+    models = {name: load(folder) for name, (load, _) in IMPLS.items() if load is not None}
+    models.update({name: models["mmfm"] for name, (load, _) in IMPLS.items() if load is None})
     V = models["mmfm"].cfg.vocab_size
     records = []
     with torch.inference_mode():
