@@ -8,7 +8,7 @@ __all__ = ["ops", "__version__"]
 
 def load(folder: str):
     """An exported model folder (mmfm export) -> mmfm Transformer in eval mode."""
-    from mmfm.export import load as _load
+    from mmfm.models.io import load as _load
 
     return _load(folder)
 

@@ -10,7 +10,7 @@
     mmfm finetune --from X --modality M --config Y   one modality, full or LoRA (mmfm/train/finetune.py)
     mmfm export RUN --out DIR   ZeRO checkpoint -> safetensors + Hugging Face folder (mmfm/export)
     mmfm generate --model DIR --prompt P --to M --out PATH   any-to-any decoding (mmfm/generate)
-    mmfm cacheaug train|eval    a coprocessor that augments a frozen decoder's KV cache (mmfm/cache)
+    mmfm cacheaug train|eval    a coprocessor that augments a frozen decoder's KV cache (mmfm/cacheaug)
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_cacheaug(args) -> int:
-    from mmfm.cache.commands import cmd_cacheaug as run
+    from mmfm.cacheaug.commands import cmd_cacheaug as run
 
     return run(args)
 
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.generate.commands import add_generate_parser
 
     add_generate_parser(sub)
-    from mmfm.cache.commands import add_cacheaug_parser
+    from mmfm.cacheaug.commands import add_cacheaug_parser
 
     add_cacheaug_parser(sub)
     return parser

@@ -1,4 +1,4 @@
-"""Cache augmentation (mmfm/cache): the training path (PrefixCache) scores exactly what the generation
+"""Cache augmentation (mmfm/cacheaug): the training path (PrefixCache) scores exactly what the generation
 path (KVCache + augment) scores; N = 0 is the plain decoder; a few DeepSpeed steps of
 `mmfm cacheaug train` lower the ahead-token loss with the decoder's weights (hash) and outputs
 (bit for bit) unchanged; save/load round trip; eval records; config errors name the field."""
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfm.cache import Coprocessor, augment, cached_ahead_nll, generate, load_coprocessor, save_coprocessor, weights_hash
-from mmfm.cache.config import load_aug_config
-from mmfm.cache.objective import ahead_nll, choose_points
+from mmfm.cacheaug import Coprocessor, augment, cached_ahead_nll, generate, load_coprocessor, save_coprocessor, weights_hash
+from mmfm.cacheaug.config import load_aug_config
+from mmfm.cacheaug.objective import ahead_nll, choose_points
 from mmfm.models import KVCache, ModelConfig, Transformer
 from mmfm.typed_config import ConfigError
 
@@ -63,7 +63,7 @@ def test_training_path_equals_generation_path(sparse):
 
 
 def test_augment_appends_latents_at_each_rows_length():
-    from mmfm.cache import prefill
+    from mmfm.cacheaug import prefill
 
     dec = _model()
     cp = Coprocessor.from_decoder(dec, 4)
@@ -100,7 +100,7 @@ def test_generate_without_coprocessor_is_plain_greedy_decoding():
                                   max_seq_len=128, init_std=0.5)).eval()
     cp = Coprocessor.from_decoder(dec, 3)
     aug = generate(dec, prompts, 3, coprocessor=cp, every=2)     # at the prompt's end, and before token 2 is fed
-    from mmfm.cache import prefill
+    from mmfm.cacheaug import prefill
 
     for p, g in zip(prompts, aug):   # the same schedule by hand: tokens at their own positions, latents at theirs
         n = p.numel()
@@ -205,7 +205,7 @@ def _heldout_rows(d, v, A=4):
 
 
 def test_training_lowers_ahead_loss_and_leaves_decoder_unchanged(trained):
-    from mmfm.export import load
+    from mmfm.models.io import load
 
     d, v = trained
     summary = json.load(open(d / "out" / "summary.json"))
@@ -234,7 +234,7 @@ def test_training_lowers_ahead_loss_and_leaves_decoder_unchanged(trained):
 
 
 def test_eval_records(trained, tmp_path):
-    from mmfm.cache.evaluate import evaluate
+    from mmfm.cacheaug.evaluate import evaluate
 
     d, v = trained
     rec = evaluate(str(d / "export"), [str(d / "out" / "coprocessor")], str(d / "eval"), ahead=4, points=2,

@@ -10,7 +10,8 @@ import torch
 
 from mmfm.models import Transformer
 from mmfm.models.config import load_model_config
-from mmfm.train.finetune import FinetuneSection, apply_freeze, apply_lora, merge_lora_state, parse_section
+from mmfm.models.lora import apply_lora, merge_lora_state
+from mmfm.train.finetune import FinetuneSection, apply_freeze, parse_section
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ def _tiny(vocab=200):
 def test_lora_merge_equals_unmerged_outputs():
     cfg, model = _tiny()
     f = FinetuneSection(method="lora", lora_rank=4, lora_alpha=8.0, lora_targets=["q_proj", "v_proj", "down_proj"])
-    apply_lora(model, f)
+    apply_lora(model, f.lora_targets, f.lora_rank, f.scale, f.train_also)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):
@@ -60,7 +61,9 @@ def test_freezing_and_bad_sections():
 
 
 def test_lora_finetune_from_export_loss_on_one_modality_and_merged_export(tmp_path):
-    from mmfm.export import consolidate, load, write_folder
+    from mmfm.export import write_folder
+    from mmfm.models.io import load
+    from mmfm.train.checkpoint import consolidate
     from mmfm.train.tokens import synthetic_token_corpus
     from mmfm.vocab import Vocab
 
@@ -91,7 +94,7 @@ finetune: {{method: lora, lora_rank: 4, lora_alpha: 8.0, lora_targets: [q_proj, 
     state, run_cfg = consolidate(str(tmp_path / "run"))
     assert any(k.endswith("lora_A") for k in state)
     f = parse_section({k: run_cfg["finetune"][k] for k in ("method", "lora_rank", "lora_alpha", "lora_targets")}, "x")
-    unmerged = apply_lora(Transformer(cfg), f)
+    unmerged = apply_lora(Transformer(cfg), f.lora_targets, f.lora_rank, f.scale, f.train_also)
     unmerged.load_state_dict(state)
     merged = load(str(tmp_path / "merged"))
     ids = torch.randint(v.size, (2, 32))

@@ -342,9 +342,9 @@ def test_speculative_api_greedy_equals_plain_greedy(export_dir):
 
 
 def test_coprocessor_decoding_equals_the_cache_reference_loop(tmp_path):
-    """decode(..., coprocessor=) augments as mmfm.cache.generate does (prompt end and every M tokens);
+    """decode(..., coprocessor=) augments as mmfm.cacheaug.generate does (prompt end and every M tokens);
     greedy outputs agree token for token, and a coprocessor with 0 latents is the plain decoder."""
-    from mmfm.cache import Coprocessor, generate as cache_generate, load_coprocessor, save_coprocessor
+    from mmfm.cacheaug import Coprocessor, generate as cache_generate, load_coprocessor, save_coprocessor
     from mmfm.generate.decode import decode
 
     model = tiny_model()
@@ -373,7 +373,7 @@ def test_coprocessor_decoding_equals_the_cache_reference_loop(tmp_path):
 
 
 def test_cli_with_coprocessor_folder(export_dir, tmp_path):
-    from mmfm.cache import Coprocessor, save_coprocessor
+    from mmfm.cacheaug import Coprocessor, save_coprocessor
     from mmfm.generate import Bundle
 
     cop = Coprocessor.from_decoder(Bundle.load(export_dir).model, num_latents=2)

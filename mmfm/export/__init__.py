@@ -24,36 +24,10 @@ import shutil
 
 import torch
 
-from mmfm.models import ModelConfig, Transformer
-from mmfm.models.hf import from_hf, hf_config_dict, to_hf
-
-
-def _run_dir(path: str) -> str:
-    path = os.path.abspath(path)
-    if os.path.basename(path) == "checkpoints":
-        return os.path.dirname(path)
-    return path
-
-
-def consolidate(run_dir: str) -> tuple[dict, dict]:
-    """(fp32 mmfm state dict, run config dict) from a pretrain output folder."""
-    from mmfm.train.checkpoint import latest_tag
-
-    run_dir = _run_dir(run_dir)
-    with open(os.path.join(run_dir, "config.json")) as f:
-        run_cfg = json.load(f)
-    ckdir = os.path.join(run_dir, "checkpoints")
-    tag = latest_tag(ckdir)
-    if tag is None:
-        raise FileNotFoundError(f"{ckdir}: no complete checkpoint (no 'latest')")
-    if run_cfg.get("zero_stage", 0) == 0:
-        sd = torch.load(os.path.join(ckdir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
-                        weights_only=False)["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(ckdir, tag=tag)
-    return {k: v.float().contiguous() for k, v in sd.items()}, run_cfg
+from mmfm.models import ModelConfig
+from mmfm.models.hf import hf_config_dict, to_hf
+from mmfm.models.io import load, read_state  # noqa: F401  (mmfm.export.load stays importable)
+from mmfm.train.checkpoint import consolidate
 
 
 def write_folder(state: dict, cfg: ModelConfig, out: str, vocab_path: str | None = None,
@@ -107,43 +81,12 @@ def write_folder(state: dict, cfg: ModelConfig, out: str, vocab_path: str | None
 def export(run_dir: str, out: str, tokenizers: str | None = None, shard_mb: float = 2000.0) -> str:
     state, run_cfg = consolidate(run_dir)
     if any(k.endswith(".lora_A") for k in state):   # a LoRA fine-tune: merge into plain weights
-        from mmfm.train.finetune import merge_lora_state
+        from mmfm.models.lora import merge_lora_state
 
         ft = run_cfg.get("finetune") or {}
         state = merge_lora_state(state, float(ft["lora_alpha"]) / int(ft["lora_rank"]))
     cfg = ModelConfig(**run_cfg["model"])
     return write_folder(state, cfg, out, run_cfg["data"].get("vocab") or None, tokenizers, shard_mb)
-
-
-def read_state(folder: str) -> tuple[dict, ModelConfig]:
-    from safetensors.torch import load_file
-
-    with open(os.path.join(folder, "mmfm_model.json")) as f:
-        cfg = ModelConfig(**json.load(f))
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    tensors = {}
-    for f in files:
-        tensors.update(load_file(os.path.join(folder, f)))
-    return (from_hf(tensors, cfg) if cfg.groups == 1 else tensors), cfg
-
-
-def load(folder: str) -> Transformer:
-    """An exported folder -> mmfm Transformer (eval mode, fp32)."""
-    state, cfg = read_state(folder)
-    model = Transformer(cfg)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def load_state_into(model: Transformer, source: str) -> None:
-    """train.init_from: an export folder or a pretrain output folder."""
-    if os.path.exists(os.path.join(source, "mmfm_model.json")):
-        state, _ = read_state(source)
-    else:
-        state, _ = consolidate(source)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if "lora" not in m]:
-        raise ValueError(f"init_from {source}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def cmd_export(args) -> int:

@@ -37,7 +37,7 @@ class Bundle:
 
     @classmethod
     def load(cls, folder: str) -> "Bundle":
-        from mmfm.export import load
+        from mmfm.models.io import load
 
         if not os.path.exists(os.path.join(folder, "mmfm_model.json")):
             raise FileNotFoundError(f"--model {folder!r}: not an exported model folder (no mmfm_model.json; "
@@ -93,7 +93,7 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
     with plain decoding. `stats`, when a dict, receives the acceptance figures per prompt.
 
     coprocessor: a trained cache-augmentation coprocessor (a folder from mmfm cacheaug train, or a
-    mmfm.cache.Coprocessor) for this model: the cache is augmented with its latents at the
+    mmfm.cacheaug.Coprocessor) for this model: the cache is augmented with its latents at the
     prompt's end and, with augment_every=M, before every M-th generated token (docs/cacheaug.md).
     """
     bundle = model if isinstance(model, Bundle) else Bundle.load(str(model))
@@ -118,7 +118,7 @@ def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, 
     if coprocessor is not None and speculative is not None:
         raise ValueError("arguments 'coprocessor' and 'speculative' do not combine")
     if isinstance(coprocessor, (str, os.PathLike)):
-        from mmfm.cache import load_coprocessor
+        from mmfm.cacheaug import load_coprocessor
 
         coprocessor = load_coprocessor(str(coprocessor), bundle.model)
     if speculative is not None:

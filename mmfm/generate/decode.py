@@ -96,7 +96,7 @@ def decode(model, prompts: list[torch.Tensor], constraints: Constraints | None, 
     seed; step i uses offset i, so a run repeats exactly. mod_table: token -> modality index for
     modality-sparse models (mmfm.generate.decode.modality_table).
 
-    coprocessor: a cache-augmentation coprocessor (mmfm.cache, docs/cacheaug.md): every row's cache
+    coprocessor: a cache-augmentation coprocessor (mmfm.cacheaug, docs/cacheaug.md): every row's cache
     is augmented with its N latents before the prompt's last token is fed, and again before every
     augment_every-th generated token is fed (0 = at the prompt's end only). Tokens keep their own
     positions (slot minus latent slots), as the coprocessor was trained. None: the plain decoder.
@@ -144,7 +144,7 @@ def decode(model, prompts: list[torch.Tensor], constraints: Constraints | None, 
         last = logits[torch.arange(len(rows), device=device), lens - 1]          # [rows, V]
         del logits
     else:   # prefill all but the last prompt token, augment, then feed the last token
-        from mmfm.cache import augment
+        from mmfm.cacheaug import augment
 
         if int(lens.max()) > 1:
             head = ids[:, :int(lens.max()) - 1]

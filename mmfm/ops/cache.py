@@ -1,5 +1,5 @@
 """Key-value cache operations shared by generation (mmfm/generate) and cache augmentation
-(mmfm/cache). A cache tensor is [B, H, T, D] (one layer's keys or values; T = capacity in slots);
+(mmfm/cacheaug). A cache tensor is [B, H, T, D] (one layer's keys or values; T = capacity in slots);
 row b holds `lengths[b]` valid entries in slots [0, lengths[b]), contiguous, with no padding.
 
     kv_append(cache, new, starts, counts)     write new[b, :, :counts[b]] at slots starts[b]...

@@ -102,7 +102,8 @@ def _train_neural(cfg, progress: bool) -> int:
     from mmfm.tokenizers.data import prepare_all, random_batches, read_samples
     from mmfm.tokenizers.registry import build_tokenizer
     from mmfm.tokenizers.render import save_pairs
-    from mmfm.tokenizers.train import JsonlLogger, TrainLoop
+    from mmfm.tokenizers.train import TrainLoop
+    from mmfm.train.metrics import JsonlLogger
 
     d, t, out = cfg.data, cfg.train, cfg.train.out
     torch.manual_seed(t.seed)

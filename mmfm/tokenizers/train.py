@@ -183,31 +183,3 @@ class TrainLoop:
                 g.set_state(state["model_generators"][k])
         self.step_count = self._saved = int(state["step"])
         return True
-
-
-class JsonlLogger:
-    """Appends {"step": s, **metrics} lines to a JSONL file and, if available, to TensorBoard."""
-
-    def __init__(self, path: str, tensorboard_dir: str | None = None):
-        self.path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.tb = None
-        if tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(tensorboard_dir)
-            except ImportError:  # tensorboard is a dependency, but the loop must not need it
-                self.tb = None
-
-    def __call__(self, step: int, metrics: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()

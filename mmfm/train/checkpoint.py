@@ -17,6 +17,7 @@ DeepSpeed shards of that step are written and before COMPLETE / `latest`.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -104,3 +105,43 @@ def load(engine, root: str) -> dict | None:
     set_rng_state(state.pop("rng"))
     state["tag"] = tag
     return state
+
+
+# ------------------------------------------------------------------ consolidation (export, init_from)
+def run_dir_of(path: str) -> str:
+    path = os.path.abspath(path)
+    if os.path.basename(path) == "checkpoints":
+        return os.path.dirname(path)
+    return path
+
+
+def consolidate(run_dir: str) -> tuple[dict, dict]:
+    """(fp32 mmfm state dict, run config dict) from a pretrain output folder."""
+    run_dir = run_dir_of(run_dir)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        run_cfg = json.load(f)
+    ckdir = os.path.join(run_dir, "checkpoints")
+    tag = latest_tag(ckdir)
+    if tag is None:
+        raise FileNotFoundError(f"{ckdir}: no complete checkpoint (no 'latest')")
+    if run_cfg.get("zero_stage", 0) == 0:
+        sd = torch.load(os.path.join(ckdir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
+                        weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(ckdir, tag=tag)
+    return {k: v.float().contiguous() for k, v in sd.items()}, run_cfg
+
+
+def load_state_into(model, source: str) -> None:
+    """train.init_from: an export folder or a pretrain output folder."""
+    if os.path.exists(os.path.join(source, "mmfm_model.json")):
+        from mmfm.models.io import read_state
+
+        state, _ = read_state(source)
+    else:
+        state, _ = consolidate(source)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if "lora" not in m]:
+        raise ValueError(f"init_from {source}: missing {missing[:3]}, unexpected {unexpected[:3]}")

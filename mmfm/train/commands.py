@@ -18,7 +18,7 @@ def argparse_suppress():
 
 
 def cmd_pretrain(args) -> int:
-    from mmfm.tokenizers.config import ConfigError
+    from mmfm.typed_config import ConfigError
     from mmfm.train.config import load_run_config
     from mmfm.train.loop import TrainingStopped, run
 

@@ -55,7 +55,7 @@ def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
     """The JSON from configs/deepspeed plus batch, accumulation, clipping and precision from cfg."""
-    from mmfm.tokenizers.config import ConfigError
+    from mmfm.typed_config import ConfigError
 
     ds = dict(cfg.deepspeed)
     t = cfg.train

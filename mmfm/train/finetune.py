@@ -20,17 +20,13 @@ lists). `mmfm export` of a LoRA run merges W + (alpha / r) B A into plain Llama 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
+from mmfm.models.lora import LORA_TARGETS, apply_lora
 
 @dataclass
 class FinetuneSection:
@@ -47,7 +43,7 @@ class FinetuneSection:
 
 
 def parse_section(raw: dict, path: str) -> FinetuneSection:
-    from mmfm.tokenizers.config import ConfigError, from_dict
+    from mmfm.typed_config import ConfigError, from_dict
 
     f = from_dict(FinetuneSection, raw or {}, f"{path}: finetune")
     checks = [(f.method in ("full", "lora"), "finetune.method", f"expected full or lora, got {f.method!r}"),
@@ -60,39 +56,6 @@ def parse_section(raw: dict, path: str) -> FinetuneSection:
         if not ok:
             raise ConfigError(f"{path}: {name}: {why}")
     return f
-
-
-class LoRALinear(nn.Module):
-    """A dense GroupLinear with a low-rank update. State: weight (frozen), lora_A, lora_B."""
-
-    def __init__(self, base, rank: int, scale: float):
-        super().__init__()
-        if base.groups != 1:
-            raise ValueError("LoRA: modality-sparse (grouped) projections are not supported; use method: full")
-        self.groups = 1
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        d_out, d_in = self.weight.shape
-        self.scale = scale
-        self.lora_A = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, rank))
-
-    def forward(self, x, plan):
-        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
-
-
-def apply_lora(model, f: FinetuneSection):
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in list(model.modules()):
-        for name in f.lora_targets:
-            child = getattr(module, name, None)
-            if child is not None and hasattr(child, "groups"):
-                setattr(module, name, LoRALinear(child, f.lora_rank, f.scale))
-    for n, p in model.named_parameters():
-        if "lora_" in n or any(s in n for s in f.train_also):
-            p.requires_grad_(True)
-    return model
 
 
 def is_modality_specific(name: str, param, model) -> bool:
@@ -115,24 +78,13 @@ def apply_freeze(model, f: FinetuneSection):
 
 def prepare(f: FinetuneSection):
     def fn(model):
-        model = apply_lora(model, f) if f.method == "lora" else apply_freeze(model, f)
+        model = (apply_lora(model, f.lora_targets, f.lora_rank, f.scale, f.train_also) if f.method == "lora"
+                 else apply_freeze(model, f))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         print(f"[finetune] {f.method}: {n_train} of {n_all} parameters trainable", file=sys.stderr, flush=True)
         return model
     return fn
-
-
-def merge_lora_state(state: dict, scale: float) -> dict:
-    """{..., 'x.weight', 'x.lora_A', 'x.lora_B'} -> {'x.weight': W + scale * B @ A} (plain model keys)."""
-    out = {k: v for k, v in state.items() if ".lora_" not in k}
-    for k, a in state.items():
-        if k.endswith(".lora_A"):
-            prefix = k[: -len(".lora_A")]
-            b = state[prefix + ".lora_B"]
-            out[prefix + ".weight"] = (state[prefix + ".weight"].float() + scale * (b.float() @ a.float())).to(
-                state[prefix + ".weight"].dtype)
-    return out
 
 
 # ------------------------------------------------------------------------------------ command
@@ -168,7 +120,7 @@ def source_model_config(source: str):
 
 
 def build_config(args):
-    from mmfm.tokenizers.config import ConfigError
+    from mmfm.typed_config import ConfigError
     from mmfm.train.config import load_run_config
     from mmfm.vocab import Vocab
 
@@ -198,7 +150,7 @@ def json_value(v) -> str:
 
 
 def cmd_finetune(args) -> int:
-    from mmfm.tokenizers.config import ConfigError
+    from mmfm.typed_config import ConfigError
     from mmfm.train.loop import TrainingStopped, run
 
     try:

@@ -118,9 +118,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
     torch.manual_seed(t.seed)                     # the same initial weights on every rank
     model = Transformer(cfg.model)
     if t.init_from:
-        from mmfm.export import load_state_into
-
-        load_state_into(model, t.init_from)
+        ckpt.load_state_into(model, t.init_from)
     if prepare_model is not None:
         model = prepare_model(model)
     engine, _ = build_engine(cfg, model)
@@ -147,7 +145,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
 
     logger = None
     if rank == 0:
-        from mmfm.tokenizers.train import JsonlLogger
+        from mmfm.train.metrics import JsonlLogger
 
         logger = JsonlLogger(os.path.join(out, "metrics.jsonl"), os.path.join(out, "tb"))
         with open(os.path.join(out, "config.json"), "w") as f:

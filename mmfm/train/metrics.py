@@ -1,4 +1,4 @@
-"""Metrics: JSONL + TensorBoard rows (mmfm.tokenizers.train.JsonlLogger) and the loss-curve PNG.
+"""Metrics: JSONL + TensorBoard rows (JsonlLogger) and the loss-curve PNG.
 
 MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, where
   achieved = ModelConfig.flops_per_token(seq_len) (6 x active matmul weights + attention, PaLM's
@@ -8,6 +8,9 @@ MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, where
              how close the step comes to this machine's dense matmul speed, not to a datasheet).
 """
 from __future__ import annotations
+
+import json
+import os
 
 from PIL import Image, ImageDraw
 
@@ -44,3 +47,31 @@ def loss_plot(path: str, series: dict[str, tuple[list, list]], title: str, size=
     d.text((4, top), f"{y1:.3g}", fill="black")
     d.text((4, bottom - 10), f"{y0:.3g}", fill="black")
     img.save(path)
+
+
+class JsonlLogger:
+    """Appends {"step": s, **metrics} lines to a JSONL file and, if available, to TensorBoard."""
+
+    def __init__(self, path: str, tensorboard_dir: str | None = None):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.tb = None
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(tensorboard_dir)
+            except ImportError:  # tensorboard is a dependency, but the loop must not need it
+                self.tb = None
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -4,7 +4,7 @@ Per optimizer step:
   1. the global batch (micro_batch x world x grad_accum packed sequences) from the token shards,
      drawn identically on every rank (mmfm/train/tokens.py, as in pretraining);
   2. data.points augmentation points per sequence, drawn for the whole global batch with one
-     seeded generator (mmfm/cache/objective.py: choose_points), so every rank agrees on the rows
+     seeded generator (mmfm/cacheaug/objective.py: choose_points), so every rank agrees on the rows
      and on the loss denominator (all ahead tokens of the global batch);
   3. each micro-step takes its sequences' rows; loss = summed ahead-token nll x world x accum /
      denominator, so the gradient is that of the global batch's mean ahead-token loss;
@@ -13,7 +13,7 @@ Only the coprocessor's parameters (soft tokens, blocks, final norm) are in the o
 decoder's weights are hashed before and after: a changed hash stops the run with an error.
 
 Outputs under train.out: checkpoints/ (mmfm/train/checkpoint.py, exact resume), metrics.jsonl,
-config.json, summary.json and coprocessor/ (mmfm.cache.load_coprocessor reads it).
+config.json, summary.json and coprocessor/ (mmfm.cacheaug.load_coprocessor reads it).
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def window_means(losses: dict, k: int = 10) -> tuple[float, float]:
 
 
 def run(cfg, log=None) -> dict:
-    from mmfm.cache.coprocessor import Coprocessor, load_decoder, save_coprocessor, weights_hash
-    from mmfm.cache.objective import AugmentedDecoder, choose_points
+    from mmfm.cacheaug.coprocessor import Coprocessor, load_decoder, save_coprocessor, weights_hash
+    from mmfm.cacheaug.objective import AugmentedDecoder, choose_points
     from mmfm.data.dataset import ShardLoader
     from mmfm.objectives import modality_table
     from mmfm.train.engine import build_engine, init_distributed, lr_at
@@ -109,7 +109,7 @@ def run(cfg, log=None) -> dict:
 
     logger = None
     if rank == 0:
-        from mmfm.tokenizers.train import JsonlLogger
+        from mmfm.train.metrics import JsonlLogger
 
         logger = JsonlLogger(os.path.join(out, "metrics.jsonl"), os.path.join(out, "tb"))
         with open(os.path.join(out, "config.json"), "w") as f:

@@ -19,7 +19,7 @@ latents at distance k. (Continuing the positions after the latents was tried fir
 x_{p-1} N + 1 positions away from x_p, the frozen decoder's strongest cue, and on the demo model
 the augmented perplexity stayed above the plain one after 200 steps.) The price: a decode loop
 must pass positions = cache.lengths - (latent slots so far) instead of the default cache.lengths
-(mmfm/cache/generate.py does). At a prompt's end: prefill all but the prompt's last token, augment,
+(mmfm/cacheaug/generate.py does). At a prompt's end: prefill all but the prompt's last token, augment,
 feed the last token at position len(prompt) - 1.
 
 The coprocessor has no vocabulary: its embedding table is a single frozen row (never read, since
@@ -181,7 +181,7 @@ class PrefixCache:
 
 def load_decoder(folder: str, what: str = "--decoder") -> Transformer:
     """The frozen decoder from an export folder, with an error that names the argument."""
-    from mmfm.export import load
+    from mmfm.models.io import load
 
     if not os.path.exists(os.path.join(folder, "mmfm_model.json")):
         raise FileNotFoundError(f"{what}: {folder} is not an mmfm export folder (no mmfm_model.json; "

@@ -9,7 +9,7 @@ its image, audio, video ... tokens), then the latents; x_p is fed and x_{p+1} ..
 Category: `text` for text-only samples, `caption` for a text segment inside a sample of another
 modality (captions and transcripts).
 
-Scoring goes through the generation path (mmfm/cache/generate.py: ragged prefill into a KVCache,
+Scoring goes through the generation path (mmfm/cacheaug/generate.py: ragged prefill into a KVCache,
 augment, teacher-forced decoding), so the figure is what `generate --coprocessor` decodes with.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tarfile
 import numpy as np
 import torch
 
-from mmfm.cache.generate import cached_ahead_nll_many
+from mmfm.cacheaug.generate import cached_ahead_nll_many
 
 
 def read_samples(spec: str, limit: int = 0):
@@ -100,7 +100,7 @@ def evaluate(decoder_dir: str, coprocessor_dirs: list[str], shards: str, *, ahea
     """Records (bench cacheaug, figure ppl, case latents / data / ahead / rows; impl `decoder` for the
     plain cache and `mmfm` for the augmented one), N = 0 first (the plain decoder through augment's
     no-op path), then one pair per coprocessor."""
-    from mmfm.cache.coprocessor import load_coprocessor, load_decoder, weights_hash
+    from mmfm.cacheaug.coprocessor import load_coprocessor, load_decoder, weights_hash
     from mmfm.objectives import modality_table
     from mmfm.vocab import Vocab
 
@@ -123,7 +123,7 @@ def evaluate(decoder_dir: str, coprocessor_dirs: list[str], shards: str, *, ahea
     cats = [r[2] for r in rows]
     counts = {c: cats.count(c) for c in set(cats)}
     counts["all"] = len(cats)
-    from mmfm.cache.coprocessor import Coprocessor
+    from mmfm.cacheaug.coprocessor import Coprocessor
 
     order = sorted(zip(coprocessor_dirs, coprocs), key=lambda x: x[1].num_latents)
     # N = 0 goes through augment like the others (a coprocessor with no latents adds nothing)

@@ -5,7 +5,7 @@ One forward serves many (sequence, point) rows: the decoder runs each packed seq
 (no grad) to get its keys/values; row r = (sequence b, point p) reads slots [0, p) of b (x_0 ..
 x_{p-1}) through a PrefixCache, the coprocessor adds N soft tokens there, and the decoder runs the
 N latents (all at position p) and then x_p .. x_{p+A-1} at their own positions, whose logits score
-x_{p+1} .. x_{p+A} (the convention of mmfm/cache/coprocessor.py). Gradients reach the coprocessor only
+x_{p+1} .. x_{p+A} (the convention of mmfm/cacheaug/coprocessor.py). Gradients reach the coprocessor only
 through the decoder's forward over the latents: the decoder's own parameters have requires_grad
 False and the prefix keys/values are constants.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmfm.cache.coprocessor import Coprocessor, PrefixCache
+from mmfm.cacheaug.coprocessor import Coprocessor, PrefixCache
 from mmfm.models import KVCache, Transformer
 
 

@@ -45,8 +45,8 @@ def cmd_cacheaug(args) -> int:
 
 
 def _train(args) -> int:
-    from mmfm.cache.config import load_aug_config
-    from mmfm.cache.train import run
+    from mmfm.cacheaug.config import load_aug_config
+    from mmfm.cacheaug.train import run
     from mmfm.typed_config import ConfigError
 
     try:
@@ -58,7 +58,7 @@ def _train(args) -> int:
     import torch
 
     if torch.distributed.get_rank() == 0:
-        from mmfm.cache.train import window_means
+        from mmfm.cacheaug.train import window_means
 
         first, last = window_means(res["gains"])
         tail = (f", gain over the plain decoder {first:+.4f} -> {last:+.4f} nats/token (means of the first and "
@@ -70,7 +70,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import torch
 
-    from mmfm.cache.evaluate import evaluate, print_records
+    from mmfm.cacheaug.evaluate import evaluate, print_records
 
     bad = _positive(args, ("ahead", "points", "min_prefix", "batch"))
     if bad:

@@ -2,7 +2,7 @@
 uses, and the one the eval scores with.
 
     prefill(decoder, [p[:-1] for p in prompts], cache)   # ragged; all but each prompt's last token
-    offset = augment(decoder, coprocessor, cache)        # N latents appended (mmfm/cache/coprocessor.py)
+    offset = augment(decoder, coprocessor, cache)        # N latents appended (mmfm/cacheaug/coprocessor.py)
     logits = decoder(last[:, None], cache=cache,         # then decode as usual, tokens at their own
                      positions=(cache.lengths - offset)[:, None])   # positions (latents take none)
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfm.cache.coprocessor import Coprocessor, augment
+from mmfm.cacheaug.coprocessor import Coprocessor, augment
 from mmfm.models import KVCache, Transformer
 
 
