@@ -32,6 +32,14 @@ def _check_value(value, tp, where: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected list[{_type_name(inner)}], got {value!r}")
         return [_check_value(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        key_tp, val_tp = typing.get_args(tp) or (None, None)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        if key_tp is None:   # a bare `dict` field: any mapping, checked by its owner
+            return dict(value)
+        return {_check_value(k, key_tp, f"{where} (key {k!r})"): _check_value(v, val_tp, f"{where}.{k}")
+                for k, v in value.items()}
     if origin is typing.Union:
         args = typing.get_args(tp)
         if value is None and type(None) in args:

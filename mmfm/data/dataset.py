@@ -45,10 +45,12 @@ STATE_FORMAT = 1
 
 @dataclass
 class Source:
-    """One dataset of a mixture: its shards and its weight (relative; normalised over sources)."""
+    """One dataset of a mixture: its shards and its weight (relative; normalised over sources).
+    modality: only the samples whose .json names it (a per-modality source over shared shards)."""
     shards: object
     weight: float = 1.0
     name: str | None = None
+    modality: str | None = None
 
 
 def _dist_rank_world(rank, world_size) -> tuple[int, int]:
@@ -69,10 +71,10 @@ class ShardDataset(IterableDataset):
                  rank: int | None = None, world_size: int | None = None, decode: bool = True,
                  fields: tuple[str, ...] | None = None, tokenize: Callable | None = None, seq_len: int | None = None,
                  pad_id: int = 0, batch_size: int = 1, drop_last: bool = False, collate: Callable | None = None,
-                 bad_data: BadDataPolicy | None = None):
+                 bad_data: BadDataPolicy | None = None, pack: str = "concat"):
         if not isinstance(sources, (list, tuple)) or (sources and not isinstance(sources[0], Source)):
             sources = [Source(sources)]
-        self.sources = [Source(expand_shards(s.shards), float(s.weight), s.name or f"source{i}")
+        self.sources = [Source(expand_shards(s.shards), float(s.weight), s.name or f"source{i}", s.modality)
                         for i, s in enumerate(sources)]
         for s in self.sources:
             if s.weight <= 0:
@@ -91,7 +93,10 @@ class ShardDataset(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
         self.decode, self.fields, self.tokenize_fn = decode, fields, tokenize
+        if pack not in P.PACK_MODES:
+            raise ValueError(f"pack must be one of {P.PACK_MODES}, got {pack!r}")
         self.seq_len, self.pad_id, self.batch_size, self.drop_last = seq_len, pad_id, batch_size, drop_last
+        self.pack = pack
         self.collate = collate or (P.collate_packed if seq_len else P.collate_samples)
         self.bad_policy = bad_data or BadDataPolicy()
         self.num_workers = 1      # set by ShardLoader
@@ -114,6 +119,8 @@ class ShardDataset(IterableDataset):
             else:
                 shard_urls = self.worker_shards(src, epoch, worker)
             samples = P.read_samples(shard_urls, bad)
+            if src.modality is not None:
+                samples = P.select_modality(samples, src.modality)
             streams.append(P.shuffle_buffer(samples, self.shuffle_buffer,
                                             P.make_rng(self.seed, epoch, g, P.PURPOSE_SHUFFLE, i)))
         stream = streams[0] if len(streams) == 1 else P.mix_streams(
@@ -154,7 +161,7 @@ class ShardDataset(IterableDataset):
         if self.tokenize_fn is not None:
             items = P.tokenize(items, self.tokenize_fn, bad)
         if self.seq_len:
-            items = P.pack_sequences(items, self.seq_len, position, self.pad_id)
+            items = P.pack_sequences(items, self.seq_len, position, self.pad_id, mode=self.pack)
         for batch in P.batch_items(items, self.batch_size, self.collate, self.drop_last):
             batch["__worker__"] = worker
             batch["__position__"] = position.to_dict()
@@ -166,7 +173,7 @@ class ShardDataset(IterableDataset):
     def shards_digest(self) -> str:
         h = hashlib.sha1()
         for s in self.sources:
-            h.update(f"{s.name}:{s.weight}:".encode())
+            h.update(f"{s.name}:{s.weight}:".encode() + (f"{s.modality}:".encode() if s.modality else b""))
             for u in s.shards:
                 h.update(u.encode() + b"\n")
         return h.hexdigest()[:16]

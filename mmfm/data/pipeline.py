@@ -22,7 +22,7 @@ from mmfm.data.codecs import DecodeError, check_sample, decode_field
 from mmfm.data.schema import SchemaError, check_meta
 from mmfm.data.tario import iter_shard
 
-PURPOSE_SHARDS, PURPOSE_SHUFFLE, PURPOSE_MIX, PURPOSE_RESAMPLE = 1, 2, 3, 4
+PURPOSE_SHARDS, PURPOSE_SHUFFLE, PURPOSE_MIX, PURPOSE_RESAMPLE, PURPOSE_SAMPLE = 1, 2, 3, 4, 5
 
 
 def make_rng(seed: int, epoch: int, worker: int, purpose: int, source: int = 0) -> np.random.Generator:
@@ -76,6 +76,19 @@ def read_samples(shard_urls: Iterable[str], bad: BadDataLog) -> Iterator[dict]:
             yield {"__key__": key, "__shard__": url, **fields}
 
 
+def select_modality(samples: Iterable[dict], modality: str) -> Iterator[dict]:
+    """Raw samples whose .json names `modality` (one source of a per-modality mixture over shared
+    shards). Samples without a readable .json are dropped here; an unfiltered reader reports them."""
+    import json
+
+    for s in samples:
+        try:
+            if json.loads(s["json"]).get("modality") == modality:
+                yield s
+        except (KeyError, ValueError, AttributeError, TypeError):
+            continue
+
+
 def shuffle_buffer(samples: Iterable[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
     """Reservoir-style shuffle: keep `size` samples, emit a random one as each new one arrives."""
     if size <= 1:
@@ -124,6 +137,9 @@ def count_and_skip(samples: Iterable[dict], position: WorkerPosition, skip: int,
             bad.muted = False
     for s in it:
         position.consumed += 1
+        # which draw of the stream this is: per-sample random choices downstream (caption dropout)
+        # hash it instead of advancing a generator, so a resumed run that skips samples makes them alike
+        s["__draw__"] = (position.epoch, position.consumed)
         yield s
 
 
@@ -135,7 +151,7 @@ def decode_samples(samples: Iterable[dict], bad: BadDataLog, fields: tuple[str, 
         try:
             if "json" not in raw:
                 raise SchemaError(f"sample {key!r} has no .json member")
-            out = {"__key__": key, "__shard__": shard}
+            out = {k: v for k, v in raw.items() if k.startswith("__")}
             for f, data in raw.items():
                 if not f.startswith("__") and (fields is None or f in fields or f == "json"):
                     out[f] = decode_field(f, data)
@@ -165,41 +181,62 @@ def tokenize(samples: Iterable[dict], tokenize_fn: Callable[[dict], object], bad
         yield s
 
 
-def pack_sequences(samples: Iterable[dict], seq_len: int, position: WorkerPosition, pad_id: int = 0,
-                   pad_last: bool = True) -> Iterator[dict]:
-    """Concatenate samples' tokens and cut fixed-length sequences.
+PACK_MODES = ("concat", "whole")
 
-    Each sequence: `tokens` (seq_len,), `segment_ids` (seq_len,) numbering the samples inside it
+
+def pack_sequences(samples: Iterable[dict], seq_len: int, position: WorkerPosition, pad_id: int = 0,
+                   pad_last: bool = True, mode: str = "concat") -> Iterator[dict]:
+    """Cut samples' tokens into fixed-length sequences.
+
+    mode "concat": concatenate and cut every seq_len tokens; a sample that straddles a cut is split,
+    its tail starting the next sequence without its head (no padding).
+    mode "whole": never split a sample that fits in one sequence. Each sequence is filled first-fit
+    from the pending samples, oldest first (the oldest always goes first, so nothing waits forever);
+    what fits nowhere is left for the next sequence and the gap is padded. Samples are pulled until
+    a sequence's worth is pending beyond the one being filled, so there is a choice of fillers. A
+    sample longer than seq_len starts an empty sequence and its tail continues in the next. Use it
+    when a sample's head conditions its tail (a caption and its image): a split sample trains the
+    tail without its condition.
+
+    Each sequence: `tokens` (seq_len,), `segment_ids` (seq_len,) numbering the pieces inside it
     (-1 on padding), `__key__` the list of sample keys it holds. The tokens not yet emitted live
     in position.leftover, so a saved state carries them.
     """
+    if mode not in PACK_MODES:
+        raise ValueError(f"pack_sequences: mode must be one of {PACK_MODES}, got {mode!r}")
     carry = position.leftover  # [[key, tokens], ...], shared with the position on purpose
+    whole = mode == "whole"
 
     def emit() -> dict:
         tokens = np.full(seq_len, pad_id, dtype=np.int64)
         segments = np.full(seq_len, -1, dtype=np.int32)
-        keys, filled = [], 0
-        while carry and filled < seq_len:
-            key, toks = carry[0]
-            n = min(len(toks), seq_len - filled)
+        keys, filled, i = [], 0, 0
+        while i < len(carry) and filled < seq_len:
+            key, toks = carry[i]
+            room = seq_len - filled
+            if whole and len(toks) > room and not (filled == 0 and len(toks) > seq_len):
+                i += 1          # does not fit here, but would fit whole in a later sequence
+                continue
+            n = min(len(toks), room)
             tokens[filled:filled + n] = toks[:n]
             segments[filled:filled + n] = len(keys)
             keys.append(key)
             filled += n
             if n == len(toks):
-                carry.pop(0)
+                carry.pop(i)
             else:
-                carry[0] = [key, toks[n:]]
+                carry[i] = [key, toks[n:]]
         return {"tokens": tokens, "segment_ids": segments, "__key__": keys}
 
     def pending() -> int:
         return sum(len(t) for _, t in carry)
 
+    ready = 2 * seq_len if whole else seq_len
     for s in samples:
         carry.append([s["__key__"], [int(t) for t in s["tokens"]]])
-        while pending() >= seq_len:
+        while pending() >= ready:
             yield emit()
-    if pad_last and pending():
+    while pad_last and carry:
         yield emit()
 
 

@@ -14,9 +14,9 @@ IGNORE = -100
 class ObjectiveConfig:
     kind: str = "ar"                  # ar, masked, hybrid
     # per-modality loss weights by name (text, image, ...; 'special' for <eos> and markers); 1.0 if absent
-    loss_weights: dict = field(default_factory=dict)
+    loss_weights: dict[str, float] = field(default_factory=dict)
     # modalities whose tokens get no loss (e.g. [special]); names as in the vocabulary
-    no_loss: list = field(default_factory=list)
+    no_loss: list[str] = field(default_factory=list)
     # masked (4M): Dirichlet concentration, and input / target budgets as fractions of the valid tokens
     dirichlet_alpha: float = 1.0
     input_fraction: float = 0.5

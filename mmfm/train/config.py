@@ -31,6 +31,17 @@ class DataSection:
     seq_len: int = 256
     shuffle_buffer: int = 64
     eval_sequences: int = 16    # held-out sequences evaluated (fixed set)
+    # "concat": cut the concatenated stream every seq_len tokens (a sample may be split, its tail
+    # trained without its caption); "whole": a sample that fits is never split (mmfm.data.pipeline)
+    pack: str = "concat"
+    # per-modality sampling weights, e.g. {image: 0.4, text: 0.1}: each training sample is drawn from
+    # modality m with probability w_m / sum(w) (empty = the shards' own order and proportions;
+    # modalities not named are left out). mmfm.train.tokens.token_dataset; the log's mix_<m> is
+    # the realised share of labelled tokens
+    mix: dict[str, float] = field(default_factory=dict)
+    # probability that a caption-then-modality training sample loses its caption (classifier-free
+    # guidance's unconditional branch: mmfm.train.tokens.caption_dropout)
+    caption_dropout: float = 0.0
 
 
 @dataclass
@@ -184,6 +195,9 @@ def validate(cfg: RunConfig) -> None:
         (o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
         (d.seq_len >= 2, "data.seq_len", "must be >= 2"),
         (d.seq_len <= cfg.model.max_seq_len, "data.seq_len", f"exceeds the model's max_seq_len {cfg.model.max_seq_len}"),
+        (d.pack in ("concat", "whole"), "data.pack", f"expected concat or whole, got {d.pack!r}"),
+        (0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}"),
+        (all(w > 0 for w in d.mix.values()), "data.mix", f"weights must be > 0, got {d.mix}"),
     ]
     for ok, name, why in checks:
         if not ok:

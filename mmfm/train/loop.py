@@ -80,7 +80,7 @@ def eval_batches(cfg: RunConfig, vocab) -> list:
     from mmfm.train.tokens import token_dataset
 
     ds = token_dataset(cfg.data.eval_shards, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch,
-                       pad_id=vocab.pad_id, seed=0, shuffle_buffer=0, loop=False)
+                       pad_id=vocab.pad_id, seed=0, shuffle_buffer=0, loop=False, pack=cfg.data.pack)
     out, n = [], 0
     for b in ShardLoader(ds, num_workers=0):
         if "tokens" not in b:
@@ -98,7 +98,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
     from mmfm.data.dataset import ShardLoader
     from mmfm.models import Transformer
     from mmfm.objectives import build_objective, model_loss_and_report, modality_table
-    from mmfm.train.tokens import token_dataset
+    from mmfm.train.tokens import train_token_dataset
     from mmfm.vocab import Vocab
 
     init_distributed()
@@ -127,9 +127,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
     weights = objective.weights
     gen = torch.Generator().manual_seed(t.seed + 1)
     gbatch = t.micro_batch * world * t.grad_accum
-    loader = ShardLoader(token_dataset(cfg.data.shards, seq_len=cfg.data.seq_len, batch_size=gbatch,
-                                       pad_id=vocab.pad_id, seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer),
-                         num_workers=0)
+    loader = ShardLoader(train_token_dataset(cfg.data, vocab, batch_size=gbatch, seed=t.seed), num_workers=0)
     step, skipped, bad_run = 0, 0, 0
     state = ckpt.load(engine, ckdir)
     if state is not None:
@@ -249,6 +247,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
                 for i, n in enumerate(vocab.modality_names):
                     if counts[i] > 0:
                         row[f"loss_{n}"] = float(sums[i] / counts[i])
+                        row[f"mix_{n}"] = float(counts[i] / counts.sum())   # realised share of labelled tokens
                 if logger:
                     logger(step, row)
                 window = {"tokens": 0, "time": 0.0, "data": 0.0}

@@ -62,17 +62,97 @@ def npy_tokens(sample: dict):
     return sample["npy"]
 
 
+def modality_counts(shards) -> dict[str, int]:
+    """{modality: samples} over token shards, from each sample's .json (one read of the shards)."""
+    import json
+
+    from mmfm.data.shards import expand_shards
+    from mmfm.data.tario import iter_shard
+
+    counts: dict[str, int] = {}
+    for url in expand_shards(shards):
+        for _, fields in iter_shard(url, lambda *a, **k: None):
+            try:
+                m = json.loads(fields["json"]).get("modality")
+            except (KeyError, ValueError):
+                continue
+            counts[m] = counts.get(m, 0) + 1
+    return counts
+
+
+def caption_dropout(vocab, p: float, seed: int):
+    """A tokenize hook: with probability p, a sample <bos> <begin_text> caption <end_text> <begin_M> ...
+    (M not text) loses its caption and becomes <bos> <begin_M> ..., the unconditional prompt of
+    classifier-free guidance (mmfm.generate.prompt.unconditional_prompt). Without such samples the
+    model never sees that prompt and guidance extrapolates from an untrained branch. The draw is a
+    hash of (seed, the sample's place in the stream), not a generator's next number, so a resumed
+    run (which skips samples without decoding them) drops the same captions as an uninterrupted one.
+    Text documents and samples whose text follows the modality (transcripts after audio) are kept."""
+    import numpy as np
+
+    from mmfm.data.pipeline import PURPOSE_SAMPLE
+
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"caption_dropout: p must be in [0, 1), got {p}")
+    bos, begin_text, end_text = vocab.bos_id, vocab.begin_id("text"), vocab.end_id("text")
+    begins = {vocab.begin_id(m) for m in vocab.ranges if m != "text"}
+
+    def hook(sample: dict):
+        ids = sample["npy"]
+        if p == 0.0 or len(ids) < 4 or ids[0] != bos or ids[1] != begin_text:
+            return ids
+        ends = np.flatnonzero(ids == end_text)
+        if not len(ends) or ends[0] + 1 >= len(ids) or int(ids[ends[0] + 1]) not in begins:
+            return ids
+        epoch, draw = sample.get("__draw__", (0, 0))
+        if np.random.default_rng([seed, PURPOSE_SAMPLE, epoch, draw]).random() >= p:
+            return ids
+        return np.concatenate([ids[:1], ids[ends[0] + 1:]])
+    return hook
+
+
 def token_dataset(shards: str, *, seq_len: int, batch_size: int, pad_id: int, seed: int = 0,
-                  shuffle_buffer: int = 64, loop: bool = True):
+                  shuffle_buffer: int = 64, loop: bool = True, pack: str = "concat", mix: dict | None = None,
+                  tokenize=npy_tokens):
     """A ShardDataset over token shards, read identically on every rank (rank 0 of 1): each rank
     draws the same global batch and takes its own rows (mmfm/train/loop.py), so the data stream
     (and a run's losses) do not depend on the number of ranks. Costs every rank a read of the whole
-    token stream, which is cheap next to a training step."""
-    from mmfm.data.dataset import ShardDataset
+    token stream, which is cheap next to a training step.
 
-    return ShardDataset(shards, seed=seed, shuffle_buffer=shuffle_buffer, loop=loop, rank=0, world_size=1,
-                        fields=("npy",), tokenize=npy_tokens, seq_len=seq_len, pad_id=pad_id,
-                        batch_size=batch_size, drop_last=True)
+    pack: "concat" or "whole" (mmfm.data.pipeline.pack_sequences). mix: {modality: weight}: each
+    sample is drawn from modality m with probability weight_m / sum(weights) (its .json's
+    "modality"), each modality reshuffled and repeated independently, forever (resampled shards);
+    modalities not named are not drawn. Exact resume as for any ShardDataset (the position counts
+    draws of the mixed stream). Every modality reads the shards it shares with others and keeps its
+    own samples: free for the demo's few MB; write one modality per shard for large corpora."""
+    from mmfm.data.dataset import ShardDataset, Source
+
+    common = dict(seed=seed, shuffle_buffer=shuffle_buffer, rank=0, world_size=1, fields=("npy",),
+                  tokenize=tokenize, seq_len=seq_len, pad_id=pad_id, batch_size=batch_size, drop_last=True,
+                  pack=pack)
+    if mix:
+        if not loop:
+            raise ValueError("token_dataset: a mix draws forever; it needs loop=True")
+        sources = [Source(shards, float(w), name=m, modality=m) for m, w in mix.items()]
+        return ShardDataset(sources, resampled=True, loop=True, **common)
+    return ShardDataset(shards, loop=loop, **common)
+
+
+def train_token_dataset(data, vocab, *, batch_size: int, seed: int):
+    """The training stream of a pretrain config's data section (mmfm.train.config.DataSection):
+    packing, per-modality mix and caption dropout. A mix naming a modality the shards lack stops
+    here, naming it (a source with no samples would otherwise be read forever)."""
+    from mmfm.typed_config import ConfigError
+
+    if data.mix:
+        have = modality_counts(data.shards)
+        for m in data.mix:
+            if not have.get(m):
+                raise ConfigError(f"data.mix.{m}: no samples of modality {m!r} in data.shards {data.shards} "
+                                  f"(it has {', '.join(f'{k} {v}' for k, v in sorted(have.items())) or 'none'})")
+    hook = caption_dropout(vocab, data.caption_dropout, seed) if data.caption_dropout else npy_tokens
+    return token_dataset(data.shards, seq_len=data.seq_len, batch_size=batch_size, pad_id=vocab.pad_id, seed=seed,
+                         shuffle_buffer=data.shuffle_buffer, pack=data.pack, mix=data.mix or None, tokenize=hook)
 
 
 def synthetic_token_corpus(out_dir: str, vocab, n: int = 200, seed: int = 0, prefix: str = "tokens") -> list[str]:
