@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="folder for the demo's outputs (runs/demo, runs/demo_quant)")
     demo.add_argument("--steps", type=int, default=None, help="quant: training steps per autoencoder (2000)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--preset", choices=("demo", "test"), default="demo", help="e2e: sizes (test: toy, for tests)")
+    demo.add_argument("--preset", choices=("demo", "long", "test"), default="demo",
+                      help="e2e: sizes (long: about an hour on 2 cores; test: toy, for tests)")
     demo.add_argument("--scale", type=float, default=None, help="e2e: demo corpus scale (default from the preset)")
     demo.add_argument("--threads", type=int, default=0, help="e2e: torch threads (0 = torch's default)")
     demo.add_argument("--override", action="append", default=None, metavar="SECTION.FIELD=VALUE",

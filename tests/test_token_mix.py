@@ -174,3 +174,30 @@ def test_pretrain_config_reads_mix_dropout_pack_and_loss_weights(tmp_path):
                        ("objective.loss_weights=[1]", "objective.loss_weights")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             load_run_config("configs/pretrain/demo.yaml", [bad])
+
+
+def test_document_mask_keeps_each_packed_sample_to_itself():
+    """With objective.document_mask a sample's logits do not depend on the sample packed before it
+    (as at generation, where a prompt starts the context); without it they do."""
+    import torch
+
+    from mmfm.models import Transformer
+    from mmfm.models.config import ModelConfig
+    from mmfm.objectives import ObjectiveConfig, build_objective, modality_table
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=128,
+                                    vocab_size=VOCAB.size)).eval()
+    rng = np.random.default_rng(0)
+    a, b, a2 = sample_ids("image", 0, rng), sample_ids("image", 1, rng), sample_ids("video", 2, rng)
+    table = modality_table(VOCAB)
+
+    def logits_of_b(first, doc_mask):
+        ids = torch.tensor(np.concatenate([first, b]))[None]
+        p = build_objective(ObjectiveConfig(kind="ar", document_mask=doc_mask), VOCAB).prepare(
+            ids, table[ids], torch.ones_like(ids, dtype=torch.bool))
+        with torch.no_grad():
+            return model(p.input_ids, p.modality_ids, p.attn_mask)[0, len(first):]
+
+    assert torch.allclose(logits_of_b(a, True), logits_of_b(a2, True), atol=1e-5)
+    assert not torch.allclose(logits_of_b(a, False), logits_of_b(a2, False), atol=1e-3)

@@ -105,7 +105,21 @@ def _features(imgs, name: str):
     return colour_histogram(x) if name == "scene_colour" else x
 
 
-def _fit(train):
+class SecondColour:
+    """The scene object's colour: the palette colour covering most pixels after the background's."""
+
+    def predict(self, X):
+        from mmfm.data.demo.images import COLORS
+
+        names = np.array(list(COLORS))
+        order = np.argsort(-X, axis=1)
+        return names[order[:, 1]]
+
+
+def _fit(train, name: str = ""):
+    if name == "scene_colour":
+        return SecondColour()
+
     from sklearn.linear_model import LogisticRegression
 
     X = torch.stack(list(train[0])).reshape(len(train[0]), -1).numpy()
@@ -136,7 +150,7 @@ def generation(export: str, corpus: str, n: int, cfg_scales, seed: int = 0) -> d
     }
     for name, (pattern, label_fn, prompts) in tasks.items():
         train, held = _images(corpus, tok, pattern, label_fn)
-        clf = _fit((_features(train[0], name), train[1]))
+        clf = _fit((_features(train[0], name), train[1]), name)
         with torch.no_grad():
             recon = tok.decode(tok.encode_batch(held[0])) if held[0] else torch.zeros(0)
         ceiling = _score(clf, _features(recon, name), held[1]) if len(recon) else float("nan")

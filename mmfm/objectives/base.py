@@ -13,6 +13,9 @@ IGNORE = -100
 @dataclass
 class ObjectiveConfig:
     kind: str = "ar"                  # ar, masked, hybrid
+    # ar: each packed sample (from its <bos>) attends only to itself, as it will at generation, where
+    # a prompt has no earlier samples before it (without it, a caption can lean on a previous sample's)
+    document_mask: bool = False
     # per-modality loss weights by name (text, image, ...; 'special' for <eos> and markers); 1.0 if absent
     loss_weights: dict[str, float] = field(default_factory=dict)
     # modalities whose tokens get no loss (e.g. [special]); names as in the vocabulary
@@ -91,7 +94,12 @@ class AR(Objective):
         labels[:, :-1] = torch.where(valid[:, 1:], ids[:, 1:], IGNORE)
         label_mod = torch.zeros_like(ids)
         label_mod[:, :-1] = modality_ids[:, 1:]
-        return Prepared(ids, modality_ids, labels, label_mod, None)
+        mask = None
+        if self.cfg.document_mask:
+            doc = (ids == self.vocab.bos_id).long().cumsum(1)                # [B, L]: which sample
+            L = ids.shape[1]
+            mask = torch.ones(L, L, dtype=torch.bool).tril()[None] & (doc[:, :, None] == doc[:, None, :])
+        return Prepared(ids, modality_ids, labels, label_mod, mask)
 
 
 class Masked(Objective):
