@@ -237,9 +237,18 @@ def pretrain_config(out: str, preset: dict, extra: list[str]):
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)           # the config names model and DeepSpeed files relative to the checkout
     try:
-        return load_run_config(preset["pretrain_config"], overrides + preset["pretrain_overrides"] + extra)
+        cfg = load_run_config(preset["pretrain_config"], overrides + preset["pretrain_overrides"] + extra)
     finally:
         os.chdir(cwd)
+    if cfg.data.mix:   # a small corpus (--scale, the test preset) can lack a modality in its train split
+        from mmfm.train.tokens import modality_counts
+
+        have = modality_counts(cfg.data.shards)
+        missing = [m for m in cfg.data.mix if not have.get(m)]
+        if missing:
+            _say(f"[demo] pretrain: no training samples of {', '.join(missing)}: left out of data.mix")
+            cfg.data.mix = {m: w for m, w in cfg.data.mix.items() if have.get(m)}
+    return cfg
 
 
 # ------------------------------------------------------------------------------------ stage 6
