@@ -333,7 +333,7 @@ def test_bench_generate_quick_writes_records(tmp_path):
 
 
 def test_speculative_api_greedy_equals_plain_greedy(export_dir):
-    """mmfm.generate(..., speculative=...) is lossless: at temperature 0 it returns plain greedy text."""
+    """generate(..., speculative=...) is lossless: at temperature 0 it returns plain greedy text."""
     from mmfm.generate import generate
 
     plain = generate(export_dir, ["a red", "the"], "text", max_new_tokens=12, temperature=0.0)

@@ -8,6 +8,8 @@ import dataclasses
 import sys
 import typing
 
+from mmfm.generate.decode import SamplingConfig
+
 ALIASES = {"3d": "shape3d"}
 INPUTS = ("image", "audio", "video", "shape3d", "physics")
 
@@ -50,25 +52,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _sampling_fields():
-    from mmfm.generate.decode import SamplingConfig
-
-    hints = typing.get_type_hints(SamplingConfig)
-    return SamplingConfig, [(f, hints[f.name]) for f in dataclasses.fields(SamplingConfig)]
-
-
 def add_sampling_flags(p) -> None:
     """One flag per SamplingConfig field: --top-k for top_k, the field's type, default and help."""
-    _, fields = _sampling_fields()
-    for f, tp in fields:
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=tp, default=f.default,
+    hints = typing.get_type_hints(SamplingConfig)
+    for f in dataclasses.fields(SamplingConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=hints[f.name], default=f.default,
                        help=f"{f.metadata['help']} (default %(default)s)")
 
 
-def sampling_from_args(args):
+def sampling_from_args(args) -> SamplingConfig:
     """The SamplingConfig that add_sampling_flags' flags describe."""
-    cls, fields = _sampling_fields()
-    return cls(**{f.name: getattr(args, f.name) for f, _ in fields})
+    return SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
 
 
 def add_generate_parser(sub) -> None:

@@ -31,8 +31,9 @@ from mmfm.models.kv_cache import KVCache
 from mmfm.ops.sampling import sample
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _opt(default, text: str):
+    """A field with its flag's help (commands.py turns every field into a flag)."""
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass
