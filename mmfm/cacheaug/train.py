@@ -56,7 +56,6 @@ def run(cfg, log=None) -> dict:
     from mmfm.cacheaug.coprocessor import Coprocessor, load_decoder, save_coprocessor, weights_hash
     from mmfm.cacheaug.objective import AugmentedDecoder, choose_points
     from mmfm.data.dataset import ShardLoader
-    from mmfm.objectives import modality_table
     from mmfm.train.engine import build_engine, init_distributed, lr_at
     from mmfm.train.tokens import token_dataset
     from mmfm.vocab import Vocab
@@ -80,7 +79,7 @@ def run(cfg, log=None) -> dict:
         raise ConfigError(f"{cfg.path}: data.seq_len: {d.seq_len} exceeds the decoder's max_seq_len "
                           f"{decoder.cfg.max_seq_len}")
     groups = modality_groups(cfg, vocab)
-    table = modality_table(vocab)
+    table = vocab.modality_table()
     sparse = decoder.cfg.groups > 1
     hash_before = weights_hash(decoder)
     out = os.path.abspath(t.out)

@@ -228,7 +228,7 @@ def pretrain_config(out: str, preset: dict, extra: list[str]):
 
 # ------------------------------------------------------------------------------------ stage 6
 TEXT_PROMPT = "The"
-SAMPLE_SETTINGS = dict(temperature=0.9, top_k=100, cfg_scale=2.0, seed=0)
+SAMPLE_SETTINGS = dict(temperature=0.9, top_k=100)   # SamplingConfig fields
 
 
 def _caption(corpus: str, modality: str) -> str:
@@ -243,7 +243,7 @@ def _caption(corpus: str, modality: str) -> str:
 
 def generate_samples(export_dir: str, corpus: str, out: str) -> list[dict]:
     """One generated sample per modality into <out>/samples; reuses samples.json when present."""
-    from mmfm.generate import Bundle, generate
+    from mmfm.generate import Bundle, SamplingConfig
 
     folder = os.path.join(out, "samples")
     index = os.path.join(folder, "samples.json")
@@ -256,8 +256,9 @@ def generate_samples(export_dir: str, corpus: str, out: str) -> list[dict]:
     for m in MODALITIES:
         t = time.perf_counter()
         prompt = TEXT_PROMPT if m == "text" else _caption(corpus, m)
-        kw = dict(SAMPLE_SETTINGS, cfg_scale=1.0, max_new_tokens=48) if m == "text" else SAMPLE_SETTINGS
-        s = generate(bundle, prompt, m, out=os.path.join(folder, m), **kw)[0]
+        kw = dict(cfg_scale=1.0, max_new_tokens=48) if m == "text" else dict(cfg_scale=2.0)
+        s = bundle.generate(prompt, m, out=os.path.join(folder, m), sampling=SamplingConfig(**SAMPLE_SETTINGS),
+                            seed=0, **kw)[0]
         rows.append({"modality": m, "prompt": prompt, "paths": s.paths, "tokens": int(s.tokens.numel()),
                      "seconds": round(time.perf_counter() - t, 2), **({"text": s.value} if m == "text" else {})})
         _say(f"[demo] samples: {m} <- {prompt[:60]!r}: {', '.join(s.paths)}")

@@ -3,7 +3,7 @@
 Every objective turns a packed batch into the same four tensors, so the model, the loss and the
 per-modality report are shared:
 
-    prepare(ids [B, L], modality_ids [B, L], valid [B, L] bool, generator) -> Prepared:
+    prepare(ids [B, L], modality_ids [B, L] (= vocab.modality_table()[ids]), valid [B, L] bool, generator) -> Prepared:
         input_ids   what the model reads (masked objectives put <mask> where inputs are hidden)
         labels      the id each position must predict, -100 where there is no loss
         label_mod   modality id of each label (per-modality losses and weights)
@@ -13,8 +13,8 @@ per-modality report are shared:
     masked    4M-style: Dirichlet input/target budgets per modality, bidirectional attention
     hybrid    BAMM-style: a causal prefix and a masked suffix in one sequence and one mask
 """
-from mmfm.objectives.base import (ObjectiveConfig, Prepared, build_objective, loss_and_report, modality_table,
+from mmfm.objectives.base import (ObjectiveConfig, Prepared, build_objective, loss_and_report,
                                   model_loss_and_report)
 
-__all__ = ["ObjectiveConfig", "Prepared", "build_objective", "loss_and_report", "modality_table",
+__all__ = ["ObjectiveConfig", "Prepared", "build_objective", "loss_and_report",
            "model_loss_and_report"]

@@ -55,17 +55,6 @@ class Prepared:
     attn_mask: torch.Tensor | None
 
 
-def modality_table(vocab) -> torch.Tensor:
-    """[vocab.size] int64: the modality index of every id (markers belong to their modality)."""
-    t = torch.zeros(vocab.size, dtype=torch.long)
-    for i, name in enumerate(vocab.modality_names[1:], start=1):
-        r = vocab.ranges[name]
-        t[r.start:r.stop] = i
-        t[vocab.begin_id(name)] = i
-        t[vocab.end_id(name)] = i
-    return t
-
-
 class Objective:
     def __init__(self, cfg: ObjectiveConfig, vocab):
         cfg.validate(vocab.modality_names)

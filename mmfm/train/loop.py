@@ -97,7 +97,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
     prepare_model(model) -> model, if given, runs before the engine (fine-tuning: LoRA, freezing)."""
     from mmfm.data.dataset import ShardLoader
     from mmfm.models import Transformer
-    from mmfm.objectives import build_objective, model_loss_and_report, modality_table
+    from mmfm.objectives import build_objective, model_loss_and_report
     from mmfm.train.tokens import token_dataset
     from mmfm.vocab import Vocab
 
@@ -110,7 +110,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if rank == 0 else None)
     vocab = Vocab.load(cfg.data.vocab)
     resolve_vocab_size(cfg, vocab)
-    table = modality_table(vocab)
+    table = vocab.modality_table()
     out = output_dir(cfg)
     ckdir = os.path.join(out, "checkpoints")
     os.makedirs(out, exist_ok=True)
