@@ -31,7 +31,7 @@ class ObjectiveConfig:
     mask_ratio: float = 0.5
 
     def validate(self, names: list[str]) -> None:
-        OBJECTIVES.get(self.kind)
+        OBJECTIVES.get(self.kind)   # "kind: unknown objective ...; expected one of: ..."
         for k, v in self.loss_weights.items():
             if k not in names:
                 raise ValueError(f"loss_weights.{k}: unknown modality; the vocabulary has {', '.join(names)}")
