@@ -11,7 +11,6 @@ Input points are taken deterministically (evenly strided) to `num_points`; zero 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
