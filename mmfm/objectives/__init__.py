@@ -12,9 +12,12 @@ per-modality report are shared:
     ar        next-token prediction (Chameleon-style), per-modality loss masks and weights
     masked    4M-style: Dirichlet input/target budgets per modality, bidirectional attention
     hybrid    BAMM-style: a causal prefix and a masked suffix in one sequence and one mask
+
+Each is registered in `OBJECTIVES` under that name, the `kind` of a config's `objective:` section.
 """
 from mmfm.objectives.base import (ObjectiveConfig, Prepared, build_objective, loss_and_report,
                                   model_loss_and_report)
+from mmfm.objectives.base import OBJECTIVES, objective_config_from_dict
 
 __all__ = ["ObjectiveConfig", "Prepared", "build_objective", "loss_and_report",
-           "model_loss_and_report"]
+           "model_loss_and_report", "OBJECTIVES", "objective_config_from_dict"]

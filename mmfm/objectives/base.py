@@ -7,12 +7,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mmfm.registry import Registry
+
 IGNORE = -100
+# Every objective shares ObjectiveConfig; its `kind` field names the class.
+OBJECTIVES = Registry("objective", field="kind", default="ar", modules=("mmfm.objectives",))
 
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = "ar"                  # ar, masked, hybrid
+    kind: str = "ar"                  # ar, masked, hybrid: a name in OBJECTIVES
     # per-modality loss weights by name (text, image, ...; 'special' for <eos> and markers); 1.0 if absent
     loss_weights: dict = field(default_factory=dict)
     # modalities whose tokens get no loss (e.g. [special]); names as in the vocabulary
@@ -27,8 +31,7 @@ class ObjectiveConfig:
     mask_ratio: float = 0.5
 
     def validate(self, names: list[str]) -> None:
-        if self.kind not in ("ar", "masked", "hybrid"):
-            raise ValueError(f"kind: expected ar, masked or hybrid, got {self.kind!r}")
+        OBJECTIVES.get(self.kind)   # "kind: unknown objective ...; expected one of: ..."
         for k, v in self.loss_weights.items():
             if k not in names:
                 raise ValueError(f"loss_weights.{k}: unknown modality; the vocabulary has {', '.join(names)}")
@@ -72,6 +75,7 @@ class Objective:
         raise NotImplementedError
 
 
+@OBJECTIVES.register("ar", ObjectiveConfig)
 class AR(Objective):
     """Next-token prediction: position t predicts ids[t + 1]; padding and no_loss modalities get none."""
 
@@ -83,6 +87,7 @@ class AR(Objective):
         return Prepared(ids, modality_ids, labels, label_mod, None)
 
 
+@OBJECTIVES.register("masked", ObjectiveConfig)
 class Masked(Objective):
     """4M-style masked modelling in a decoder with bidirectional attention. Per sequence, the input
     budget (input_fraction of its valid tokens) and the target budget (target_fraction) are each
@@ -125,6 +130,7 @@ class Masked(Objective):
         return Prepared(input_ids, modality_ids, labels, modality_ids.clone(), attn)
 
 
+@OBJECTIVES.register("hybrid", ObjectiveConfig)
 class Hybrid(Objective):
     """BAMM-style hybrid: positions [0, s) are autoregressive (causal, predict the next token);
     positions [s, L) are a masked block: mask_ratio of them read <mask> and predict themselves, they
@@ -173,9 +179,16 @@ def _gamma(alpha: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
+def objective_config_from_dict(section, where: str) -> ObjectiveConfig:
+    """An `objective:` section -> ObjectiveConfig, its `kind` checked against the registry (the
+    modality names in it are checked by build_objective, which has the vocabulary)."""
+    return OBJECTIVES.config_from_dict(section, where)
+
+
 def build_objective(cfg: ObjectiveConfig, vocab) -> Objective:
+    """The objective `cfg.kind` names; raises ValueError('<field>: why') for a bad config."""
     cfg.validate(vocab.modality_names)
-    return {"ar": AR, "masked": Masked, "hybrid": Hybrid}[cfg.kind](cfg, vocab)
+    return OBJECTIVES.build(cfg.kind, cfg, vocab)
 
 
 def loss_and_report(logits: torch.Tensor, prep: Prepared, weights: torch.Tensor, denominator: float | None = None):

@@ -65,7 +65,7 @@ def load_config(path) -> TokenizerFile:
     try:
         model_cls = config_class(name)
     except KeyError as exc:
-        raise ConfigError(f"{path}: tokenizer: {exc.args[0]}") from None
+        raise ConfigError(f"{path}: {exc}") from None
     model = from_dict(model_cls, raw.get("model"), f"{path}: model")
     if hasattr(model, "validate"):
         try:

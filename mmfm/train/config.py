@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 
 from mmfm.models.config import ModelConfig, load_model_config, model_config_from_dict
-from mmfm.objectives import ObjectiveConfig
+from mmfm.objectives import ObjectiveConfig, objective_config_from_dict
 from mmfm.typed_config import ConfigError, from_dict, read_sections
 
 
@@ -157,7 +157,7 @@ def load_run_config(path, overrides: list[str] | None = None, extra_sections: tu
         raise ConfigError(f"{path}: model: expected a model config path or mapping, got {m!r}")
     ds, ds_path = read_deepspeed(raw.get("deepspeed", "configs/deepspeed/zero0.json"), f"{path}: deepspeed")
     data = from_dict(DataSection, raw.get("data"), f"{path}: data")
-    objective = from_dict(ObjectiveConfig, raw.get("objective"), f"{path}: objective")
+    objective = objective_config_from_dict(raw.get("objective"), f"{path}: objective")
     optim = from_dict(OptimSection, raw.get("optim"), f"{path}: optim")
     train = from_dict(TrainSection, raw.get("train"), f"{path}: train")
     fin = raw.get("finetune") or {}

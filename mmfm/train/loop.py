@@ -96,7 +96,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
     """Trains per cfg; returns {"losses": {step: loss}, "eval_start", "eval_end", "out", "stopped_by"}.
     prepare_model(model) -> model, if given, runs before the engine (fine-tuning: LoRA, freezing)."""
     from mmfm.data.dataset import ShardLoader
-    from mmfm.models import Transformer
+    from mmfm.models import build_model
     from mmfm.objectives import build_objective, model_loss_and_report
     from mmfm.train.tokens import token_dataset
     from mmfm.vocab import Vocab
@@ -116,7 +116,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None) -> dict:
     os.makedirs(out, exist_ok=True)
 
     torch.manual_seed(t.seed)                     # the same initial weights on every rank
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     if t.init_from:
         ckpt.load_state_into(model, t.init_from)
     if prepare_model is not None:
