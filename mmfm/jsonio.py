@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 
 
@@ -36,3 +37,12 @@ def write_json(path, obj, indent: int | None = 1) -> str:
             os.remove(tmp)
         raise
     return path
+
+
+def write_records(records: list[dict], path) -> None:
+    """`--json PATH` of the benchmarks and evaluations: the records (docs/records.md) as one JSON
+    list, written atomically, and a line on stderr saying so; nothing when path is empty."""
+    if not path:
+        return
+    write_json(path, records)
+    print(f"wrote {len(records)} records to {path}", file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from mmfm import jsonio
+from mmfm.jsonio import write_records
 
 
 def base_parser(name: str, description: str, threads_help: str | None = None) -> argparse.ArgumentParser:
@@ -167,13 +167,6 @@ def print_table(records: list[dict], figures: tuple[str, ...] = ("ms", "peak_ext
         print(fmt.format(*cells), file=out)
 
 
-def write_json(records: list[dict], path: str | None) -> None:
-    if not path:
-        return
-    jsonio.write_json(path, records)
-    print(f"wrote {len(records)} records to {path}", file=sys.stderr)
-
-
 def report(records: list[dict], json_path: str | None, lines: list[str] | None = None, **table) -> int:
     """The end of every benchmark: the table (print_table's options), then a blank line and the
     summary lines when there are any to give, then the JSON file. Returns the exit status, 0."""
@@ -182,5 +175,5 @@ def report(records: list[dict], json_path: str | None, lines: list[str] | None =
         print()
         for line in lines:
             print(line)
-    write_json(records, json_path)
+    write_records(records, json_path)
     return 0

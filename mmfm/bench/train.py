@@ -29,7 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mmfm.bench.common import base_parser, machine, record, write_json
+from mmfm.bench.common import base_parser, machine, record
+from mmfm.jsonio import write_records
 from mmfm.typed_config import packaged_config
 
 
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
                                   tokens_per_cpu_s=args.batch * seq / (med["cpu_step"] / 1e3),
                                   **{f"{k}_ms": round(v, 3) for k, v in med.items()}))
     _print(records)
-    write_json(records, args.json)
+    write_records(records, args.json)
     return 0
 
 
