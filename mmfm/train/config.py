@@ -137,7 +137,7 @@ def load_run_config(path, overrides: list[str] | None = None, extra_sections: tu
     import yaml
 
     path = str(path)
-    raw = read_sections(path, SECTIONS, files=WHOLE)   # model and deepspeed files: from the config's folder
+    raw = read_sections(path, SECTIONS, files=("model", "deepspeed"))   # resolved from the config's folder
     whole = [o for o in overrides or [] if o.split("=", 1)[0] in WHOLE]
     raw = apply_overrides(raw, whole, path)          # model=FILE first, then model.field=... into it
     overrides = [o for o in overrides or [] if o not in whole]
