@@ -159,3 +159,7 @@ def _print(records: list[dict]) -> None:
     widths = [max(len(c) for c in col) for col in zip(*rows)]
     for cells in rows:
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
