@@ -25,10 +25,11 @@ The vocabulary is saved as JSON beside the tokenizers, so an exported model carr
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import torch
+
+from mmfm.jsonio import write_json
 
 FORMAT_VERSION = 1
 BASE_SPECIALS = ("<pad>", "<bos>", "<eos>", "<mask>")
@@ -247,10 +248,7 @@ class Vocab:
         return vocab
 
     def save(self, path) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "Vocab":

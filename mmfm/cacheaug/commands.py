@@ -86,13 +86,7 @@ def _eval(args) -> int:
         print(f"mmfm cacheaug eval: {exc}", file=sys.stderr)
         return 2
     print_records(records)
-    if args.json:
-        import json
-        import os
+    from mmfm.jsonio import write_records
 
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, args.json)
-        print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
+    write_records(records, args.json)
     return 0

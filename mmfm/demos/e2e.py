@@ -1,7 +1,7 @@
 """`mmfm demo` (default) / `mmfm demo e2e`: the main job, end to end on a CPU.
 
     1. corpus      mmfm data demo (six modalities) into <out>/corpus, unless it is there already
-    2. tokenizers  the small tokenizer configs (configs/tokenizers/*_small.yaml), trained briefly
+    2. tokenizers  the small tokenizer configs shipped with mmfm (configs/tokenizers/*_small.yaml), trained briefly
                    (shortened by the preset below) into <out>/tokenizers/<modality>
     3. tokens      every corpus sample -> [caption/transcript] + modality tokens through the trained
                    tokenizers and mmfm/vocab.py -> token shards <out>/tokens/{train,eval}-*.tar and
@@ -26,18 +26,21 @@ import os
 import sys
 import time
 
+from mmfm.jsonio import write_json
+
 MODALITIES = ("text", "image", "audio", "video", "shape3d", "physics")
 
-# modality -> (tokenizer config, overrides "section.field" -> value) per preset
+# modality -> (tokenizer config shipped with mmfm, overrides "section.field" -> value) per preset
 TOKENIZERS = {
-    "text": ("configs/tokenizers/text_bpe_small.yaml", {}),
-    "image": ("configs/tokenizers/image_conv_vq_small.yaml", {}),
-    "audio": ("configs/tokenizers/audio_codec_small.yaml", {}),
-    "video": ("configs/tokenizers/video_small.yaml", {}),
-    "shape3d": ("configs/tokenizers/shape3d_small.yaml", {}),
+    "text": ("tokenizers/text_bpe_small.yaml", {}),
+    "image": ("tokenizers/image_conv_vq_small.yaml", {}),
+    "audio": ("tokenizers/audio_codec_small.yaml", {}),
+    "video": ("tokenizers/video_small.yaml", {}),
+    "shape3d": ("tokenizers/shape3d_small.yaml", {}),
     # 4 frames (256 tokens per trajectory) instead of 16 (1024), so physics does not swamp the mix
-    "physics": ("configs/tokenizers/physics_small.yaml", {"model.frames": 4}),
+    "physics": ("tokenizers/physics_small.yaml", {"model.frames": 4}),
 }
+PRETRAIN_CONFIG = "pretrain/demo.yaml"   # shipped with mmfm too (mmfm.typed_config.packaged_config)
 
 PRESETS = {
     # the real demo: each tokenizer for its config's own (short) step count, the model 300 steps;
@@ -87,10 +90,10 @@ def build_corpus(out: str, scale: float) -> str:
 # ------------------------------------------------------------------------------------ stage 2
 def tokenizer_config(modality: str, corpus: str, out: str, preset: dict):
     from mmfm.tokenizers.config import load_config
-    from mmfm.train.engine import REPO_ROOT
+    from mmfm.typed_config import packaged_config
 
     path, overrides = TOKENIZERS[modality]
-    cfg = load_config(os.path.join(REPO_ROOT, path))
+    cfg = load_config(packaged_config(path))
     cfg.data.shards = os.path.join(corpus, f"{modality}-*.tar")
     if modality == "text":   # documents and every other modality's captions and transcripts
         cfg.data.shards, cfg.data.modality = os.path.join(corpus, "*-*.tar"), ""
@@ -205,25 +208,20 @@ def tokenize_corpus(corpus: str, tokenizers: dict, out_dir: str, holdout_fractio
     vocab.save(os.path.join(out_dir, "vocab.json"))
     report = {"modalities": report, "vocab_size": vocab.size, "train_samples": len(rows["train"]),
               "eval_samples": len(rows["eval"]), "shards": {k: len(v) for k, v in shards.items()}}
-    with open(done, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(done, report)
     return report
 
 
 # ------------------------------------------------------------------------------------ stages 4-5
 def pretrain_config(out: str, preset: dict, extra: list[str]):
     from mmfm.train.config import load_run_config
-    from mmfm.train.engine import REPO_ROOT
+    from mmfm.typed_config import packaged_config
 
     tokens = os.path.join(out, "tokens")
     overrides = [f"data.shards={tokens}/train-*.tar", f"data.eval_shards={tokens}/eval-*.tar",
                  f"data.vocab={tokens}/vocab.json", f"train.out={os.path.join(out, 'pretrain')}"]
-    cwd = os.getcwd()
-    os.chdir(REPO_ROOT)           # the config names model and DeepSpeed files relative to the checkout
-    try:
-        return load_run_config("configs/pretrain/demo.yaml", overrides + preset["pretrain_overrides"] + extra)
-    finally:
-        os.chdir(cwd)
+    # the config names its model and DeepSpeed files relative to itself: no working directory needed
+    return load_run_config(packaged_config(PRETRAIN_CONFIG), overrides + preset["pretrain_overrides"] + extra)
 
 
 # ------------------------------------------------------------------------------------ stage 6
@@ -263,8 +261,7 @@ def generate_samples(export_dir: str, corpus: str, out: str) -> list[dict]:
                      "seconds": round(time.perf_counter() - t, 2), **({"text": s.value} if m == "text" else {})})
         _say(f"[demo] samples: {m} <- {prompt[:60]!r}: {', '.join(s.paths)}")
     os.makedirs(folder, exist_ok=True)
-    with open(index, "w") as f:
-        json.dump(rows, f, indent=1)
+    write_json(index, rows)
     return rows
 
 
@@ -336,8 +333,7 @@ def main(args) -> int:
         "heldout_start": start, "heldout_end": end, "token_report": report, "samples": samples,
         "seconds": {k: round(v, 1) for k, v in {**times, "total": total}.items()},
     }
-    with open(os.path.join(out, "demo-summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(out, "demo-summary.json"), summary)
     print_summary(summary)
     fell = bool(start) and bool(end) and end.get("all", 1e9) < start.get("all", -1)
     if not fell:

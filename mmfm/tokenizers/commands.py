@@ -6,10 +6,11 @@ checkpoints in <out>/checkpoints with exact resume), writes
 <out>/reconstructions.png (held-out inputs left, reconstructions right), and saves the tokenizer
 to <out>/tokenizer. image_1d also writes <out>/psnr_vs_tokens.png.
 
-eval: for each config (default: every configs/tokenizers/*.yaml whose <out>/tokenizer exists),
+eval: for each config (default: every configs/tokenizers/*.yaml shipped with mmfm whose <out>/tokenizer
+exists, <out> relative to the working directory),
 loads the saved tokenizer, reconstructs the held-out split and prints one record per tokenizer
 and one per baseline at the same bit budget (mmfm.tokenizers.baselines). Records follow
-ARCHITECTURE.md: bench "tokenizer", case {tokenizer, tokens}, impl "mmfm" or the baseline's name.
+docs/records.md: bench "tokenizer", case {tokenizer, tokens}, impl "mmfm" or the baseline's name.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import json
 import math
 import os
 import sys
+
+from mmfm.jsonio import write_json, write_records
+from mmfm.typed_config import packaged_config
 
 
 # primary metric per modality: (name, higher is better)
@@ -184,8 +188,7 @@ def _prefix_plot(tok, hx, out) -> list[float]:
     values = tok.psnr_by_prefix(hx, lengths)
     line_plot(os.path.join(out, "psnr_vs_tokens.png"), lengths, values, "held-out PSNR vs kept tokens",
               "tokens kept", "PSNR dB")
-    with open(os.path.join(out, "psnr_vs_tokens.json"), "w") as f:
-        json.dump({"tokens": lengths, "psnr": values}, f)
+    write_json(os.path.join(out, "psnr_vs_tokens.json"), {"tokens": lengths, "psnr": values}, indent=None)
     return values
 
 
@@ -194,7 +197,7 @@ def _default_configs() -> list[str]:
     from mmfm.tokenizers.config import load_config
 
     found = []
-    for p in sorted(glob.glob("configs/tokenizers/*.yaml")):
+    for p in sorted(glob.glob(packaged_config("tokenizers/*.yaml"))):
         if os.path.exists(os.path.join(load_config(p).train.out, "tokenizer")):
             found.append(p)
     return found
@@ -284,12 +287,7 @@ def eval_main(args) -> int:
     for name, modality, ok in verdicts:
         metric = PRIMARY[modality][0]
         print(f"{name}: {'beats' if ok else 'does NOT beat'} its baseline on {metric}")
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, args.json)
-        print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
+    write_records(records, args.json)
     return 0
 
 

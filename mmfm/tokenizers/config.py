@@ -40,7 +40,7 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = 250
     keep_last: int = 2               # complete checkpoints kept
-    deepspeed: str = ""              # a DeepSpeed JSON (configs/deepspeed/*.json); "" = ZeRO stage 0
+    deepspeed: str = ""              # a DeepSpeed JSON, relative to this config (../deepspeed/*.json); "" = ZeRO stage 0
     threads: int = 0                 # torch threads (0 = leave torch's default)
 
 
@@ -58,7 +58,7 @@ def load_config(path) -> TokenizerFile:
     from mmfm.tokenizers.registry import config_class
 
     path = str(path)
-    raw = read_sections(path, ("tokenizer", "model", "data", "train"))
+    raw = read_sections(path, ("tokenizer", "model", "data", "train"), files=("train.deepspeed",))
     name = raw.get("tokenizer")
     if not isinstance(name, str):
         raise ConfigError(f"{path}: tokenizer: expected the tokenizer's registry name (a string), got {name!r}")

@@ -1,7 +1,7 @@
 """Typed pretrain / finetune configs (configs/pretrain/<name>.yaml) with `section.field=value` overrides.
 
-    model: configs/models/small.yaml        # a model config file, or an inline ModelConfig mapping
-    deepspeed: configs/deepspeed/zero2.json # plain DeepSpeed JSON: the ZeRO section and the like
+    model: ../models/small.yaml             # a model config file (relative to this file), or an inline mapping
+    deepspeed: ../deepspeed/zero2.json      # plain DeepSpeed JSON (relative to this file): ZeRO section etc.
     data: {...}                             # DataSection: token shards, vocabulary, sequence length
     objective: {...}                        # mmfm.objectives.ObjectiveConfig
     optim: {...}                            # OptimSection: AdamW, warmup + cosine
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from mmfm.models.config import ModelConfig, load_model_config, model_config_from_dict
 from mmfm.objectives import ObjectiveConfig, objective_config_from_dict
-from mmfm.typed_config import ConfigError, from_dict, read_sections
+from mmfm.typed_config import ConfigError, from_dict, packaged_config, read_sections
 
 
 @dataclass
@@ -137,7 +137,7 @@ def load_run_config(path, overrides: list[str] | None = None, extra_sections: tu
     import yaml
 
     path = str(path)
-    raw = read_sections(path, SECTIONS)
+    raw = read_sections(path, SECTIONS, files=("model", "deepspeed"))   # resolved from the config's folder
     whole = [o for o in overrides or [] if o.split("=", 1)[0] in WHOLE]
     raw = apply_overrides(raw, whole, path)          # model=FILE first, then model.field=... into it
     overrides = [o for o in overrides or [] if o not in whole]
@@ -155,7 +155,7 @@ def load_run_config(path, overrides: list[str] | None = None, extra_sections: tu
         model = model_config_from_dict(m, f"{path}: model")
     else:
         raise ConfigError(f"{path}: model: expected a model config path or mapping, got {m!r}")
-    ds, ds_path = read_deepspeed(raw.get("deepspeed", "configs/deepspeed/zero0.json"), f"{path}: deepspeed")
+    ds, ds_path = read_deepspeed(raw.get("deepspeed", packaged_config("deepspeed/zero0.json")), f"{path}: deepspeed")
     data = from_dict(DataSection, raw.get("data"), f"{path}: data")
     objective = objective_config_from_dict(raw.get("objective"), f"{path}: objective")
     optim = from_dict(OptimSection, raw.get("optim"), f"{path}: optim")

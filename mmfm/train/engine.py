@@ -3,8 +3,9 @@
 Runs as a single process with no launcher: when RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT are
 absent, `setup_environment` sets a one-process rendezvous (port from MMFM_MASTER_PORT or a free
 one). Under torchrun or the deepspeed launcher they are already set and used. Without CUDA,
-DS_ACCELERATOR defaults to cpu and the backend is gloo. TORCH_EXTENSIONS_DIR defaults to
-<repo>/.torch_extensions, so DeepSpeed's JIT ops (shm_comm, ~35 s) compile once per checkout.
+DS_ACCELERATOR defaults to cpu and the backend is gloo. In a source checkout TORCH_EXTENSIONS_DIR
+defaults to <repo>/.torch_extensions, so DeepSpeed's JIT ops (shm_comm, ~35 s) compile once per
+checkout; an installed mmfm leaves torch's default (~/.cache/torch_extensions), not site-packages.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _free_port() -> int:
 def setup_environment() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO_ROOT, ".torch_extensions"))
+    if os.path.isdir(os.path.join(REPO_ROOT, "csrc")):   # a source checkout; an installed mmfm keeps torch's default
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO_ROOT, ".torch_extensions"))
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
