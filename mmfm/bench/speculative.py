@@ -53,11 +53,11 @@ def stdlib_sources(n: int) -> list[str]:
 # ------------------------------------------------------------------------------------ models
 def load_export(folder: str):
     """(model, encode(text) -> global ids, description) from an `mmfm export` folder."""
-    import mmfm
+    from mmfm.models.io import load
     from mmfm.tokenizers import load_tokenizer
     from mmfm.vocab import Vocab
 
-    model = mmfm.load(folder)
+    model = load(folder)
     vocab = Vocab.load(os.path.join(folder, "vocab.json"))
     text_dir = os.path.join(folder, "tokenizers", "text")
     tok_dirs = [d for d in (os.path.join(text_dir, "tokenizer"), text_dir)
