@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable, Sequence
 
 import torch
 
 from mmfm.train.config import RunConfig, output_dir, resolve_vocab_size
 from mmfm.train.engine import spec_of, zero_stage
-from mmfm.train.trainer import Hooks, Trainer, TrainingStopped, TrainStep  # noqa: F401 (TrainingStopped re-exported)
+from mmfm.train.trainer import (Evaluator, Hooks, ResumableData, Trainer, TrainingStopped,  # noqa: F401
+                                TrainStep)  # TrainingStopped: re-exported for the commands
 
 
 def evaluate(engine, batches, vocab, table, objective=None) -> dict:
@@ -109,10 +111,14 @@ class ObjectiveStep(TrainStep):
         return {f"loss_{n}": float(sums[i] / counts[i]) for i, n in enumerate(self.names) if counts[i] > 0}
 
 
-def run(cfg: RunConfig, prepare_model=None, log=None, hooks: Hooks | None = None) -> dict:
+def run(cfg: RunConfig, prepare_model=None, log=None, hooks: Hooks | None = None,
+        evaluators: Sequence[Evaluator] = (), data: Callable[[int], ResumableData] | None = None) -> dict:
     """Trains per cfg; returns {"losses": {step: loss}, "eval_start", "eval_end", "out", "stopped_by",
     "step", "engine"}. prepare_model(model) -> model, if given, runs before the engine (fine-tuning:
-    LoRA, freezing). hooks: fault injection for tests (mmfm/train/trainer.py: Hooks)."""
+    LoRA, freezing). hooks: fault injection for tests (mmfm/train/trainer.py: Hooks).
+    evaluators: more (engine, step) -> {metric: value} callables, run beside the held-out loss at the
+    start, every train.eval_every steps and at the end, their metrics logged. data(global_batch) ->
+    a resumable data source of global batches ({"tokens", "segment_ids"}), instead of cfg.data.shards."""
     from mmfm.data.dataset import ShardLoader
     from mmfm.models import Transformer
     from mmfm.objectives import build_objective, modality_table
@@ -141,9 +147,12 @@ def run(cfg: RunConfig, prepare_model=None, log=None, hooks: Hooks | None = None
     objective = build_objective(cfg.objective, vocab)
     step = ObjectiveStep(objective, table, list(vocab.modality_names), cfg.data.seq_len,
                          cfg.model.flops_per_token(cfg.data.seq_len), name)
-    loader = ShardLoader(token_dataset(cfg.data.shards, seq_len=cfg.data.seq_len, batch_size=trainer.global_batch,
-                                       pad_id=vocab.pad_id, seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer),
-                         num_workers=0)
+    if data is not None:
+        loader = data(trainer.global_batch)
+    else:
+        loader = ShardLoader(token_dataset(cfg.data.shards, seq_len=cfg.data.seq_len,
+                                           batch_size=trainer.global_batch, pad_id=vocab.pad_id, seed=t.seed,
+                                           shuffle_buffer=cfg.data.shuffle_buffer), num_workers=0)
     evals = eval_batches(cfg, vocab)
 
     def held_out(engine, at: int) -> dict:
@@ -152,7 +161,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None, hooks: Hooks | None = None
         return ev
 
     try:
-        res = trainer.fit(model, step, loader, [held_out] if evals else [])
+        res = trainer.fit(model, step, loader, ([held_out] if evals else []) + list(evaluators))
     finally:
         trainer.close_log()
     result = {"losses": res.losses, "out": out, "stopped_by": res.stopped_by, "eval_start": res.eval_start,
