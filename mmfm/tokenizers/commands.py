@@ -118,16 +118,16 @@ def _train_neural(cfg, progress: bool, hooks=None) -> int:
     init_distributed()
     rank0 = _rank() == 0
     log = JsonlLogger(os.path.join(out, "train.jsonl"), os.path.join(out, "tb")) if rank0 else None
-    res = train_stage(tok, t, x, steps=t.steps, seed=t.seed, checkpoint_dir=os.path.join(out, "checkpoints"),
-                      logger=log, progress=progress, config_path=cfg.path, hooks=hooks)
+    res = train_stage(tok, cfg, x, steps=t.steps, seed=t.seed, checkpoint_dir=os.path.join(out, "checkpoints"),
+                      logger=log, progress=progress, hooks=hooks)
     if hasattr(tok, "refinement_parameters"):  # physics: stage 2, the refinement alone on the frozen rest
         refine = {id(p) for p in tok.refinement_parameters()}
         for p in tok.parameters():
             p.requires_grad_(id(p) in refine)
-        train_stage(tok, t, x, steps=cfg.model.refine_steps, seed=t.seed + 1,
+        train_stage(tok, cfg, x, steps=cfg.model.refine_steps, seed=t.seed + 1,
                     checkpoint_dir=os.path.join(out, "checkpoints_refine"),
                     logger=(lambda s, m: log(t.steps + s, {f"refine/{k}": v for k, v in m.items()})) if log else None,
-                    progress=progress, config_path=cfg.path, hooks=hooks)
+                    progress=progress, hooks=hooks)
         for p in tok.parameters():
             p.requires_grad_(True)
     if not rank0:

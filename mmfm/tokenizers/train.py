@@ -2,10 +2,10 @@
 the model's DeepSpeed engine and checkpoints and scale to many GPUs the way model training does.
 
 This module supplies what is the tokenizer's own:
-  - `engine_spec`: the tokenizer config's `train:` fields as the shared typed sections every
-    engine is built from (mmfm/train/engine.py: EngineSpec of OptimSection + TrainSection + the
-    DeepSpeed JSON). train.batch_size is the global batch, split evenly over the ranks
-    (micro_batch = batch_size / world, no accumulation);
+  - `engine_spec`: the tokenizer file's sections as the EngineSpec every engine is built from
+    (mmfm/train/engine.py): its `optim:` is pretraining's OptimSection and its `deepspeed:` the same
+    JSON; its `train:` run fields fill the shared TrainSection, train.batch_size being the global
+    batch, split evenly over the ranks (micro_batch = batch_size / world, no accumulation);
   - `RandomBatches`: the data source, global batches drawn with replacement from the in-memory
     training split by a seeded generator whose state is the source's state_dict;
   - `TokenizerStep`: a micro-batch's loss is the tokenizer's own mean loss over the rank's rows
@@ -16,7 +16,7 @@ This module supplies what is the tokenizer's own:
     batches and draws as an uninterrupted one.
 
 The Trainer owns the rest: engine, learning rate (warmup + cosine, engine.lr_at), gradient
-clipping (train.clip), checkpoints (atomic tag folders under <checkpoint_dir> with a `latest`
+clipping (optim.clip), checkpoints (atomic tag folders under <checkpoint_dir> with a `latest`
 pointer, the last `keep_last` kept) and exact resume, NaN skipping, the progress bar and the log rows.
 
 Single process with no launcher: a one-rank gloo group (engine.init_distributed); under torchrun
@@ -28,34 +28,25 @@ from typing import Callable
 
 import torch
 
-from mmfm.tokenizers.config import TrainConfig
-from mmfm.train.config import OptimSection, TrainSection
+from mmfm.tokenizers.config import TokenizerFile
+from mmfm.train.config import TrainSection
 from mmfm.train.engine import EngineSpec, init_distributed
 from mmfm.train.trainer import Hooks, Trainer, TrainResult, TrainStep
 
-DEFAULT_DEEPSPEED = {"zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True,
-                     "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-
-
-def engine_spec(t: TrainConfig, world: int, steps: int, progress: bool = False, config_path: str = "") -> EngineSpec:
-    """The tokenizer's `train:` fields as the shared sections. steps: where this stage's cosine ends.
-    AdamW's betas are (0.9, 0.999) here, torch's defaults, as tokenizer training has always used."""
+def engine_spec(cfg: TokenizerFile, world: int, steps: int, progress: bool = False) -> EngineSpec:
+    """The tokenizer file's optim section (pretraining's OptimSection) and its run fields as the
+    shared TrainSection: micro_batch = train.batch_size / world, no accumulation. steps: where this
+    stage's cosine ends."""
     from mmfm.typed_config import ConfigError
 
-    where = f"{config_path}: " if config_path else ""
+    t = cfg.train
     if t.batch_size % world:
+        where = f"{cfg.path}: " if cfg.path else ""
         raise ConfigError(f"{where}train.batch_size: {t.batch_size} is not divisible by the {world} ranks")
-    ds = dict(DEFAULT_DEEPSPEED)
-    if t.deepspeed:
-        from mmfm.train.config import read_deepspeed
-
-        ds, _ = read_deepspeed(t.deepspeed, f"{where}train.deepspeed")
-    optim = OptimSection(lr=t.lr, min_lr_ratio=t.min_lr_ratio, warmup_steps=t.warmup_steps,
-                         weight_decay=t.weight_decay, beta1=0.9, beta2=0.999, eps=1e-8, clip=t.clip)
     train = TrainSection(out=t.out, steps=steps, micro_batch=t.batch_size // world, grad_accum=1, seed=t.seed,
                          log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_last=t.keep_last,
                          progress=progress, threads=t.threads, plot=False)
-    return EngineSpec(optim, train, ds, t.deepspeed)
+    return EngineSpec(cfg.optim, train, cfg.deepspeed, cfg.deepspeed_path)
 
 
 class RandomBatches:
@@ -117,15 +108,15 @@ class TokenizerStep(TrainStep):
                 g.set_state(state["model_generators"][k])
 
 
-def train_stage(model, t: TrainConfig, data: torch.Tensor, *, steps: int, seed: int, checkpoint_dir: str | None,
-                logger: Callable[[int, dict], None] | None = None, progress: bool = False, config_path: str = "",
+def train_stage(model, cfg: TokenizerFile, data: torch.Tensor, *, steps: int, seed: int,
+                checkpoint_dir: str | None, logger: Callable[[int, dict], None] | None = None, progress: bool = False,
                 hooks: Hooks | None = None) -> TrainResult:
     """Trains the parameters of `model` that require grad (physics' second stage freezes all but the
     refinement) for `steps` steps in all (resuming from checkpoint_dir when it holds a checkpoint),
-    on batches of `data` drawn with a generator seeded `seed`."""
+    on batches of `data` (cfg.train.batch_size rows) drawn with a generator seeded `seed`."""
     init_distributed()
     world = torch.distributed.get_world_size()
-    spec = engine_spec(t, world, steps, progress, config_path)
-    trainer = Trainer(spec, name="tokenizer", checkpoint_dir=checkpoint_dir, logger=logger, hooks=hooks)
-    batches = RandomBatches(data, t.batch_size, torch.Generator().manual_seed(seed))
+    trainer = Trainer(engine_spec(cfg, world, steps, progress), name="tokenizer", checkpoint_dir=checkpoint_dir,
+                      logger=logger, hooks=hooks)
+    batches = RandomBatches(data, cfg.train.batch_size, torch.Generator().manual_seed(seed))
     return trainer.fit(model, TokenizerStep(model, world), batches)
