@@ -1,11 +1,14 @@
 """`mmfm finetune --from CKPT_OR_EXPORT --modality M --config configs/finetune/<name>.yaml [overrides]`.
 
-The same loop as `mmfm pretrain` (mmfm/train/loop.py: DeepSpeed, checkpoints, exact resume), with:
+The same Trainer as `mmfm pretrain` (mmfm/train/loop.py, mmfm/train/trainer.py: DeepSpeed,
+checkpoints, exact resume), with:
   - weights from --from (an export folder or a pretrain output folder); the model config is the
-    source's (a `model:` section in the file is ignored; `model.*` overrides are refused);
+    source's ModelConfig object (a `model:` section in the file is ignored; model overrides are refused);
   - the loss restricted to modality M: every other modality, and the specials, are in
     objective.no_loss (M's own <begin_M>/<end_M> markers belong to M and keep their loss);
-  - `finetune:` section (FinetuneSection): method full or lora, and freezing.
+  - the typed `finetune:` section (FinetuneSection, mmfm/train/config.py): method full or lora,
+    and freezing; its modality and source are filled from --modality / --from.
+The merge is of objects (`build_config`: dataclasses.replace), not of override strings.
 
 Freezing is per tensor (`requires_grad = False`, so frozen tensors get no optimizer state):
   - modality_specific: the tensors indexed by modality: the token embedding and the output head
