@@ -103,9 +103,10 @@ class TokenizerStep(TrainStep):
         return {"model_generators": {k: g.get_state() for k, g in _generators(self.model).items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("model_generators", {})
         for k, g in _generators(self.model).items():
-            if k in state["model_generators"]:
-                g.set_state(state["model_generators"][k])
+            if k in saved:
+                g.set_state(saved[k])
 
 
 def train_stage(model, cfg: TokenizerFile, data: torch.Tensor, *, steps: int, seed: int,

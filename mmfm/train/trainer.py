@@ -215,10 +215,11 @@ class Trainer:
         if self.checkpoint_dir:
             state = ckpt.load(engine, self.checkpoint_dir)
             if state is not None:
-                res.step, res.skipped, bad_run = state["step"], state["skipped"], state["bad_run"]
+                # .get: checkpoints of the loops before the Trainer lack the counters and step_state
+                res.step, res.skipped, bad_run = state["step"], state.get("skipped", 0), state.get("bad_run", 0)
                 data.load_state_dict(state["data"])
                 gen.set_state(state["generator"])
-                step_fn.load_state_dict(state["step_state"])
+                step_fn.load_state_dict(state.get("step_state", {}))
                 res.resumed_from = state["tag"]
                 self.say(f"[{self.name}] resumed from step {res.step} "
                          f"({os.path.join(self.checkpoint_dir, state['tag'])})")
