@@ -46,8 +46,8 @@ def test_read_deepspeed_names_the_field_and_the_problem(tmp_path):
         read_deepspeed(str(tmp_path / "nope.json"), "run.yaml: deepspeed")
     bad = tmp_path / "bad.json"
     bad.write_text("{stage: 1")
-    with pytest.raises(ConfigError, match=r"tok.yaml: train.deepspeed: .*bad.json is not valid JSON"):
-        read_deepspeed(str(bad), "tok.yaml: train.deepspeed")
+    with pytest.raises(ConfigError, match=r"tok.yaml: deepspeed: .*bad.json is not valid JSON"):
+        read_deepspeed(str(bad), "tok.yaml: deepspeed")
     with pytest.raises(ConfigError, match="expected a JSON file path or a mapping"):
         read_deepspeed(3, "run.yaml: deepspeed")
 

@@ -49,12 +49,17 @@ def _train(args) -> int:
     from mmfm.cacheaug.train import run
     from mmfm.typed_config import ConfigError
 
+    from mmfm.train.trainer import TrainingStopped
+
     try:
         cfg = load_aug_config(args.config, args.overrides, args.decoder)
         res = run(cfg)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"mmfm cacheaug train: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:
+        print(f"mmfm cacheaug train: {exc}", file=sys.stderr)
+        return 3
     import torch
 
     if torch.distributed.get_rank() == 0:

@@ -7,8 +7,8 @@
     optim: {...}                              # mmfm.train.config.OptimSection (AdamW, warmup + cosine)
     train: {...}                              # mmfm.train.config.TrainSection (steps, batch, checkpoints)
 
-The optimizer and training sections are pretraining's own, so `build_engine` and the checkpoint code
-take this config unchanged. Unknown or ill-typed fields stop with the file and field named.
+The optimizer and training sections are pretraining's own typed sections, so the engine and the
+Trainer take this config as they take pretraining's (mmfm/train/engine.py: spec_of). Unknown or ill-typed fields stop with the file and field named.
 """
 from __future__ import annotations
 
