@@ -17,12 +17,12 @@ config.json, summary.json and coprocessor/ (mmfm.cacheaug.load_coprocessor reads
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import torch
 
+from mmfm.jsonio import write_json
 from mmfm.train.trainer import Trainer, TrainStep
 
 
@@ -140,8 +140,7 @@ def run(cfg, log=None, hooks=None) -> dict:
         save_coprocessor(coproc, result["coprocessor"],
                          {"decoder": os.path.abspath(cfg.decoder), "decoder_sha256": hash_before, "ahead": d.ahead,
                           "trained_steps": res.step, "config": cfg.path})
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(os.path.join(out, "summary.json"), result)
         first, last = window_means(gains)
         say(f"[cacheaug] step {res.step}: gain over the plain decoder {first:+.4f} nats/token (mean of the first 10 "
             f"steps) -> {last:+.4f} (last 10); decoder unchanged "

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from mmfm.jsonio import write_json
 from mmfm.train.config import RunConfig, output_dir, resolve_vocab_size
 from mmfm.train.engine import spec_of, zero_stage
 from mmfm.train.trainer import (Evaluator, Hooks, ResumableData, Trainer, TrainingStopped,  # noqa: F401
@@ -193,5 +194,4 @@ def _finish(out: str, result: dict, plot: bool = True) -> None:
     if series and plot:
         loss_plot(os.path.join(out, "loss_curve.png"), series, "training loss (total and per modality)")
     summary = {k: v for k, v in result.items() if k not in ("engine",)}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(out, "summary.json"), summary)

@@ -38,7 +38,6 @@ saved the generators its model owns); one loop gives every kind the same guarant
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -48,6 +47,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
+from mmfm.jsonio import write_json
 from mmfm.train import checkpoint as ckpt
 from mmfm.train.engine import EngineSpec, build_engine, init_distributed, lr_at, measure_peak_flops
 
@@ -190,8 +190,7 @@ class Trainer:
     def write_record(self, path: str, record: dict) -> None:
         """config.json of a run (rank 0): what was trained, with the number of ranks."""
         if self.rank == 0:
-            with open(path, "w") as f:
-                json.dump({**record, "world_size": self.world}, f, indent=1)
+            write_json(path, {**record, "world_size": self.world})
 
     def evaluate(self, engine, step: int, evaluators: Iterable[Evaluator]) -> dict:
         out = {}
