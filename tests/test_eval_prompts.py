@@ -93,7 +93,8 @@ def build_export(root, modalities=("image", "audio", "video", "shape3d", "physic
     }
     torch.manual_seed(0)
     toks = {m: build_tokenizer(*configs[m]) for m in modalities}
-    texts = [s["txt"] for s in read_samples(str(root / "corpus" / "*-*.tar")) if isinstance(s.get("txt"), str)]
+    texts = [s["txt"] for m in ("image", "audio", "video", "shape3d", "physics")   # captions: few characters
+             for s in read_samples(str(root / "corpus" / f"{m}-*.tar")) if isinstance(s.get("txt"), str)]
     toks["text"] = TextTokenizer(TextConfig(vocab_size=400)).fit(texts)
     tok_dir = str(root / f"{name}-tokenizers")
     for m, t in toks.items():

@@ -13,7 +13,7 @@ from mmfm.eval.scorers.linear import LinearClassifier
 from mmfm.eval.scorers.shape3d import PrimitiveScorer, as_points
 from mmfm.eval.scorers.video import ClipScorer
 
-SCORER_VERSION = 1
+SCORER_VERSION = 2
 
 # prompt set -> (scorer class, how a corpus sample becomes the scorer's input, attribute holding the classifier)
 FITTED = {

@@ -192,14 +192,13 @@ def physics_set(corpus: Corpus, n: int, accept: Callable) -> PromptSet:
     ps = PromptSet("physics", "physics", ("continuation",))
     ps.train = [(s, {}) for s in train if accept(s)]
     ps.items = [Item(s["txt"], s, {}, "held-out") for s in held if accept(s) and isinstance(s.get("txt"), str)][:n]
-    like = (train + held)[:1]
+    like = [s for s in train + held if accept(s)][:1]
     if not like:
         return ps
-    meta = like[0]["json"]
-    grid, frames = int(meta.get("grid_shape", [64])[0]), int(meta.get("num_frames", 16))
-    fresh = _endless(_physics_maker(grid, frames))(None, corpus.fresh_rng("physics"))
+    fields = np.asarray(like[0]["npz"]["fields"])     # fresh runs at the grid and length the tokenizer took
+    fresh = _endless(_physics_maker(int(fields.shape[-1]), int(fields.shape[0])))(None, corpus.fresh_rng("physics"))
     tries = 0
-    while len(ps.items) < n and tries < 30 * n:
+    while len(ps.items) < n and tries < 6 * n:
         s = next(fresh)
         tries += 1
         if accept(s):
