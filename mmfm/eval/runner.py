@@ -146,8 +146,8 @@ class PromptEval:
     def _prepare_set(self, name: str, cache_dir) -> None:
         ps = build_set(self.corpus, name, self.cfg.n)
         self.sets[name] = ps
-        self.scorers[name] = cache.scorer(name, ps.train, self.corpus.folder, cache_dir)
         tok = self.toks[ps.modality]
+        self.scorers[name] = cache.scorer(name, ps.train, self.corpus.folder, cache_dir, tok)
         self.prompts[name] = [self._prompt(it.prompt, ps.modality) for it in ps.items]
         x = self._prepared(tok, [it.sample for it in ps.items])
         raw = self._predict(name, _values(ps.modality, x))
