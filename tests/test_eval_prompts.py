@@ -175,3 +175,39 @@ def test_bad_input_names_what_is_wrong(root, export, tmp_path):
         mmfm.eval.prompts(lean, modalities=["audio"], n=2)
     with pytest.raises(ValueError, match="'n'"):
         mmfm.eval.prompts(export, n=0)
+
+
+def test_eval_prompts_continue_exactly_where_the_training_samples_go_on(root, export, tmp_path):
+    """The prompt the eval builds, followed by the real sample's tokens, is the training sequence
+    `mmfm demo e2e` writes for that held-out sample, id for id: a misaligned caption, a missing
+    marker or another vocabulary would make the eval measure a layout the model never saw."""
+    import glob
+    import io
+    import tarfile
+
+    from mmfm.demos.e2e import tokenize_corpus
+    from mmfm.eval.gen import load_export, prompt_ids
+
+    _, vocab, toks = load_export(export)
+    folders = {m: str(root / "export-tokenizers" / m) for m in ("text", "image", "audio", "video", "shape3d",
+                                                                   "physics")}
+    tokenize_corpus(str(root / "corpus"), folders, str(tmp_path / "tokens"))
+    written = {}
+    for shard in glob.glob(str(tmp_path / "tokens" / "eval-*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".npy"):
+                    written[m.name[:-4]] = np.load(io.BytesIO(tar.extractfile(m).read())).astype(np.int64)
+    corpus = Corpus(str(root / "corpus"))
+    checked = 0
+    for name, modality in (("digits", "image"), ("scenes", "image"), ("tones", "audio"), ("shapes", "shape3d"),
+                           ("clips", "video")):
+        for it in build_set(corpus, name, 40).items:
+            if it.source != "held-out":
+                continue
+            seg = vocab.to_global(modality, toks[modality].encode_batch([it.sample])[0])
+            ids = torch.cat([prompt_ids(vocab, toks, it.prompt, modality), seg,
+                             torch.tensor([vocab.end_id(modality), vocab.eos_id])])
+            assert ids.tolist() == written[it.sample["__key__"]].tolist(), (name, it.prompt)
+            checked += 1
+    assert checked >= 30
