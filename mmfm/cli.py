@@ -11,6 +11,7 @@
     mmfm export RUN --out DIR   ZeRO checkpoint -> safetensors + Hugging Face folder (mmfm/export)
     mmfm generate --model DIR --prompt P --to M --out PATH   any-to-any decoding (mmfm/generate)
     mmfm cacheaug train|eval    a coprocessor that augments a frozen decoder's KV cache (mmfm/cacheaug)
+    mmfm eval prompts --model DIR   does generation follow its prompt? scored against the demo corpus (mmfm/eval)
 """
 from __future__ import annotations
 
@@ -97,6 +98,12 @@ def cmd_cacheaug(args) -> int:
     return run(args)
 
 
+def cmd_eval(args) -> int:
+    from mmfm.eval.commands import cmd_eval as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description="multimodal foundation models over one token vocabulary")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.cacheaug.commands import add_cacheaug_parser
 
     add_cacheaug_parser(sub)
+    from mmfm.eval.commands import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer,
             "pretrain": cmd_pretrain, "finetune": cmd_finetune, "export": cmd_export,
-            "generate": cmd_generate, "cacheaug": cmd_cacheaug}[args.command](args)
+            "generate": cmd_generate, "cacheaug": cmd_cacheaug, "eval": cmd_eval}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""`mmfm eval prompts --model EXPORT [--corpus DIR] [--json PATH] [--n N] [--modalities M ...]`:
+the prompt-following eval (mmfm.eval.evaluate) and its table."""
+from __future__ import annotations
+
+import sys
+
+ALIASES = {"3d": "shape3d"}
+
+
+def _fmt(v, metric: str) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if metric == "ppl" else f"{v:.3f}"
+
+
+def table(records: list[dict]) -> str:
+    """One line per (modality, task): the model's figure, its baselines, the ceiling and n."""
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        rows.setdefault((r["case"]["modality"], r["case"]["task"]), {})[r["impl"]] = r
+    lines = [f"{'modality':<9} {'task':<15} {'metric':<9} {'n':>5} {'mmfm':>8}  {'baseline':<34} {'ceiling':<20}"]
+    for (modality, task), by in rows.items():
+        metric = next(k for k in ("accuracy", "rel_l2", "ppl") if k in next(iter(by.values())))
+        mine = by.get("mmfm", {})
+        base = ", ".join(f"{impl} {_fmt(r[metric], metric)}" for impl, r in by.items()
+                         if impl not in ("mmfm", "ceiling"))
+        ceil = by.get("ceiling")
+        if ceil is None:
+            ceiling = "-"
+        elif "accuracy_raw" in ceil:
+            ceiling = f"{_fmt(ceil[metric], metric)} (raw {_fmt(ceil['accuracy_raw'], metric)})"
+        else:
+            ceiling = f"{_fmt(ceil[metric], metric)} (tokenizer)"
+        n = mine.get("n", next(iter(by.values())).get("n", 0))
+        lines.append(f"{modality:<9} {task:<15} {metric:<9} {n:>5} {_fmt(mine.get(metric), metric):>8}  "
+                     f"{base:<34} {ceiling:<20}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    if args.eval_command != "prompts":
+        print(f"mmfm eval: unknown eval {args.eval_command!r}; available: prompts", file=sys.stderr)
+        return 2
+    import time
+
+    from mmfm.eval import EvalConfig, Sampling, evaluate
+
+    modalities = [ALIASES.get(m, m) for m in args.modalities] if args.modalities else None
+    cfg = EvalConfig(sampling=Sampling(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg_scale,
+                                       seed=args.seed, batch_size=args.batch_size))
+    t0 = time.perf_counter()
+    try:
+        ev = evaluate(args.model, args.corpus, n=args.n, modalities=modalities, json=args.json,
+                      cache_dir=args.cache_dir, config=cfg, threads=args.threads)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mmfm eval prompts: {exc}", file=sys.stderr)
+        return 2
+    print(table(ev.records))
+    for note in ev.notes:
+        print(f"note: {note}")
+    print(f"({time.perf_counter() - t0:.0f} s; chance: a prompt-blind model drawing training labels; ceiling: the "
+          f"scorer on the prompts' real samples after the tokenizer round trip"
+          + (f"; records in {args.json})" if args.json else ")"))
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate an exported model: prompts (does generation follow the prompt?)")
+    p.add_argument("eval_command", choices=("prompts",), help="prompts: generate from held-out demo prompts and score")
+    p.add_argument("--model", required=True, help="exported model folder (mmfm export / mmfm demo e2e's <out>/export)")
+    p.add_argument("--corpus", default=None, help="the demo corpus (default: the export's sibling folder 'corpus')")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the bench records as a JSON list")
+    p.add_argument("--n", type=int, default=50,
+                   help="prompts (= generated samples) per prompt set (physics: at most 8)")
+    p.add_argument("--modalities", nargs="+", default=None, metavar="M",
+                   help="text image audio video shape3d (or 3d) physics (default: all the model has)")
+    p.add_argument("--cache-dir", default=None, help="fitted scorers (default <corpus>/.scorers)")
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=100, help="0 = off")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="rows per decode call")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

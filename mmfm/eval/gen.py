@@ -1,0 +1,108 @@
+"""The one place mmfm.eval calls the generation API (mmfm/generate): loading an export, laying
+out a prompt, and decoding a batch of constrained segments. When that API changes, this module is
+the adaptation.
+
+Prompts use the training layout (mmfm/generate/prompt.py): <bos> <begin_text> caption <end_text>
+<begin_M> [given M tokens], so the model continues exactly where a training sample's M segment
+goes on; a physics prompt carries the first frames' tokens after <begin_physics>.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sampling:
+    """Sampler settings of the eval (the fused sampler's; temperature 0 = greedy)."""
+    temperature: float = 0.9
+    top_k: int = 100
+    top_p: float = 1.0
+    cfg_scale: float = 1.0     # classifier-free guidance (1 = off: the demo model is not trained for it)
+    seed: int = 0
+    batch_size: int = 64       # rows per decode call (x2 with guidance)
+
+
+def load_export(folder: str):
+    """(model, vocab, tokenizers) of an exported folder; errors name the folder."""
+    import os
+
+    from mmfm.generate import Bundle
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--model {folder!r}: no such folder (an exported model: mmfm export / "
+                                "mmfm demo e2e writes <out>/export)")
+    b = Bundle.load(folder)
+    return b.model, b.vocab, b.tokenizers
+
+
+class LoadedTokenizers:
+    """Already loaded tokenizers {modality: tokenizer}, with the lookups the eval uses."""
+
+    def __init__(self, toks: dict):
+        self._toks = dict(toks)
+
+    def __getitem__(self, modality: str):
+        if modality not in self._toks:
+            raise ValueError(f"no {modality} tokenizer given (have {sorted(self._toks)})")
+        return self._toks[modality]
+
+    def segment_length(self, modality: str) -> int:
+        return int(self[modality].tokens_per_sample)
+
+
+def as_tokenizers(tokenizers, vocab):
+    """An export's Tokenizers (mmfm.generate.prompt), a folder laid out as an export's tokenizers/
+    (<folder>/<modality>/tokenizer.yaml, loaded lazily), or a dict {modality: tokenizer}."""
+    from mmfm.generate.prompt import Tokenizers
+
+    if isinstance(tokenizers, dict):
+        return LoadedTokenizers(tokenizers)
+    if isinstance(tokenizers, str):
+        return Tokenizers(tokenizers, vocab)
+    return tokenizers
+
+
+def prompt_ids(vocab, tokenizers, caption: str, to: str, given: torch.Tensor | None = None) -> torch.Tensor:
+    """The prompt of one row; `given`: local ids of the start of the `to` segment (physics frames)."""
+    from mmfm.generate.prompt import build_prompt
+
+    ids = build_prompt(vocab, tokenizers, caption, to)
+    if given is not None and given.numel():
+        ids = torch.cat([ids, vocab.to_global(to, given.reshape(-1).long())])
+    return ids
+
+
+@torch.no_grad()
+def generate_tokens(model, vocab, prompts: list[torch.Tensor], to: str, length: int,
+                    sampling: Sampling) -> torch.Tensor:
+    """Decode `length` tokens of modality `to` after each prompt -> local ids [B, length] (CPU).
+
+    Rows are decoded batch_size at a time; row i of the whole list always gets the sampler seed
+    `sampling.seed + chunk index`, so a run repeats exactly for the same batch size."""
+    from mmfm.generate import Constraints, SamplingConfig, Target, decode, modality_table
+    from mmfm.generate.prompt import unconditional_prompt
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    table = modality_table(vocab, device) if model.cfg.groups > 1 else None
+    cfg = SamplingConfig(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    r = vocab.ranges[to]
+    out = []
+    try:
+        for c, start in enumerate(range(0, len(prompts), sampling.batch_size)):
+            chunk = prompts[start:start + sampling.batch_size]
+            cons = Constraints(vocab, [Target(to, length)] * len(chunk), device=device)
+            uncond = [unconditional_prompt(vocab, to)] * len(chunk) if sampling.cfg_scale != 1.0 else None
+            rows = decode(model, chunk, cons, cfg, uncond=uncond, cfg_scale=sampling.cfg_scale,
+                          seed=sampling.seed + c, pad_id=vocab.pad_id, mod_table=table)
+            for row in rows:
+                body = row[(row >= r.start) & (row < r.stop)][:length]
+                if body.numel() != length:
+                    raise RuntimeError(f"generate_tokens: a {to} row came back with {body.numel()} of {length} tokens")
+                out.append(vocab.to_local(to, body))
+    finally:
+        model.train(was_training)
+    return torch.stack(out)
