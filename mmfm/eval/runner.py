@@ -281,11 +281,7 @@ class PromptEval:
         device = next(model.parameters()).device
         limit = model.cfg.max_seq_len - 2
         seqs = sorted((t[:limit] for t in self._text), key=len)
-        table = None
-        if model.cfg.groups > 1:
-            from mmfm.generate import modality_table
-
-            table = modality_table(v, device)
+        table = v.modality_table(device) if model.cfg.groups > 1 else None
         was = model.training
         model.eval()
         total, count = 0.0, 0
