@@ -25,7 +25,7 @@ FITTED_TASK = {"digits": "digit", "scenes": "shape", "tones": "tone", "shapes": 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    from mmfm.data.demo import build_demo
+    from mmfm.data.demo_corpus import build_demo
 
     root = tmp_path_factory.mktemp("evalprompts")
     build_demo(str(root / "corpus"), scale=0.5, progress=False)

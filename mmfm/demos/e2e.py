@@ -79,7 +79,7 @@ def build_corpus(out: str, scale: float) -> str:
     if os.path.exists(os.path.join(corpus, "demo-summary.json")):
         _say(f"[demo] corpus: reusing {corpus}")
         return corpus
-    from mmfm.data.demo import build_demo
+    from mmfm.data.demo_corpus import build_demo
 
     _say(f"[demo] corpus: building the six-modality demo corpus at scale {scale} into {corpus}")
     os.makedirs(corpus, exist_ok=True)

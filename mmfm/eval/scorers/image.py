@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmfm.data.demo.images import _where
+from mmfm.data.demo_corpus.images import _where
 from mmfm.eval.scorers import palette
 from mmfm.eval.scorers.linear import LinearClassifier
 

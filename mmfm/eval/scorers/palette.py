@@ -1,5 +1,5 @@
 """Segmentation of rendered scenes and clips, and colour names from the renderer's palette
-(mmfm.data.demo.images.COLORS).
+(mmfm.data.demo_corpus.images.COLORS).
 
 The renderer paints one flat colour on a flat background, so a decoded image is read back without
 learning anything: the background colour is the median pixel (the object covers at most ~13% of a
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mmfm.data.demo.images import COLORS
+from mmfm.data.demo_corpus.images import COLORS
 
 NAMES = tuple(COLORS)
 RGB = torch.tensor([COLORS[n] for n in NAMES], dtype=torch.float32) / 255.0   # [8, 3]

@@ -24,7 +24,7 @@ def demo_plan(scale: float) -> dict:
 
 
 def demo_sources(scale: float, seed: int):
-    from mmfm.data.demo import audio, images, physics, shapes3d, text, video
+    from mmfm.data.demo_corpus import audio, images, physics, shapes3d, text, video
 
     plan = demo_plan(scale)
     rng = np.random.default_rng(seed)
