@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 from mmfm import ops  # noqa: E402  (loads mmfm._C if built; warns once on first use otherwise)
 
-__all__ = ["ops", "__version__"]
+__all__ = ["ops", "__version__", "load", "Bundle"]
 
 
 def load(folder: str):
@@ -13,17 +13,12 @@ def load(folder: str):
     return _load(folder)
 
 
-__all__.append("load")
-
-
 def __getattr__(name: str):
-    # lazy: `mmfm.generate(...)` without importing the decoder (and its deps) on `import mmfm`;
-    # the package mmfm.generate is itself callable (see mmfm/generate/__init__.py)
-    if name == "generate":
-        import importlib
+    # lazy: `mmfm.Bundle.load(DIR).generate(...)` without importing the decoder and the tokenizers on
+    # `import mmfm`. There is no function `mmfm.generate`: importing the package mmfm.generate rebinds
+    # that attribute to the package, so a function of the same name would vanish on first import.
+    if name == "Bundle":
+        from mmfm.generate.bundle import Bundle
 
-        return importlib.import_module("mmfm.generate")
+        return Bundle
     raise AttributeError(f"module 'mmfm' has no attribute {name!r}")
-
-
-__all__.append("generate")

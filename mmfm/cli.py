@@ -3,7 +3,7 @@
     mmfm doctor                 what is installed, whether the extension loaded
     mmfm demo [e2e|quant]       the main demo: corpus -> tokenizers -> token shards -> ZeRO-2 pretrain -> export
                                 (mmfm/demos/e2e.py); quant: VQ and FSQ autoencoders on real digits
-    mmfm bench NAME [...]       a benchmark from tools/bench/NAME.py (quant, sampling, ...)
+    mmfm bench NAME [...]       a benchmark, mmfm/bench/NAME.py (quant, sampling, ...)
     mmfm data SUB [...]         shards: build, verify, demo, select (mmfm/data/commands.py)
     mmfm tokenizer SUB [...]    tokenizers: train, eval (mmfm/tokenizers/commands.py)
     mmfm pretrain --config X    train under DeepSpeed (mmfm/train/commands.py)
@@ -16,12 +16,7 @@
 from __future__ import annotations
 
 import argparse
-import os
-import runpy
 import sys
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_DIR = os.path.join(REPO_ROOT, "tools", "bench")
 
 
 def cmd_doctor(args) -> int:
@@ -49,25 +44,16 @@ def cmd_demo(args) -> int:
     return 2
 
 
-def available_benchmarks() -> list[str]:
-    if not os.path.isdir(BENCH_DIR):
-        return []
-    return sorted(f[:-3] for f in os.listdir(BENCH_DIR) if f.endswith(".py") and f != "common.py")
-
-
 def cmd_bench(args, rest: list[str]) -> int:
-    names = available_benchmarks()
-    if not names:
-        print(f"mmfm bench: no benchmarks found in {BENCH_DIR}; benchmarks live in the source checkout "
-              "(tools/bench), so run mmfm from an editable install (pip install --no-build-isolation -e .)",
-              file=sys.stderr)
+    from mmfm.bench import BENCHMARKS, run
+
+    if not args.name or args.name.startswith("-"):
+        print(f"usage: mmfm bench NAME [options]; available: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
-    if args.name not in names:
-        print(f"mmfm bench: unknown benchmark '{args.name}'; available: {', '.join(names)}", file=sys.stderr)
+    if args.name not in BENCHMARKS:
+        print(f"mmfm bench: unknown benchmark '{args.name}'; available: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
-    sys.path.insert(0, BENCH_DIR)
-    module = runpy.run_path(os.path.join(BENCH_DIR, f"{args.name}.py"), run_name=f"mmfm_bench_{args.name}")
-    return int(module["main"](rest) or 0)
+    return run(args.name, rest)
 
 
 def cmd_data(args) -> int:
@@ -133,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=0, help="e2e: torch threads (0 = torch's default)")
     demo.add_argument("--override", action="append", default=None, metavar="SECTION.FIELD=VALUE",
                       help="e2e: a pretrain config override (repeatable), e.g. train.steps=100")
-    bench = sub.add_parser("bench", help="run tools/bench/NAME.py (its own options follow; --help lists them)",
+    bench = sub.add_parser("bench", help="run benchmark NAME (mmfm/bench; its own options follow, --help lists them)",
                            add_help=False)
     bench.add_argument("name", nargs="?", default="", help="benchmark name")
     from mmfm.data.commands import add_data_parser
@@ -168,10 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
-        if not args.name or args.name.startswith("-"):
-            print(f"usage: mmfm bench NAME [options]; available: {', '.join(available_benchmarks()) or 'none'}",
-                  file=sys.stderr)
-            return 2
         return cmd_bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -1,10 +1,19 @@
 """Typed configs from YAML: dataclasses filled field by field, with errors that name the file
 and the field (`configs/x.yaml: model.levels: expected list[int], got 'abc'`), so a typo never
 silently falls back to a default. Shared by tokenizer, model and training configs.
+
+Paths inside a config: a field that names another config file (a pretrain config's `model` and
+`deepspeed`, say) is relative to the folder of the config that names it, so a recipe and the
+files it names move together and work from any working directory; absolute paths are kept.
+Data and output locations (`data.shards`, `train.out`, a `decoder` export) are the user's
+workspace and stay relative to the working directory, as on the command line, and so do
+overrides given on the command line. The configs shipped with mmfm (configs/ in the checkout,
+mmfm/configs in an installed package) are found with `packaged_config`.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 
 
@@ -74,8 +83,40 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-def read_sections(path, sections: tuple[str, ...]) -> dict:
-    """The top-level mapping of YAML file `path`, whose keys must be among `sections`."""
+def packaged_config(name: str = "") -> str:
+    """The path of a config shipped with mmfm, e.g. packaged_config("models/small.yaml"); "" gives
+    the folder. An installed wheel carries them as mmfm/configs (setup.py copies them in); a
+    source checkout or editable install reads configs/ beside the package."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(package, "configs"), os.path.join(os.path.dirname(package), "configs")):
+        if os.path.isdir(folder):
+            return os.path.join(folder, name) if name else folder
+    raise ConfigError(f"mmfm's configs are missing: neither {package}/configs (installed) nor "
+                      f"{os.path.dirname(package)}/configs (source checkout) exists; reinstall mmfm")
+
+
+def relative_to_config(value, path):
+    """A file named in config `path` (a string that is not absolute) as a path from the config's
+    folder; anything else unchanged."""
+    if isinstance(value, str) and value and not os.path.isabs(value):
+        return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(str(path))), value))
+    return value
+
+
+def _resolve_file_fields(raw: dict, path: str, files: tuple[str, ...]) -> None:
+    for dotted in files:
+        *parents, last = dotted.split(".")
+        d = raw
+        for k in parents:
+            d = d.get(k) if isinstance(d, dict) else None
+        if isinstance(d, dict) and last in d:
+            d[last] = relative_to_config(d[last], path)
+
+
+def read_sections(path, sections: tuple[str, ...], files: tuple[str, ...] = ()) -> dict:
+    """The top-level mapping of YAML file `path`, whose keys must be among `sections`. `files`:
+    the fields (dotted, e.g. "train.deepspeed") that name other files; their relative paths are
+    resolved against the config's folder here, before any command-line override is applied."""
     import yaml
 
     path = str(path)
@@ -93,4 +134,5 @@ def read_sections(path, sections: tuple[str, ...]) -> dict:
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"{path}: {unknown[0]}: unknown top-level field; expected {', '.join(sections)}")
+    _resolve_file_fields(raw, path, files)
     return raw

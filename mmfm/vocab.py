@@ -18,15 +18,18 @@ A multimodal sample is an ordered list of segments (modality, local token ids), 
 with the image ids shifted into the image range, plus a parallel sequence of modality ids
 (`modality_index`: 0 for <pad>/<bos>/<eos>/<mask>, i + 1 for modality i, markers included) that
 the model uses for modality-aware sparsity and per-modality losses. `decode_sample` inverts it.
+`modality_table()` is the same map for every id at once, the one table that training, the decode
+loop, speculative and masked decoding index with the token ids.
 The vocabulary is saved as JSON beside the tokenizers, so an exported model carries it.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import torch
+
+from mmfm.jsonio import write_json
 
 FORMAT_VERSION = 1
 BASE_SPECIALS = ("<pad>", "<bos>", "<eos>", "<mask>")
@@ -73,6 +76,7 @@ class Vocab:
         self.size = start + len(names)
         # modality index: 0 = special, i + 1 = i-th modality
         self.modality_names = [SPECIAL_MODALITY] + list(self.ranges)
+        self._modality_tables: dict[torch.device, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ lookups
     def __len__(self) -> int:
@@ -156,6 +160,22 @@ class Vocab:
                 return r.name
         raise AssertionError("unreachable: ranges cover [0, special_start)")
 
+    def modality_table(self, device=None) -> torch.Tensor:
+        """int64 [size]: the modality index of every id (0 for <pad> <bos> <eos> <mask>, i + 1 for the
+        i-th modality's range and its <begin_M> <end_M> markers), so `table[ids]` is what
+        encode_sample returns as modality ids. One tensor per device, built on first use and shared
+        by every caller: treat it as read-only."""
+        device = torch.device("cpu" if device is None else device)
+        table = self._modality_tables.get(device)
+        if table is None:
+            table = torch.zeros(self.size, dtype=torch.long)
+            for name, r in self.ranges.items():
+                i = self.modality_index(name)
+                table[r.start:r.stop] = i
+                table[[self.begin_id(name), self.end_id(name)]] = i
+            table = self._modality_tables[device] = table.to(device)
+        return table
+
     # ------------------------------------------------------------------ samples
     def encode_sample(self, segments, add_bos_eos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """segments: [(modality, local ids), ...] (or a dict, in its order) -> (ids, modality_ids), 1-D int64."""
@@ -228,10 +248,7 @@ class Vocab:
         return vocab
 
     def save(self, path) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "Vocab":

@@ -1,4 +1,4 @@
-"""mmfm bench train --quick: records for mmfm and hf_llama in the ARCHITECTURE.md format."""
+"""mmfm bench train --quick: records for mmfm and hf_llama in the docs/records.md format."""
 import json
 import os
 import subprocess

@@ -5,7 +5,7 @@ import time
 
 import webdataset as wds
 
-from mmfm.data.demo import build_demo
+from mmfm.data.demo_corpus import build_demo
 from mmfm.data.schema import MODALITIES
 from mmfm.data.verify import verify_shards
 

@@ -106,3 +106,45 @@ finetune: {{method: lora, lora_rank: 4, lora_alpha: 8.0, lora_targets: [q_proj, 
     # only the targeted projections changed
     changed = {k for k, t in merged.state_dict().items() if not torch.equal(t, load(src).state_dict()[k])}
     assert changed and all(any(t in k for t in ("q_proj", "v_proj", "up_proj")) for k in changed)
+
+
+def test_finetune_config_is_merged_as_objects(tmp_path):
+    """build_config: the source's ModelConfig object, init_from, no_loss and the typed finetune section
+    come from --from / --modality, never from re-parsed override strings; errors name the field."""
+    import argparse
+    import dataclasses
+
+    from mmfm.export import write_folder
+    from mmfm.train.config import FinetuneSection
+    from mmfm.train.finetune import build_config
+    from mmfm.typed_config import ConfigError
+    from mmfm.vocab import Vocab
+
+    v = Vocab(64, {"image": 32, "audio": 32})
+    v.save(tmp_path / "vocab.json")
+    cfg, model = _tiny(v.size)
+    cfg.max_seq_len = 96                     # a field the file could not know: it must come from the source
+    src = write_folder(model.state_dict(), cfg, str(tmp_path / "src"), str(tmp_path / "vocab.json"))
+    ft = tmp_path / "ft.yaml"
+    ft.write_text(f"""model: {{dim: 8}}
+data: {{shards: x, vocab: "{tmp_path}/vocab.json", seq_len: 64}}
+objective: {{kind: ar}}
+finetune: {{method: full, freeze: shared}}
+""")
+    args = argparse.Namespace(source=src, modality="image", config=str(ft), overrides=["train.steps=3"])
+    run_cfg, f = build_config(args)
+    assert run_cfg.model == cfg                                    # the source's model; the file's is ignored
+    assert isinstance(f, FinetuneSection) and f is run_cfg.finetune
+    assert dataclasses.asdict(f) == {**dataclasses.asdict(FinetuneSection(method="full", freeze="shared")),
+                                     "modality": "image", "source": os.path.abspath(src)}
+    assert run_cfg.train.init_from == os.path.abspath(src) and run_cfg.train.steps == 3
+    assert set(run_cfg.objective.no_loss) == set(v.modality_names) - {"image"}
+    assert run_cfg.to_dict()["finetune"]["modality"] == "image"
+    with pytest.raises(ConfigError, match=r"ft.yaml: override 'model.dim=4'"):
+        build_config(argparse.Namespace(**{**vars(args), "overrides": ["model.dim=4"]}))
+    with pytest.raises(ConfigError, match=r"ft.yaml: finetune.lora_rnk: unknown field"):
+        build_config(argparse.Namespace(**{**vars(args), "overrides": ["finetune.lora_rnk=2"]}))
+    with pytest.raises(ConfigError, match=r"ft.yaml: finetune.freeze: expected none, shared"):
+        build_config(argparse.Namespace(**{**vars(args), "overrides": ["finetune.freeze=all"]}))
+    with pytest.raises(ConfigError, match=r"--modality 'smell'"):
+        build_config(argparse.Namespace(**{**vars(args), "modality": "smell"}))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmfm.generate import Constraints, SamplingConfig, Target, decode, generate, modality_table
+from mmfm.generate import Bundle, Constraints, SamplingConfig, Target, decode, generate
 from mmfm.generate.outputs import output_path, read_output, write_output
 from mmfm.models import ModelConfig, Transformer
 from mmfm.vocab import Vocab
@@ -58,7 +58,7 @@ def greedy_recompute(model, prompt, target, vocab=VOCAB, table=None):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_cached_greedy_equals_recomputed_greedy(sparse):
     model = tiny_model(modality_sparse=sparse, num_modalities=len(VOCAB.modality_names) if sparse else 0)
-    table = modality_table(VOCAB) if sparse else None
+    table = VOCAB.modality_table() if sparse else None
     got = decode(model, prompts_for(), Constraints(VOCAB, TARGETS), SamplingConfig(temperature=0), pad_id=VOCAB.pad_id,
                  mod_table=table)
     for p, t, g in zip(prompts_for(), TARGETS, got):
@@ -260,10 +260,11 @@ EXTS = {"text": [".txt"], "image": [".png"], "video": [".gif"], "audio": [".wav"
 def test_every_modality_is_generated_written_and_read_back(export_dir, tmp_path):
     import mmfm
 
+    bundle = mmfm.Bundle.load(export_dir)
     shapes = {"image": (3, 16, 16), "video": (5, 3, 16, 16), "shape3d": (64, 3), "physics": (2, 1, 16, 16)}
     for m in ("text", "image", "video", "audio", "shape3d", "physics"):
-        s = mmfm.generate(export_dir, "a red circle", to=m, out=str(tmp_path / f"sample_{m}"), top_k=20,
-                          temperature=0.9, cfg_scale=2.0 if m == "image" else 1.0)[0]
+        s = bundle.generate("a red circle", to=m, out=str(tmp_path / f"sample_{m}"),
+                            cfg_scale=2.0 if m == "image" else 1.0, sampling=SamplingConfig(top_k=20, temperature=0.9))[0]
         assert [os.path.splitext(p)[1] for p in s.paths] == EXTS[m]
         value = read_output(s.paths[0], m)
         if m == "text":
@@ -296,18 +297,25 @@ def test_cli(export_dir, tmp_path):
 
 
 def test_python_api_batch_and_determinism(export_dir, tmp_path):
-    import mmfm
-
-    a = mmfm.generate(export_dir, ["a red circle", "the blue"], to="image", out=str(tmp_path / "img"), seed=5,
-                      temperature=1.0)
-    b = mmfm.generate(export_dir, ["a red circle", "the blue"], to="image", seed=5, temperature=1.0)
+    # the one-call function with flat sampling keywords and the Bundle with a SamplingConfig agree
+    a = generate(export_dir, ["a red circle", "the blue"], to="image", out=str(tmp_path / "img"), seed=5,
+                 temperature=1.0, top_k=30)
+    bundle = Bundle.load(export_dir)
+    b = bundle.generate(["a red circle", "the blue"], to="image", seed=5,
+                        sampling=SamplingConfig(temperature=1.0, top_k=30))
     assert [s.paths[0] for s in a] == [str(tmp_path / "img-0.png"), str(tmp_path / "img-1.png")]
     assert all(torch.equal(x.tokens, y.tokens) for x, y in zip(a, b))
     assert all(s.tokens.numel() == 16 and s.value.shape == (3, 16, 16) for s in a)
-    t = mmfm.generate(export_dir, "a small", to="text", max_new_tokens=7, temperature=0)
+    c = bundle.generate(["a red circle", "the blue"], to="image", seed=6, sampling=SamplingConfig(temperature=1.0))
+    assert any(not torch.equal(x.tokens, y.tokens) for x, y in zip(a, c))
+    t = bundle.generate("a small", to="text", max_new_tokens=7, sampling=SamplingConfig(temperature=0))
     assert isinstance(t[0].value, str) and t[0].tokens.numel() <= 7
     with pytest.raises(ValueError, match="'to'"):
-        mmfm.generate(export_dir, "x", to="smell")
+        bundle.generate("x", to="smell")
+    with pytest.raises(TypeError, match="'sampling'"):
+        bundle.generate("x", sampling={"temperature": 0})
+    with pytest.raises(ValueError, match="not both"):
+        generate(bundle, "x", sampling=SamplingConfig(), top_k=3)
 
 
 def test_bench_generate_quick_writes_records(tmp_path):
@@ -325,7 +333,7 @@ def test_bench_generate_quick_writes_records(tmp_path):
 
 
 def test_speculative_api_greedy_equals_plain_greedy(export_dir):
-    """mmfm.generate(..., speculative=...) is lossless: at temperature 0 it returns plain greedy text."""
+    """generate(..., speculative=...) is lossless: at temperature 0 it returns plain greedy text."""
     from mmfm.generate import generate
 
     plain = generate(export_dir, ["a red", "the"], "text", max_new_tokens=12, temperature=0.0)
@@ -388,3 +396,117 @@ def test_cli_with_coprocessor_folder(export_dir, tmp_path):
                         "--to", "text", "--coprocessor", str(tmp_path / "missing")],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
     assert q.returncode == 2 and "missing" in q.stderr
+
+
+# ------------------------------------------------------------ one modality table for every user
+def test_every_decoder_feeds_a_sparse_model_the_vocab_modality_table(export_dir):
+    """A Mixture-of-Transformers model picks its weights by modality id, so every decoder must give
+    it vocab.modality_table()[ids]: the plain loop (text and a modality segment), both speculative
+    decoders, MaskGIT / ReCAP and the cache-augmentation prefill. A hook on the model's forward
+    records what each one passes."""
+    from mmfm.cacheaug import prefill
+    from mmfm.generate.masked import maskgit_decode, recap_decode
+    from mmfm.generate.speculative import draft_model_generate, token_recycling_generate
+    from mmfm.models import KVCache
+
+    base = Bundle.load(export_dir)
+    vocab = base.vocab
+    sparse = tiny_model(vocab, modality_sparse=True, num_modalities=len(vocab.modality_names))
+    bundle = Bundle(sparse, vocab, base.tokenizers)
+    table = vocab.modality_table()
+    seen = []
+
+    def check(module, args, kwargs):
+        ids = args[0]
+        mods = args[1] if len(args) > 1 else kwargs.get("modality_ids")
+        seen.append(mods is not None and torch.equal(mods, table[ids]))
+
+    sparse.register_forward_pre_hook(check, with_kwargs=True)
+    calls = {}
+
+    def run(name, fn):
+        n = len(seen)
+        fn()
+        calls[name] = len(seen) - n
+
+    greedy = SamplingConfig(temperature=0)
+    run("text", lambda: bundle.generate(["a red", "the"], "text", max_new_tokens=6, sampling=greedy))
+    run("image", lambda: bundle.generate("a red circle", "image", cfg_scale=2.0))
+    run("speculative", lambda: bundle.generate("a red", "text", max_new_tokens=6, sampling=greedy,
+                                               speculative="token_recycling"))
+    prompt = torch.tensor([vocab.bos_id, vocab.begin_id("text"), 5, 6, 7])
+    run("draft", lambda: draft_model_generate(sparse, sparse, prompt, max_new_tokens=5, temperature=0,
+                                              modality_table=table))
+    r = vocab.ranges["image"]
+    pre = torch.tensor([vocab.bos_id, vocab.begin_id("image")])
+    masked = dict(mask_id=vocab.mask_id, allowed_range=(r.start, r.stop), seed=0, modality_table=table)
+    run("maskgit", lambda: maskgit_decode(sparse, pre, 8, steps=3, **masked))
+    run("recap", lambda: recap_decode(sparse, pre, 8, steps=4, full_every=2, **masked))
+    run("cacheaug", lambda: prefill(sparse, [prompt], KVCache.for_model(sparse, 1, capacity=8), table=table))
+    assert all(calls.values()), calls
+    assert all(seen), f"{seen.count(False)} of {len(seen)} forward calls got other modality ids ({calls})"
+
+    # without the table each decoder says which argument is missing
+    with pytest.raises(ValueError, match="'mod_table'"):
+        decode(sparse, [prompt], None, max_new_tokens=2)
+    with pytest.raises(ValueError, match="'modality_table'"):
+        token_recycling_generate(sparse, prompt, max_new_tokens=2)
+    with pytest.raises(ValueError, match="'modality_table'"):
+        maskgit_decode(sparse, pre, 4, mask_id=vocab.mask_id, steps=2)
+
+
+# ------------------------------------------------------------------ SamplingConfig and its flags
+def _sampling_flag_values():
+    """A value other than the default for every SamplingConfig field, as CLI words and as the field."""
+    import dataclasses
+
+    values = {f.name: (7 if f.type in (int, "int") else f.default + 0.25) for f in dataclasses.fields(SamplingConfig)}
+    words = [w for k, v in values.items() for w in ("--" + k.replace("_", "-"), str(v))]
+    return values, words
+
+
+def test_every_sampling_field_is_a_flag(capsys):
+    import dataclasses
+
+    from mmfm.cli import build_parser
+    from mmfm.generate.commands import sampling_from_args
+    from mmfm.ops.sampling import PARAM_DEFAULTS, PARAM_NAMES
+
+    # the config holds every parameter of the fused sampler, with the sampler's defaults
+    fields = dataclasses.fields(SamplingConfig)
+    assert tuple(f.name for f in fields) == PARAM_NAMES
+    assert tuple(f.default for f in fields) == PARAM_DEFAULTS
+    assert all(f.metadata.get("help") for f in fields)
+    parser = build_parser()
+    base = ["generate", "--model", "m", "--to", "text"]
+    assert sampling_from_args(parser.parse_args(base)) == SamplingConfig()
+    values, words = _sampling_flag_values()
+    got = sampling_from_args(parser.parse_args(base + words))
+    assert got == SamplingConfig(**values) and got != SamplingConfig()
+    assert type(got.top_k) is int and type(got.frequency_penalty) is float
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines at the terminal's width
+    for f in fields:   # each flag with its field's help
+        assert f"--{f.name.replace('_', '-')} {f.name.upper()}" in text and f.metadata["help"][:20] in text
+
+
+@pytest.mark.parametrize("flag", ["frequency_penalty", "presence_penalty", "repetition_penalty"])
+def test_a_penalty_flag_reaches_the_sampler(export_dir, flag, capsys):
+    """Greedy text from the tiny model repeats tokens; a large penalty on seen tokens forbids every
+    repeat. The command's output is the Python API's with the same field, not the plain one's."""
+    from mmfm.cli import main
+
+    bundle = Bundle.load(export_dir)
+    strength = 100.0 if flag != "repetition_penalty" else 1e6
+    plain = bundle.generate("a red circle", "text", max_new_tokens=24, sampling=SamplingConfig(temperature=0))[0]
+    pen = bundle.generate("a red circle", "text", max_new_tokens=24,
+                          sampling=SamplingConfig(temperature=0, **{flag: strength}))[0]
+    assert len(set(plain.tokens.tolist())) < plain.tokens.numel()          # the plain output repeats
+    if flag != "repetition_penalty":   # subtracting 100 always loses; dividing only shrinks positive logits
+        assert len(set(pen.tokens.tolist())) == pen.tokens.numel()
+    assert pen.value != plain.value
+    rc = main(["generate", "--model", export_dir, "--prompt", "a red circle", "--to", "text", "--max-new-tokens", "24",
+               "--temperature", "0", "--no-progress", "--" + flag.replace("_", "-"), str(strength)])
+    assert rc == 0
+    assert capsys.readouterr().out == pen.value + "\n"

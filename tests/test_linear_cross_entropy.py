@@ -6,7 +6,7 @@ import torch
 
 from mmfm.models import Transformer
 from mmfm.models.config import ModelConfig
-from mmfm.objectives import (ObjectiveConfig, build_objective, loss_and_report, modality_table,
+from mmfm.objectives import (ObjectiveConfig, build_objective, loss_and_report,
                              model_loss_and_report)
 from mmfm.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from mmfm.vocab import Vocab
@@ -83,7 +83,7 @@ def test_model_training_loss_equals_the_logits_path_for_every_objective(sparse, 
     ids = torch.randint(v.size, (3, 40), generator=g)
     valid = torch.ones_like(ids, dtype=torch.bool)
     valid[1, 28:] = False                          # padding: no labels there
-    mods = modality_table(v)[ids]
+    mods = v.modality_table()[ids]
     for kind in ("ar", "masked", "hybrid"):
         obj = build_objective(ObjectiveConfig(kind=kind, loss_weights={"image": 0.5}, no_loss=["special"]), v)
         p = obj.prepare(ids, mods, valid, torch.Generator().manual_seed(1))

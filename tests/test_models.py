@@ -3,7 +3,7 @@ import torch
 
 from mmfm.models import ModelConfig, Transformer, load_model_config
 from mmfm.models.hf import build_hf_llama, from_hf, to_hf
-from mmfm.objectives import ObjectiveConfig, build_objective, loss_and_report, modality_table
+from mmfm.objectives import ObjectiveConfig, build_objective, loss_and_report
 from mmfm.tokenizers.config import ConfigError
 from mmfm.vocab import Vocab
 
@@ -88,7 +88,7 @@ def _batch(vocab):
     segs = [("text", torch.arange(10)), ("image", torch.arange(12) % 16)]
     ids, mods = vocab.encode_sample(segs)
     ids = torch.stack([ids, ids.flip(0)])
-    mods = modality_table(vocab)[ids]
+    mods = vocab.modality_table()[ids]
     return ids, mods, torch.ones_like(ids, dtype=torch.bool)
 
 

@@ -420,7 +420,7 @@ def test_safetensors_round_trip(tmp_path, name, make, shape):
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert meta["mmfm.quantizer"] == type(module).__name__ and json.loads(meta["mmfm.config"]) == module.config
+    assert meta["mmfm.quantizer"] == type(module).registry_name and json.loads(meta["mmfm.config"]) == module.config
 
 
 def test_load_rejects_foreign_files(tmp_path):

@@ -183,14 +183,14 @@ def test_document_mask_keeps_each_packed_sample_to_itself():
 
     from mmfm.models import Transformer
     from mmfm.models.config import ModelConfig
-    from mmfm.objectives import ObjectiveConfig, build_objective, modality_table
+    from mmfm.objectives import ObjectiveConfig, build_objective
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=128,
                                     vocab_size=VOCAB.size)).eval()
     rng = np.random.default_rng(0)
     a, b, a2 = sample_ids("image", 0, rng), sample_ids("image", 1, rng), sample_ids("video", 2, rng)
-    table = modality_table(VOCAB)
+    table = VOCAB.modality_table()
 
     def logits_of_b(first, doc_mask):
         ids = torch.tensor(np.concatenate([first, b]))[None]

@@ -50,8 +50,8 @@ def test_train_resume_then_eval(tmp_path, capsys):
 tokenizer: image_1d
 model: {{image_size: 16, patch_size: 4, width: 16, depth: 1, heads: 2, num_tokens: 4, latent_dim: 3, fsq_levels: [5, 5, 5]}}
 data: {{shards: "{shards}", modality: image, holdout_fraction: 0.2}}
-train: {{out: "{out}", steps: 6, batch_size: 8, lr: 0.003, warmup_steps: 2, min_lr_ratio: 0.1, log_every: 2,
-         checkpoint_every: 3, keep_last: 1}}
+optim: {{lr: 0.003, warmup_steps: 2, min_lr_ratio: 0.1}}
+train: {{out: "{out}", steps: 6, batch_size: 8, log_every: 2, checkpoint_every: 3, keep_last: 1}}
 """
     full_cfg, full = _config(tmp_path, "full", shards, body)
     part_cfg, part = _config(tmp_path, "part", shards, body)
@@ -91,3 +91,30 @@ def test_bad_config_is_reported_with_file_and_field(tmp_path, capsys):
     cfg.write_text("tokenizer: image_conv\nmodel: {imagesize: 3}\n")
     assert main(["tokenizer", "train", "--config", str(cfg)]) == 2
     assert "bad.yaml: model.imagesize: unknown field" in capsys.readouterr().err
+
+
+def test_engine_spec_is_the_shared_typed_sections(tmp_path):
+    """A tokenizer file's optim/deepspeed sections are pretraining's types; its global batch is split
+    over the ranks into the shared TrainSection the Trainer reads."""
+    import pytest
+
+    from mmfm.tokenizers.config import load_config
+    from mmfm.tokenizers.train import engine_spec
+    from mmfm.train.config import OptimSection, TrainSection
+    from mmfm.typed_config import ConfigError
+
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 1}}')
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"tokenizer: image_conv\ndeepspeed: {ds}\noptim: {{lr: 0.01, clip: 0.5}}\n"
+                   "train: {steps: 9, batch_size: 12, keep_last: 3}\n")
+    spec = engine_spec(load_config(cfg), world=3, steps=7, progress=False)
+    assert isinstance(spec.optim, OptimSection) and isinstance(spec.train, TrainSection)
+    assert (spec.optim.lr, spec.optim.clip, spec.optim.beta2, spec.optim.min_lr_ratio) == (0.01, 0.5, 0.999, 1.0)
+    assert (spec.train.micro_batch, spec.train.grad_accum, spec.train.steps, spec.train.keep_last) == (4, 1, 7, 3)
+    assert spec.deepspeed == {"zero_optimization": {"stage": 1}} and spec.deepspeed_path == str(ds)
+    with pytest.raises(ConfigError, match=r"t.yaml: train.batch_size: 12 is not divisible by the 5 ranks"):
+        engine_spec(load_config(cfg), world=5, steps=7)
+    cfg.write_text("tokenizer: image_conv\ndeepspeed: /nope.json\n")
+    with pytest.raises(ConfigError, match=r"t.yaml: deepspeed: cannot read /nope.json"):
+        load_config(cfg)

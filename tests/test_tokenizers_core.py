@@ -36,9 +36,19 @@ def test_config_errors_name_the_file_and_field(tmp_path):
     p = write(tmp_path, "tokenizer: image_conv\nmodel: {quantizer: fsq, latent_dim: 3, fsq_levels: [8, 5]}\n")
     with pytest.raises(ConfigError, match=r"model\.fsq_levels: FSQ needs one level per latent channel"):
         load_config(p)
-    p = write(tmp_path, "tokenizer: image_conv\nmodel: {image_size: 32}\ntrain: {steps: 3, lr: 1}\n")
+    p = write(tmp_path, "tokenizer: image_conv\ntrain: {steps: 3, lr: 1}\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: train\.lr: unknown field"):   # the optimizer is optim:
+        load_config(p)
+    p = write(tmp_path, "tokenizer: image_conv\noptim: {lr: fast}\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: optim\.lr: expected a number"):
+        load_config(p)
+    p = write(tmp_path, "tokenizer: image_conv\nmodel: {image_size: 32}\noptim: {lr: 1, warmup_steps: 4}\n"
+                        "train: {steps: 3}\n")
     cfg = load_config(p)
-    assert cfg.model.image_size == 32 and cfg.train.steps == 3 and cfg.train.lr == 1.0
+    assert cfg.model.image_size == 32 and cfg.train.steps == 3 and cfg.optim.lr == 1.0
+    # fields the file leaves out are the tokenizers' defaults, not pretraining's
+    assert (cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.weight_decay, cfg.optim.beta2) == (4, 1.0, 0.0,
+                                                                                                          0.999)
 
 
 def test_every_shipped_config_parses():

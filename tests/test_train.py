@@ -44,6 +44,11 @@ def _run(args, timeout=300, env=None, check=True):
     return p
 
 
+def _faulty(faults: list[str], args: list[str]) -> list[str]:
+    """`mmfm <args>` run through tests/train_fault_run.py with fault-injection hooks."""
+    return [sys.executable, "tests/train_fault_run.py", *faults, "--", *args]
+
+
 def _losses(path):
     return {int(k): v for k, v in json.load(open(path)).items()}
 
@@ -88,11 +93,12 @@ def _metrics(out):
 
 def test_sigkill_resume_and_interrupted_save_give_identical_losses(corpus):
     d, cfg = corpus
-    base = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(cfg), "train.steps=6"]
+    args = ["pretrain", "--config", str(cfg), "train.steps=6"]
+    base = [sys.executable, "-m", "mmfm.cli", *args]
     _run(base + [f"train.out={d}/ref"])
     ref = {r["step"]: r["loss"] for r in _metrics(d / "ref")}
     # SIGKILL after step 5 (last checkpoint: step 4), then resume
-    p = _run(base + [f"train.out={d}/killed"], env={**ENV, "MMFM_FAULT_KILL_AT_STEP": "5"}, check=False)
+    p = _run(_faulty(["--kill-at", "5"], args + [f"train.out={d}/killed"]), check=False)
     assert p.returncode == -9
     assert open(d / "killed/checkpoints/latest").read() == "step_00000004"
     _run(base + [f"train.out={d}/killed"])
@@ -100,7 +106,7 @@ def test_sigkill_resume_and_interrupted_save_give_identical_losses(corpus):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 5, 6]
     assert {r["step"]: r["loss"] for r in rows} == ref          # exact: resumed losses equal uninterrupted
     # killed while writing the step-4 checkpoint: step 2 stays the latest and loads
-    p = _run(base + [f"train.out={d}/torn"], env={**ENV, "MMFM_FAULT_KILL_IN_SAVE": "4"}, check=False)
+    p = _run(_faulty(["--kill-in-save", "4"], args + [f"train.out={d}/torn"]), check=False)
     assert p.returncode == -9
     assert open(d / "torn/checkpoints/latest").read() == "step_00000002"
     p = _run(base + [f"train.out={d}/torn"])
@@ -117,12 +123,11 @@ def test_sigkill_resume_and_interrupted_save_give_identical_losses(corpus):
 
 def test_nan_steps_are_skipped_then_the_run_stops(corpus):
     d, cfg = corpus
-    base = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(cfg), "train.checkpoint_every=0",
-            "train.max_bad_steps=2"]
-    _run(base + [f"train.out={d}/nan1"], env={**ENV, "MMFM_FAULT_NAN_STEPS": "3"})
+    args = ["pretrain", "--config", str(cfg), "train.checkpoint_every=0", "train.max_bad_steps=2"]
+    _run(_faulty(["--nan-steps", "3"], args + [f"train.out={d}/nan1"]))
     rows = _metrics(d / "nan1")
     assert rows[2]["skipped_steps"] == 1 and rows[2]["lr"] == 0.0 and rows[-1]["skipped_steps"] == 1
-    p = _run(base + [f"train.out={d}/nan2"], env={**ENV, "MMFM_FAULT_NAN_STEPS": "2,3"}, check=False)
+    p = _run(_faulty(["--nan-steps", "2,3"], args + [f"train.out={d}/nan2"]), check=False)
     assert p.returncode == 3 and "consecutive steps had a non-finite loss" in p.stderr
 
 

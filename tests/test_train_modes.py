@@ -36,10 +36,9 @@ def runs(tmp_path_factory):
     tiny, tiny_mot = f"model={REPO}/configs/models/tiny.yaml", f"model={REPO}/configs/models/tiny_mot.yaml"
     offload = common + [tiny, "train.checkpoint_every=2", "train.grad_accum=2"]
     # the offload + bf16 run killed after step 5 (newest checkpoint: step 4); resumed by the driver
-    killed = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", f"{REPO}/configs/pretrain/offload_bf16.yaml",
-              *offload, f"train.out={d}/offload_killed"]
-    p = subprocess.run(killed, cwd=REPO, env={**ENV, "MMFM_FAULT_KILL_AT_STEP": "5"}, capture_output=True,
-                       text=True, timeout=900)
+    killed = [sys.executable, "tests/train_fault_run.py", "--kill-at", "5", "--", "pretrain", "--config",
+              f"{REPO}/configs/pretrain/offload_bf16.yaml", *offload, f"train.out={d}/offload_killed"]
+    p = subprocess.run(killed, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert p.returncode == -9, p.stderr[-3000:]
     spec = [
         {"name": "offload_bf16", "config": f"{REPO}/configs/pretrain/offload_bf16.yaml",

@@ -36,6 +36,39 @@ def test_every_modality_maps_and_inverts(modality):
     assert torch.equal(v.to_local(modality, g), local)
 
 
+def test_modality_table_maps_every_id():
+    """table[i] for every id: 0 for the four base specials, i + 1 for the i-th modality's whole
+    range and its two markers; the same map as encode_sample's modality ids."""
+    v = make_vocab()
+    table = v.modality_table()
+    assert table.dtype == torch.int64 and table.shape == (v.size,)
+    want = torch.full((v.size,), -1, dtype=torch.long)
+    for name in ("<pad>", "<bos>", "<eos>", "<mask>"):
+        want[v.special_tokens[name]] = 0
+    for i, m in enumerate(["text", *MODALITIES], start=1):
+        r = v.ranges[m]
+        want[r.start:r.stop] = i
+        want[v.special_tokens[f"<begin_{m}>"]] = want[v.special_tokens[f"<end_{m}>"]] = i
+    assert int(want.min()) == 0   # every id was given a modality above
+    assert torch.equal(table, want)
+    # the range boundaries one by one (an off-by-one at a start or stop would show here)
+    for m, r in v.ranges.items():
+        assert v.modality_names[int(table[r.start])] == m == v.modality_names[int(table[r.stop - 1])]
+        if r.start:
+            assert int(table[r.start - 1]) == v.modality_index(m) - 1
+    g = torch.Generator().manual_seed(0)
+    segments = [(m, torch.randint(0, v.ranges[m].size, (5,), generator=g)) for m in ("image", "text", "physics")]
+    ids, mods = v.encode_sample(segments)
+    assert torch.equal(table[ids], mods)
+
+
+def test_modality_table_is_one_cached_tensor_per_device():
+    v = make_vocab()
+    t = v.modality_table()
+    assert v.modality_table() is t and v.modality_table("cpu") is t and v.modality_table(torch.device("cpu")) is t
+    assert v.modality_table() is not make_vocab().modality_table()   # per vocabulary, not global
+
+
 def test_encode_decode_sample_round_trip():
     v = make_vocab()
     segments = [("text", torch.tensor([5, 6, 7])), ("image", torch.tensor([0, 4095, 3])),

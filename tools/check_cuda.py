@@ -51,7 +51,7 @@ def cuda_sources() -> list[str]:
 
 
 def nvcc_command(nvcc: str, src: str, obj: str, archs: list[str]) -> list[str]:
-    cmd = [nvcc, "-std=c++17", "-O3", "-I", CSRC, "-DMMFM_WITH_CUDA=1"]
+    cmd = [nvcc, "-std=c++17", "-O3", "-I", CSRC]
     for a in archs:
         cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     # Warnings are errors on both sides: the host compiler's and nvcc's own (device code).

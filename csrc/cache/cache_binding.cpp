@@ -8,33 +8,17 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
-#ifdef MMFM_WITH_CUDA
-// c10's stream and guard headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS,
-// cuSPARSE and cuSOLVER headers this file does not need).
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include <cstdint>
 #include <optional>
 #include <vector>
 
 #include "cache/cache_kernels.h"
+#include "common/binding.h"
 #include "common/checks.h"
 
 namespace mmfm {
 namespace cache {
 namespace {
-
-#ifdef MMFM_WITH_CUDA
-void cuda_ok(int code, const char* op) {
-  TORCH_CHECK(code == 0, "mmfm.", op, ": CUDA kernel failed: ", cuda_error_string(code));
-}
-void* stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
-#define MMFM_DEVICE_GUARD(t) const c10::cuda::OptionalCUDAGuard guard_(t.device())
-#else
-#define MMFM_DEVICE_GUARD(t) (void)0
-#endif
 
 CacheDims check_cache(const at::Tensor& cache, const char* op) {
   check_float(cache, op, "cache", /*allow_half=*/true);
@@ -135,7 +119,7 @@ void kv_append(const at::Tensor& cache, const at::Tensor& new_, const at::Tensor
 #ifdef MMFM_WITH_CUDA
   if (cache.is_cuda()) {
     cuda_ok(kv_append_cuda(cache.data_ptr(), c, src, starts.data_ptr<int64_t>(), cp,
-                           vec_bytes(c, cache.data_ptr(), src.data, &src), status, stream()),
+                           vec_bytes(c, cache.data_ptr(), src.data, &src), status, cuda_stream()),
             op);
   } else
 #endif
@@ -170,7 +154,7 @@ void kv_insert(const at::Tensor& cache, const at::Tensor& lengths_, const at::Te
 #ifdef MMFM_WITH_CUDA
   if (cache.is_cuda()) {
     cuda_ok(kv_insert_cuda(cache.data_ptr(), c, src, lengths.data_ptr<int64_t>(), at.data_ptr<int64_t>(),
-                           vec_bytes(c, cache.data_ptr(), src.data, &src), status, stream()),
+                           vec_bytes(c, cache.data_ptr(), src.data, &src), status, cuda_stream()),
             op);
   } else
 #endif
@@ -208,7 +192,7 @@ at::Tensor kv_gather_rows(const at::Tensor& cache, const at::Tensor& rows_) {
 #ifdef MMFM_WITH_CUDA
   if (cache.is_cuda()) {
     cuda_ok(kv_gather_rows_cuda(cache.data_ptr(), c, rows.data_ptr<int64_t>(), R, out.data_ptr(),
-                                vec_bytes(c, cache.data_ptr(), out.data_ptr(), nullptr), status, stream()),
+                                vec_bytes(c, cache.data_ptr(), out.data_ptr(), nullptr), status, cuda_stream()),
             op);
   } else
 #endif
@@ -231,7 +215,4 @@ void register_impls(torch::Library& m) {
 }  // namespace cache
 }  // namespace mmfm
 
-TORCH_LIBRARY_IMPL(mmfm, CPU, m) { mmfm::cache::register_impls(m); }
-#ifdef MMFM_WITH_CUDA
-TORCH_LIBRARY_IMPL(mmfm, CUDA, m) { mmfm::cache::register_impls(m); }
-#endif
+MMFM_REGISTER_CPU_AND_CUDA(mmfm::cache::register_impls)

@@ -73,7 +73,6 @@ int64_t kv_insert_cpu(void* cache, const CacheDims& c, const Source& entries, co
 int64_t kv_gather_rows_cpu(const void* cache, const CacheDims& c, const int64_t* rows, int64_t R, void* out,
                            int32_t* status);
 
-#ifdef MMFM_WITH_CUDA
 // `status` is device memory of B + 1 (gather: R + 1) int32. `vec_bytes` (2, 4, 8 or 16) is the
 // widest access that divides row_bytes, every source stride and every base address; the
 // binding computes it (vec_bytes_for).
@@ -83,8 +82,6 @@ int kv_insert_cuda(void* cache, const CacheDims& c, const Source& entries, const
                    int vec_bytes, int32_t* status, void* stream);
 int kv_gather_rows_cuda(const void* cache, const CacheDims& c, const int64_t* rows, int64_t R, void* out,
                         int vec_bytes, int32_t* status, void* stream);
-const char* cuda_error_string(int code);
-#endif
 
 // The widest access size in {16, 8, 4, 2, 1} bytes dividing every value given (sizes, strides
 // and addresses as integers).

@@ -121,7 +121,5 @@ int kv_gather_rows_cuda(const void* cache, const CacheDims& c, const int64_t* ro
   return static_cast<int>(cudaGetLastError());
 }
 
-const char* cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
-
 }  // namespace cache
 }  // namespace mmfm

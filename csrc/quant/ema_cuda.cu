@@ -17,10 +17,6 @@
 // reduction in one block with a fixed assignment of codes to threads and a fixed tree, so
 // n is deterministic; then one thread per (code, d) element for new_sum and the codebook.
 // Divisions use __fdiv_rn so --use_fast_math does not turn them into approximations.
-#ifndef MMFM_WITH_CUDA
-#define MMFM_WITH_CUDA 1
-#endif
-
 #include <cuda_runtime.h>
 #include <cub/device/device_radix_sort.cuh>
 

@@ -10,10 +10,6 @@
 // (a correctly rounded fp32 value in practice), divisions use __fdiv_rn, and rounding is
 // rintf (round half to even, like std::nearbyint and torch.round). Results then match the
 // CPU kernel except where the bounded value lies within an ulp of a rounding boundary.
-#ifndef MMFM_WITH_CUDA
-#define MMFM_WITH_CUDA 1
-#endif
-
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -61,8 +57,7 @@ __global__ void __launch_bounds__(kThreads)
                         int64_t* idx) {
   __shared__ Level lv[kMaxChannels];
   prepare_levels(levels, C, lv);
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
-       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t n = grid_stride_start(); n < N; n += grid_stride_step()) {
     int64_t index = 0;
     for (int64_t c = 0; c < C; ++c) {
       const Level& l = lv[c];
@@ -80,8 +75,7 @@ __global__ void __launch_bounds__(kThreads)
     fsq_indices_to_codes_kernel(const int64_t* idx, const int64_t* levels, int64_t N, int64_t C, float* codes) {
   __shared__ Level lv[kMaxChannels];
   prepare_levels(levels, C, lv);
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
-       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t n = grid_stride_start(); n < N; n += grid_stride_step()) {
     const int64_t i = idx[n];
     for (int64_t c = 0; c < C; ++c) {
       const Level& l = lv[c];
@@ -95,8 +89,7 @@ __global__ void __launch_bounds__(kThreads)
     fsq_codes_to_indices_kernel(const float* codes, const int64_t* levels, int64_t N, int64_t C, int64_t* idx) {
   __shared__ Level lv[kMaxChannels];
   prepare_levels(levels, C, lv);
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
-       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t n = grid_stride_start(); n < N; n += grid_stride_step()) {
     int64_t index = 0;
     for (int64_t c = 0; c < C; ++c) {
       const Level& l = lv[c];
@@ -113,33 +106,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Launches one of the per-row kernels above after the checks they share (C bounds the
+// shared-memory level table).
+template <class... Params, class... Args>
+int launch_rows(void (*kernel)(Params...), int64_t N, int64_t C, void* stream, Args... args) {
+  if (N <= 0) return cudaSuccess;
+  if (C < 1 || C > kMaxChannels) return cudaErrorInvalidValue;
+  kernel<<<blocks_for(N, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args...);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 int fsq_quantize_cuda(const void* z, DType dt, const int64_t* levels, int64_t N, int64_t C, float* codes,
                       int64_t* idx, void* stream) {
-  if (N <= 0) return cudaSuccess;
-  if (C < 1 || C > kMaxChannels) return cudaErrorInvalidValue;
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  fsq_quantize_kernel<<<blocks_for(N, kThreads), kThreads, 0, st>>>(z, dt, levels, N, C, codes, idx);
-  return cudaGetLastError();
+  return launch_rows(fsq_quantize_kernel, N, C, stream, z, dt, levels, N, C, codes, idx);
 }
 
 int fsq_indices_to_codes_cuda(const int64_t* idx, const int64_t* levels, int64_t N, int64_t C, float* codes,
                               void* stream) {
-  if (N <= 0) return cudaSuccess;
-  if (C < 1 || C > kMaxChannels) return cudaErrorInvalidValue;
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  fsq_indices_to_codes_kernel<<<blocks_for(N, kThreads), kThreads, 0, st>>>(idx, levels, N, C, codes);
-  return cudaGetLastError();
+  return launch_rows(fsq_indices_to_codes_kernel, N, C, stream, idx, levels, N, C, codes);
 }
 
 int fsq_codes_to_indices_cuda(const float* codes, const int64_t* levels, int64_t N, int64_t C, int64_t* idx,
                               void* stream) {
-  if (N <= 0) return cudaSuccess;
-  if (C < 1 || C > kMaxChannels) return cudaErrorInvalidValue;
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  fsq_codes_to_indices_kernel<<<blocks_for(N, kThreads), kThreads, 0, st>>>(codes, levels, N, C, idx);
-  return cudaGetLastError();
+  return launch_rows(fsq_codes_to_indices_kernel, N, C, stream, codes, levels, N, C, idx);
 }
 
 }  // namespace quant

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <vector>
 
+#include "quant/quant_common.h"
 #include "quant/quant_kernels.h"
 
 namespace mmfm {
@@ -77,21 +78,13 @@ std::vector<double> mean_bit_probs(const float* z, int64_t N, int64_t d, float t
 
 void lfq_quantize_cpu(const void* z, DType dt, int64_t N, int64_t d, float* codes, int64_t* idx) {
 #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    int64_t index = 0;
-    for (int64_t i = 0; i < d; ++i) {
-      const bool on = load_as_float(z, dt, n * d + i) > 0.f;
-      codes[n * d + i] = on ? 1.f : -1.f;
-      index |= static_cast<int64_t>(on) << i;
-    }
-    idx[n] = index;
-  }
+  for (int64_t n = 0; n < N; ++n) idx[n] = lfq_quantize_row(z, dt, n, d, codes);
 }
 
 void lfq_indices_to_codes_cpu(const int64_t* idx, int64_t N, int64_t d, float* codes) {
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t i = 0; i < d; ++i) codes[n * d + i] = ((idx[n] >> i) & 1) ? 1.f : -1.f;
+    for (int64_t i = 0; i < d; ++i) codes[n * d + i] = lfq_bit_code(idx[n], i);
 }
 
 void lfq_entropy_cpu(const float* z, int64_t N, int64_t d, float tau, bool exact, float* out) {

@@ -30,16 +30,13 @@
 // Numerics: sigmoid, softplus and logs in double (setup.py's --use_fast_math only touches
 // fp32 math), IEEE divisions via __fdiv_rn. Results agree with the CPU kernel to rounding.
 // The workspace (lfq_entropy_workspace_floats) holds the partials; nothing is allocated.
-#ifndef MMFM_WITH_CUDA
-#define MMFM_WITH_CUDA 1
-#endif
-
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "common/cuda_launch.cuh"
 #include "common/dtype.h"
+#include "quant/quant_common.h"
 #include "quant/quant_kernels.h"
 
 namespace mmfm {
@@ -119,25 +116,27 @@ __device__ __forceinline__ float bit_prob(float z, float tau) {
   return static_cast<float>(sigmoid_d(static_cast<double>(logit(z, tau))));
 }
 
-// ---- quantize ---------------------------------------------------------------------------
-__global__ void lfq_quantize_kernel(const void* z, DType dt, int64_t N, int64_t d, float* codes, int64_t* idx) {
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
-       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t index = 0;
-    for (int64_t i = 0; i < d; ++i) {
-      const bool on = load_as_float(z, dt, n * d + i) > 0.f;
-      codes[n * d + i] = on ? 1.f : -1.f;
-      index |= static_cast<int64_t>(on) << i;
-    }
-    idx[n] = index;
+// Adds red[0, T) into red[0] over a fixed tree (deterministic). Every thread of the block
+// calls it after writing its own red[t]; the first barrier publishes those writes.
+template <int T>
+__device__ __forceinline__ void tree_sum(double* red) {
+  const int t = threadIdx.x;
+  __syncthreads();
+  for (int w = T / 2; w > 0; w >>= 1) {
+    if (t < w) red[t] += red[t + w];
+    __syncthreads();
   }
 }
 
+// ---- quantize ---------------------------------------------------------------------------
+__global__ void lfq_quantize_kernel(const void* z, DType dt, int64_t N, int64_t d, float* codes, int64_t* idx) {
+  for (int64_t n = grid_stride_start(); n < N; n += grid_stride_step()) idx[n] = lfq_quantize_row(z, dt, n, d, codes);
+}
+
 __global__ void lfq_indices_to_codes_kernel(const int64_t* idx, int64_t N, int64_t d, float* codes) {
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < N * d;
-       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t k = grid_stride_start(); k < N * d; k += grid_stride_step()) {
     const int64_t n = k / d, i = k % d;
-    codes[k] = ((idx[n] >> i) & 1) ? 1.f : -1.f;
+    codes[k] = lfq_bit_code(idx[n], i);
   }
 }
 
@@ -164,11 +163,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   col[t] = psum;
   red[t] = hsum;
-  __syncthreads();
-  for (int w = kThreads / 2; w > 0; w >>= 1) {
-    if (t < w) red[t] += red[t + w];
-    __syncthreads();
-  }
+  tree_sum<kThreads>(red);
   if (t == 0) sample_part[blockIdx.x] = red[0];
   if (t < d) {
     double s = 0.0;
@@ -190,11 +185,7 @@ __global__ void __launch_bounds__(kFinishThreads)
   double acc = 0.0;
   for (int64_t b = t; b < row_blocks; b += kFinishThreads) acc += sample_part[b];
   red[t] = acc;
-  __syncthreads();
-  for (int w = kFinishThreads / 2; w > 0; w >>= 1) {
-    if (t < w) red[t] += red[t + w];
-    __syncthreads();
-  }
+  tree_sum<kFinishThreads>(red);
   if (t == 0 && out != nullptr) out[0] = static_cast<float>(red[0] * invN);
   __syncthreads();
   if (!exact) {
@@ -214,11 +205,7 @@ __global__ void __launch_bounds__(kFinishThreads)
     acc = 0.0;
     for (int64_t c = t; c < C; c += kFinishThreads) acc += term[c];
     red[t] = acc;
-    __syncthreads();
-    for (int w = kFinishThreads / 2; w > 0; w >>= 1) {
-      if (t < w) red[t] += red[t + w];
-      __syncthreads();
-    }
+    tree_sum<kFinishThreads>(red);
     if (t == 0 && out != nullptr) out[1] = static_cast<float>(red[0]);
   }
 }
@@ -288,8 +275,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void code_mean_kernel(const double* cpart, int64_t chunks, int64_t C, int64_t N, double* a, double* term,
                                  float* w) {
   const float invN = __fdiv_rn(1.f, static_cast<float>(N));
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t c = grid_stride_start(); c < C; c += grid_stride_step()) {
     double s = 0.0;
     for (int64_t b = 0; b < chunks; ++b) s += cpart[b * C + c];
     const double v = s / static_cast<double>(N);
@@ -303,8 +289,7 @@ __global__ void code_mean_kernel(const double* cpart, int64_t chunks, int64_t C,
 __global__ void grad_factorised_kernel(const float* z, int64_t N, int64_t d, float tau, const float* g,
                                        const double* m, bool with_codebook, float* grad) {
   const float g0 = g[0], g1 = g[1], ds_dz = __fdiv_rn(4.f, tau), invN = __fdiv_rn(1.f, static_cast<float>(N));
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < N * d;
-       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t k = grid_stride_start(); k < N * d; k += grid_stride_step()) {
     const float s = logit(z[k], tau);
     const float p = static_cast<float>(sigmoid_d(static_cast<double>(s)));
     float gz = g0 * (-s * p * (1.f - p)) * invN * ds_dz;  // d Hb(sigmoid(s)) / ds = -s p (1 - p)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "quant/code_search.h"
+#include "quant/quant_common.h"
 #include "quant/quant_kernels.h"
 
 namespace mmfm {
@@ -56,20 +57,6 @@ void tile_top1(const float* __restrict z, int64_t D, const PackedCodebook& pk, i
       }
     }
   }
-}
-
-// Inserts (s, j) into an ascending list of length k; j is larger than every index already
-// there (codes are visited in order), so equal scores stay behind the earlier index.
-inline void insert_sorted(float* val, int64_t* idx, int64_t k, float s, int64_t j) {
-  if (!(s < val[k - 1])) return;
-  int64_t pos = k - 1;
-  while (pos > 0 && s < val[pos - 1]) {
-    val[pos] = val[pos - 1];
-    idx[pos] = idx[pos - 1];
-    --pos;
-  }
-  val[pos] = s;
-  idx[pos] = j;
 }
 
 }  // namespace

@@ -29,10 +29,6 @@
 // are freed with cudaFreeAsync on the same stream (cudaMalloc / cudaFree on devices
 // without memory pools). Memory beyond the inputs and outputs is O(N + K), plus
 // S * N * topk partials when split, which stays small because S > 1 only for small N.
-#ifndef MMFM_WITH_CUDA
-#define MMFM_WITH_CUDA 1
-#endif
-
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -40,6 +36,7 @@
 
 #include "common/cuda_launch.cuh"
 #include "common/dtype.h"
+#include "quant/quant_common.h"
 #include "quant/quant_kernels.h"
 
 namespace mmfm {
@@ -94,23 +91,28 @@ struct SearchArgs {
   int64_t* out_idx;      // [S, N, topk]
 };
 
-// Inserts (s, j) into the ascending list (val, idx) of length k. Every index already in the
-// list is smaller than j, so an equal score goes behind the earlier index (strict <).
-__device__ __forceinline__ void insert_sorted(float* val, int64_t* idx, int k, float s, int64_t j) {
-  if (!(s < val[k - 1])) return;
-  int pos = k - 1;
-  while (pos > 0 && s < val[pos - 1]) {
-    val[pos] = val[pos - 1];
-    idx[pos] = idx[pos - 1];
-    --pos;
-  }
-  val[pos] = s;
-  idx[pos] = j;
-}
-
 // (score, index) lexicographic order, used to combine results across threads.
 __device__ __forceinline__ bool better(float v, int64_t i, float bv, int64_t bi) {
   return v < bv || (v == bv && i < bi);
+}
+
+// Stages rows [first, first + W) x columns [d0, d0 + kBK) of a [n, D] buffer (each row times
+// its scale for cosine) into dst[kBK][W + 1], transposed so the compute loop reads a row of
+// each; consecutive threads read consecutive d. Out-of-range entries are 0 and add nothing to
+// the dot products.
+template <int W>
+__device__ __forceinline__ void stage(float (*dst)[W + 1], const void* src, DType dt, const float* scale, bool cosine,
+                                      int64_t first, int64_t n, int64_t d0, int64_t D, int tid) {
+  for (int i = tid; i < W * kBK; i += kThreads) {
+    const int m = i / kBK, kk = i % kBK;
+    const int64_t r = first + m, d = d0 + kk;
+    float v = 0.f;
+    if (r < n && d < D) {
+      v = load_as_float(src, dt, r * D + d);
+      if (cosine) v *= scale[r];
+    }
+    dst[kk][m] = v;
+  }
 }
 
 template <bool kTop1>
@@ -155,29 +157,8 @@ __global__ void __launch_bounds__(kThreads, 2) search_kernel(SearchArgs a) {
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
 
       for (int64_t d0 = 0; d0 < a.D; d0 += kBK) {
-        // Stage a [kBM x kBK] chunk of rows and a [kBN x kBK] chunk of codes, transposed so
-        // the compute loop reads a row of each; consecutive threads read consecutive d.
-        // Out-of-range entries are 0 and add nothing to the dot products.
-        for (int i = tid; i < kBM * kBK; i += kThreads) {
-          const int m = i / kBK, kk = i % kBK;
-          const int64_t row = row0 + m, d = d0 + kk;
-          float v = 0.f;
-          if (row < a.N && d < a.D) {
-            v = load_as_float(a.z, a.dt, row * a.D + d);
-            if (a.cosine) v *= a.zscale[row];
-          }
-          zs[kk][m] = v;
-        }
-        for (int i = tid; i < kBN * kBK; i += kThreads) {
-          const int m = i / kBK, kk = i % kBK;
-          const int64_t code = code0 + m, d = d0 + kk;
-          float v = 0.f;
-          if (code < a.K && d < a.D) {
-            v = load_as_float(a.e, a.dt, code * a.D + d);
-            if (a.cosine) v *= a.escale[code];
-          }
-          es[kk][m] = v;
-        }
+        stage<kBM>(zs, a.z, a.dt, a.zscale, a.cosine, row0, a.N, d0, a.D, tid);
+        stage<kBN>(es, a.e, a.dt, a.escale, a.cosine, code0, a.K, d0, a.D, tid);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < kBK; ++kk) {
@@ -393,8 +374,6 @@ int nearest_code_cuda(const void* z, const void* codebook, DType dt, int64_t N, 
   const cudaError_t ferr = scratch.release(st);
   return err != cudaSuccess ? err : ferr;
 }
-
-const char* cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
 }  // namespace quant
 }  // namespace mmfm

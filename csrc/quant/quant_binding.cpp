@@ -4,29 +4,15 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
-#ifdef MMFM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
 #include <tuple>
 
+#include "common/binding.h"
 #include "common/checks.h"
 #include "quant/quant_kernels.h"
 
 namespace mmfm {
 namespace quant {
 namespace {
-
-#ifdef MMFM_WITH_CUDA
-void cuda_ok(int code, const char* op) {
-  TORCH_CHECK(code == 0, "mmfm.", op, ": CUDA kernel failed: ", cuda_error_string(code));
-}
-void* stream() { return static_cast<void*>(at::cuda::getCurrentCUDAStream().stream()); }
-#define MMFM_DEVICE_GUARD(t) const c10::cuda::OptionalCUDAGuard guard_(t.device())
-#else
-#define MMFM_DEVICE_GUARD(t) (void)0
-#endif
 
 void check_levels(const at::Tensor& levels, const char* op) {
   check_dtype(levels, at::kLong, op, "levels");
@@ -72,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z_, const at::
     TORCH_CHECK_VALUE(topk <= 64, "mmfm.", op, ": 'topk' must be <= 64 for CUDA tensors, got ", topk,
                       "; move the inputs to the CPU for larger top-k");
     cuda_ok(nearest_code_cuda(z.data_ptr(), e.data_ptr(), dtype_of(z), N, K, D, topk, cosine,
-                              idx.data_ptr<int64_t>(), dist.data_ptr<float>(), stream()),
+                              idx.data_ptr<int64_t>(), dist.data_ptr<float>(), cuda_stream()),
             op);
     return {idx, dist};
   }
@@ -107,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> code_stats(const at::Tensor& z_, const at::Te
 #ifdef MMFM_WITH_CUDA
   if (z.is_cuda()) {
     cuda_ok(code_stats_cuda(z.data_ptr(), dtype_of(z), idx.data_ptr<int64_t>(), N, num_codes, D,
-                            sums.data_ptr<float>(), counts.data_ptr<float>(), stream()),
+                            sums.data_ptr<float>(), counts.data_ptr<float>(), cuda_stream()),
             op);
     return {sums, counts};
   }
@@ -146,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ema_codebook_update(
     cuda_ok(ema_update_cuda(size.data_ptr<float>(), esum.data_ptr<float>(), cnt.data_ptr<float>(),
                             sm.data_ptr<float>(), K, D, float(decay), float(eps), float(dead_threshold),
                             new_size.data_ptr<float>(), new_sum.data_ptr<float>(), codebook.data_ptr<float>(),
-                            dead.data_ptr<bool>(), stream()),
+                            dead.data_ptr<bool>(), cuda_stream()),
             op);
     return {new_size, new_sum, codebook, dead};
   }
@@ -177,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> fsq_quantize(const at::Tensor& z_, const at::
 #ifdef MMFM_WITH_CUDA
   if (z.is_cuda()) {
     cuda_ok(fsq_quantize_cuda(z.data_ptr(), dtype_of(z), levels.data_ptr<int64_t>(), N, C, codes.data_ptr<float>(),
-                              idx.data_ptr<int64_t>(), stream()),
+                              idx.data_ptr<int64_t>(), cuda_stream()),
             op);
     return {codes, idx};
   }
@@ -207,7 +193,7 @@ at::Tensor fsq_indices_to_codes(const at::Tensor& indices_, const at::Tensor& le
 #ifdef MMFM_WITH_CUDA
   if (idx.is_cuda()) {
     cuda_ok(fsq_indices_to_codes_cuda(idx.data_ptr<int64_t>(), levels.data_ptr<int64_t>(), N, C,
-                                      codes.data_ptr<float>(), stream()),
+                                      codes.data_ptr<float>(), cuda_stream()),
             op);
     return codes;
   }
@@ -234,7 +220,7 @@ at::Tensor fsq_codes_to_indices(const at::Tensor& codes_, const at::Tensor& leve
 #ifdef MMFM_WITH_CUDA
   if (codes.is_cuda()) {
     cuda_ok(fsq_codes_to_indices_cuda(codes.data_ptr<float>(), levels.data_ptr<int64_t>(), N, C,
-                                      idx.data_ptr<int64_t>(), stream()),
+                                      idx.data_ptr<int64_t>(), cuda_stream()),
             op);
     return idx;
   }
@@ -261,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> lfq_quantize(const at::Tensor& z_) {
 #ifdef MMFM_WITH_CUDA
   if (z.is_cuda()) {
     cuda_ok(lfq_quantize_cuda(z.data_ptr(), dtype_of(z), N, d, codes.data_ptr<float>(), idx.data_ptr<int64_t>(),
-                              stream()),
+                              cuda_stream()),
             op);
     return {codes, idx};
   }
@@ -287,7 +273,7 @@ at::Tensor lfq_indices_to_codes(const at::Tensor& indices_, int64_t dim) {
   if (N == 0) return codes;
 #ifdef MMFM_WITH_CUDA
   if (idx.is_cuda()) {
-    cuda_ok(lfq_indices_to_codes_cuda(idx.data_ptr<int64_t>(), N, dim, codes.data_ptr<float>(), stream()), op);
+    cuda_ok(lfq_indices_to_codes_cuda(idx.data_ptr<int64_t>(), N, dim, codes.data_ptr<float>(), cuda_stream()), op);
     return codes;
   }
 #endif
@@ -318,7 +304,7 @@ at::Tensor lfq_entropy(const at::Tensor& z_, double tau, bool exact) {
   if (z.is_cuda()) {
     at::Tensor ws = at::empty({lfq_entropy_workspace_floats(N, d, exact)}, z.options());
     cuda_ok(lfq_entropy_cuda(z.data_ptr<float>(), N, d, float(tau), exact, out.data_ptr<float>(), ws.data_ptr<float>(),
-                             stream()),
+                             cuda_stream()),
             op);
     return out;
   }
@@ -341,7 +327,7 @@ at::Tensor lfq_entropy_backward(const at::Tensor& grad_out_, const at::Tensor& z
   if (z.is_cuda()) {
     at::Tensor ws = at::empty({lfq_entropy_workspace_floats(N, d, exact)}, z.options());
     cuda_ok(lfq_entropy_backward_cuda(z.data_ptr<float>(), N, d, float(tau), exact, g.data_ptr<float>(),
-                                      grad.data_ptr<float>(), ws.data_ptr<float>(), stream()),
+                                      grad.data_ptr<float>(), ws.data_ptr<float>(), cuda_stream()),
             op);
     return grad;
   }
@@ -377,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_vq(const at::Tensor& z_,
 #ifdef MMFM_WITH_CUDA
   if (z.is_cuda()) {
     cuda_ok(residual_vq_cuda(z.data_ptr(), cb.data_ptr(), dtype_of(z), N, M, K, D, idx.data_ptr<int64_t>(),
-                             quantized.data_ptr<float>(), rnorm.data_ptr<float>(), stream()),
+                             quantized.data_ptr<float>(), rnorm.data_ptr<float>(), cuda_stream()),
             op);
     return {idx, quantized, rnorm};
   }
@@ -405,7 +391,4 @@ void register_impls(torch::Library& m) {
 }  // namespace quant
 }  // namespace mmfm
 
-TORCH_LIBRARY_IMPL(mmfm, CPU, m) { mmfm::quant::register_impls(m); }
-#ifdef MMFM_WITH_CUDA
-TORCH_LIBRARY_IMPL(mmfm, CUDA, m) { mmfm::quant::register_impls(m); }
-#endif
+MMFM_REGISTER_CPU_AND_CUDA(mmfm::quant::register_impls)

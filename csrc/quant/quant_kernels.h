@@ -6,8 +6,8 @@
 // these; nothing here includes torch, so nvcc builds the .cu files without a CUDA torch.
 //
 // All buffers are contiguous row-major. Accumulation is fp32. CUDA launchers return a
-// cudaError_t as int (0 = success); the binding turns non-zero into an error message via
-// mmfm_cuda_error_string().
+// cudaError_t as int (0 = success); the binding turns non-zero into an error message
+// (cuda_ok, common/binding.h).
 #pragma once
 #include <cstdint>
 
@@ -78,7 +78,8 @@ void lfq_entropy_backward_cpu(const float* z, int64_t N, int64_t d, float tau, b
 void residual_vq_cpu(const void* z, const void* codebooks, DType dt, int64_t N, int64_t M, int64_t K, int64_t D,
                      int64_t* idx, float* quantized, float* residual_norm);
 
-#ifdef MMFM_WITH_CUDA
+// CUDA versions (quant/*_cuda.cu); declared in every build, defined only when setup.py
+// compiles the .cu files (the bindings call them only under MMFM_WITH_CUDA).
 int nearest_code_cuda(const void* z, const void* codebook, DType dt, int64_t N, int64_t K, int64_t D, int64_t topk,
                       bool cosine, int64_t* idx, float* dist, void* stream);
 // The CUDA version may use atomics only if the result stays deterministic; counts are exact.
@@ -103,8 +104,6 @@ int lfq_entropy_backward_cuda(const float* z, int64_t N, int64_t d, float tau, b
                               float* grad_z, float* workspace, void* stream);
 int residual_vq_cuda(const void* z, const void* codebooks, DType dt, int64_t N, int64_t M, int64_t K, int64_t D,
                      int64_t* idx, float* quantized, float* residual_norm, void* stream);
-const char* cuda_error_string(int code);
-#endif
 
 }  // namespace quant
 }  // namespace mmfm

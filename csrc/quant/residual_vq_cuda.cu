@@ -10,10 +10,6 @@
 //   2. one thread per row: r -= e_k, quantized += e_k, ||r||^2 summed serially over D (the
 //      CPU kernel's order), and idx / residual_norm written at column m.
 // Everything runs on `stream`; scratch comes from cudaMallocAsync and is freed on it.
-#ifndef MMFM_WITH_CUDA
-#define MMFM_WITH_CUDA 1
-#endif
-
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -30,22 +26,19 @@ constexpr int kThreads = 256;
 
 // out[i] = x[i] as fp32, for a buffer of `count` elements of type dt.
 __global__ void widen_kernel(const void* x, DType dt, int64_t count, float* out) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+  for (int64_t i = grid_stride_start(); i < count; i += grid_stride_step())
     out[i] = load_as_float(x, dt, i);
 }
 
 __global__ void zero_kernel(float* x, int64_t count) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+  for (int64_t i = grid_stride_start(); i < count; i += grid_stride_step())
     x[i] = 0.f;
 }
 
 // Level m's update: one thread per row.
 __global__ void update_kernel(const float* codebook, const int64_t* chosen, int64_t N, int64_t M, int64_t D,
                               int64_t m, float* residual, float* quantized, int64_t* idx, float* residual_norm) {
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
-       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t n = grid_stride_start(); n < N; n += grid_stride_step()) {
     const int64_t k = chosen[n];
     const float* e = codebook + k * D;
     float* r = residual + n * D;

@@ -28,21 +28,14 @@
 #include <vector>
 
 #include "sampling/sampling_common.h"
+#include "sampling/sampling_cpu.h"
 #include "sampling/sampling_kernels.h"
 
 namespace mmfm {
 namespace sampling {
 namespace {
 
-// No more threads than rows: an idle thread would still have to reach the region's barrier,
-// which costs a scheduler time slice when the machine is busy.
-int row_threads(int64_t rows) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, omp_get_max_threads())));
-}
-
-constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kLowest = -std::numeric_limits<float>::max();  // s >= kLowest <=> s > -inf
-constexpr int64_t kTile = 256;    // elements per tile of the draw (the scan reads one tile)
 constexpr int64_t kSumTile = 2048;  // elements per fp32 partial sum before it is added in fp64
 constexpr int kPivots = 15;       // pivots p[1..15] per bisection pass (p[0] = lower end)
 constexpr int64_t kSmall = 256;   // a selection ends by sorting at most this many candidates
@@ -63,11 +56,6 @@ struct Scratch {
 Scratch& scratch() {
   static thread_local Scratch sc;
   return sc;
-}
-
-template <class T>
-void grow(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
 }
 
 // A set of candidate tokens with their weights w = exp(s - m): the whole row (idx == nullptr:
@@ -316,12 +304,7 @@ View gather(const float* __restrict s, int64_t V, float theta, float m, Scratch&
 #endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) cw[i] = exp_weight(cv[i] - m);
-  View v;
-  v.val = cv;
-  v.w = cw;
-  v.idx = ci;
-  v.n = n;
-  return v;
+  return View{cv, cw, ci, n};
 }
 
 // Weights of the dense row.
@@ -330,11 +313,7 @@ View dense_view(const float* __restrict s, int64_t V, float m, Scratch& sc) {
   float* __restrict w = sc.w.data();
 #pragma omp simd
   for (int64_t i = 0; i < V; ++i) w[i] = exp_weight(s[i] - m);
-  View v;
-  v.val = s;
-  v.w = w;
-  v.n = V;
-  return v;
+  return View{s, w, nullptr, V};
 }
 
 // ---- weighted selection (top-p, typical) ---------------------------------------------------
@@ -615,16 +594,7 @@ void draw_row(const RowState& r, double u, Scratch& sc, int64_t& token, float& p
   // Inverse CDF: the tile where the running sum passes u * Z, then the token inside it. If
   // rounding leaves the target beyond the last tile, the last token of positive weight wins.
   double target = u * Z, cum = 0.0;
-  int64_t t = 0;
-  for (; t < ntiles; ++t) {
-    if (cum + sc.tsum[t] > target) break;
-    cum += sc.tsum[t];
-  }
-  if (t == ntiles) {
-    target = std::numeric_limits<double>::infinity();
-    for (t = ntiles - 1; t > 0 && !(sc.tsum[t] > 0.0); --t) {
-    }
-  }
+  const int64_t t = find_tile(sc.tsum.data(), ntiles, target, cum);
   const int64_t t0 = t * kTile, nt = std::min(kTile, v.n - t0);
   tile_kept_weights(r, t0, nt, wt);
   int64_t pick = -1, last = 0;
@@ -681,15 +651,24 @@ void process(const SampleArgs& a, int64_t row, RowState& r, Scratch& sc) {
   }
 }
 
-}  // namespace
-
-void sample_cpu(const SampleArgs& a, int64_t* tokens, float* probs, int32_t* status) {
+// Processes every row (OpenMP over rows, thread-local scratch), records its status and hands
+// the processed row to emit(row, r, sc).
+template <class Emit>
+void for_each_row(const SampleArgs& a, int32_t* status, Emit emit) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(row_threads(a.B))
   for (int64_t row = 0; row < a.B; ++row) {
     Scratch& sc = scratch();
     RowState r;
     process(a, row, r, sc);
     status[row] = r.status;
+    emit(row, r, sc);
+  }
+}
+
+}  // namespace
+
+void sample_cpu(const SampleArgs& a, int64_t* tokens, float* probs, int32_t* status) {
+  for_each_row(a, status, [&](int64_t row, const RowState& r, Scratch& sc) {
     if (r.status != kOk) {
       tokens[row] = -1;
       probs[row] = 0.f;
@@ -699,16 +678,11 @@ void sample_cpu(const SampleArgs& a, int64_t* tokens, float* probs, int32_t* sta
     } else {
       draw_row(r, uniforms(a.seed, a.offset, row, 0).u0, sc, tokens[row], probs[row]);
     }
-  }
+  });
 }
 
 void processed_probs_cpu(const SampleArgs& a, float* out, int32_t* status) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(row_threads(a.B))
-  for (int64_t row = 0; row < a.B; ++row) {
-    Scratch& sc = scratch();
-    RowState r;
-    process(a, row, r, sc);
-    status[row] = r.status;
+  for_each_row(a, status, [&](int64_t row, const RowState& r, Scratch&) {
     float* o = out + row * a.V;
     if (r.status != kOk) {
       std::fill(o, o + a.V, 0.f);
@@ -718,7 +692,7 @@ void processed_probs_cpu(const SampleArgs& a, float* out, int32_t* status) {
     } else {
       write_probs(r, a.V, o);
     }
-  }
+  });
 }
 
 }  // namespace sampling

@@ -43,7 +43,5 @@ int processed_probs_cuda(const SampleArgs& a, float* out, int32_t* status, void*
   return cuda::launch(a, true, nullptr, nullptr, out, status, workspace, stream);
 }
 
-const char* cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
-
 }  // namespace sampling
 }  // namespace mmfm

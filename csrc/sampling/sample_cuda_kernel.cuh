@@ -106,9 +106,9 @@ __global__ void __launch_bounds__(kThreads)
   long long bad = 0, bad_hist = 0;
   for (int64_t i = threadIdx.x; i < V; i += kThreads) {
     const float z = load<D>(x, i);
-    bad += !(z < kInfF);
+    bad += !(z < kInf);
     const bool ok = i >= lo && i < hi && (mk == nullptr || mk[i]);
-    s[i] = ok ? z : -kInfF;
+    s[i] = ok ? z : -kInf;
   }
   __syncthreads();
   if (a.history) {
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads)
       int64_t count = 0;
       for (int64_t j2 = j; j2 < a.L; ++j2) count += h[j2] == t;
       const float z = s[t];
-      if (z > -kInfF) s[t] = apply_penalty(z, count, prm[kRepetitionPenalty], prm[kPresencePenalty],
+      if (z > -kInf) s[t] = apply_penalty(z, count, prm[kRepetitionPenalty], prm[kPresencePenalty],
                                            prm[kFrequencyPenalty]);
     }
   }
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
   const float T = prm[kTemperature];
   const bool greedy = T == 0.f;
   const float inv = greedy ? 1.f : inverse_temperature(T);
-  float mx = -kInfF, mn = kInfF;
+  float mx = -kInf, mn = kInf;
   long long nf = 0;
   for (int64_t i = threadIdx.x; i < V; i += kThreads) {
     float v = s[i];
@@ -147,8 +147,8 @@ __global__ void __launch_bounds__(kThreads)
       s[i] = v;
     }
     mx = fmaxf(mx, v);
-    mn = fminf(mn, v > -kInfF ? v : kInfF);
-    nf += v > -kInfF;
+    mn = fminf(mn, v > -kInf ? v : kInf);
+    nf += v > -kInf;
   }
   {
     float fm = 0.f, fn = 0.f;
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (bad) st = kBadLogits;
   else if (bad_hist) st = kBadHistory;
-  else if (mx == kInfF) st = kOverflow;
+  else if (mx == kInf) st = kOverflow;
   else if (nf == 0) st = kNoToken;
   if (st != kOk) {
     finish_bad(st);
@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float min_p = prm[kMinP];
   if (min_p > 0.f) theta = fmaxf(theta, static_cast<float>(static_cast<double>(m) + log(static_cast<double>(min_p))));
-  float mu = 0.f, tkey = -kInfF;
+  float mu = 0.f, tkey = -kInf;
   const float typ = prm[kTypicalP];
   if (typ < 1.f) {
     double zz[2] = {0.0, 0.0};

@@ -10,32 +10,18 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
-#ifdef MMFM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
 #include <optional>
 #include <sstream>
 #include <string>
 #include <tuple>
 
+#include "common/binding.h"
 #include "common/checks.h"
 #include "sampling/sampling_kernels.h"
 
 namespace mmfm {
 namespace sampling {
 namespace {
-
-#ifdef MMFM_WITH_CUDA
-void cuda_ok(int code, const char* op) {
-  TORCH_CHECK(code == 0, "mmfm.", op, ": CUDA kernel failed: ", cuda_error_string(code));
-}
-void* stream() { return static_cast<void*>(at::cuda::getCurrentCUDAStream().stream()); }
-#define MMFM_DEVICE_GUARD(t) const c10::cuda::OptionalCUDAGuard guard_(t.device())
-#else
-#define MMFM_DEVICE_GUARD(t) (void)0
-#endif
 
 const char* kParamNames[kNumParams] = {"temperature", "top_k",      "top_p",           "min_p",
                                        "typical_p",   "repetition_penalty", "presence_penalty", "frequency_penalty"};
@@ -164,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> sample(const at::Tensor& logits, const at::Te
   if (in.logits.is_cuda()) {
     at::Tensor ws = at::empty({sample_workspace_bytes(B, in.args.V)}, in.logits.options().dtype(at::kByte));
     cuda_ok(sample_cuda(in.args, tokens.data_ptr<int64_t>(), probs.data_ptr<float>(), status.data_ptr<int32_t>(),
-                        ws.data_ptr(), stream()),
+                        ws.data_ptr(), cuda_stream()),
             op);
     raise_sample_status(op, status, in);
     return {tokens, probs};
@@ -188,7 +174,7 @@ at::Tensor processed_probs(const at::Tensor& logits, const at::Tensor& params,
 #ifdef MMFM_WITH_CUDA
   if (in.logits.is_cuda()) {
     at::Tensor ws = at::empty({sample_workspace_bytes(B, V)}, in.logits.options().dtype(at::kByte));
-    cuda_ok(processed_probs_cuda(in.args, out.data_ptr<float>(), status.data_ptr<int32_t>(), ws.data_ptr(), stream()),
+    cuda_ok(processed_probs_cuda(in.args, out.data_ptr<float>(), status.data_ptr<int32_t>(), ws.data_ptr(), cuda_stream()),
             op);
     raise_sample_status(op, status, in);
     return out;
@@ -197,6 +183,26 @@ at::Tensor processed_probs(const at::Tensor& logits, const at::Tensor& params,
   processed_probs_cpu(in.args, out.data_ptr<float>(), status.data_ptr<int32_t>());
   raise_sample_status(op, status, in);
   return out;
+}
+
+// The checks verify_chain and verify_multi_draft share: two probability tensors of one float
+// dtype on one supported device, and a vocabulary V that fits the kernels' int32 token ids.
+void check_verify_probs(const char* op, const at::Tensor& target, const at::Tensor& draft_probs, int64_t V) {
+  check_float(target, op, "target_probs", true);
+  check_float(draft_probs, op, "draft_probs", true);
+  check_device_supported(target, op, "target_probs");
+  check_same_device(target, draft_probs, op, "target_probs", "draft_probs");
+  TORCH_CHECK_TYPE(target.scalar_type() == draft_probs.scalar_type(), "mmfm.", op, ": 'target_probs' (",
+                   target.scalar_type(), ") and 'draft_probs' (", draft_probs.scalar_type(),
+                   ") must have the same dtype");
+  TORCH_CHECK_VALUE(V >= 1 && V < (int64_t(1) << 31), "mmfm.", op, ": 'target_probs' must have 1 <= V < 2^31, got V=",
+                    V);
+}
+
+// The outputs of a verify op on p's device: two int64 [B] results and the kernels' int32 status.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_outputs(const at::Tensor& p, int64_t B) {
+  return {at::empty({B}, p.options().dtype(at::kLong)), at::empty({B}, p.options().dtype(at::kLong)),
+          at::empty({B}, p.options().dtype(at::kInt))};
 }
 
 void raise_verify_status(const char* op, const at::Tensor& status_, const char* draft_arg, int64_t V) {
@@ -226,37 +232,27 @@ void raise_verify_status(const char* op, const at::Tensor& status_, const char* 
 std::tuple<at::Tensor, at::Tensor> verify_chain(const at::Tensor& target_, const at::Tensor& draft_probs_,
                                                 const at::Tensor& draft_tokens_, int64_t seed, int64_t offset) {
   const char* op = "verify_chain";
-  check_float(target_, op, "target_probs", true);
-  check_float(draft_probs_, op, "draft_probs", true);
   check_dtype(draft_tokens_, at::kLong, op, "draft_tokens");
   check_dim(target_, 3, op, "target_probs", "[B, G+1, V]");
   check_dim(draft_probs_, 3, op, "draft_probs", "[B, G, V]");
   check_dim(draft_tokens_, 2, op, "draft_tokens", "[B, G]");
-  check_device_supported(target_, op, "target_probs");
-  check_same_device(target_, draft_probs_, op, "target_probs", "draft_probs");
-  check_same_device(target_, draft_tokens_, op, "target_probs", "draft_tokens");
-  TORCH_CHECK_TYPE(target_.scalar_type() == draft_probs_.scalar_type(), "mmfm.", op, ": 'target_probs' (",
-                   target_.scalar_type(), ") and 'draft_probs' (", draft_probs_.scalar_type(),
-                   ") must have the same dtype");
   const int64_t B = target_.size(0), G = draft_tokens_.size(1), V = target_.size(2);
+  check_verify_probs(op, target_, draft_probs_, V);
+  check_same_device(target_, draft_tokens_, op, "target_probs", "draft_tokens");
   TORCH_CHECK_VALUE(target_.size(1) == G + 1 && draft_probs_.size(0) == B && draft_probs_.size(1) == G &&
                         draft_probs_.size(2) == V && draft_tokens_.size(0) == B,
                     "mmfm.", op, ": shapes must be target_probs [B, G+1, V], draft_probs [B, G, V], draft_tokens [B, G]; "
                     "got ", target_.sizes(), ", ", draft_probs_.sizes(), ", ", draft_tokens_.sizes());
-  TORCH_CHECK_VALUE(V >= 1 && V < (int64_t(1) << 31), "mmfm.", op, ": 'target_probs' must have 1 <= V < 2^31, got V=",
-                    V);
   MMFM_DEVICE_GUARD(target_);
   const at::Tensor p = target_.contiguous(), q = draft_probs_.contiguous(), d = draft_tokens_.contiguous();
-  at::Tensor accepted = at::empty({B}, p.options().dtype(at::kLong));
-  at::Tensor next = at::empty({B}, p.options().dtype(at::kLong));
-  at::Tensor status = at::empty({B}, p.options().dtype(at::kInt));
+  auto [accepted, next, status] = verify_outputs(p, B);
   if (B == 0) return {accepted, next};
 #ifdef MMFM_WITH_CUDA
   if (p.is_cuda()) {
     at::Tensor ws = at::empty({verify_workspace_bytes(B, V)}, p.options().dtype(at::kByte));
     cuda_ok(verify_chain_cuda(p.data_ptr(), dtype_of(p), q.data_ptr(), dtype_of(q), d.data_ptr<int64_t>(), B, G, V,
                               static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), accepted.data_ptr<int64_t>(),
-                              next.data_ptr<int64_t>(), status.data_ptr<int32_t>(), ws.data_ptr(), stream()),
+                              next.data_ptr<int64_t>(), status.data_ptr<int32_t>(), ws.data_ptr(), cuda_stream()),
             op);
     raise_verify_status(op, status, "draft_tokens", V);
     return {accepted, next};
@@ -273,20 +269,12 @@ std::tuple<at::Tensor, at::Tensor> verify_multi_draft(const at::Tensor& target_,
                                                       const at::Tensor& candidates_, bool replacement, int64_t seed,
                                                       int64_t offset) {
   const char* op = "verify_multi_draft";
-  check_float(target_, op, "target_probs", true);
-  check_float(draft_probs_, op, "draft_probs", true);
   check_dtype(candidates_, at::kLong, op, "candidates");
   check_dim(target_, 2, op, "target_probs", "[B, V]");
   check_dim(candidates_, 2, op, "candidates", "[B, K]");
-  check_device_supported(target_, op, "target_probs");
-  check_same_device(target_, draft_probs_, op, "target_probs", "draft_probs");
-  check_same_device(target_, candidates_, op, "target_probs", "candidates");
-  TORCH_CHECK_TYPE(target_.scalar_type() == draft_probs_.scalar_type(), "mmfm.", op, ": 'target_probs' (",
-                   target_.scalar_type(), ") and 'draft_probs' (", draft_probs_.scalar_type(),
-                   ") must have the same dtype");
   const int64_t B = target_.size(0), V = target_.size(1), K = candidates_.size(1);
-  TORCH_CHECK_VALUE(V >= 1 && V < (int64_t(1) << 31), "mmfm.", op, ": 'target_probs' must have 1 <= V < 2^31, got V=",
-                    V);
+  check_verify_probs(op, target_, draft_probs_, V);
+  check_same_device(target_, candidates_, op, "target_probs", "candidates");
   TORCH_CHECK_VALUE(candidates_.size(0) == B, "mmfm.", op, ": 'candidates' must have shape [B=", B, ", K], got ",
                     candidates_.sizes());
   const bool per_draft = draft_probs_.dim() == 3;
@@ -299,9 +287,7 @@ std::tuple<at::Tensor, at::Tensor> verify_multi_draft(const at::Tensor& target_,
                     "replacement=True (drafts from different distributions are independent draws)");
   MMFM_DEVICE_GUARD(target_);
   const at::Tensor p = target_.contiguous(), q = draft_probs_.contiguous(), c = candidates_.contiguous();
-  at::Tensor token = at::empty({B}, p.options().dtype(at::kLong));
-  at::Tensor index = at::empty({B}, p.options().dtype(at::kLong));
-  at::Tensor status = at::empty({B}, p.options().dtype(at::kInt));
+  auto [token, index, status] = verify_outputs(p, B);
   if (B == 0) return {token, index};
 #ifdef MMFM_WITH_CUDA
   if (p.is_cuda()) {
@@ -309,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> verify_multi_draft(const at::Tensor& target_,
     cuda_ok(verify_multi_draft_cuda(p.data_ptr(), dtype_of(p), q.data_ptr(), dtype_of(q), per_draft,
                                     c.data_ptr<int64_t>(), B, K, V, replacement, static_cast<uint64_t>(seed),
                                     static_cast<uint64_t>(offset), token.data_ptr<int64_t>(),
-                                    index.data_ptr<int64_t>(), status.data_ptr<int32_t>(), ws.data_ptr(), stream()),
+                                    index.data_ptr<int64_t>(), status.data_ptr<int32_t>(), ws.data_ptr(), cuda_stream()),
             op);
     raise_verify_status(op, status, "candidates", V);
     return {token, index};
@@ -333,7 +319,4 @@ void register_impls(torch::Library& m) {
 }  // namespace sampling
 }  // namespace mmfm
 
-TORCH_LIBRARY_IMPL(mmfm, CPU, m) { mmfm::sampling::register_impls(m); }
-#ifdef MMFM_WITH_CUDA
-TORCH_LIBRARY_IMPL(mmfm, CUDA, m) { mmfm::sampling::register_impls(m); }
-#endif
+MMFM_REGISTER_CPU_AND_CUDA(mmfm::sampling::register_impls)

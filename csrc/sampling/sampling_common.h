@@ -8,10 +8,13 @@
 #include <cstring>
 
 #include "common/dtype.h"
+#include "common/vecmath.h"
 #include "sampling/sampling_kernels.h"
 
 namespace mmfm {
 namespace sampling {
+
+constexpr float kInf = __builtin_huge_valf();
 
 // ---- Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3") ---------
 // Counter (c0, c1, c2, c3) = (sub, row, offset_lo, offset_hi), key = (seed_lo, seed_hi).
@@ -70,55 +73,6 @@ MMFM_HD Uniform2 uniforms(uint64_t seed, uint64_t offset, int64_t row, uint32_t 
   return u;
 }
 
-// ---- bit casts ------------------------------------------------------------------------------
-MMFM_HD float bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#elif defined(__CUDACC__)
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-#else
-  return __builtin_bit_cast(float, u);  // unlike memcpy, keeps the CPU loops vectorisable
-#endif
-}
-
-MMFM_HD uint32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#elif defined(__CUDACC__)
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-#else
-  return __builtin_bit_cast(uint32_t, f);
-#endif
-}
-
-// c ? a : b without a branch. GCC does not if-convert float selects whose arms compute (they
-// might trap) unless the target has mask registers (AVX-512), so the CPU loops use bit masks
-// to stay vectorised on AVX2 and other targets.
-MMFM_HD float select_f(bool c, float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return c ? a : b;
-#else
-  const uint32_t m = 0u - static_cast<uint32_t>(c);
-  return bits_to_float((float_to_bits(a) & m) | (float_to_bits(b) & ~m));
-#endif
-}
-
-// ---- loads ------------------------------------------------------------------------------------
-// Branch-free IEEE half -> float (handles subnormals, inf, NaN), so the load loop vectorises.
-MMFM_HD float half_to_float(uint16_t h) {
-  const uint32_t w = static_cast<uint32_t>(h) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-  const float f = select_f(two_w < (1u << 27), denormalized, normalized);
-  return bits_to_float(sign | float_to_bits(f));
-}
-
 template <DType D>
 MMFM_HD float load(const void* p, int64_t i) {
   if constexpr (D == DType::F32) {
@@ -126,28 +80,22 @@ MMFM_HD float load(const void* p, int64_t i) {
   } else if constexpr (D == DType::BF16) {
     return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
   } else {
-    return half_to_float(static_cast<const uint16_t*>(p)[i]);
+    return f16_to_float(static_cast<const uint16_t*>(p)[i]);
   }
 }
 
 // ---- exp for weights -------------------------------------------------------------------
-// exp(x) for x <= 0 (x = s - max; NaN-free): Cephes' expf polynomial (about 1 ulp), branch-free so the
-// CPU loops vectorise, with the scale 2^n split in two factors so that results down to the
-// subnormal range are right. exp(-inf) and anything below -103.9 give exactly 0.
+// exp(x) for x <= 0 (x = s - max; NaN-free): the exp core of common/vecmath.h (about 1 ulp),
+// branch-free so the CPU loops vectorise, with the scale 2^n split in two factors so that
+// results down to the subnormal range are right (vexpf saturates there). exp(-inf) and
+// anything below -103.9 give exactly 0.
 MMFM_HD float exp_weight(float x) {  // x <= 0
   const float xc = select_f(x < -103.9f, -103.9f, x);
   // n = round(x / ln 2) by the 1.5 * 2^23 trick (floorf would not vectorise); |n| <= 150
   const float fn = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - fn * 0.693359375f;
-  r = r + fn * 2.12194440e-4f;
+  const float r = expf_reduce(xc, fn);
   const float z = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * z + r + 1.0f;
+  const float p = expf_poly(r) * z + r + 1.0f;
   const int n = static_cast<int>(fn);           // in [-150, 0]
   const int n1 = n / 2, n2 = n - n1;            // each in [-75, 0]: normal exponents
   const float s1 = bits_to_float(static_cast<uint32_t>(n1 + 127) << 23);
@@ -207,6 +155,10 @@ MMFM_HD int32_t check_params(const float* p) {
     if (!(p[c] > -3.0e38f && p[c] < 3.0e38f)) return kBadParam + c;
   return kOk;
 }
+
+// Probabilities handed to verification must be finite and >= 0. `&` rather than `&&`: no
+// branch, so the CPU row checks vectorise.
+MMFM_HD bool valid_prob(float x) { return (x >= 0.f) & (x < kInf); }
 
 MMFM_HD bool has_penalty(const float* p) {
   return p[kRepetitionPenalty] != 1.f || p[kPresencePenalty] != 0.f || p[kFrequencyPenalty] != 0.f;

@@ -20,7 +20,6 @@ constexpr int kThreads = MMFM_SAMPLING_CUDA_THREADS;  // threads per block (one 
 constexpr int kWarps = kThreads / 32;
 constexpr int kCutPivots = 15;             // pivots per bisection pass (p[1..15]; p[0] = lower end)
 constexpr int kGather = 1024;              // a selection ends by sorting at most this many candidates
-constexpr float kInfF = __builtin_huge_valf();
 
 // ---- reductions (fixed order: results do not depend on timing) -------------------------
 __device__ __forceinline__ double warp_sum(double v) {
@@ -81,8 +80,8 @@ __device__ void block_stats(float& mx, float& mn, long long& c0, long long& c1, 
     sh.l[warp][1] = c1;
   }
   __syncthreads();
-  mx = -kInfF;
-  mn = kInfF;
+  mx = -kInf;
+  mn = kInf;
   c0 = 0;
   c1 = 0;
   for (int w = 0; w < kWarps; ++w) {
@@ -219,7 +218,7 @@ __device__ float block_select(const Src& src, int64_t V, double target, bool tar
   int n2 = 1;
   while (n2 < n) n2 <<= 1;
   for (int i = n + threadIdx.x; i < n2; i += kThreads) {
-    sh.key[i] = -kInfF;
+    sh.key[i] = -kInf;
     sh.w[i] = -1.f;
   }
   __syncthreads();

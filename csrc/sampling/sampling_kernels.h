@@ -106,7 +106,6 @@ void verify_multi_draft_cpu(const void* p, DType pdt, const void* q, DType qdt, 
                             int64_t B, int64_t K, int64_t V, bool replacement, uint64_t seed, uint64_t offset,
                             int64_t* token, int64_t* accepted_index, int32_t* status);
 
-#ifdef MMFM_WITH_CUDA
 // CUDA versions. `workspace` is device memory of at least *_workspace_bytes(...) bytes.
 // They return a cudaError_t as int (0 = success).
 int64_t sample_workspace_bytes(int64_t B, int64_t V);
@@ -119,8 +118,6 @@ int verify_chain_cuda(const void* p, DType pdt, const void* q, DType qdt, const 
 int verify_multi_draft_cuda(const void* p, DType pdt, const void* q, DType qdt, bool q_per_draft, const int64_t* cand,
                             int64_t B, int64_t K, int64_t V, bool replacement, uint64_t seed, uint64_t offset,
                             int64_t* token, int64_t* accepted_index, int32_t* status, void* workspace, void* stream);
-const char* cuda_error_string(int code);
-#endif
 
 }  // namespace sampling
 }  // namespace mmfm

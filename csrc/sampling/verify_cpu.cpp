@@ -6,24 +6,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "sampling/sampling_common.h"
+#include "sampling/sampling_cpu.h"
 #include "sampling/sampling_kernels.h"
 
 namespace mmfm {
 namespace sampling {
 namespace {
-
-// No more threads than rows: an idle thread would still have to reach the region's barrier,
-// which costs a scheduler time slice when the machine is busy.
-int row_threads(int64_t rows) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, omp_get_max_threads())));
-}
-
-constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr int64_t kTile = 256;
 
 struct VScratch {
   std::vector<float> r;       // working distribution [V]
@@ -35,13 +26,6 @@ VScratch& vscratch() {
   static thread_local VScratch sc;
   return sc;
 }
-
-template <class T>
-void grow(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-}
-
-inline bool valid_prob(float x) { return (x >= 0.f) & (x < kInf); }  // & not &&: no branch
 
 // Inverse CDF over non-negative weights w[0..V): the first i whose prefix sum exceeds u * sum.
 // Returns -1 when the weights have no positive mass.
@@ -59,16 +43,7 @@ int64_t draw_weights(const float* __restrict w, int64_t V, double u, VScratch& s
   }
   if (!(Z > 0.0)) return -1;
   double target = u * Z, cum = 0.0;
-  int64_t t = 0;
-  for (; t < ntiles; ++t) {
-    if (cum + sc.tsum[t] > target) break;
-    cum += sc.tsum[t];
-  }
-  if (t == ntiles) {  // rounding: take the last token of positive weight
-    target = std::numeric_limits<double>::infinity();
-    for (t = ntiles - 1; t > 0 && !(sc.tsum[t] > 0.0); --t) {
-    }
-  }
+  const int64_t t = find_tile(sc.tsum.data(), ntiles, target, cum);
   const int64_t t0 = t * kTile, t1 = std::min(V, t0 + kTile);
   int64_t last = -1;
   double acc = cum;

@@ -16,8 +16,6 @@ namespace mmfm {
 namespace sampling {
 namespace cuda {
 
-__device__ __forceinline__ bool valid_prob(float x) { return x >= 0.f && x < kInfF; }
-
 template <DType D>
 __device__ __forceinline__ const void* row_ptr(const void* base, int64_t row, int64_t V) {
   return static_cast<const char*>(base) + row * V * static_cast<int64_t>(D == DType::F32 ? 4 : 2);
@@ -39,6 +37,14 @@ struct BufferWeight {
   __device__ float operator()(int64_t i) const { return r[i]; }
 };
 
+// Sum of a per-thread count over the block; every thread gets the total.
+__device__ __forceinline__ long long block_count(long long c, Reduce& red) {
+  float a = 0.f, b = 0.f;
+  long long unused = 0;
+  block_stats(a, b, c, unused, red);
+  return c;
+}
+
 // Number of invalid (NaN, inf, negative) entries of up to two typed rows, block-wide.
 template <DType D>
 __device__ long long count_invalid(const void* p, const void* q, int64_t V, Reduce& red) {
@@ -47,10 +53,7 @@ __device__ long long count_invalid(const void* p, const void* q, int64_t V, Redu
     bad += !valid_prob(load<D>(p, i));
     if (q) bad += !valid_prob(load<D>(q, i));
   }
-  float a = 0.f, b = 0.f;
-  long long c = 0;
-  block_stats(a, b, bad, c, red);
-  return bad;
+  return block_count(bad, red);
 }
 
 struct VShared {
@@ -91,12 +94,15 @@ __global__ void __launch_bounds__(kThreads)
   const int32_t st0 = sh.status;
   const int64_t j = sh.j;
   __syncthreads();
-  if (st0 != kOk) {
+  auto finish = [&](int32_t st, int64_t acc, int64_t tok) {
     if (threadIdx.x == 0) {
-      status[b] = st0;
-      accepted[b] = 0;
-      next_token[b] = -1;
+      status[b] = st;
+      accepted[b] = acc;
+      next_token[b] = tok;
     }
+  };
+  if (st0 != kOk) {
+    finish(st0, 0, -1);
     return;
   }
   int64_t tok;
@@ -124,11 +130,7 @@ __global__ void __launch_bounds__(kThreads)
       if (tok < 0) st = kBadProbs;
     }
   }
-  if (threadIdx.x == 0) {
-    status[b] = st;
-    accepted[b] = j;
-    next_token[b] = tok;
-  }
+  finish(st, j, tok);
 }
 
 template <DType D>
@@ -171,11 +173,7 @@ __global__ void __launch_bounds__(kThreads)
     r[i] = fmaxf(x, 0.f);
     R[0] += r[i];
   }
-  {
-    float a0 = 0.f, a1 = 0.f;
-    long long c1 = 0;
-    block_stats(a0, a1, bad, c1, sh.draw.red);
-  }
+  bad = block_count(bad, sh.draw.red);
   block_sum(R, sh.draw.red);
   if (bad) {
     finish(kBadLogits, -1, -1);
@@ -223,11 +221,7 @@ __global__ void __launch_bounds__(kThreads)
       if (!gone) r[y] = fmaxf(r[y] - f * qy, 0.f);
       R2[0] += r[y];
     }
-    {
-      float a0 = 0.f, a1 = 0.f;
-      long long c1 = 0;
-      block_stats(a0, a1, badq, c1, sh.draw.red);
-    }
+    badq = block_count(badq, sh.draw.red);
     block_sum(R2, sh.draw.red);
     if (badq) {
       finish(kBadLogits, -1, -1);

@@ -49,12 +49,17 @@ def _train(args) -> int:
     from mmfm.cacheaug.train import run
     from mmfm.typed_config import ConfigError
 
+    from mmfm.train.trainer import TrainingStopped
+
     try:
         cfg = load_aug_config(args.config, args.overrides, args.decoder)
         res = run(cfg)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"mmfm cacheaug train: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:
+        print(f"mmfm cacheaug train: {exc}", file=sys.stderr)
+        return 3
     import torch
 
     if torch.distributed.get_rank() == 0:
@@ -86,13 +91,7 @@ def _eval(args) -> int:
         print(f"mmfm cacheaug eval: {exc}", file=sys.stderr)
         return 2
     print_records(records)
-    if args.json:
-        import json
-        import os
+    from mmfm.jsonio import write_records
 
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, args.json)
-        print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
+    write_records(records, args.json)
     return 0

@@ -1,14 +1,14 @@
 """Typed cache-augmentation configs (configs/cacheaug/<name>.yaml) with `section.field=value` overrides.
 
     decoder: runs/demo/export                 # the frozen decoder (an export folder); --decoder overrides
-    deepspeed: configs/deepspeed/zero2.json   # plain DeepSpeed JSON, as for pretraining
+    deepspeed: ../deepspeed/zero2.json        # plain DeepSpeed JSON (relative to this file), as for pretraining
     coprocessor: {num_latents: 16}            # CoprocessorSection
     data: {...}                               # AugDataSection: token shards, points per sequence, ahead tokens
     optim: {...}                              # mmfm.train.config.OptimSection (AdamW, warmup + cosine)
     train: {...}                              # mmfm.train.config.TrainSection (steps, batch, checkpoints)
 
-The optimizer and training sections are pretraining's own, so `build_engine` and the checkpoint code
-take this config unchanged. Unknown or ill-typed fields stop with the file and field named.
+The optimizer and training sections are pretraining's own typed sections, so the engine and the
+Trainer take this config as they take pretraining's (mmfm/train/engine.py: spec_of). Unknown or ill-typed fields stop with the file and field named.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from mmfm.train.config import OptimSection, TrainSection, apply_overrides, read_deepspeed
-from mmfm.typed_config import ConfigError, from_dict, read_sections
+from mmfm.typed_config import ConfigError, from_dict, packaged_config, read_sections
 
 SECTIONS = ("decoder", "deepspeed", "coprocessor", "data", "optim", "train")
 
@@ -58,11 +58,11 @@ class AugConfig:
 
 def load_aug_config(path, overrides: list[str] | None = None, decoder: str | None = None) -> AugConfig:
     path = str(path)
-    raw = apply_overrides(read_sections(path, SECTIONS), overrides or [], path, SECTIONS)
+    raw = apply_overrides(read_sections(path, SECTIONS, files=("deepspeed",)), overrides or [], path, SECTIONS)
     dec = decoder if decoder is not None else raw.get("decoder", "")
     if not isinstance(dec, str) or not dec:
         raise ConfigError(f"{path}: decoder: expected the export folder of the frozen decoder (or pass --decoder)")
-    ds, ds_path = read_deepspeed(raw.get("deepspeed", "configs/deepspeed/zero0.json"), f"{path}: deepspeed")
+    ds, ds_path = read_deepspeed(raw.get("deepspeed", packaged_config("deepspeed/zero0.json")), f"{path}: deepspeed")
     cfg = AugConfig(
         decoder=dec, deepspeed=ds,
         coprocessor=from_dict(CoprocessorSection, raw.get("coprocessor"), f"{path}: coprocessor"),

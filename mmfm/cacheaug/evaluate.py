@@ -101,12 +101,11 @@ def evaluate(decoder_dir: str, coprocessor_dirs: list[str], shards: str, *, ahea
     plain cache and `mmfm` for the augmented one), N = 0 first (the plain decoder through augment's
     no-op path), then one pair per coprocessor."""
     from mmfm.cacheaug.coprocessor import load_coprocessor, load_decoder, weights_hash
-    from mmfm.objectives import modality_table
     from mmfm.vocab import Vocab
 
     decoder = load_decoder(decoder_dir)
     vocab = Vocab.load(vocab_path or os.path.join(decoder_dir, "vocab.json"))
-    table = modality_table(vocab) if decoder.cfg.groups > 1 else None
+    table = vocab.modality_table() if decoder.cfg.groups > 1 else None
     coprocs = [load_coprocessor(d, decoder) for d in coprocessor_dirs]
     dec_hash = weights_hash(decoder)
     for d, c in zip(coprocessor_dirs, coprocs):

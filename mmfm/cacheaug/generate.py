@@ -34,7 +34,7 @@ def _groups(table, ids):
 @torch.no_grad()
 def prefill(decoder: Transformer, prompts: list[torch.Tensor], cache: KVCache, pad_id: int = 0, table=None) -> None:
     """Runs ragged prompts (empty ones allowed) into an empty cache.
-    table: the vocabulary's modality table (mmfm.objectives.modality_table), for modality-sparse decoders."""
+    table: the vocabulary's modality table (Vocab.modality_table()), for modality-sparse decoders."""
     ids, lens = _pad(prompts, pad_id, cache.lengths.device)
     if int(lens.max()) > 0:
         decoder(ids, _groups(table, ids), cache=cache, counts=lens, return_hidden=True)

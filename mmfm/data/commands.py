@@ -37,7 +37,7 @@ def add_data_parser(sub) -> None:
     d.add_argument("--scale", type=float, default=1.0, help="multiplies the sample counts (default 1)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
-    SUBCOMMANDS["demo"] = "mmfm.data.demo"
+    SUBCOMMANDS["demo"] = "mmfm.data.demo_corpus"
 
     s = dsub.add_parser("select", help="DSIR: pick the k raw samples most like the target (hashed n-grams, "
                                        "importance weights, Gumbel-top-k)")

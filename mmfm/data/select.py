@@ -24,6 +24,7 @@ import numpy as np
 
 from mmfm.data.shards import expand_shards
 from mmfm.data.tario import iter_shard
+from mmfm.jsonio import write_json
 
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -113,8 +114,7 @@ def main(args) -> int:
               "read_problems": [list(p) for p in result["problems"][:100]], **written,
               "samples": [{"shard": result["items"][i][0], "key": result["items"][i][1], "log_weight": float(lw[i])}
                           for i in chosen]}
-    with open(f"{args.out}/select-report.json", "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(f"{args.out}/select-report.json", report)
     print(f"selected {report['selected']} of {report['raw_samples']} raw samples "
           f"({report['raw_without_text']} without text, not scorable) toward {report['target_samples']} target samples")
     print(f"mean log importance weight: raw {report['mean_log_weight_raw']:.2f}, "

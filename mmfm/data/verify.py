@@ -5,7 +5,6 @@ key; the exit status is 1 if anything is corrupt or unreadable, else 0.
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 
@@ -13,6 +12,7 @@ from mmfm.data.codecs import DecodeError, check_sample, decode_field
 from mmfm.data.schema import SchemaError, check_meta
 from mmfm.data.shards import expand_shards
 from mmfm.data.tario import iter_shard
+from mmfm.jsonio import write_json
 
 
 @dataclass
@@ -87,7 +87,6 @@ def main(args) -> int:
         return 2
     print_report(report)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"shards": report.shards, "samples": report.samples, "bytes": report.bytes,
-                       "per_modality": report.per_modality, "problems": report.problems}, f, indent=1)
+        write_json(args.json, {"shards": report.shards, "samples": report.samples, "bytes": report.bytes,
+                               "per_modality": report.per_modality, "problems": report.problems})
     return 0 if report.ok else 1

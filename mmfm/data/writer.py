@@ -13,13 +13,13 @@ At close, `<prefix>-manifest.json` lists the shards with their sample counts and
 """
 from __future__ import annotations
 
-import json
 import os
 
 import webdataset as wds
 
 from mmfm.data.codecs import check_sample, decode_field, encode_field
 from mmfm.data.schema import SchemaError, check_field_name, check_key, check_meta
+from mmfm.jsonio import write_json
 
 FIXED_MTIME = 1_700_000_000  # reproducible shards: the same samples give the same bytes
 
@@ -93,9 +93,7 @@ class SampleShardWriter(wds.ShardWriter):
         manifest = {"prefix": self.prefix, "shards": self.shards, "samples": sum(s["samples"] for s in self.shards),
                     "bytes": sum(s["bytes"] for s in self.shards), "modalities": self.modality_counts}
         path = os.path.join(self.out_dir, f"{self.prefix}-manifest.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(path, manifest)
         self.manifest = manifest
         return manifest
 

@@ -1,7 +1,7 @@
 """`mmfm demo` (default) / `mmfm demo e2e`: the main job, end to end on a CPU.
 
     1. corpus      mmfm data demo (six modalities) into <out>/corpus, unless it is there already
-    2. tokenizers  the small tokenizer configs (configs/tokenizers/*_small.yaml), trained briefly
+    2. tokenizers  the small tokenizer configs shipped with mmfm (configs/tokenizers/*_small.yaml), trained briefly
                    (shortened by the preset below) into <out>/tokenizers/<modality>
     3. tokens      every corpus sample -> [caption/transcript] + modality tokens through the trained
                    tokenizers and mmfm/vocab.py -> token shards <out>/tokens/{train,eval}-*.tar and
@@ -29,18 +29,21 @@ import os
 import sys
 import time
 
+from mmfm.jsonio import write_json
+
 MODALITIES = ("text", "image", "audio", "video", "shape3d", "physics")
 
-# modality -> (tokenizer config, overrides "section.field" -> value) per preset
+# modality -> (tokenizer config shipped with mmfm, overrides "section.field" -> value) per preset
 TOKENIZERS = {
-    "text": ("configs/tokenizers/text_bpe_small.yaml", {}),
-    "image": ("configs/tokenizers/image_conv_vq_small.yaml", {}),
-    "audio": ("configs/tokenizers/audio_codec_small.yaml", {}),
-    "video": ("configs/tokenizers/video_small.yaml", {}),
-    "shape3d": ("configs/tokenizers/shape3d_small.yaml", {}),
+    "text": ("tokenizers/text_bpe_small.yaml", {}),
+    "image": ("tokenizers/image_conv_vq_small.yaml", {}),
+    "audio": ("tokenizers/audio_codec_small.yaml", {}),
+    "video": ("tokenizers/video_small.yaml", {}),
+    "shape3d": ("tokenizers/shape3d_small.yaml", {}),
     # 4 frames (256 tokens per trajectory) instead of 16 (1024), so physics does not swamp the mix
-    "physics": ("configs/tokenizers/physics_small.yaml", {"model.frames": 4}),
+    "physics": ("tokenizers/physics_small.yaml", {"model.frames": 4}),
 }
+PRETRAIN_CONFIG = "pretrain/demo.yaml"   # shipped with mmfm too (mmfm.typed_config.packaged_config)
 
 PRESETS = {
     # the real demo: each tokenizer for its config's own (short) step count but the audio codec
@@ -56,20 +59,20 @@ PRESETS = {
                                               "shape3d": 600},
              "tokenizer_overrides": {"text": {"model.vocab_size": 1000}, "image": {"data.max_samples": 800}},
              "max_samples": 400,
-             "pretrain_config": "configs/pretrain/demo.yaml", "pretrain_overrides": [],
+             "pretrain_config": PRETRAIN_CONFIG, "pretrain_overrides": [],
              "eval_n": 50},
     # about an hour on 2 cores: the full corpus scale, full tokenizer schedules, a wider model for
     # longer (configs/pretrain/demo_long.yaml), checkpoints to score along the way
     "long": {"scale": 1.0, "tokenizer_steps": {m: 0 for m in MODALITIES},
              "tokenizer_overrides": {"text": {"model.vocab_size": 1000}}, "max_samples": 800,
-             "pretrain_config": "configs/pretrain/demo_long.yaml", "pretrain_overrides": [], "eval_n": 50},
+             "pretrain_config": "pretrain/demo_long.yaml", "pretrain_overrides": [], "eval_n": 50},
     # tests: the same stages at toy sizes
     "test": {"scale": 0.02, "tokenizer_steps": {"text": 0, "image": 3, "audio": 2, "video": 2, "shape3d": 2,
                                                 "physics": 2},
              "tokenizer_overrides": {"text": {"model.vocab_size": 600}, "physics": {"model.refine_steps": 1},
                                      "audio": {"train.batch_size": 4}, "video": {"train.batch_size": 4},
                                      "shape3d": {"train.batch_size": 4}},
-             "max_samples": 40, "pretrain_config": "configs/pretrain/demo.yaml",
+             "max_samples": 40, "pretrain_config": PRETRAIN_CONFIG,
              "pretrain_overrides": ["model.dim=64", "model.n_layers=2", "model.ffn_hidden=172", "train.steps=30", "train.micro_batch=4",
                                     "data.seq_len=128", "optim.warmup_steps=3", "train.checkpoint_every=15",
                                     "data.eval_sequences=8", "train.progress=false", "train.plot=false"],
@@ -95,7 +98,7 @@ def build_corpus(out: str, scale: float) -> str:
     if os.path.exists(os.path.join(corpus, "demo-summary.json")):
         _say(f"[demo] corpus: reusing {corpus}")
         return corpus
-    from mmfm.data.demo import build_demo
+    from mmfm.data.demo_corpus import build_demo
 
     _say(f"[demo] corpus: building the six-modality demo corpus at scale {scale} into {corpus}")
     os.makedirs(corpus, exist_ok=True)
@@ -106,10 +109,10 @@ def build_corpus(out: str, scale: float) -> str:
 # ------------------------------------------------------------------------------------ stage 2
 def tokenizer_config(modality: str, corpus: str, out: str, preset: dict):
     from mmfm.tokenizers.config import load_config
-    from mmfm.train.engine import REPO_ROOT
+    from mmfm.typed_config import packaged_config
 
     path, overrides = TOKENIZERS[modality]
-    cfg = load_config(os.path.join(REPO_ROOT, path))
+    cfg = load_config(packaged_config(path))
     cfg.data.shards = os.path.join(corpus, f"{modality}-*.tar")
     if modality == "text":   # documents and every other modality's captions and transcripts
         cfg.data.shards, cfg.data.modality = os.path.join(corpus, "*-*.tar"), ""
@@ -224,25 +227,20 @@ def tokenize_corpus(corpus: str, tokenizers: dict, out_dir: str, holdout_fractio
     vocab.save(os.path.join(out_dir, "vocab.json"))
     report = {"modalities": report, "vocab_size": vocab.size, "train_samples": len(rows["train"]),
               "eval_samples": len(rows["eval"]), "shards": {k: len(v) for k, v in shards.items()}}
-    with open(done, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(done, report)
     return report
 
 
 # ------------------------------------------------------------------------------------ stages 4-5
 def pretrain_config(out: str, preset: dict, extra: list[str]):
     from mmfm.train.config import load_run_config
-    from mmfm.train.engine import REPO_ROOT
+    from mmfm.typed_config import packaged_config
 
     tokens = os.path.join(out, "tokens")
     overrides = [f"data.shards={tokens}/train-*.tar", f"data.eval_shards={tokens}/eval-*.tar",
                  f"data.vocab={tokens}/vocab.json", f"train.out={os.path.join(out, 'pretrain')}"]
-    cwd = os.getcwd()
-    os.chdir(REPO_ROOT)           # the config names model and DeepSpeed files relative to the checkout
-    try:
-        cfg = load_run_config(preset["pretrain_config"], overrides + preset["pretrain_overrides"] + extra)
-    finally:
-        os.chdir(cwd)
+    # the config names its model and DeepSpeed files relative to itself: no working directory needed
+    cfg = load_run_config(packaged_config(preset["pretrain_config"]), overrides + preset["pretrain_overrides"] + extra)
     if cfg.data.mix:   # a small corpus (--scale, the test preset) can lack a modality in its train split
         from mmfm.train.tokens import modality_counts
 
@@ -259,7 +257,7 @@ TEXT_PROMPT = "The"
 # classifier-free guidance: the demo model is trained for it (data.caption_dropout in demo.yaml), but
 # at the demo's step count guidance 3 lowered every score it was measured on (docs/training.md), so off
 CFG_SCALE = 1.0
-SAMPLE_SETTINGS = dict(temperature=0.9, top_k=100, cfg_scale=CFG_SCALE, seed=0)
+SAMPLE_SETTINGS = dict(temperature=0.9, top_k=100)   # SamplingConfig fields
 
 
 def _caption(corpus: str, modality: str) -> str:
@@ -274,7 +272,7 @@ def _caption(corpus: str, modality: str) -> str:
 
 def generate_samples(export_dir: str, corpus: str, out: str) -> list[dict]:
     """One generated sample per modality into <out>/samples; reuses samples.json when present."""
-    from mmfm.generate import Bundle, generate
+    from mmfm.generate import Bundle, SamplingConfig
 
     folder = os.path.join(out, "samples")
     index = os.path.join(folder, "samples.json")
@@ -287,14 +285,14 @@ def generate_samples(export_dir: str, corpus: str, out: str) -> list[dict]:
     for m in MODALITIES:
         t = time.perf_counter()
         prompt = TEXT_PROMPT if m == "text" else _caption(corpus, m)
-        kw = dict(SAMPLE_SETTINGS, cfg_scale=1.0, max_new_tokens=48) if m == "text" else SAMPLE_SETTINGS
-        s = generate(bundle, prompt, m, out=os.path.join(folder, m), **kw)[0]
+        kw = dict(cfg_scale=1.0, max_new_tokens=48) if m == "text" else dict(cfg_scale=CFG_SCALE)
+        s = bundle.generate(prompt, m, out=os.path.join(folder, m), sampling=SamplingConfig(**SAMPLE_SETTINGS),
+                            seed=0, **kw)[0]
         rows.append({"modality": m, "prompt": prompt, "paths": s.paths, "tokens": int(s.tokens.numel()),
                      "seconds": round(time.perf_counter() - t, 2), **({"text": s.value} if m == "text" else {})})
         _say(f"[demo] samples: {m} <- {prompt[:60]!r}: {', '.join(s.paths)}")
     os.makedirs(folder, exist_ok=True)
-    with open(index, "w") as f:
-        json.dump(rows, f, indent=1)
+    write_json(index, rows)
     return rows
 
 
@@ -391,8 +389,7 @@ def main(args) -> int:
                                          "notes": prompt_eval["notes"]},
         "seconds": {k: round(v, 1) for k, v in {**times, "total": total}.items()},
     }
-    with open(os.path.join(out, "demo-summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(out, "demo-summary.json"), summary)
     print_summary(summary)
     fell = bool(start) and bool(end) and end.get("all", 1e9) < start.get("all", -1)
     if not fell:

@@ -70,7 +70,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--model", required=True, help="exported model folder (mmfm export / mmfm demo e2e's <out>/export)")
     p.add_argument("--corpus", default=None, help="the demo corpus (default: the export's sibling folder 'corpus')")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the bench records as a JSON list")
-    p.add_argument("--n", type=int, default=50, help="prompts (= generated samples) per prompt set (physics: at most 8)")
+    p.add_argument("--n", type=int, default=50,
+                   help="prompts (= generated samples) per prompt set (physics: at most 8)")
     p.add_argument("--modalities", nargs="+", default=None, metavar="M",
                    help="text image audio video shape3d (or 3d) physics (default: all the model has)")
     p.add_argument("--cache-dir", default=None, help="fitted scorers (default <corpus>/.scorers)")

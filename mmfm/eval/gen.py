@@ -81,13 +81,13 @@ def generate_tokens(model, vocab, prompts: list[torch.Tensor], to: str, length: 
 
     Rows are decoded batch_size at a time; row i of the whole list always gets the sampler seed
     `sampling.seed + chunk index`, so a run repeats exactly for the same batch size."""
-    from mmfm.generate import Constraints, SamplingConfig, Target, decode, modality_table
+    from mmfm.generate import Constraints, SamplingConfig, Target, decode
     from mmfm.generate.prompt import unconditional_prompt
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    table = modality_table(vocab, device) if model.cfg.groups > 1 else None
+    table = vocab.modality_table(device) if model.cfg.groups > 1 else None
     cfg = SamplingConfig(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     r = vocab.ranges[to]
     out = []

@@ -1,6 +1,6 @@
 """What each demo-corpus sample asks for, read from its caption and metadata (never from pixels).
 
-The demo generators (mmfm/data/demo) write captions in a fixed grammar, so the labels a scorer is
+The demo generators (mmfm/data/demo_corpus) write captions in a fixed grammar, so the labels a scorer is
 fitted and checked against are parsed here once:
 
     digit      "a handwritten digit 7"                                   -> {"digit": "7"}
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import re
 
-from mmfm.data.demo.audio import CHORDS, NOTES
-from mmfm.data.demo.images import COLORS, SHAPES
-from mmfm.data.demo.shapes3d import PRIMITIVES
-from mmfm.data.demo.video import MOTIONS
+from mmfm.data.demo_corpus.audio import CHORDS, NOTES
+from mmfm.data.demo_corpus.images import COLORS, SHAPES
+from mmfm.data.demo_corpus.shapes3d import PRIMITIVES
+from mmfm.data.demo_corpus.video import MOTIONS
 
 _COLOR = "|".join(COLORS)
 _SCENE = re.compile(rf"^an? (small|large) ({_COLOR}) ({'|'.join(SHAPES)}) at the ([a-z]+(?: [a-z]+)?) "
@@ -31,7 +31,7 @@ _DIGIT = re.compile(r"^a handwritten digit (\d)$")
 _NOTE = re.compile(rf"^a single piano-like note ({'|'.join(NOTES)}) lasting")
 _CHORD = re.compile(rf"^an? ({'|'.join(CHORDS)}) chord \(")
 
-# the position phrases the scene renderer can write (mmfm.data.demo.images._where)
+# the position phrases the scene renderer can write (mmfm.data.demo_corpus.images._where)
 POSITIONS = ("top left", "top center", "top right", "middle left", "center", "middle right",
              "bottom left", "bottom center", "bottom right")
 TONES = tuple(NOTES) + tuple(CHORDS)

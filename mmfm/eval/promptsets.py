@@ -5,7 +5,7 @@ A sample is held out exactly as `mmfm demo e2e` holds it out of the model's toke
 (mmfm.tokenizers.data.is_held_out(key, 0.1)); scorers are fitted on the rest. The demo corpus
 holds few held-out samples of some kinds (at scale 0.5: 4 tones, 5 moving clips, no 2D physics
 run at all), so each set is topped up to `n` with NEW samples drawn from the same generators
-(mmfm.data.demo) with another seed: real data of the corpus' distribution that neither the model
+(mmfm.data.demo_corpus) with another seed: real data of the corpus' distribution that neither the model
 nor the scorers have seen. Each item records where it came from ("held-out" or "fresh").
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ class PromptSet:
 
 
 def _digits_fresh(corpus_samples: list[dict], rng: np.random.Generator):
-    from mmfm.data.demo.images import digits
+    from mmfm.data.demo_corpus.images import digits
 
     used = set()
     for s in corpus_samples:
@@ -64,33 +64,33 @@ def _endless(make):
 
 
 def _tones(rng):
-    from mmfm.data.demo.audio import RATE, tones
+    from mmfm.data.demo_corpus.audio import RATE, tones
 
     for s in tones(64, rng):   # written samples hold the raw array; a shard reader gives (array, rate)
         yield {**s, "wav": (np.asarray(s["wav"], np.float32)[:, None], RATE)}
 
 
 def _scenes(rng):
-    from mmfm.data.demo.images import shape_scenes
+    from mmfm.data.demo_corpus.images import shape_scenes
 
     yield from shape_scenes(64, 64, rng)
 
 
 def _clips(rng):
-    from mmfm.data.demo.video import clips
+    from mmfm.data.demo_corpus.video import clips
 
     yield from clips(32, 64, 16, rng)
 
 
 def _shapes(rng):
-    from mmfm.data.demo.shapes3d import shapes
+    from mmfm.data.demo_corpus.shapes3d import shapes
 
     yield from shapes(16, 1024, rng)
 
 
 def _physics_maker(grid: int, frames: int):
     def make(rng):
-        from mmfm.data.demo.physics import trajectories
+        from mmfm.data.demo_corpus.physics import trajectories
 
         yield from trajectories(6, rng, grid=grid, frames=frames)
     return make
@@ -192,14 +192,13 @@ def physics_set(corpus: Corpus, n: int, accept: Callable) -> PromptSet:
     ps = PromptSet("physics", "physics", ("continuation",))
     ps.train = [(s, {}) for s in train if accept(s)]
     ps.items = [Item(s["txt"], s, {}, "held-out") for s in held if accept(s) and isinstance(s.get("txt"), str)][:n]
-    like = (train + held)[:1]
+    like = [s for s in train + held if accept(s)][:1]
     if not like:
         return ps
-    meta = like[0]["json"]
-    grid, frames = int(meta.get("grid_shape", [64])[0]), int(meta.get("num_frames", 16))
-    fresh = _endless(_physics_maker(grid, frames))(None, corpus.fresh_rng("physics"))
+    fields = np.asarray(like[0]["npz"]["fields"])     # fresh runs at the grid and length the tokenizer took
+    fresh = _endless(_physics_maker(int(fields.shape[-1]), int(fields.shape[0])))(None, corpus.fresh_rng("physics"))
     tries = 0
-    while len(ps.items) < n and tries < 30 * n:
+    while len(ps.items) < n and tries < 6 * n:
         s = next(fresh)
         tries += 1
         if accept(s):

@@ -146,8 +146,8 @@ class PromptEval:
     def _prepare_set(self, name: str, cache_dir) -> None:
         ps = build_set(self.corpus, name, self.cfg.n)
         self.sets[name] = ps
-        self.scorers[name] = cache.scorer(name, ps.train, self.corpus.folder, cache_dir)
         tok = self.toks[ps.modality]
+        self.scorers[name] = cache.scorer(name, ps.train, self.corpus.folder, cache_dir, tok)
         self.prompts[name] = [self._prompt(it.prompt, ps.modality) for it in ps.items]
         x = self._prepared(tok, [it.sample for it in ps.items])
         raw = self._predict(name, _values(ps.modality, x))
@@ -196,9 +196,9 @@ class PromptEval:
         later = truth[:, k:]
         n = len(ps.items)
         floor = rel_l2(later, self._round_trip(tok, truth)[:, k:]).mean()
+        held = repeat_last(truth[:, :k], c.frames - k)
         self.reference += [
-            record("physics", "continuation", "repeat_last", rel_l2=float(rel_l2(later, repeat_last(truth[:, :k],
-                                                                                             c.frames - k)).mean()), n=n),
+            record("physics", "continuation", "repeat_last", rel_l2=float(rel_l2(later, held).mean()), n=n),
             record("physics", "continuation", "ceiling", rel_l2=float(floor), n=n,
                    n_held_out=sum(it.source == "held-out" for it in ps.items), given_frames=k)]
         if ps.train:
@@ -281,11 +281,7 @@ class PromptEval:
         device = next(model.parameters()).device
         limit = model.cfg.max_seq_len - 2
         seqs = sorted((t[:limit] for t in self._text), key=len)
-        table = None
-        if model.cfg.groups > 1:
-            from mmfm.generate import modality_table
-
-            table = modality_table(v, device)
+        table = v.modality_table(device) if model.cfg.groups > 1 else None
         was = model.training
         model.eval()
         total, count = 0.0, 0
@@ -295,13 +291,15 @@ class PromptEval:
                 L = max(len(t) for t in chunk) + 2
                 ids = torch.full((len(chunk), L), v.pad_id, dtype=torch.long)
                 for r, t in enumerate(chunk):
-                    ids[r, :len(t) + 2] = torch.cat([torch.tensor([v.bos_id, v.begin_id("text")]), v.to_global("text", t)])
+                    head = torch.tensor([v.bos_id, v.begin_id("text")])
+                    ids[r, :len(t) + 2] = torch.cat([head, v.to_global("text", t)])
                 ids = ids.to(device)
                 logits = model(ids, modality_ids=table[ids] if table is not None else None)
                 logp = torch.log_softmax(logits[:, 1:-1].float(), -1)        # position j predicts token j + 1
                 target = ids[:, 2:]
                 nll = -logp.gather(-1, target[..., None])[..., 0]
-                mask = torch.arange(L - 2, device=device)[None, :] < torch.tensor([len(t) for t in chunk], device=device)[:, None]
+                lens = torch.tensor([len(t) for t in chunk], device=device)
+                mask = torch.arange(L - 2, device=device)[None, :] < lens[:, None]
                 total += float(nll[mask].sum())
                 count += int(mask.sum())
         finally:

@@ -1,212 +1,44 @@
 """Any-to-any generation with a static KV cache and the fused sampler (docs/generation.md).
 
-    import mmfm
-    samples = mmfm.generate("runs/demo/export", "a red circle", to="image", out="red.png",
-                            temperature=0.9, top_k=50, cfg_scale=3.0)
+    from mmfm.generate import Bundle, SamplingConfig
+
+    bundle = Bundle.load("runs/demo/export")     # the model, vocab.json and tokenizers/, loaded once
+    samples = bundle.generate("a red circle", to="image", out="red.png", cfg_scale=3.0,
+                              sampling=SamplingConfig(temperature=0.9, top_k=50))
     samples[0].value      # the decoded image [3, H, W]; samples[0].paths == ["red.png"]
 
-`mmfm generate --model DIR --prompt ... --to M --out PATH` is the same call (commands.py).
-Pieces: prompt.py (prompts in the unified vocabulary), constraints.py (which ids each row may emit),
-decode.py (the loop), step.py (the lean dense decode step), outputs.py (file writers and readers);
-speculative.py + recycling.py (Token Recycling and draft-model speculative decoding, docs/speculative.md)
-and masked.py (MaskGIT / ReCAP parallel decoding).
+`generate(folder, prompt, to=..., temperature=0.9, ...)` is the same in one call, and
+`mmfm generate --model DIR --prompt ... --to M --out PATH` on the command line (commands.py, whose
+sampling flags are SamplingConfig's fields). Pieces: bundle.py (Bundle, Sample), prompt.py (prompts
+in the unified vocabulary), constraints.py (which ids each row may emit), decode.py (SamplingConfig
+and the loop), step.py (the lean dense decode step), outputs.py (file writers and readers);
+speculative.py + recycling.py (Token Recycling and draft-model speculative decoding,
+docs/speculative.md) and masked.py (MaskGIT / ReCAP parallel decoding).
 """
 from __future__ import annotations
 
-import json
-import os
-import sys
-import types
-from dataclasses import dataclass, field
+import dataclasses
 
-import torch
+from mmfm.generate.bundle import Bundle, Sample, summary
+from mmfm.generate.constraints import Constraints, Target
+from mmfm.generate.decode import SamplingConfig, decode
 
-from mmfm.generate.constraints import Constraints, Target, text_allowed_mask
-from mmfm.generate.decode import SamplingConfig, decode, modality_table
-from mmfm.generate.prompt import Tokenizers, build_prompt, unconditional_prompt
-from mmfm.vocab import Vocab
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingConfig))
 
 
-@dataclass
-class Bundle:
-    """An exported model folder, loaded: the model, its vocabulary and its tokenizers."""
-    model: torch.nn.Module
-    vocab: Vocab
-    tokenizers: Tokenizers
-    folder: str = ""
-
-    @classmethod
-    def load(cls, folder: str) -> "Bundle":
-        from mmfm.models.io import load
-
-        if not os.path.exists(os.path.join(folder, "mmfm_model.json")):
-            raise FileNotFoundError(f"--model {folder!r}: not an exported model folder (no mmfm_model.json; "
-                                    "make one with mmfm export)")
-        vpath = os.path.join(folder, "vocab.json")
-        if not os.path.exists(vpath):
-            raise FileNotFoundError(f"--model {folder!r}: no vocab.json (export with a run that names data.vocab)")
-        vocab = Vocab.load(vpath)
-        model = load(folder)
-        if model.cfg.vocab_size != vocab.size:
-            raise ValueError(f"--model {folder!r}: the model's vocab_size {model.cfg.vocab_size} differs from "
-                             f"vocab.json's size {vocab.size}")
-        return cls(model, vocab, Tokenizers(os.path.join(folder, "tokenizers"), vocab), folder)
-
-
-@dataclass
-class Sample:
-    """One generated row: its modality, the tokenizer-local ids, the decoded value (str or tensor)
-    and the files written (empty without `out`)."""
-    modality: str
-    tokens: torch.Tensor
-    value: object
-    paths: list = field(default_factory=list)
-    prompt: str = ""
-
-
-def _segment(vocab: Vocab, to: str, new: torch.Tensor) -> torch.Tensor:
-    """The generated ids of one row -> the target segment's local ids (markers and <eos> dropped)."""
-    r = vocab.ranges[to]
-    keep = (new >= r.start) & (new < r.stop)
-    body = new[keep] if to != "text" else new[:int(keep.long().cumprod(0).sum())]
-    return vocab.to_local(to, body)
-
-
-def generate(model, prompt="", to: str = "text", *, inputs: dict | None = None, out: str | None = None,
-             max_new_tokens: int = 64, cfg_scale: float = 1.0, seed: int = 0, stop_ids=(), progress: bool = False,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
-             repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-             frequency_penalty: float = 0.0, speculative: str | None = None, draft_model=None,
-             stats: dict | None = None, coprocessor=None, augment_every: int = 0) -> list[Sample]:
-    """Generate one `to` sample per prompt (a string or a list of strings: a batch).
-
-    model: an exported folder (mmfm export) or a Bundle. inputs: {modality: value or file path}
-    conditioning every row (e.g. {"image": "in.png"}). out: a path; each sample is written there
-    (batch rows as <stem>-<i><ext>) in the modality's format (outputs.py). max_new_tokens: the
-    text limit (a modality segment always has its tokenizer's length). cfg_scale: classifier-free
-    guidance (1 = off; 0 = unconditional). Sampling options as mmfm.ops.sample (temperature 0 = greedy).
-
-    speculative: None, "token_recycling" or "draft" (draft_model: an exported folder or a Bundle of
-    a smaller model over the same vocabulary). Lossless: the output distribution is plain
-    sampling's (docs/speculative.md). Text only, one row at a time, no CFG and no penalties; the
-    model's full vocabulary is sampled and the text segment is cut at the first non-text id, as
-    with plain decoding. `stats`, when a dict, receives the acceptance figures per prompt.
-
-    coprocessor: a trained cache-augmentation coprocessor (a folder from mmfm cacheaug train, or a
-    mmfm.cacheaug.Coprocessor) for this model: the cache is augmented with its latents at the
-    prompt's end and, with augment_every=M, before every M-th generated token (docs/cacheaug.md).
-    """
+def generate(model, prompt: str | list[str] = "", to: str = "text", *, sampling: SamplingConfig | None = None,
+             **options) -> list[Sample]:
+    """`Bundle.load(model).generate(prompt, to, sampling=..., **options)` in one call; model may
+    also be a loaded Bundle. The sampler's settings may be given as SamplingConfig's fields
+    (temperature=0.9, top_k=50, ...) instead of `sampling`, not both."""
+    flat = {k: options.pop(k) for k in list(options) if k in _SAMPLING_FIELDS}
+    if flat:
+        if sampling is not None:
+            raise ValueError(f"generate: give the sampler's settings as 'sampling' or as keyword arguments "
+                             f"({', '.join(flat)}), not both")
+        sampling = SamplingConfig(**flat)
     bundle = model if isinstance(model, Bundle) else Bundle.load(str(model))
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("argument 'prompt' must be a string or a non-empty list of strings")
-    vocab, toks = bundle.vocab, bundle.tokenizers
-    if to not in vocab.ranges:
-        raise ValueError(f"argument 'to' is {to!r}; this model can generate {list(vocab.ranges)}")
-    if to == "text":
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"argument 'max_new_tokens' must be an integer >= 1, got {max_new_tokens!r}")
-        length = max_new_tokens
-    else:
-        length = toks.segment_length(to)
-    paths = None
-    if out:   # a wrong extension fails before any decoding
-        from mmfm.generate.outputs import output_path
-
-        paths = [output_path(str(out), to, None if len(prompts) == 1 else i) for i in range(len(prompts))]
-    ids = [build_prompt(vocab, toks, p, to, inputs) for p in prompts]
-    if coprocessor is not None and speculative is not None:
-        raise ValueError("arguments 'coprocessor' and 'speculative' do not combine")
-    if isinstance(coprocessor, (str, os.PathLike)):
-        from mmfm.cacheaug import load_coprocessor
-
-        coprocessor = load_coprocessor(str(coprocessor), bundle.model)
-    if speculative is not None:
-        new = _speculative(bundle, ids, speculative, draft_model, length, seed, stats,
-                           to=to, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                           min_p=min_p, typical_p=typical_p, repetition_penalty=repetition_penalty,
-                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
-        return _finish(bundle, to, prompts, new, paths)
-    uncond = [unconditional_prompt(vocab, to) for _ in prompts] if cfg_scale != 1.0 else None
-    device = next(bundle.model.parameters()).device
-    cons = Constraints(vocab, [Target(to, length)] * len(prompts), device=device, stop_ids=stop_ids)
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                              repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty)
-    table = modality_table(vocab) if bundle.model.cfg.groups > 1 else None
-    new = decode(bundle.model, ids, cons, sampling, uncond=uncond, cfg_scale=cfg_scale, seed=seed,
-                 pad_id=vocab.pad_id, mod_table=table, progress=progress, coprocessor=coprocessor,
-                 augment_every=augment_every)
-    return _finish(bundle, to, prompts, new, paths)
+    return bundle.generate(prompt, to, sampling=sampling, **options)
 
 
-def _speculative(bundle, ids, method, draft_model, length, seed, stats, *, to, cfg_scale,
-                 repetition_penalty, presence_penalty, frequency_penalty, **sampling) -> list[torch.Tensor]:
-    from mmfm.generate.speculative import draft_model_generate, token_recycling_generate
-
-    if method not in ("token_recycling", "draft"):
-        raise ValueError(f"argument 'speculative' must be 'token_recycling' or 'draft', got {method!r}")
-    if to != "text":
-        raise ValueError(f"argument 'speculative' decodes text only (got to={to!r}); "
-                         "modality segments use the constrained plain loop")
-    if cfg_scale != 1.0 or repetition_penalty != 1.0 or presence_penalty or frequency_penalty:
-        raise ValueError("argument 'speculative' does not combine with cfg_scale or penalties")
-    drafter = None
-    if method == "draft":
-        if draft_model is None:
-            raise ValueError("argument 'draft_model' is required with speculative='draft'")
-        drafter = (draft_model if isinstance(draft_model, Bundle) else Bundle.load(str(draft_model))).model
-        if drafter.cfg.vocab_size != bundle.model.cfg.vocab_size:
-            raise ValueError(f"argument 'draft_model': vocab_size {drafter.cfg.vocab_size} differs from the "
-                             f"model's {bundle.model.cfg.vocab_size}")
-    table = modality_table(bundle.vocab) if bundle.model.cfg.groups > 1 else None
-    vocab = bundle.vocab   # the plain loop's text constraint, so greedy output is the same
-    allowed = text_allowed_mask(vocab, next(bundle.model.parameters()).device)
-    out = []
-    with torch.inference_mode():
-        for i, row in enumerate(ids):
-            kw = dict(max_new_tokens=length, seed=seed + i, eos_id=vocab.eos_id, modality_table=table,
-                      allowed_mask=allowed, **sampling)
-            if method == "token_recycling":
-                toks, st = token_recycling_generate(bundle.model, row, **kw)
-            else:
-                toks, st = draft_model_generate(bundle.model, drafter, row, **kw)
-            if stats is not None:
-                stats.setdefault("rows", []).append(st.as_dict())
-            out.append(toks)
-    return out
-
-
-def _finish(bundle, to, prompts, new, paths) -> list[Sample]:
-    vocab, toks = bundle.vocab, bundle.tokenizers
-    samples = []
-    for i, row in enumerate(new):
-        local = _segment(vocab, to, row)
-        tok = toks[to]
-        value = tok.decode(local)
-        s = Sample(to, local, value, prompt=prompts[i])
-        if paths:
-            from mmfm.generate.outputs import write_output
-
-            rate = getattr(getattr(tok, "config", None), "sample_rate", None)
-            s.paths = write_output(paths[i], to, value, sample_rate=rate)
-        samples.append(s)
-    return samples
-
-
-def summary(samples: list[Sample]) -> str:
-    return json.dumps([{"modality": s.modality, "tokens": int(s.tokens.numel()), "paths": s.paths,
-                        **({"text": s.value} if s.modality == "text" else {})} for s in samples], indent=1)
-
-
-class _CallableModule(types.ModuleType):
-    """`mmfm.generate` is both this package and the function: importing the package replaces the
-    attribute on `mmfm`, so the module itself forwards calls to `generate`."""
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
-__all__ = ["Bundle", "Constraints", "Sample", "SamplingConfig", "Target", "decode", "generate", "modality_table"]
+__all__ = ["Bundle", "Constraints", "Sample", "SamplingConfig", "Target", "decode", "generate", "summary"]

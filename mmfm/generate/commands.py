@@ -1,9 +1,14 @@
 """`mmfm generate --model EXPORT_DIR --prompt "..." [--image IN.png | --audio IN.wav | ...]
 --to text|image|video|audio|3d|physics --out PATH [sampling options]`: a thin wrapper of
-mmfm.generate.generate."""
+Bundle.generate. The sampling options are SamplingConfig's fields (--top-k for top_k, with the
+field's type, default and help), so a field added there is a flag here."""
 from __future__ import annotations
 
+import dataclasses
 import sys
+import typing
+
+from mmfm.generate.decode import SamplingConfig
 
 ALIASES = {"3d": "shape3d"}
 INPUTS = ("image", "audio", "video", "shape3d", "physics")
@@ -12,7 +17,7 @@ INPUTS = ("image", "audio", "video", "shape3d", "physics")
 def cmd_generate(args) -> int:
     import torch
 
-    from mmfm.generate import Bundle, generate, summary
+    from mmfm.generate import Bundle, summary
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -27,12 +32,11 @@ def cmd_generate(args) -> int:
     stats = {} if args.speculative else None
     try:
         bundle = Bundle.load(args.model)
-        samples = generate(bundle, prompts, to, inputs=inputs, out=args.out, max_new_tokens=args.max_new_tokens,
-                           cfg_scale=args.cfg_scale, seed=args.seed, progress=not args.no_progress,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                           typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
-                           speculative=args.speculative, draft_model=args.draft_model, stats=stats,
-                           coprocessor=args.coprocessor, augment_every=args.augment_every)
+        samples = bundle.generate(prompts, to, sampling=sampling_from_args(args), inputs=inputs, out=args.out,
+                                  max_new_tokens=args.max_new_tokens, cfg_scale=args.cfg_scale, seed=args.seed,
+                                  progress=not args.no_progress, speculative=args.speculative,
+                                  draft_model=args.draft_model, stats=stats, coprocessor=args.coprocessor,
+                                  augment_every=args.augment_every)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mmfm generate: {exc}", file=sys.stderr)
         return 2
@@ -48,6 +52,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def add_sampling_flags(p) -> None:
+    """One flag per SamplingConfig field: --top-k for top_k, the field's type, default and help."""
+    hints = typing.get_type_hints(SamplingConfig)
+    for f in dataclasses.fields(SamplingConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=hints[f.name], default=f.default,
+                       help=f"{f.metadata['help']} (default %(default)s)")
+
+
+def sampling_from_args(args) -> SamplingConfig:
+    """The SamplingConfig that add_sampling_flags' flags describe."""
+    return SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
+
+
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text, images, video, audio, 3D or physics from an exported model")
     p.add_argument("--model", required=True, help="exported model folder (mmfm export), with vocab.json and tokenizers/")
@@ -60,12 +77,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--to", required=True, choices=("text", "image", "video", "audio", "3d", "shape3d", "physics"))
     p.add_argument("--out", default=None, help="output path (batch rows: <stem>-<i><ext>); text prints without it")
     p.add_argument("--max-new-tokens", type=int, default=64, help="text: the most tokens to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    p.add_argument("--typical-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    add_sampling_flags(p.add_argument_group("sampling (mmfm.generate.SamplingConfig)"))
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off, 0 = unconditional)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative", choices=("token_recycling", "draft"), default=None,

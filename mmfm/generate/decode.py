@@ -21,7 +21,7 @@ finished is read back only every `check_every` steps (finished rows keep emittin
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -31,31 +31,39 @@ from mmfm.models.kv_cache import KVCache
 from mmfm.ops.sampling import sample
 
 
+def _opt(default, text: str):
+    """A field with its flag's help (commands.py turns every field into a flag)."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class SamplingConfig:
-    """The fused sampler's settings (mmfm.ops.sampling.sample; 0 temperature = greedy)."""
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    """The fused sampler's settings (mmfm.ops.sampling.sample, which checks their values and
+    applies them in the order its module docstring gives). Each field is also a flag of
+    `mmfm generate` (commands.py builds them from these fields and their help)."""
+    temperature: float = _opt(1.0, "softmax temperature; 0 = greedy")
+    top_k: int = _opt(0, "keep the k most likely tokens; 0 = off")
+    top_p: float = _opt(1.0, "nucleus: keep the smallest head holding this much of the mass; 1 = off")
+    min_p: float = _opt(0.0, "keep tokens at least this fraction of the top token's probability; 0 = off")
+    typical_p: float = _opt(1.0, "locally typical sampling mass; 1 = off")
+    repetition_penalty: float = _opt(1.0, "divide (or multiply, if negative) the logit of every token seen "
+                                          "in the prompt or output; 1 = off")
+    presence_penalty: float = _opt(0.0, "subtract from the logit of every token seen once or more; 0 = off")
+    frequency_penalty: float = _opt(0.0, "subtract this times the count of every token seen; 0 = off")
 
     def uses_history(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-def modality_table(vocab, device="cpu") -> torch.Tensor:
-    """int64 [V]: the modality index of every id (markers count as their modality), for
-    modality-sparse models."""
-    table = torch.zeros(vocab.size, dtype=torch.long, device=device)
-    for name, r in vocab.ranges.items():
-        i = vocab.modality_index(name)
-        table[r.start:r.stop] = i
-        table[[vocab.begin_id(name), vocab.end_id(name)]] = i
-    return table
+def modality_ids(model, ids: torch.Tensor, table: torch.Tensor | None, arg: str = "modality_table"):
+    """The modality ids `model` reads with `ids`: None for a dense model, `table[ids]` for a
+    modality-sparse one (table: Vocab.modality_table(); `arg` names it in the error)."""
+    if model.cfg.groups == 1:
+        return None
+    if table is None:
+        raise ValueError(f"argument '{arg}': a modality-sparse model needs the vocabulary's token -> modality "
+                         "table (Vocab.modality_table())")
+    return table.to(ids.device)[ids]
 
 
 def _pad_batch(prompts: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +102,7 @@ def decode(model, prompts: list[torch.Tensor], constraints: Constraints | None, 
     (default: the longest constrained segment + 1 for its end marker). uncond: B unconditional
     prompts for classifier-free guidance with cfg_scale (1 = off). seed: the sampler's Philox
     seed; step i uses offset i, so a run repeats exactly. mod_table: token -> modality index for
-    modality-sparse models (mmfm.generate.decode.modality_table).
+    modality-sparse models (Vocab.modality_table()).
 
     coprocessor: a cache-augmentation coprocessor (mmfm.cacheaug, docs/cacheaug.md): every row's cache
     is augmented with its N latents before the prompt's last token is fed, and again before every
@@ -133,14 +141,17 @@ def decode(model, prompts: list[torch.Tensor], constraints: Constraints | None, 
         raise ValueError(f"decode: the longest prompt ({int(lens.max())} tokens) plus max_new_tokens "
                          f"({max_new_tokens}) is {int(lens.max()) + max_new_tokens}, beyond the model's max_seq_len {cfg.max_seq_len}")
     sparse = cfg.groups > 1
-    if sparse and mod_table is None:
-        raise ValueError("decode: a modality-sparse model needs 'mod_table' (mmfm.generate.decode.modality_table)")
-    mod_table = mod_table.to(device) if mod_table is not None else None
+    mod_table = None if mod_table is None or not sparse else mod_table.to(device)   # moved once, not per step
+
+    def mods(x):
+        return modality_ids(model, x, mod_table, "mod_table")
+
+    mods(ids)   # a sparse model without a table fails here, before the cache is allocated
 
     cache = KVCache.for_model(model, len(rows), capacity=need)
     latent_slots = 0
     if coprocessor is None:
-        logits = model(ids, modality_ids=mod_table[ids] if sparse else None, cache=cache, counts=lens)
+        logits = model(ids, modality_ids=mods(ids), cache=cache, counts=lens)
         last = logits[torch.arange(len(rows), device=device), lens - 1]          # [rows, V]
         del logits
     else:   # prefill all but the last prompt token, augment, then feed the last token
@@ -148,10 +159,10 @@ def decode(model, prompts: list[torch.Tensor], constraints: Constraints | None, 
 
         if int(lens.max()) > 1:
             head = ids[:, :int(lens.max()) - 1]
-            model(head, modality_ids=mod_table[head] if sparse else None, cache=cache, counts=lens - 1)
+            model(head, modality_ids=mods(head), cache=cache, counts=lens - 1)
         latent_slots += augment(model, coprocessor, cache, cache.lengths.clone())
         feed0 = ids[torch.arange(len(rows), device=device), lens - 1][:, None]
-        last = model(feed0, modality_ids=mod_table[feed0] if sparse else None, cache=cache,
+        last = model(feed0, modality_ids=mods(feed0), cache=cache,
                      positions=(cache.lengths - latent_slots)[:, None])[:, -1]
     # dense models step through DenseStep (same function, far fewer ops per token); with latents in
     # the cache positions are not slots, so the general forward takes explicit positions
@@ -204,10 +215,10 @@ def decode(model, prompts: list[torch.Tensor], constraints: Constraints | None, 
                 if augment_every and (step + 1) % augment_every == 0:
                     latent_slots += augment(model, coprocessor, cache, cache.lengths - latent_slots)
                 f = feed[:, None]
-                last = model(f, modality_ids=mod_table[f] if sparse else None, cache=cache,
+                last = model(f, modality_ids=mods(f), cache=cache,
                              positions=(cache.lengths - latent_slots)[:, None])[:, -1]
             else:
-                last = model(feed[:, None], modality_ids=mod_table[feed[:, None]], cache=cache)[:, -1]
+                last = model(feed[:, None], modality_ids=mods(feed[:, None]), cache=cache)[:, -1]
     finally:
         if bar is not None:
             bar.close()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmfm.generate.decode import modality_ids
 from mmfm.models.kv_cache import KVCache
 from mmfm.ops import sampling
 
@@ -79,15 +80,6 @@ def _check(model, prefix_ids, length, steps, mask_id, suffix_ids):
         raise ValueError(f"length: prefix + length + suffix = {pre.shape[1] + length + suf.shape[1]} exceeds the "
                          f"model's max_seq_len {model.cfg.max_seq_len}")
     return pre, suf
-
-
-def _mods(ids, table, model):
-    if table is None:
-        if model.cfg.modality_sparse:
-            raise ValueError("modality_table: a modality-sparse model needs the [V] token -> modality table "
-                             "(mmfm.objectives.modality_table(vocab))")
-        return None
-    return table.to(ids.device)[ids]
 
 
 class _Decoder:
@@ -151,7 +143,7 @@ def maskgit_decode(model, prefix_ids, length: int, *, mask_id: int, steps: int =
     block_pos = torch.arange(length, device=pre.device).expand(B, -1)
     for t in range(steps):
         seq = dec.sequence()
-        logits = model(seq, modality_ids=_mods(seq, modality_table, model), attn_mask=full)[:, P:P + length]
+        logits = model(seq, modality_ids=modality_ids(model, seq, modality_table), attn_mask=full)[:, P:P + length]
         stats.full_passes += 1
         stats.token_evals += B * L
         dec.step(t, logits, block_pos)
@@ -202,7 +194,7 @@ def full_pass(model, seq: torch.Tensor, masked: torch.Tensor, P: int, cache: KVC
     n_ctx = L - int(masked[0].sum())
     ids = seq.gather(1, order)
     cache.truncate(0)
-    logits = model(ids, modality_ids=_mods(ids, modality_table, model),
+    logits = model(ids, modality_ids=modality_ids(model, ids, modality_table),
                    attn_mask=torch.ones(B, L, L, dtype=torch.bool, device=dev), positions=order, cache=cache)
     cache.truncate(n_ctx)
     return logits[:, n_ctx:], order[:, n_ctx:] - P, n_ctx
@@ -214,7 +206,7 @@ def cheap_pass(model, block: torch.Tensor, active: torch.Tensor, P: int, cache: 
     features the last full pass stored; logits [B, A, V]. The cache is left at n_ctx slots."""
     ids = block.gather(1, active)
     B, A = ids.shape
-    logits = model(ids, modality_ids=_mods(ids, modality_table, model),
+    logits = model(ids, modality_ids=modality_ids(model, ids, modality_table),
                    attn_mask=torch.ones(B, A, A, dtype=torch.bool, device=ids.device),
                    positions=P + active, cache=cache)
     cache.truncate(n_ctx)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmfm.generate.recycling import RecyclingMatrix, build_tree, tree_template
+from mmfm.generate.decode import modality_ids
 from mmfm.models.kv_cache import KVCache
 from mmfm.ops import sampling
 
@@ -78,15 +79,6 @@ def _check_common(max_new_tokens: int, seed) -> None:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     if seed is not None and not isinstance(seed, int):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
-
-
-def _modality_ids(ids: torch.Tensor, table: torch.Tensor | None, model) -> torch.Tensor | None:
-    if table is None:
-        if model.cfg.modality_sparse:
-            raise ValueError("modality_table: a modality-sparse model needs the [V] token -> modality table "
-                             "(mmfm.objectives.modality_table(vocab))")
-        return None
-    return table.to(ids.device)[ids]
 
 
 class _Rng:
@@ -146,7 +138,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     rng = _Rng(seed)
     stats = SpecStats()
     cache = KVCache.for_model(model, batch=1, capacity=ids.shape[1] + max_new_tokens + len(template) + 1)
-    logits = model(ids, modality_ids=_modality_ids(ids, modality_table, model), cache=cache)[0]
+    logits = model(ids, modality_ids=modality_ids(model, ids, modality_table), cache=cache)[0]
     if warm_from_prompt:
         matrix.update(ids[0, 1:], logits[:-1])   # logits[i] predicts the token after ids[i]
     matrix.update(ids[0, -1:], logits[-1:])
@@ -156,7 +148,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         if skip > 0:   # back-off: a plain one-token step (the same draw as a one-node tree)
             skip -= 1
             last = torch.tensor([[out[-1]]], dtype=torch.long, device=device)
-            lg = model(last, modality_ids=_modality_ids(last, modality_table, model), cache=cache)[0]
+            lg = model(last, modality_ids=modality_ids(model, last, modality_table), cache=cache)[0]
             stats.target_passes += 1
             stats.plain_passes += 1
             matrix.update(last[0], lg)
@@ -169,7 +161,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         tree = build_tree(matrix, out[-1], template)
         start = int(cache.lengths[0])
         node_ids = tree.tokens.to(device)[None]
-        logits = model(node_ids, modality_ids=_modality_ids(node_ids, modality_table, model),
+        logits = model(node_ids, modality_ids=modality_ids(model, node_ids, modality_table),
                        attn_mask=tree.mask.to(device)[None], positions=start + tree.depth.to(device)[None],
                        cache=cache)[0]
         stats.target_passes += 1
@@ -246,7 +238,7 @@ def draft_model_generate(model, drafter, prompt_ids, *, max_new_tokens: int, num
     dcache = KVCache.for_model(drafter, batch=1, capacity=cap)
 
     def mods(m, x):
-        return _modality_ids(x, modality_table, m)
+        return modality_ids(m, x, modality_table)
 
     logits = model(ids, modality_ids=mods(model, ids), cache=cache)[0, -1:]
     out = [int(sampling.sample(logits, **settings, **rng.next())[0])]

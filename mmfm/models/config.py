@@ -1,6 +1,7 @@
 """Typed model configs (configs/models/<name>.yaml) and the sizes derived from them.
 
     model:                     # ModelConfig
+      arch: transformer        # a name in MODELS (the default; the only architecture so far)
       dim: 256
       n_layers: 4
       n_heads: 8
@@ -17,7 +18,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mmfm.typed_config import ConfigError, from_dict, read_sections
+from mmfm.registry import Registry
+from mmfm.typed_config import ConfigError, read_sections
+
+# Model architectures by the name a `model:` section gives in `arch`; each takes a ModelConfig.
+MODELS = Registry("model architecture", field="arch", default="transformer", modules=("mmfm.models.transformer",))
 
 
 @dataclass
@@ -36,6 +41,7 @@ class ModelConfig:
     modality_sparse: bool = False   # Mixture-of-Transformers
     num_modalities: int = 0         # groups for modality_sparse: 0 = the vocabulary's (specials + modalities)
     attention: str = "auto"         # auto (flash-attn on CUDA when importable, else sdpa), sdpa, eager
+    arch: str = "transformer"       # the architecture in MODELS that builds from this config
 
     @property
     def head_dim(self) -> int:
@@ -96,7 +102,7 @@ class ModelConfig:
 
 
 def model_config_from_dict(d, where: str) -> ModelConfig:
-    cfg = from_dict(ModelConfig, d, where)
+    cfg = MODELS.config_from_dict(d, where)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -111,6 +117,11 @@ def load_model_config(path) -> ModelConfig:
     if "model" not in raw:
         raise ConfigError(f"{path}: model: missing; the file needs one top-level field, 'model'")
     return model_config_from_dict(raw.get("model"), f"{path}: model")
+
+
+def build_model(cfg: ModelConfig):
+    """The model `cfg.arch` names (an mmfm Transformer for the default arch)."""
+    return MODELS.build(cfg.arch, cfg, where="model.")
 
 
 def to_dict(cfg: ModelConfig) -> dict:

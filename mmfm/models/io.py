@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from mmfm.models.config import ModelConfig
+from mmfm.models.config import ModelConfig, build_model
 from mmfm.models.hf import from_hf
 from mmfm.models.transformer import Transformer
 
@@ -25,6 +25,6 @@ def read_state(folder: str) -> tuple[dict, ModelConfig]:
 def load(folder: str) -> Transformer:
     """An exported folder -> mmfm Transformer (eval mode, fp32)."""
     state, cfg = read_state(folder)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     model.load_state_dict(state)
     return model.eval()

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmfm.models.config import ModelConfig
+from mmfm.models.config import MODELS, ModelConfig
 from mmfm.ops.linear_cross_entropy import linear_cross_entropy
 
 try:  # optional: the [cuda] extra
@@ -222,6 +222,7 @@ class LMHead(nn.Linear):
         return linear_cross_entropy(x, self.weight, labels, token_weights)
 
 
+@MODELS.register("transformer", ModelConfig)
 class Transformer(nn.Module):
     """forward(ids [B, L], modality_ids [B, L] or None, attn_mask None (causal) or bool [B, L, L])
     -> logits [B, L, vocab_size].

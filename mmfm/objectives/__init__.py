@@ -3,7 +3,7 @@
 Every objective turns a packed batch into the same four tensors, so the model, the loss and the
 per-modality report are shared:
 
-    prepare(ids [B, L], modality_ids [B, L], valid [B, L] bool, generator) -> Prepared:
+    prepare(ids [B, L], modality_ids [B, L] (= vocab.modality_table()[ids]), valid [B, L] bool, generator) -> Prepared:
         input_ids   what the model reads (masked objectives put <mask> where inputs are hidden)
         labels      the id each position must predict, -100 where there is no loss
         label_mod   modality id of each label (per-modality losses and weights)
@@ -12,9 +12,12 @@ per-modality report are shared:
     ar        next-token prediction (Chameleon-style), per-modality loss masks and weights
     masked    4M-style: Dirichlet input/target budgets per modality, bidirectional attention
     hybrid    BAMM-style: a causal prefix and a masked suffix in one sequence and one mask
-"""
-from mmfm.objectives.base import (ObjectiveConfig, Prepared, build_objective, loss_and_report, modality_table,
-                                  model_loss_and_report)
 
-__all__ = ["ObjectiveConfig", "Prepared", "build_objective", "loss_and_report", "modality_table",
-           "model_loss_and_report"]
+Each is registered in `OBJECTIVES` under that name, the `kind` of a config's `objective:` section.
+"""
+from mmfm.objectives.base import (ObjectiveConfig, Prepared, build_objective, loss_and_report,
+                                  model_loss_and_report)
+from mmfm.objectives.base import OBJECTIVES, objective_config_from_dict
+
+__all__ = ["ObjectiveConfig", "Prepared", "build_objective", "loss_and_report",
+           "model_loss_and_report", "OBJECTIVES", "objective_config_from_dict"]

@@ -7,12 +7,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mmfm.registry import Registry
+
 IGNORE = -100
+# Every objective shares ObjectiveConfig; its `kind` field names the class.
+OBJECTIVES = Registry("objective", field="kind", default="ar", modules=("mmfm.objectives",))
 
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = "ar"                  # ar, masked, hybrid
+    kind: str = "ar"                  # ar, masked, hybrid: a name in OBJECTIVES
     # ar: each packed sample (from its <bos>) attends only to itself, as it will at generation, where
     # a prompt has no earlier samples before it (without it, a caption can lean on a previous sample's)
     document_mask: bool = False
@@ -30,8 +34,7 @@ class ObjectiveConfig:
     mask_ratio: float = 0.5
 
     def validate(self, names: list[str]) -> None:
-        if self.kind not in ("ar", "masked", "hybrid"):
-            raise ValueError(f"kind: expected ar, masked or hybrid, got {self.kind!r}")
+        OBJECTIVES.get(self.kind)   # "kind: unknown objective ...; expected one of: ..."
         for k, v in self.loss_weights.items():
             if k not in names:
                 raise ValueError(f"loss_weights.{k}: unknown modality; the vocabulary has {', '.join(names)}")
@@ -58,17 +61,6 @@ class Prepared:
     attn_mask: torch.Tensor | None
 
 
-def modality_table(vocab) -> torch.Tensor:
-    """[vocab.size] int64: the modality index of every id (markers belong to their modality)."""
-    t = torch.zeros(vocab.size, dtype=torch.long)
-    for i, name in enumerate(vocab.modality_names[1:], start=1):
-        r = vocab.ranges[name]
-        t[r.start:r.stop] = i
-        t[vocab.begin_id(name)] = i
-        t[vocab.end_id(name)] = i
-    return t
-
-
 class Objective:
     def __init__(self, cfg: ObjectiveConfig, vocab):
         cfg.validate(vocab.modality_names)
@@ -86,6 +78,7 @@ class Objective:
         raise NotImplementedError
 
 
+@OBJECTIVES.register("ar", ObjectiveConfig)
 class AR(Objective):
     """Next-token prediction: position t predicts ids[t + 1]; padding and no_loss modalities get none."""
 
@@ -102,6 +95,7 @@ class AR(Objective):
         return Prepared(ids, modality_ids, labels, label_mod, mask)
 
 
+@OBJECTIVES.register("masked", ObjectiveConfig)
 class Masked(Objective):
     """4M-style masked modelling in a decoder with bidirectional attention. Per sequence, the input
     budget (input_fraction of its valid tokens) and the target budget (target_fraction) are each
@@ -144,6 +138,7 @@ class Masked(Objective):
         return Prepared(input_ids, modality_ids, labels, modality_ids.clone(), attn)
 
 
+@OBJECTIVES.register("hybrid", ObjectiveConfig)
 class Hybrid(Objective):
     """BAMM-style hybrid: positions [0, s) are autoregressive (causal, predict the next token);
     positions [s, L) are a masked block: mask_ratio of them read <mask> and predict themselves, they
@@ -192,9 +187,16 @@ def _gamma(alpha: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
+def objective_config_from_dict(section, where: str) -> ObjectiveConfig:
+    """An `objective:` section -> ObjectiveConfig, its `kind` checked against the registry (the
+    modality names in it are checked by build_objective, which has the vocabulary)."""
+    return OBJECTIVES.config_from_dict(section, where)
+
+
 def build_objective(cfg: ObjectiveConfig, vocab) -> Objective:
+    """The objective `cfg.kind` names; raises ValueError('<field>: why') for a bad config."""
     cfg.validate(vocab.modality_names)
-    return {"ar": AR, "masked": Masked, "hybrid": Hybrid}[cfg.kind](cfg, vocab)
+    return OBJECTIVES.build(cfg.kind, cfg, vocab)
 
 
 def loss_and_report(logits: torch.Tensor, prep: Prepared, weights: torch.Tensor, denominator: float | None = None):

@@ -1,8 +1,10 @@
 """What every quantizer shares: the result dataclass, argument checks, batch usage metrics, and
 saving / loading with safetensors (the constructor config travels as JSON in the header).
 
-No pickle anywhere: `load_quantizer` rebuilds only classes registered here (subclasses of
-`Quantizer`), from their JSON config, then loads the tensors with `load_state_dict(strict=True)`.
+No pickle anywhere: `load_quantizer` rebuilds only classes registered in `QUANTIZERS` (each
+quantizer module registers its class by a short name, `vq`, `fsq`, ..., the name tokenizer configs
+use), from their JSON config, then loads the tensors with `load_state_dict(strict=True)`. Files
+record the registry name; the class-name aliases read files written before the registry.
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from mmfm.registry import Registry
+
 FORMAT_VERSION = "1"
-_REGISTRY: dict[str, type["Quantizer"]] = {}
+# No config dataclass: a quantizer's constructor arguments are its config (saved as JSON).
+QUANTIZERS = Registry("quantizer", field="kind", modules=("mmfm.quantizers",))
 
 
 @dataclass
@@ -122,10 +127,6 @@ class Quantizer(nn.Module):
     again to `load_quantizer(path, sync_fn=...)`.
     """
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
-
     def _remember(self, **config) -> None:
         json.dumps(config)  # fail at construction, not at save time
         self._config = config
@@ -155,6 +156,13 @@ class Quantizer(nn.Module):
         return module
 
 
+def build_quantizer(section, where: str = "quantizer") -> Quantizer:
+    """A config section naming its quantizer in `kind`, the rest constructor arguments
+    ({kind: vq, dim: 8, codebook_size: 512}) -> the module. `where` names the section in errors."""
+    kwargs = QUANTIZERS.config_from_dict(section, where)
+    return QUANTIZERS.build(section["kind"], kwargs)
+
+
 def save_quantizer(module: Quantizer, path) -> None:
     """Write module.state_dict() to `path` with safetensors; the class name and constructor
     config go into the header metadata so that `load_quantizer` can rebuild the module."""
@@ -163,7 +171,7 @@ def save_quantizer(module: Quantizer, path) -> None:
     if not isinstance(module, Quantizer):
         raise TypeError(f"save_quantizer: argument 'module' must be an mmfm Quantizer, got {type(module).__name__}")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-    metadata = {"format": "pt", "mmfm.quantizer": type(module).__name__,
+    metadata = {"format": "pt", "mmfm.quantizer": type(module).registry_name,
                 "mmfm.config": json.dumps(module._config, sort_keys=True), "mmfm.format_version": FORMAT_VERSION}
     save_file(tensors, str(path), metadata=metadata)
 
@@ -177,11 +185,13 @@ def load_quantizer(path, device="cpu", **overrides) -> Quantizer:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     name = meta.get("mmfm.quantizer")
-    if name not in _REGISTRY:
+    try:
+        entry = QUANTIZERS.get(name)
+    except KeyError:
         raise ValueError(f"load_quantizer: '{path}' has no known mmfm quantizer in its metadata (found {name!r}); "
-                         f"known: {sorted(_REGISTRY)}")
+                         f"known: {', '.join(QUANTIZERS.names())}") from None
     config = json.loads(meta["mmfm.config"])
     config.update(overrides)
-    module = _REGISTRY[name](**config)
+    module = entry.cls(**config)
     module.load_state_dict(load_file(str(path), device=str(device)), strict=True)
     return module.to(device)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from mmfm.quantizers.base import QuantizerOutput, Quantizer, check_int, check_last_dim, perplexity_of, zero_loss
+from mmfm.quantizers.base import (QUANTIZERS, QuantizerOutput, Quantizer, check_int, check_last_dim, perplexity_of,
+                                  zero_loss)
 
 _CENTERS = ("mean", "median")
 
@@ -27,6 +28,7 @@ def column_quantiles(data: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return (s[lo] * (1 - w) + s[hi] * w).t().contiguous()
 
 
+@QUANTIZERS.register("dimwise", aliases=("DimensionwiseQuantizer",))
 class DimensionwiseQuantizer(Quantizer):
     """Per-channel quantile bins for inputs [..., num_channels]; `codebook_size` is num_bins (per channel).
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 
 from mmfm.ops.quant import as_levels, fsq_indices_to_codes, fsq_quantize
-from mmfm.quantizers.base import QuantizerOutput, Quantizer, check_indices, check_last_dim, usage_metrics, zero_loss
+from mmfm.quantizers.base import (QUANTIZERS, QuantizerOutput, Quantizer, check_indices, check_last_dim, usage_metrics,
+                                  zero_loss)
 
 
+@QUANTIZERS.register("fsq", aliases=("FSQ",))
 class FSQ(Quantizer):
     """FSQ over inputs [..., C] with C = len(levels); `levels` e.g. [8, 5, 5, 5] (each >= 2)."""
 

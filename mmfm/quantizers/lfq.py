@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from mmfm.ops.quant import lfq_entropy, lfq_indices_to_codes, lfq_quantize
-from mmfm.quantizers.base import (QuantizerOutput, Quantizer, check_float, check_indices, check_int, check_last_dim,
-                                  usage_metrics)
+from mmfm.quantizers.base import (QUANTIZERS, QuantizerOutput, Quantizer, check_float, check_indices, check_int,
+                                  check_last_dim, usage_metrics)
 
 
+@QUANTIZERS.register("lfq", aliases=("LFQ",))
 class LFQ(Quantizer):
     """Binary (sign) quantization of inputs [..., dim], dim in [1, 62].
 

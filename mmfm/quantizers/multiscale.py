@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmfm.quantizers.base import QuantizerOutput, Quantizer, check_float, check_indices, check_int, check_last_dim
+from mmfm.quantizers.base import (QUANTIZERS, QuantizerOutput, Quantizer, check_float, check_indices, check_int,
+                                  check_last_dim)
 from mmfm.quantizers.vq import VectorQuantizer
 
 _MODES = ("linear", "nearest")
@@ -30,6 +31,7 @@ def upsample_tokens(x: torch.Tensor, length: int, mode: str) -> torch.Tensor:
     return F.interpolate(x.transpose(1, 2), size=length, mode=mode, **kwargs).transpose(1, 2)
 
 
+@QUANTIZERS.register("multiscale_rvq", aliases=("MultiScaleResidualVQ",))
 class MultiScaleResidualVQ(Quantizer):
     """One VectorQuantizer per scale (scale i seeded with seed + i); other arguments as VectorQuantizer.
 

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from mmfm.ops.quant import residual_vq
-from mmfm.quantizers.base import (QuantizerOutput, Quantizer, check_float, check_indices, check_int, check_last_dim,
-                                  perplexity_of, usage_metrics)
+from mmfm.quantizers.base import (QUANTIZERS, QuantizerOutput, Quantizer, check_float, check_indices, check_int,
+                                  check_last_dim, perplexity_of, usage_metrics)
 from mmfm.quantizers.vq import VectorQuantizer
 
 
+@QUANTIZERS.register("rvq", aliases=("ResidualVQ",))
 class ResidualVQ(Quantizer):
     """`num_levels` VectorQuantizers (one codebook each) applied to the running residual.
 

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from mmfm.ops.quant import nearest_code
-from mmfm.quantizers.base import (QuantizerOutput, Quantizer, check_float, check_indices, check_int, check_last_dim,
-                                  usage_metrics)
+from mmfm.quantizers.base import (QUANTIZERS, QuantizerOutput, Quantizer, check_float, check_indices, check_int,
+                                  check_last_dim, usage_metrics)
 
 
+@QUANTIZERS.register("soft", aliases=("SoftVQ",))
 class SoftVQ(Quantizer):
     """Soft assignment to a learned codebook [codebook_size, dim].
 

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from mmfm.ops.quant import code_stats, ema_codebook_update, nearest_code
-from mmfm.quantizers.base import (QuantizerOutput, Quantizer, call_sync, check_float, check_indices, check_int,
-                                  check_last_dim, perplexity_of, usage_metrics)
+from mmfm.quantizers.base import (QUANTIZERS, QuantizerOutput, Quantizer, call_sync, check_float, check_indices,
+                                  check_int, check_last_dim, perplexity_of, usage_metrics)
 
 
+@QUANTIZERS.register("vq", aliases=("VectorQuantizer",))
 class VectorQuantizer(Quantizer):
     """One codebook of `codebook_size` vectors of size `dim`.
 

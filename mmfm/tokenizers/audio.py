@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfm.quantizers import ResidualVQ
-from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, check_finite
+from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, check_finite, seeded_init
 from mmfm.tokenizers.metrics import log_mel, mel_distance, snr_db
 from mmfm.tokenizers.registry import register
 
@@ -86,10 +86,10 @@ def waveform_of(sample, rate: int, clip: int, owner: str) -> torch.Tensor:
 class AudioCodec(NeuralTokenizer):
     modality = "audio"
 
+    @seeded_init
     def __init__(self, config: AudioConfig):
         super().__init__(config)
         config.validate()
-        torch.manual_seed(config.seed)
         c = config
         enc, ch = [nn.Conv1d(1, c.channels, 7, padding=3)], c.channels
         for s in c.strides:

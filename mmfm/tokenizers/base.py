@@ -20,6 +20,7 @@ reports).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -54,8 +55,8 @@ def read_config(directory: str):
     """(name, config dataclass) of a saved tokenizer folder."""
     import yaml
 
-    from mmfm.tokenizers.config import ConfigError, from_dict
-    from mmfm.tokenizers.registry import config_class
+    from mmfm.tokenizers.registry import TOKENIZERS
+    from mmfm.typed_config import ConfigError, from_dict
 
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
@@ -65,10 +66,7 @@ def read_config(directory: str):
     if doc.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"{path}: format_version is {doc.get('format_version')!r}, expected {FORMAT_VERSION}")
     name = doc.get("tokenizer")
-    try:
-        cls = config_class(name)
-    except KeyError as exc:
-        raise ConfigError(f"{path}: tokenizer: {exc.args[0]}") from None
+    cls = TOKENIZERS.get(name, where=f"{path}: ").config_cls
     return name, from_dict(cls, doc.get("model"), f"{path}: model")
 
 
@@ -78,6 +76,22 @@ def load_tokenizer(directory: str, device: str = "cpu"):
 
     name, config = read_config(directory)
     return tokenizer_class(name).load_from(directory, config, device=device)
+
+
+def seeded_init(init):
+    """Decorator for a tokenizer's `__init__(self, config, ...)`: the constructor draws its initial
+    weights from `config.seed`, and the caller's random state is left as it was.
+
+    nn layers initialise from torch's global CPU generator; reseeding that generator inside a
+    constructor would silently change every later random draw of the program that built the
+    tokenizer. Only the CPU generator is forked: tokenizers are built on the CPU and moved after,
+    and touching the CUDA generators here would initialise CUDA."""
+    @functools.wraps(init)
+    def wrapped(self, config, *args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(config.seed)
+            init(self, config, *args, **kwargs)
+    return wrapped
 
 
 class NeuralTokenizer(nn.Module):

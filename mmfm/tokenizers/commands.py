@@ -1,15 +1,16 @@
 """`mmfm tokenizer train --config X.yaml` and `mmfm tokenizer eval [--config X.yaml ...] [--json PATH]`.
 
-train: reads the config's shards (training split), trains on the DeepSpeed engine (TrainLoop:
-progress bar, losses and metrics to <out>/train.jsonl and TensorBoard <out>/tb, the model's atomic
-checkpoints in <out>/checkpoints with exact resume), writes
+train: reads the config's shards (training split), trains on the DeepSpeed engine (the Trainer,
+through mmfm/tokenizers/train.py: progress bar, losses and metrics to <out>/train.jsonl and
+TensorBoard <out>/tb, the model's atomic checkpoints in <out>/checkpoints with exact resume), writes
 <out>/reconstructions.png (held-out inputs left, reconstructions right), and saves the tokenizer
 to <out>/tokenizer. image_1d also writes <out>/psnr_vs_tokens.png.
 
-eval: for each config (default: every configs/tokenizers/*.yaml whose <out>/tokenizer exists),
+eval: for each config (default: every configs/tokenizers/*.yaml shipped with mmfm whose <out>/tokenizer
+exists, <out> relative to the working directory),
 loads the saved tokenizer, reconstructs the held-out split and prints one record per tokenizer
 and one per baseline at the same bit budget (mmfm.tokenizers.baselines). Records follow
-ARCHITECTURE.md: bench "tokenizer", case {tokenizer, tokens}, impl "mmfm" or the baseline's name.
+docs/records.md: bench "tokenizer", case {tokenizer, tokens}, impl "mmfm" or the baseline's name.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import json
 import math
 import os
 import sys
+
+from mmfm.jsonio import write_json, write_records
+from mmfm.typed_config import packaged_config
 
 
 # primary metric per modality: (name, higher is better)
@@ -96,13 +100,15 @@ def _train_text(cfg) -> int:
     return 0
 
 
-def _train_neural(cfg, progress: bool) -> int:
+def _train_neural(cfg, progress: bool, hooks=None) -> int:
+    """hooks: fault injection for tests (mmfm/train/trainer.py: Hooks), passed to both stages."""
     import torch
 
-    from mmfm.tokenizers.data import prepare_all, random_batches, read_samples
+    from mmfm.tokenizers.data import prepare_all, read_samples
     from mmfm.tokenizers.registry import build_tokenizer
     from mmfm.tokenizers.render import save_pairs
-    from mmfm.tokenizers.train import TrainLoop
+    from mmfm.tokenizers.train import train_stage
+    from mmfm.train.engine import init_distributed
     from mmfm.train.metrics import JsonlLogger
 
     d, t, out = cfg.data, cfg.train, cfg.train.out
@@ -113,24 +119,19 @@ def _train_neural(cfg, progress: bool) -> int:
     print(f"{cfg.tokenizer}: {x.shape[0]} training samples {tuple(x.shape[1:])}, {tok.tokens_per_sample} tokens "
           f"of {tok.vocab_size} per sample", file=sys.stderr)
     tok.fit_data(x)
+    init_distributed()
     rank0 = _rank() == 0
     log = JsonlLogger(os.path.join(out, "train.jsonl"), os.path.join(out, "tb")) if rank0 else None
-    gen = torch.Generator().manual_seed(t.seed)
-    loop = TrainLoop(tok, t, random_batches(x, t.batch_size, gen), os.path.join(out, "checkpoints"), gen, log,
-                     cfg.path)
-    if loop.load_checkpoint():
-        print(f"resumed from step {loop.step_count}", file=sys.stderr)
-    loop.run(t.steps, t.log_every, t.checkpoint_every, progress)
+    res = train_stage(tok, cfg, x, steps=t.steps, seed=t.seed, checkpoint_dir=os.path.join(out, "checkpoints"),
+                      logger=log, progress=progress, hooks=hooks)
     if hasattr(tok, "refinement_parameters"):  # physics: stage 2, the refinement alone on the frozen rest
         refine = {id(p) for p in tok.refinement_parameters()}
         for p in tok.parameters():
             p.requires_grad_(id(p) in refine)
-        gen2 = torch.Generator().manual_seed(t.seed + 1)
-        stage2 = TrainLoop(tok, t, random_batches(x, t.batch_size, gen2), os.path.join(out, "checkpoints_refine"),
-                           gen2, (lambda s, m: log(t.steps + s, {f"refine/{k}": v for k, v in m.items()})) if log else None,
-                           cfg.path)
-        stage2.load_checkpoint()
-        stage2.run(cfg.model.refine_steps, t.log_every, t.checkpoint_every, progress)
+        train_stage(tok, cfg, x, steps=cfg.model.refine_steps, seed=t.seed + 1,
+                    checkpoint_dir=os.path.join(out, "checkpoints_refine"),
+                    logger=(lambda s, m: log(t.steps + s, {f"refine/{k}": v for k, v in m.items()})) if log else None,
+                    progress=progress, hooks=hooks)
         for p in tok.parameters():
             p.requires_grad_(True)
     if not rank0:
@@ -144,7 +145,7 @@ def _train_neural(cfg, progress: bool) -> int:
             recon = tok.decode(tok.encode_batch(hx))
             metrics = {k: v for k, v in tok.metrics(hx, recon).items() if isinstance(v, (int, float))}
         save_pairs(os.path.join(out, "reconstructions.png"), tok.preview(hx, recon))
-        log(loop.step_count, {f"heldout/{k}": v for k, v in metrics.items()})
+        log(res.step, {f"heldout/{k}": v for k, v in metrics.items()})
         print("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if hasattr(tok, "psnr_by_prefix"):
             _prefix_plot(tok, hx, out)
@@ -184,8 +185,7 @@ def _prefix_plot(tok, hx, out) -> list[float]:
     values = tok.psnr_by_prefix(hx, lengths)
     line_plot(os.path.join(out, "psnr_vs_tokens.png"), lengths, values, "held-out PSNR vs kept tokens",
               "tokens kept", "PSNR dB")
-    with open(os.path.join(out, "psnr_vs_tokens.json"), "w") as f:
-        json.dump({"tokens": lengths, "psnr": values}, f)
+    write_json(os.path.join(out, "psnr_vs_tokens.json"), {"tokens": lengths, "psnr": values}, indent=None)
     return values
 
 
@@ -194,7 +194,7 @@ def _default_configs() -> list[str]:
     from mmfm.tokenizers.config import load_config
 
     found = []
-    for p in sorted(glob.glob("configs/tokenizers/*.yaml")):
+    for p in sorted(glob.glob(packaged_config("tokenizers/*.yaml"))):
         if os.path.exists(os.path.join(load_config(p).train.out, "tokenizer")):
             found.append(p)
     return found
@@ -284,12 +284,7 @@ def eval_main(args) -> int:
     for name, modality, ok in verdicts:
         metric = PRIMARY[modality][0]
         print(f"{name}: {'beats' if ok else 'does NOT beat'} its baseline on {metric}")
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, args.json)
-        print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
+    write_records(records, args.json)
     return 0
 
 

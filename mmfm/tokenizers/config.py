@@ -1,21 +1,35 @@
 """Typed tokenizer configs read from YAML (configs/tokenizers/<name>.yaml).
 
-A file has four top-level sections:
+The sections, the same schema as the model's configs where they overlap:
 
     tokenizer: image_conv        # the registry name (mmfm.tokenizers.registry)
     model: {...}                 # the tokenizer's own dataclass (e.g. ImageConvConfig)
     data: {...}                  # DataConfig: shards, held-out split, samples
-    train: {...}                 # TrainConfig: steps, batch size, learning rate, output folder
+    deepspeed: ../deepspeed/zero1.json   # optional: a DeepSpeed JSON (relative to this file) or mapping (default: ZeRO stage 0)
+    optim: {...}                 # mmfm.train.config.OptimSection, pretraining's own (lr, warmup + cosine, clip)
+    train: {...}                 # TrainConfig: steps, global batch size, output folder, checkpoints
 
 Every section is a dataclass; `from_dict` rejects unknown fields and values of the wrong type
 with an error naming the file and the field (`configs/tokenizers/x.yaml: model.levels: expected
 list[int], got 'abc'`), so a typo never silently falls back to a default.
+
+`optim` fields a file leaves out take TOKENIZER_OPTIM's values, not OptimSection's: tokenizers
+train with a constant learning rate, no warmup, no weight decay and Adam's beta2 0.999 unless
+told otherwise (the settings every shipped tokenizer and its figures in docs/benchmarks.md used).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+from mmfm.train.config import OptimSection
 from mmfm.typed_config import ConfigError, from_dict, read_sections, to_dict  # noqa: F401 (re-exported)
+
+SECTIONS = ("tokenizer", "model", "data", "deepspeed", "optim", "train")
+TOKENIZER_OPTIM = OptimSection(lr=1e-3, min_lr_ratio=1.0, warmup_steps=0, weight_decay=0.0, beta1=0.9, beta2=0.999,
+                               eps=1e-8, clip=1.0)
+DEFAULT_DEEPSPEED = {"zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True,
+                     "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
 @dataclass
@@ -28,19 +42,15 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """The run's fields; unlike pretraining's TrainSection, batch_size is the global batch (split
+    evenly over the ranks), since a tokenizer's step is defined by the batch it averages over."""
     out: str = "runs/tokenizer"      # checkpoints, logs, reconstructions and the saved tokenizer
     steps: int = 500
     batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 0            # linear warmup, then cosine to lr * min_lr_ratio (engine.lr_at)
-    min_lr_ratio: float = 1.0        # 1.0 = constant learning rate after warmup
-    clip: float = 1.0                # gradient clipping (DeepSpeed gradient_clipping; 0 = off)
-    weight_decay: float = 0.0
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 250
     keep_last: int = 2               # complete checkpoints kept
-    deepspeed: str = ""              # a DeepSpeed JSON (configs/deepspeed/*.json); "" = ZeRO stage 0
     threads: int = 0                 # torch threads (0 = leave torch's default)
 
 
@@ -51,26 +61,45 @@ class TokenizerFile:
     model: object
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimSection = field(default_factory=lambda: dataclasses.replace(TOKENIZER_OPTIM))
+    deepspeed: dict = field(default_factory=lambda: dict(DEFAULT_DEEPSPEED))
+    deepspeed_path: str = ""
     path: str = ""
+
+
+def optim_section(raw, where: str) -> OptimSection:
+    """The file's `optim:` fields over TOKENIZER_OPTIM, type-checked as OptimSection."""
+    given = from_dict(OptimSection, raw, where)
+    return dataclasses.replace(TOKENIZER_OPTIM, **{k: getattr(given, k) for k in (raw or {})})
 
 
 def load_config(path) -> TokenizerFile:
     from mmfm.tokenizers.registry import config_class
+    from mmfm.train.config import read_deepspeed
 
     path = str(path)
-    raw = read_sections(path, ("tokenizer", "model", "data", "train"))
+    raw = read_sections(path, SECTIONS, files=("deepspeed",))   # resolved from the config's folder
     name = raw.get("tokenizer")
     if not isinstance(name, str):
         raise ConfigError(f"{path}: tokenizer: expected the tokenizer's registry name (a string), got {name!r}")
     try:
         model_cls = config_class(name)
     except KeyError as exc:
-        raise ConfigError(f"{path}: tokenizer: {exc.args[0]}") from None
+        raise ConfigError(f"{path}: {exc}") from None
     model = from_dict(model_cls, raw.get("model"), f"{path}: model")
     if hasattr(model, "validate"):
         try:
             model.validate()
         except ValueError as exc:
             raise ConfigError(f"{path}: model.{exc}") from None
+    ds, ds_path = dict(DEFAULT_DEEPSPEED), ""
+    if raw.get("deepspeed") is not None:
+        ds, ds_path = read_deepspeed(raw["deepspeed"], f"{path}: deepspeed")
+    optim = optim_section(raw.get("optim"), f"{path}: optim")
+    for ok, fname, why in [(optim.lr > 0, "optim.lr", "must be > 0"),
+                           (0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]"),
+                           (optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")]:
+        if not ok:
+            raise ConfigError(f"{path}: {fname}: {why}")
     return TokenizerFile(name, model, from_dict(DataConfig, raw.get("data"), f"{path}: data"),
-                         from_dict(TrainConfig, raw.get("train"), f"{path}: train"), path)
+                         from_dict(TrainConfig, raw.get("train"), f"{path}: train"), optim, ds, ds_path, path)

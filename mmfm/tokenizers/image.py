@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, check_finite
+from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, check_finite, seeded_init
 from mmfm.tokenizers.metrics import psnr, ssim
 from mmfm.tokenizers.quantizer_choice import check_quantizer_fields, codebook_size_of, make_quantizer
 from mmfm.tokenizers.registry import register
@@ -125,10 +125,10 @@ def conv_decoder(out_ch: int, width: int, downsamples: int, in_dim: int) -> nn.M
 class ImageConvTokenizer(NeuralTokenizer):
     modality = "image"
 
+    @seeded_init
     def __init__(self, config: ImageConvConfig):
         super().__init__(config)
         config.validate()
-        torch.manual_seed(config.seed)
         c = config
         self.encoder = conv_encoder(3, c.channels, c.downsamples, c.latent_dim)
         self.decoder = conv_decoder(3, c.channels, c.downsamples, c.latent_dim)
@@ -226,10 +226,10 @@ def transformer(width: int, depth: int, heads: int) -> nn.Module:
 class Image1DTokenizer(NeuralTokenizer):
     modality = "image"
 
+    @seeded_init
     def __init__(self, config: Image1DConfig):
         super().__init__(config)
         config.validate()
-        torch.manual_seed(config.seed)
         c = config
         self.num_patches = (c.image_size // c.patch_size) ** 2
         pdim = 3 * c.patch_size ** 2

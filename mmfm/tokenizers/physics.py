@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfm.quantizers import FSQ
-from mmfm.tokenizers.base import NeuralTokenizer, StepOutput
+from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, seeded_init
 from mmfm.tokenizers.image import conv_decoder, conv_encoder
 from mmfm.tokenizers.metrics import rel_l2
 from mmfm.tokenizers.registry import register
@@ -59,10 +59,10 @@ class PhysicsConfig:
 class PhysicsTokenizer(NeuralTokenizer):
     modality = "physics"
 
+    @seeded_init
     def __init__(self, config: PhysicsConfig):
         super().__init__(config)
         config.validate()
-        torch.manual_seed(config.seed)
         c = config
         d = len(c.fsq_levels)
         cp = c.channels * c.patch ** 2

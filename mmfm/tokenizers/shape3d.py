@@ -11,7 +11,6 @@ Input points are taken deterministically (evenly strided) to `num_points`; zero 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from mmfm.quantizers import MultiScaleResidualVQ
-from mmfm.tokenizers.base import NeuralTokenizer, StepOutput
+from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, seeded_init
 from mmfm.tokenizers.image import transformer
 from mmfm.tokenizers.metrics import chamfer, f_score
 from mmfm.tokenizers.registry import register
@@ -50,10 +49,10 @@ class Shape3DConfig:
 class Shape3DTokenizer(NeuralTokenizer):
     modality = "shape3d"
 
+    @seeded_init
     def __init__(self, config: Shape3DConfig):
         super().__init__(config)
         config.validate()
-        torch.manual_seed(config.seed)
         c = config
         self.point_in = nn.Linear(6, c.width)
         self.queries = nn.Parameter(torch.randn(c.num_queries, c.width) * 0.02)

@@ -1,76 +1,71 @@
-"""Tokenizer training on the model's DeepSpeed engine and checkpoints (mmfm/train/engine.py,
-mmfm/train/checkpoint.py), so that tokenizer training scales to many GPUs the way model training does.
+"""Tokenizer training as a user of the Trainer (mmfm/train/trainer.py), so that tokenizers train on
+the model's DeepSpeed engine and checkpoints and scale to many GPUs the way model training does.
 
-One `TrainLoop` per training stage. Per step: every rank draws the same global batch from the
-seeded generator and takes its rows (rank r: rows r*mb .. (r+1)*mb, mb = batch_size / world);
-the engine averages gradients over ranks, so the step is that of the global batch's mean loss;
-the learning rate (warmup + cosine, engine.lr_at) is written into the optimizer's groups before
-engine.step(), which clips gradients (train.clip).
+This module supplies what is the tokenizer's own:
+  - `engine_spec`: the tokenizer file's sections as the EngineSpec every engine is built from
+    (mmfm/train/engine.py): its `optim:` is pretraining's OptimSection and its `deepspeed:` the same
+    JSON; its `train:` run fields fill the shared TrainSection, train.batch_size being the global
+    batch, split evenly over the ranks (micro_batch = batch_size / world, no accumulation);
+  - `RandomBatches`: the data source, global batches drawn with replacement from the in-memory
+    training split by a seeded generator whose state is the source's state_dict;
+  - `TokenizerStep`: a micro-batch's loss is the tokenizer's own mean loss over the rank's rows
+    (forward(batch) -> StepOutput); the denominator is the number of ranks, so the engine's
+    gradient average over ranks is the step of the global batch's mean loss; the step's metrics are
+    the tokenizer's (rank 0's rows). Its state_dict holds the state of every torch.Generator the
+    tokenizer's modules own (image_1d's nested-dropout draws), so a resumed run sees the same
+    batches and draws as an uninterrupted one.
 
-Checkpoints are the model's: atomic tag folders under <checkpoint_dir> with a `latest` pointer,
-the last `keep_last` kept. Each holds the engine's model and optimizer state plus the step, the
-batch generator's state and the state of any torch.Generator the tokenizer owns (image_1d's
-nested-dropout draws), so a resumed run sees the same batches and draws as an uninterrupted one.
+The Trainer owns the rest: engine, learning rate (warmup + cosine, engine.lr_at), gradient
+clipping (optim.clip), checkpoints (atomic tag folders under <checkpoint_dir> with a `latest`
+pointer, the last `keep_last` kept) and exact resume, NaN skipping, the progress bar and the log rows.
 
 Single process with no launcher: a one-rank gloo group (engine.init_distributed); under torchrun
 or the deepspeed launcher the launcher's ranks are used.
 """
 from __future__ import annotations
 
-import json
-import os
-import sys
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-DEFAULT_DEEPSPEED = {"zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True,
-                     "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+from mmfm.tokenizers.config import TokenizerFile
+from mmfm.train.config import TrainSection
+from mmfm.train.engine import EngineSpec, init_distributed
+from mmfm.train.trainer import Hooks, Trainer, TrainResult, TrainStep
 
+def engine_spec(cfg: TokenizerFile, world: int, steps: int, progress: bool = False) -> EngineSpec:
+    """The tokenizer file's optim section (pretraining's OptimSection) and its run fields as the
+    shared TrainSection: micro_batch = train.batch_size / world, no accumulation. steps: where this
+    stage's cosine ends."""
+    from mmfm.typed_config import ConfigError
 
-@dataclass
-class _Optim:
-    """The fields of mmfm.train.config.OptimSection that build_engine reads."""
-    lr: float
-    weight_decay: float
-    clip: float
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-
-
-@dataclass
-class _Train:
-    micro_batch: int
-    grad_accum: int = 1
-    precision: str = "fp32"
-    offload_optimizer: bool = False
-
-
-@dataclass
-class EngineConfig:
-    """What mmfm.train.engine.build_engine needs, filled from a tokenizer TrainConfig."""
-    optim: _Optim
-    train: _Train
-    deepspeed: dict = field(default_factory=lambda: dict(DEFAULT_DEEPSPEED))
-    deepspeed_path: str = ""
-
-
-def engine_config(t, world: int, config_path: str = "") -> EngineConfig:
-    """t: a tokenizer TrainConfig. Its batch_size is the global batch, split evenly over the ranks."""
-    from mmfm.tokenizers.config import ConfigError
-
-    where = f"{config_path}: " if config_path else ""
+    t = cfg.train
     if t.batch_size % world:
+        where = f"{cfg.path}: " if cfg.path else ""
         raise ConfigError(f"{where}train.batch_size: {t.batch_size} is not divisible by the {world} ranks")
-    ds = dict(DEFAULT_DEEPSPEED)
-    if t.deepspeed:
-        from mmfm.train.config import read_deepspeed
+    train = TrainSection(out=t.out, steps=steps, micro_batch=t.batch_size // world, grad_accum=1, seed=t.seed,
+                         log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_last=t.keep_last,
+                         progress=progress, threads=t.threads, plot=False)
+    return EngineSpec(cfg.optim, train, cfg.deepspeed, cfg.deepspeed_path)
 
-        ds, _ = read_deepspeed(t.deepspeed, f"{where}train.deepspeed")
-    return EngineConfig(_Optim(t.lr, t.weight_decay, t.clip), _Train(t.batch_size // world), ds, t.deepspeed)
+
+class RandomBatches:
+    """Endless global batches drawn with replacement from `data` (min(batch_size, N) rows each); the
+    generator's state is the source's state_dict."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, generator: torch.Generator):
+        self.data, self.batch_size, self.generator = data, batch_size, generator
+
+    def __iter__(self):
+        n = self.data.shape[0]
+        while True:
+            yield self.data[torch.randint(n, (min(self.batch_size, n),), generator=self.generator)]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
 
 def _generators(model) -> dict[str, torch.Generator]:
@@ -83,103 +78,46 @@ def _generators(model) -> dict[str, torch.Generator]:
     return out
 
 
-class TrainLoop:
-    """Args:
-        model: a NeuralTokenizer (forward(batch) -> StepOutput). Only parameters with
-            requires_grad train (physics' second stage freezes all but the refinement).
-        train: the tokenizer TrainConfig (lr, warmup_steps, min_lr_ratio, clip, batch_size,
-            weight_decay, keep_last, deepspeed).
-        batches: iterator of global batches; `generator` is the torch.Generator it draws from
-            (saved in checkpoints so that resume continues the same sequence), or None.
-        checkpoint_dir: folder for the checkpoints (None: no checkpoints).
-        log: callable(step, metrics dict) for the JSONL / TensorBoard loggers (rank 0), or None.
-        config_path: the YAML file, for error messages.
-    The cosine schedule ends at the `steps` given to run().
-    """
+class TokenizerStep(TrainStep):
+    """A NeuralTokenizer's step (forward(batch) -> StepOutput with .loss and .metrics)."""
+    name = "tokenizer"
 
-    def __init__(self, model, train, batches: Iterator[torch.Tensor], checkpoint_dir: str | None = None,
-                 generator: torch.Generator | None = None, log: Callable[[int, dict], None] | None = None,
-                 config_path: str = ""):
-        from mmfm.train.engine import build_engine, init_distributed
+    def __init__(self, model, world: int):
+        self.model, self.world, self.last = model, world, {}
 
-        init_distributed()
-        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        self.model, self.t, self.batches = model, train, batches
-        self.checkpoint_dir, self.generator = checkpoint_dir, generator
-        self.log = log if self.rank == 0 else None
-        self.engine, _ = build_engine(engine_config(train, self.world, config_path), model)
-        self.step_count = 0
-        self._saved = -1             # the step of the newest checkpoint, never rewritten in place
+    def prepare(self, batch, generator):
+        return batch
 
-    def step(self, batch: torch.Tensor, total: int) -> dict:
-        from mmfm.train.engine import lr_at
+    def denominator(self, batch) -> float:
+        return float(self.world)      # the mean of the ranks' row means: the global batch's mean
 
-        mb = batch.shape[0] // self.world
-        rows = batch[self.rank * mb:(self.rank + 1) * mb] if self.world > 1 else batch
-        self.engine.train()
-        out = self.engine(rows)
-        self.engine.backward(out.loss)
-        lr = lr_at(self.step_count, self.t.lr, self.t.warmup_steps, total, self.t.min_lr_ratio)
-        for g in self.engine.optimizer.param_groups:
-            g["lr"] = lr
-        self.engine.step()
-        self.step_count += 1
-        loss = out.loss.detach().clone()
-        if self.world > 1:
-            torch.distributed.all_reduce(loss)
-            loss /= self.world
-        return {"loss": float(loss), "lr": lr, **out.metrics}
+    def micro(self, engine, batch, rows):
+        out = engine(batch[rows])
+        self.last = out.metrics
+        return out.loss, None
 
-    def run(self, steps: int, log_every: int = 25, checkpoint_every: int = 0, progress: bool = False) -> list[dict]:
-        """Train until `steps` total steps (counting steps done before a resume). Returns the logged rows."""
-        rows = []
-        bar = None
-        if progress and self.rank == 0:
-            from tqdm import tqdm
+    def metrics(self, batch, loss, report) -> dict:
+        return dict(self.last)
 
-            bar = tqdm(total=steps, initial=self.step_count, desc="train", unit="step", file=sys.stderr)
-        t0 = time.perf_counter()
-        while self.step_count < steps:
-            metrics = self.step(next(self.batches), steps)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if self.step_count % log_every == 0 or self.step_count == steps:
-                metrics["seconds"] = time.perf_counter() - t0
-                rows.append({"step": self.step_count, **metrics})
-                if self.log is not None:
-                    self.log(self.step_count, metrics)
-            if checkpoint_every and self.step_count % checkpoint_every == 0:
-                self.save_checkpoint()
-        if bar is not None:
-            bar.close()
-        self.save_checkpoint()
-        return rows
+    def state_dict(self) -> dict:
+        return {"model_generators": {k: g.get_state() for k, g in _generators(self.model).items()}}
 
-    def save_checkpoint(self) -> None:
-        from mmfm.train import checkpoint as ckpt
-
-        if not self.checkpoint_dir or self._saved == self.step_count:
-            return
-        state = {"step": self.step_count,
-                 "generator": self.generator.get_state() if self.generator is not None else None,
-                 "model_generators": {k: g.get_state() for k, g in _generators(self.model).items()}}
-        ckpt.save(self.engine, self.checkpoint_dir, self.step_count, state, self.t.keep_last)
-        self._saved = self.step_count
-
-    def load_checkpoint(self) -> bool:
-        """Resume from the newest complete checkpoint in checkpoint_dir, if any; returns whether it did."""
-        from mmfm.train import checkpoint as ckpt
-
-        if not self.checkpoint_dir:
-            return False
-        state = ckpt.load(self.engine, self.checkpoint_dir)
-        if state is None:
-            return False
-        if self.generator is not None and state["generator"] is not None:
-            self.generator.set_state(state["generator"])
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("model_generators", {})
         for k, g in _generators(self.model).items():
-            if k in state["model_generators"]:
-                g.set_state(state["model_generators"][k])
-        self.step_count = self._saved = int(state["step"])
-        return True
+            if k in saved:
+                g.set_state(saved[k])
+
+
+def train_stage(model, cfg: TokenizerFile, data: torch.Tensor, *, steps: int, seed: int,
+                checkpoint_dir: str | None, logger: Callable[[int, dict], None] | None = None, progress: bool = False,
+                hooks: Hooks | None = None) -> TrainResult:
+    """Trains the parameters of `model` that require grad (physics' second stage freezes all but the
+    refinement) for `steps` steps in all (resuming from checkpoint_dir when it holds a checkpoint),
+    on batches of `data` (cfg.train.batch_size rows) drawn with a generator seeded `seed`."""
+    init_distributed()
+    world = torch.distributed.get_world_size()
+    trainer = Trainer(engine_spec(cfg, world, steps, progress), name="tokenizer", checkpoint_dir=checkpoint_dir,
+                      logger=logger, hooks=hooks)
+    batches = RandomBatches(data, cfg.train.batch_size, torch.Generator().manual_seed(seed))
+    return trainer.fit(model, TokenizerStep(model, world), batches)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfm.quantizers import FSQ
-from mmfm.tokenizers.base import NeuralTokenizer, StepOutput
+from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, seeded_init
 from mmfm.tokenizers.image import transformer
 from mmfm.tokenizers.metrics import psnr_per_sample
 from mmfm.tokenizers.registry import register
@@ -55,10 +55,10 @@ class VideoConfig:
 class VideoTokenizer(NeuralTokenizer):
     modality = "video"
 
+    @seeded_init
     def __init__(self, config: VideoConfig):
         super().__init__(config)
         config.validate()
-        torch.manual_seed(config.seed)
         c = config
         self.g = c.image_size // c.patch_size
         self.steps = 1 + (c.frames - 1) // c.temporal_patch

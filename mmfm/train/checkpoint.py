@@ -12,8 +12,9 @@ COMPLETE in the tag folder, then replaces `latest`, then deletes the oldest comp
 keep_last and any incomplete leftovers. A crash anywhere before `latest` is replaced leaves it
 pointing at the previous checkpoint, which is untouched; resume reads only what `latest` names.
 
-Fault injection for tests: MMFM_FAULT_KILL_IN_SAVE=<step> sends SIGKILL to the process after the
-DeepSpeed shards of that step are written and before COMPLETE / `latest`.
+`save(..., after_shards=f)` calls f(step) after this rank's shards are written and before COMPLETE /
+`latest`: the Trainer passes its hooks' `on_checkpoint_shards` there, so a test can kill the process
+inside a checkpoint write (mmfm/train/trainer.py: Hooks).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import json
 import os
 import random
 import shutil
-import signal
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,7 +56,8 @@ def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
 
 
-def save(engine, root: str, step: int, state: dict, keep_last: int) -> str:
+def save(engine, root: str, step: int, state: dict, keep_last: int,
+         after_shards: Callable[[int], None] | None = None) -> str:
     """state: this rank's extra state (picklable, saved with torch.save)."""
     dist = torch.distributed
     rank = dist.get_rank()
@@ -63,8 +65,8 @@ def save(engine, root: str, step: int, state: dict, keep_last: int) -> str:
     os.makedirs(root, exist_ok=True)
     engine.save_checkpoint(root, tag=tag, save_latest=False)
     torch.save({**state, "rng": rng_state()}, os.path.join(root, tag, f"mmfm_rank{rank}.pt"))
-    if os.environ.get("MMFM_FAULT_KILL_IN_SAVE") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if after_shards is not None:
+        after_shards(step)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(root, tag, COMPLETE), "w") as f:

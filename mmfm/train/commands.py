@@ -17,10 +17,11 @@ def argparse_suppress():
     return argparse.SUPPRESS
 
 
-def cmd_pretrain(args) -> int:
-    from mmfm.typed_config import ConfigError
+def cmd_pretrain(args, hooks=None) -> int:
+    """hooks: fault injection for tests (mmfm/train/trainer.py: Hooks); the CLI passes none."""
     from mmfm.train.config import load_run_config
     from mmfm.train.loop import TrainingStopped, run
+    from mmfm.typed_config import ConfigError
 
     try:
         cfg = load_run_config(args.config, args.overrides)
@@ -28,7 +29,7 @@ def cmd_pretrain(args) -> int:
         print(f"mmfm pretrain: {exc}", file=sys.stderr)
         return 2
     try:
-        res = run(cfg)
+        res = run(cfg, hooks=hooks)
     except TrainingStopped as exc:
         print(f"mmfm pretrain: {exc}", file=sys.stderr)
         return 3

@@ -1,11 +1,12 @@
 """Typed pretrain / finetune configs (configs/pretrain/<name>.yaml) with `section.field=value` overrides.
 
-    model: configs/models/small.yaml        # a model config file, or an inline ModelConfig mapping
-    deepspeed: configs/deepspeed/zero2.json # plain DeepSpeed JSON: the ZeRO section and the like
+    model: ../models/small.yaml             # a model config file (relative to this file), or an inline mapping
+    deepspeed: ../deepspeed/zero2.json      # plain DeepSpeed JSON (relative to this file): ZeRO section etc.
     data: {...}                             # DataSection: token shards, vocabulary, sequence length
     objective: {...}                        # mmfm.objectives.ObjectiveConfig
     optim: {...}                            # OptimSection: AdamW, warmup + cosine
     train: {...}                            # TrainSection: steps, batch, precision, checkpoints, logs
+    finetune: {...}                         # FinetuneSection (mmfm finetune only): full or LoRA, freezing
 
 Batch size, accumulation, clipping and precision live here, not in the JSON: the trainer writes
 them into the DeepSpeed config (a JSON that also sets one of them must agree, or the run stops
@@ -19,8 +20,9 @@ import os
 from dataclasses import dataclass, field
 
 from mmfm.models.config import ModelConfig, load_model_config, model_config_from_dict
-from mmfm.objectives import ObjectiveConfig
-from mmfm.typed_config import ConfigError, from_dict, read_sections
+from mmfm.models.lora import LORA_TARGETS
+from mmfm.objectives import ObjectiveConfig, objective_config_from_dict
+from mmfm.typed_config import ConfigError, from_dict, packaged_config, read_sections
 
 
 @dataclass
@@ -78,6 +80,40 @@ class TrainSection:
 
 
 @dataclass
+class FinetuneSection:
+    method: str = "lora"          # full or lora
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    freeze: str = "none"          # none, shared or modality_specific (full method)
+    train_also: list[str] = field(default_factory=list)  # lora: name substrings kept trainable (e.g. embed_tokens)
+    modality: str = ""            # the modality whose tokens get the loss (mmfm finetune sets it from --modality)
+    source: str = ""              # the weights started from (mmfm finetune sets it from --from)
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+
+def finetune_checks(f: FinetuneSection) -> list[tuple[bool, str, str]]:
+    return [(f.method in ("full", "lora"), "finetune.method", f"expected full or lora, got {f.method!r}"),
+            (f.freeze in ("none", "shared", "modality_specific"), "finetune.freeze",
+             f"expected none, shared or modality_specific, got {f.freeze!r}"),
+            (f.lora_rank >= 1, "finetune.lora_rank", "must be >= 1"),
+            (all(t in LORA_TARGETS for t in f.lora_targets), "finetune.lora_targets",
+             f"each must be one of {', '.join(LORA_TARGETS)}, got {f.lora_targets}")]
+
+
+def parse_finetune(raw, path: str) -> FinetuneSection:
+    """A `finetune:` mapping -> FinetuneSection, errors naming the file and the field."""
+    f = from_dict(FinetuneSection, raw or {}, f"{path}: finetune")
+    for ok, name, why in finetune_checks(f):
+        if not ok:
+            raise ConfigError(f"{path}: {name}: {why}")
+    return f
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig
     deepspeed: dict
@@ -87,12 +123,12 @@ class RunConfig:
     train: TrainSection
     path: str = ""
     deepspeed_path: str = ""
-    finetune: dict = field(default_factory=dict)
+    finetune: FinetuneSection | None = None   # present when the file has a finetune: section
 
     def to_dict(self) -> dict:
         d = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "objective", "optim", "train")}
         d["deepspeed"] = self.deepspeed
-        d["finetune"] = self.finetune
+        d["finetune"] = dataclasses.asdict(self.finetune) if self.finetune is not None else {}
         return d
 
 
@@ -144,11 +180,19 @@ def read_deepspeed(value, where: str) -> tuple[dict, str]:
     return value, ""
 
 
-def load_run_config(path, overrides: list[str] | None = None, extra_sections: tuple = ()) -> RunConfig:
+def load_run_config(path, overrides: list[str] | None = None, model: ModelConfig | None = None) -> RunConfig:
+    """model: when given (mmfm finetune: the source's), the file's model section is ignored and
+    model overrides are refused."""
     import yaml
 
     path = str(path)
-    raw = read_sections(path, SECTIONS)
+    raw = read_sections(path, SECTIONS, files=("model", "deepspeed"))   # resolved from the config's folder
+    if model is not None:
+        touched = [o for o in overrides or [] if o.split("=", 1)[0].split(".")[0] == "model"]
+        if touched:
+            raise ConfigError(f"{path}: override {touched[0]!r}: the model is given (for mmfm finetune, the "
+                              "source's, --from); it cannot be overridden")
+        raw.pop("model", None)
     whole = [o for o in overrides or [] if o.split("=", 1)[0] in WHOLE]
     raw = apply_overrides(raw, whole, path)          # model=FILE first, then model.field=... into it
     overrides = [o for o in overrides or [] if o not in whole]
@@ -160,20 +204,19 @@ def load_run_config(path, overrides: list[str] | None = None, extra_sections: tu
             raise ConfigError(f"{path}: model: cannot read {raw['model']}: {exc.strerror}") from None
     raw = apply_overrides(raw, overrides or [], path)
     m = raw.get("model")
-    if isinstance(m, str):
-        model = load_model_config(m)
-    elif isinstance(m, dict):
-        model = model_config_from_dict(m, f"{path}: model")
-    else:
-        raise ConfigError(f"{path}: model: expected a model config path or mapping, got {m!r}")
-    ds, ds_path = read_deepspeed(raw.get("deepspeed", "configs/deepspeed/zero0.json"), f"{path}: deepspeed")
+    if model is None:
+        if isinstance(m, str):
+            model = load_model_config(m)
+        elif isinstance(m, dict):
+            model = model_config_from_dict(m, f"{path}: model")
+        else:
+            raise ConfigError(f"{path}: model: expected a model config path or mapping, got {m!r}")
+    ds, ds_path = read_deepspeed(raw.get("deepspeed", packaged_config("deepspeed/zero0.json")), f"{path}: deepspeed")
     data = from_dict(DataSection, raw.get("data"), f"{path}: data")
-    objective = from_dict(ObjectiveConfig, raw.get("objective"), f"{path}: objective")
+    objective = objective_config_from_dict(raw.get("objective"), f"{path}: objective")
     optim = from_dict(OptimSection, raw.get("optim"), f"{path}: optim")
     train = from_dict(TrainSection, raw.get("train"), f"{path}: train")
-    fin = raw.get("finetune") or {}
-    if not isinstance(fin, dict):
-        raise ConfigError(f"{path}: finetune: expected a mapping")
+    fin = parse_finetune(raw["finetune"], path) if raw.get("finetune") is not None else None
     cfg = RunConfig(model, ds, data, objective, optim, train, path, ds_path, fin)
     validate(cfg)
     return cfg
@@ -199,6 +242,8 @@ def validate(cfg: RunConfig) -> None:
         (0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}"),
         (all(w > 0 for w in d.mix.values()), "data.mix", f"weights must be > 0, got {d.mix}"),
     ]
+    if cfg.finetune is not None:
+        checks += finetune_checks(cfg.finetune)
     for ok, name, why in checks:
         if not ok:
             raise ConfigError(f"{p}: {name}: {why}")

@@ -3,16 +3,20 @@
 Runs as a single process with no launcher: when RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT are
 absent, `setup_environment` sets a one-process rendezvous (port from MMFM_MASTER_PORT or a free
 one). Under torchrun or the deepspeed launcher they are already set and used. Without CUDA,
-DS_ACCELERATOR defaults to cpu and the backend is gloo. TORCH_EXTENSIONS_DIR defaults to
-<repo>/.torch_extensions, so DeepSpeed's JIT ops (shm_comm, ~35 s) compile once per checkout.
+DS_ACCELERATOR defaults to cpu and the backend is gloo. In a source checkout TORCH_EXTENSIONS_DIR
+defaults to <repo>/.torch_extensions, so DeepSpeed's JIT ops (shm_comm, ~35 s) compile once per
+checkout; an installed mmfm leaves torch's default (~/.cache/torch_extensions), not site-packages.
 """
 from __future__ import annotations
 
 import math
 import os
 import socket
+from dataclasses import dataclass
 
 import torch
+
+from mmfm.train.config import OptimSection, TrainSection
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,7 +30,8 @@ def _free_port() -> int:
 def setup_environment() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO_ROOT, ".torch_extensions"))
+    if os.path.isdir(os.path.join(REPO_ROOT, "csrc")):   # a source checkout; an installed mmfm keeps torch's default
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO_ROOT, ".torch_extensions"))
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
@@ -53,17 +58,34 @@ def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> 
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
-    """The JSON from configs/deepspeed plus batch, accumulation, clipping and precision from cfg."""
+@dataclass
+class EngineSpec:
+    """What the engine is built from, whichever config file it came from: the shared typed optimizer
+    and training sections (mmfm/train/config.py) and the plain DeepSpeed JSON. Pretraining and
+    cache augmentation take theirs from their files (`spec_of`); tokenizer training fills the same
+    sections from its own `train:` fields (mmfm/tokenizers/train.py: engine_spec)."""
+    optim: OptimSection
+    train: TrainSection
+    deepspeed: dict
+    deepspeed_path: str = ""
+
+
+def spec_of(cfg) -> EngineSpec:
+    """A RunConfig or AugConfig (both have optim, train, deepspeed and deepspeed_path) -> EngineSpec."""
+    return EngineSpec(cfg.optim, cfg.train, cfg.deepspeed, cfg.deepspeed_path)
+
+
+def deepspeed_config(spec: EngineSpec, world_size: int) -> dict:
+    """The JSON from configs/deepspeed plus batch, accumulation, clipping and precision from the spec."""
     from mmfm.typed_config import ConfigError
 
-    ds = dict(cfg.deepspeed)
-    t = cfg.train
+    ds = dict(spec.deepspeed)
+    t = spec.train
     ours = {"train_micro_batch_size_per_gpu": t.micro_batch, "gradient_accumulation_steps": t.grad_accum,
-            "train_batch_size": t.micro_batch * t.grad_accum * world_size, "gradient_clipping": cfg.optim.clip}
+            "train_batch_size": t.micro_batch * t.grad_accum * world_size, "gradient_clipping": spec.optim.clip}
     for k, v in ours.items():
         if k in ds and ds[k] != v:
-            raise ConfigError(f"{cfg.deepspeed_path or 'deepspeed'}: {k} is {ds[k]!r} but the run config gives {v!r}; "
+            raise ConfigError(f"{spec.deepspeed_path or 'deepspeed'}: {k} is {ds[k]!r} but the run config gives {v!r}; "
                               "leave it out of the JSON (batch, accumulation and clipping come from the run config)")
         ds[k] = v
     ds["bf16"] = {"enabled": t.precision == "bf16"}
@@ -83,34 +105,34 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def offloads_optimizer(cfg) -> bool:
+def offloads_optimizer(spec: EngineSpec) -> bool:
     """train.offload_optimizer, or a DeepSpeed JSON (zero2_offload.json) that offloads to cpu/nvme."""
-    zero = cfg.deepspeed.get("zero_optimization", {}) or {}
+    zero = spec.deepspeed.get("zero_optimization", {}) or {}
     off = zero.get("offload_optimizer") or {}
-    return bool(cfg.train.offload_optimizer) or (isinstance(off, dict) and off.get("device", "none") != "none")
+    return bool(spec.train.offload_optimizer) or (isinstance(off, dict) and off.get("device", "none") != "none")
 
 
-def build_engine(cfg, model):
+def build_engine(spec: EngineSpec, model):
     """deepspeed.initialize with a client optimizer (torch AdamW; no cpu_adam JIT), or DeepSpeedCPUAdam
     when the optimizer is offloaded (train.offload_optimizer or the JSON's offload_optimizer):
     ZeRO-Offload refuses other client optimizers."""
     import deepspeed
 
-    o = cfg.optim
+    o = spec.optim
     groups = param_groups(model, o.weight_decay)
-    if offloads_optimizer(cfg):
+    if offloads_optimizer(spec):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         opt = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
     else:
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
-    ds_config = deepspeed_config(cfg, torch.distributed.get_world_size())
+    ds_config = deepspeed_config(spec, torch.distributed.get_world_size())
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     return engine, optimizer
 
 
-def zero_stage(cfg) -> int:
-    return int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+def zero_stage(spec) -> int:
+    return int(spec.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
 def measure_peak_flops(dtype=torch.float32, n: int = 512, reps: int = 5) -> float:

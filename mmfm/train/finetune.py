@@ -1,11 +1,14 @@
 """`mmfm finetune --from CKPT_OR_EXPORT --modality M --config configs/finetune/<name>.yaml [overrides]`.
 
-The same loop as `mmfm pretrain` (mmfm/train/loop.py: DeepSpeed, checkpoints, exact resume), with:
+The same Trainer as `mmfm pretrain` (mmfm/train/loop.py, mmfm/train/trainer.py: DeepSpeed,
+checkpoints, exact resume), with:
   - weights from --from (an export folder or a pretrain output folder); the model config is the
-    source's (a `model:` section in the file is ignored; `model.*` overrides are refused);
+    source's ModelConfig object (a `model:` section in the file is ignored; model overrides are refused);
   - the loss restricted to modality M: every other modality, and the specials, are in
     objective.no_loss (M's own <begin_M>/<end_M> markers belong to M and keep their loss);
-  - `finetune:` section (FinetuneSection): method full or lora, and freezing.
+  - the typed `finetune:` section (FinetuneSection, mmfm/train/config.py): method full or lora,
+    and freezing; its modality and source are filled from --modality / --from.
+The merge is of objects (`build_config`: dataclasses.replace), not of override strings.
 
 Freezing is per tensor (`requires_grad = False`, so frozen tensors get no optimizer state):
   - modality_specific: the tensors indexed by modality: the token embedding and the output head
@@ -22,40 +25,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
 
 import torch
 
-from mmfm.models.lora import LORA_TARGETS, apply_lora
-
-@dataclass
-class FinetuneSection:
-    method: str = "lora"          # full or lora
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    freeze: str = "none"          # none, shared or modality_specific (full method)
-    train_also: list[str] = field(default_factory=list)  # lora: name substrings kept trainable (e.g. embed_tokens)
-
-    @property
-    def scale(self) -> float:
-        return self.lora_alpha / self.lora_rank
+from mmfm.models.lora import apply_lora
+from mmfm.train.config import FinetuneSection, parse_finetune
 
 
 def parse_section(raw: dict, path: str) -> FinetuneSection:
-    from mmfm.typed_config import ConfigError, from_dict
-
-    f = from_dict(FinetuneSection, raw or {}, f"{path}: finetune")
-    checks = [(f.method in ("full", "lora"), "finetune.method", f"expected full or lora, got {f.method!r}"),
-              (f.freeze in ("none", "shared", "modality_specific"), "finetune.freeze",
-               f"expected none, shared or modality_specific, got {f.freeze!r}"),
-              (f.lora_rank >= 1, "finetune.lora_rank", "must be >= 1"),
-              (all(t in LORA_TARGETS for t in f.lora_targets), "finetune.lora_targets",
-               f"each must be one of {', '.join(LORA_TARGETS)}, got {f.lora_targets}")]
-    for ok, name, why in checks:
-        if not ok:
-            raise ConfigError(f"{path}: {name}: {why}")
-    return f
+    """A `finetune:` mapping -> FinetuneSection (mmfm/train/config.py), errors naming file and field."""
+    return parse_finetune(raw, path)
 
 
 def is_modality_specific(name: str, param, model) -> bool:
@@ -120,38 +99,32 @@ def source_model_config(source: str):
 
 
 def build_config(args):
+    """The run config of `mmfm finetune`: the file (with its overrides) read around the source's model
+    config, then merged as objects: train.init_from = --from, every modality but --modality in
+    objective.no_loss, and the finetune section's modality and source filled in."""
+    from mmfm.train.config import load_run_config, validate
     from mmfm.typed_config import ConfigError
-    from mmfm.train.config import load_run_config
     from mmfm.vocab import Vocab
 
-    if any(o.startswith("model.") for o in args.overrides):
-        raise ConfigError(f"{args.config}: model.*: the model is the source's (--from); it cannot be overridden")
-    mcfg = source_model_config(args.source)
-    overrides = [f"model.{k}={json_value(v)}" for k, v in dataclasses.asdict(mcfg).items()]
-    overrides += [f"train.init_from={os.path.abspath(args.source)}"] + list(args.overrides)
-    cfg = load_run_config(args.config, overrides)
-    f = parse_section(cfg.finetune, args.config)
+    source = os.path.abspath(args.source)
+    cfg = load_run_config(args.config, args.overrides, model=source_model_config(args.source))
     vocab = Vocab.load(cfg.data.vocab)
     if args.modality not in vocab.ranges:
         raise ConfigError(f"--modality {args.modality!r}: not in the vocabulary ({', '.join(vocab.ranges)})")
-    cfg.objective.no_loss = sorted(set(cfg.objective.no_loss) | {m for m in vocab.modality_names if m != args.modality})
-    cfg.finetune = {**dataclasses.asdict(f), "modality": args.modality, "source": os.path.abspath(args.source)}
-    return cfg, f
+    others = {m for m in vocab.modality_names if m != args.modality}
+    cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, init_from=source),
+        objective=dataclasses.replace(cfg.objective, no_loss=sorted(set(cfg.objective.no_loss) | others)),
+        finetune=dataclasses.replace(cfg.finetune or FinetuneSection(), modality=args.modality, source=source))
+    validate(cfg)
+    return cfg, cfg.finetune
 
 
-def json_value(v) -> str:
-    """v as a YAML scalar that reads back as the same type (YAML 1.1 reads '1e-05' as a string)."""
-    import json
-
-    s = json.dumps(v)
-    if isinstance(v, float) and "e" in s and "." not in s:
-        s = s.replace("e", ".0e")
-    return s
-
-
-def cmd_finetune(args) -> int:
-    from mmfm.typed_config import ConfigError
+def cmd_finetune(args, hooks=None) -> int:
+    """hooks: fault injection for tests (mmfm/train/trainer.py: Hooks)."""
     from mmfm.train.loop import TrainingStopped, run
+    from mmfm.typed_config import ConfigError
 
     try:
         cfg, f = build_config(args)
@@ -159,7 +132,7 @@ def cmd_finetune(args) -> int:
         print(f"mmfm finetune: {exc}", file=sys.stderr)
         return 2
     try:
-        res = run(cfg, prepare_model=prepare(f))
+        res = run(cfg, prepare_model=prepare(f), hooks=hooks)
     except TrainingStopped as exc:
         print(f"mmfm finetune: {exc}", file=sys.stderr)
         return 3

@@ -11,7 +11,7 @@ Training reads them with mmfm.data's ShardDataset (tokenize hook = "take the .np
 packs samples into seq_len sequences and keeps the exact-resume state. Why not tokenize on the fly:
 the neural tokenizers would run again every epoch on every rank, in the loop's critical path, on
 2 cores; a token shard is read in microseconds, and the same shards serve every run and rank.
-Modality ids are not stored: they follow from the ids (mmfm.objectives.modality_table).
+Modality ids are not stored: they follow from the ids (Vocab.modality_table()).
 """
 from __future__ import annotations
 

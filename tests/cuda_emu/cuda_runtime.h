@@ -77,21 +77,13 @@ inline Block*& block() {
   static Block* b = nullptr;
   return b;
 }
-inline dim3& thread_idx() {
-  static dim3 d;
-  return d;
-}
-inline dim3& block_idx() {
-  static dim3 d;
-  return d;
-}
-inline dim3& block_dim() {
-  static dim3 d;
-  return d;
-}
-inline dim3& grid_dim() {
-  static dim3 d;
-  return d;
+// threadIdx, blockIdx, blockDim and gridDim of the thread running now (one block runs at a time).
+struct Coords {
+  dim3 thread_idx, block_idx, block_dim, grid_dim;
+};
+inline Coords& coords() {
+  static Coords c;
+  return c;
 }
 
 inline void yield(State s) {
@@ -141,7 +133,7 @@ inline void run_block(int n, const std::function<void()>& body) {
     for (int i = 0; i < n; ++i) {
       if (b.fibers[i].state != kRunnable) continue;
       b.current = i;
-      thread_idx().x = static_cast<unsigned>(i);
+      coords().thread_idx.x = static_cast<unsigned>(i);
       resume(b, i);
     }
     int live = 0, at_block = 0;
@@ -169,7 +161,7 @@ inline void run_block(int n, const std::function<void()>& body) {
       released = true;
     }
     if (!released) {
-      std::fprintf(stderr, "cuda_emu: deadlock: threads wait at different barriers (block %u)\n", block_idx().x);
+      std::fprintf(stderr, "cuda_emu: deadlock: threads wait at different barriers (block %u)\n", coords().block_idx.x);
       std::abort();
     }
   }
@@ -180,20 +172,20 @@ inline void run_block(int n, const std::function<void()>& body) {
 template <class F>
 void launch(dim3 grid, dim3 threads, F&& kernel_call) {
   const std::function<void()> body = kernel_call;
-  grid_dim() = grid;
-  block_dim() = threads;
+  coords().grid_dim = grid;
+  coords().block_dim = threads;
   for (unsigned x = 0; x < grid.x; ++x) {
-    block_idx().x = x;
+    coords().block_idx.x = x;
     run_block(static_cast<int>(threads.x), body);
   }
 }
 
 }  // namespace emu
 
-#define threadIdx (::emu::thread_idx())
-#define blockIdx (::emu::block_idx())
-#define blockDim (::emu::block_dim())
-#define gridDim (::emu::grid_dim())
+#define threadIdx (::emu::coords().thread_idx)
+#define blockIdx (::emu::coords().block_idx)
+#define blockDim (::emu::coords().block_dim)
+#define gridDim (::emu::coords().grid_dim)
 
 inline void __syncthreads() { emu::yield(emu::kAtBlockBarrier); }
 

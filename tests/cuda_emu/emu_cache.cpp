@@ -41,22 +41,11 @@ void validate(cuda::Check mode, int64_t n, const int64_t* a, const int64_t* b, i
 }
 
 CacheDims dims(int64_t B, int64_t H, int64_t T, int64_t row_bytes) {
-  CacheDims c;
-  c.B = B;
-  c.H = H;
-  c.T = T;
-  c.row_bytes = row_bytes;
-  return c;
+  return CacheDims{B, H, T, row_bytes};
 }
 
 Source source(const void* data, int64_t L, int64_t sb, int64_t sh, int64_t sl) {
-  Source s;
-  s.data = data;
-  s.L = L;
-  s.sb = sb;
-  s.sh = sh;
-  s.sl = sl;
-  return s;
+  return Source{data, L, sb, sh, sl};
 }
 
 }  // namespace

@@ -46,8 +46,8 @@ class ToneScorer:
         self.clf = clf
 
     @classmethod
-    def fit(cls, waves: list[torch.Tensor], labels: list[dict]) -> "ToneScorer":
-        x = np.stack([tone_features(w) for w in waves])
+    def fit(cls, waves: list[torch.Tensor], labels: list[dict], rate: int = RATE) -> "ToneScorer":
+        x = np.stack([tone_features(w, rate) for w in waves])
         return cls(LinearClassifier.fit(x, [lab["tone"] for lab in labels], c=1.0, name="tone scorer"))
 
     def predict(self, waves: list[torch.Tensor], rate: int = RATE) -> dict[str, list[str]]:

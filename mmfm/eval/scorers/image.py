@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmfm.data.demo.images import _where
+from mmfm.data.demo_corpus.images import _where
 from mmfm.eval.scorers import palette
 from mmfm.eval.scorers.linear import LinearClassifier
 
@@ -47,11 +47,10 @@ class DigitScorer:
 
 def scene_parts(img: torch.Tensor) -> tuple[str, str, np.ndarray]:
     """(object colour, position phrase, mask features) of a one-object scene."""
-    bg = palette.background(img)
-    mask = palette.object_mask(img, bg)
+    mask = palette.object_mask(img, palette.background_colour(img))
     c = palette.centroid(mask)
     where = _where(*c) if c is not None else "none"
-    return palette.object_colour(img, bg, mask), where, palette.mask_features(mask)
+    return palette.object_colour(img, mask), where, palette.mask_features(mask)
 
 
 class SceneScorer:

@@ -1,52 +1,53 @@
-"""Segmentation of rendered scenes and clips by the renderer's palette (mmfm.data.demo.images.COLORS).
+"""Segmentation of rendered scenes and clips, and colour names from the renderer's palette
+(mmfm.data.demo_corpus.images.COLORS).
 
-The renderer paints flat palette colours on a flat palette background, so a decoded image is read
-back without learning anything: the background is the palette colour most pixels are nearest to,
-the object is the pixels far from the background colour, and its colour is the palette colour most
-of its pixels are nearest to (edge pixels blend two colours; the interior outvotes them).
+The renderer paints one flat colour on a flat background, so a decoded image is read back without
+learning anything: the background colour is the median pixel (the object covers at most ~13% of a
+scene), the object is the pixels far from it, and its colour is the palette colour nearest to the
+object's median pixel. A MARGIN-pixel frame is ignored: the demo image tokenizer's decoder smears
+its borders, which would otherwise count as object.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from mmfm.data.demo.images import COLORS
+from mmfm.data.demo_corpus.images import COLORS
 
 NAMES = tuple(COLORS)
 RGB = torch.tensor([COLORS[n] for n in NAMES], dtype=torch.float32) / 255.0   # [8, 3]
 FOREGROUND = 0.25   # RGB distance (0-1 units) from the background colour that counts as object
-MATCH = 0.35        # at most this far from a palette colour to vote for it
+MARGIN = 2          # pixels at each border left out (of a 32-pixel image)
 
 
-def _nearest(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """img [3, H, W] in [0, 1] -> (palette index [H, W], distance to it [H, W])."""
-    px = img.float().clamp(0, 1).permute(1, 2, 0).reshape(-1, 3)
-    d = torch.cdist(px, RGB)
-    dist, idx = d.min(1)
-    return idx.reshape(img.shape[1:]), dist.reshape(img.shape[1:])
+def _inner(h: int, w: int) -> torch.Tensor:
+    m = MARGIN if min(h, w) > 4 * MARGIN else 0
+    inner = torch.zeros(h, w, dtype=torch.bool)
+    inner[m:h - m, m:w - m] = True
+    return inner
 
 
-def background(frames: torch.Tensor) -> int:
-    """The palette index most pixels of [..., 3, H, W] are nearest to."""
-    f = frames.reshape(-1, 3, *frames.shape[-2:])
-    idx = torch.cat([_nearest(x)[0].reshape(-1) for x in f])
-    return int(torch.bincount(idx, minlength=len(NAMES)).argmax())
+def background_colour(frames: torch.Tensor) -> torch.Tensor:
+    """The median inner pixel of [..., 3, H, W] -> [3]."""
+    f = frames.float().clamp(0, 1).reshape(-1, 3, *frames.shape[-2:]).permute(0, 2, 3, 1)
+    return f[:, _inner(*f.shape[1:3])].reshape(-1, 3).median(0).values
 
 
-def object_mask(img: torch.Tensor, bg: int) -> torch.Tensor:
-    """bool [H, W]: pixels far from the background colour."""
-    d = (img.float().clamp(0, 1).permute(1, 2, 0) - RGB[bg]).norm(dim=-1)
-    return d > FOREGROUND
+def object_mask(img: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """bool [H, W]: inner pixels far from the background colour."""
+    d = (img.float().clamp(0, 1).permute(1, 2, 0) - bg).norm(dim=-1)
+    return (d > FOREGROUND) & _inner(*img.shape[-2:])
 
 
-def object_colour(img: torch.Tensor, bg: int, mask: torch.Tensor | None = None) -> str:
-    """The palette name most object pixels are nearest to ('none' without object pixels)."""
-    mask = object_mask(img, bg) if mask is None else mask
-    idx, dist = _nearest(img)
-    vote = idx[mask & (dist < MATCH) & (idx != bg)]
-    if vote.numel() == 0:
+def colour_name(rgb: torch.Tensor) -> str:
+    return NAMES[int(torch.cdist(rgb.float()[None], RGB).argmin())]
+
+
+def object_colour(img: torch.Tensor, mask: torch.Tensor) -> str:
+    """The palette name nearest to the median object pixel ('none' without object pixels)."""
+    if not bool(mask.any()):
         return "none"
-    return NAMES[int(torch.bincount(vote, minlength=len(NAMES)).argmax())]
+    return colour_name(img.float().clamp(0, 1).permute(1, 2, 0)[mask].median(0).values)
 
 
 def centroid(mask: torch.Tensor) -> tuple[float, float] | None:

@@ -20,7 +20,7 @@ def as_video(sample) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
 
 
-def direction(frames: torch.Tensor, bg: int) -> str:
+def direction(frames: torch.Tensor, bg: torch.Tensor) -> str:
     track = [palette.centroid(palette.object_mask(f, bg)) for f in frames]
     track = [c for c in track if c is not None]
     if len(track) < 2:
@@ -39,7 +39,7 @@ class ClipScorer:
     def predict(self, videos: list[torch.Tensor]) -> dict[str, list[str]]:
         colours, dirs = [], []
         for v in videos:
-            bg = palette.background(v)
-            colours.append(palette.object_colour(v[0], bg))
+            bg = palette.background_colour(v)
+            colours.append(palette.object_colour(v[0], palette.object_mask(v[0], bg)))
             dirs.append(direction(v, bg))
         return {"colour": colours, "direction": dirs}

@@ -3,20 +3,16 @@ reference (`reference`), torch.cdist + argmin (`torch_cdist`) and vector-quantiz
 VectorQuantize forward (`vector_quantize_pytorch`, when installed), with the peak extra
 memory of each.
 
-    python tools/bench/quant.py [--json PATH] [--device cpu|cuda] [--quick]
-    mmfm bench quant [--json PATH]
+    mmfm bench quant [--json PATH] [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_parser, machine, peak_extra_mb, print_table, record, time_ms, write_json  # noqa: E402
-
-from mmfm.ops import quant  # noqa: E402
+from mmfm.bench.common import base_parser, machine, parse_args, report, time_impls
+from mmfm.ops import quant
 
 NEAREST_CASES = [(1024, 32), (16384, 32), (16384, 8), (1024, 256)]
 
@@ -45,12 +41,7 @@ def bench_nearest(N: int, K: int, D: int, dtype: torch.dtype, device: str, repea
     vq = _vqp(K, D, e.float()) if dtype == torch.float32 else None
     if vq is not None:
         impls["vector_quantize_pytorch"] = lambda: vq(z[None])
-    out = []
-    with torch.no_grad():
-        for name, fn in impls.items():
-            ms = time_ms(fn, device, repeats)
-            out.append(record("quant", case, name, ms=ms, peak_extra_mb=peak_extra_mb(fn, device)))
-    return out
+    return time_impls("quant", case, impls, device, repeats)
 
 
 def bench_elementwise(N: int, device: str, repeats: int) -> list[dict]:
@@ -60,35 +51,34 @@ def bench_elementwise(N: int, device: str, repeats: int) -> list[dict]:
     z = torch.randn(N, 4, generator=g).to(device)
     case = {"op": "fsq_quantize", "N": N, "levels": "8-5-5-5", "device": device}
     lv = quant.as_levels(levels)
-    for name, fn in {"mmfm": lambda: quant.fsq_quantize(z, levels),
-                     "reference": lambda: quant.fsq_quantize_reference(z, lv)}.items():
-        out.append(record("quant", case, name, ms=time_ms(fn, device, repeats)))
+    out += time_impls("quant", case, {"mmfm": lambda: quant.fsq_quantize(z, levels),
+                                      "reference": lambda: quant.fsq_quantize_reference(z, lv)},
+                      device, repeats, memory=False)
     zl = torch.randn(N, 16, generator=g).to(device)
     case = {"op": "lfq_entropy_exact", "N": 4096, "d": 12, "device": device}
     zs = zl[:4096, :12].contiguous()
-    for name, fn in {"mmfm": lambda: quant.lfq_entropy(zs, 1.0, True),
-                     "reference": lambda: quant.lfq_entropy_reference(zs, 1.0, True)}.items():
-        out.append(record("quant", case, name, ms=time_ms(fn, device, repeats), peak_extra_mb=peak_extra_mb(fn, device)))
+    out += time_impls("quant", case, {"mmfm": lambda: quant.lfq_entropy(zs, 1.0, True),
+                                      "reference": lambda: quant.lfq_entropy_reference(zs, 1.0, True)},
+                      device, repeats)
     x = torch.randn(N, 32, generator=g).to(device)
     idx = torch.randint(0, 1024, (N,), generator=g).to(device)
     case = {"op": "code_stats", "N": N, "K": 1024, "D": 32, "device": device}
-    for name, fn in {"mmfm": lambda: quant.code_stats(x, idx, 1024),
-                     "reference": lambda: quant.code_stats_reference(x, idx, 1024)}.items():
-        out.append(record("quant", case, name, ms=time_ms(fn, device, repeats)))
+    out += time_impls("quant", case, {"mmfm": lambda: quant.code_stats(x, idx, 1024),
+                                      "reference": lambda: quant.code_stats_reference(x, idx, 1024)},
+                      device, repeats, memory=False)
     cbs = torch.randn(8, 1024, 32, generator=g).to(device)
     case = {"op": "residual_vq", "N": N, "M": 8, "K": 1024, "D": 32, "device": device}
-    for name, fn in {"mmfm": lambda: quant.residual_vq(x, cbs),
-                     "reference": lambda: quant.residual_vq_reference(x, cbs)}.items():
-        out.append(record("quant", case, name, ms=time_ms(fn, device, repeats), peak_extra_mb=peak_extra_mb(fn, device)))
+    out += time_impls("quant", case, {"mmfm": lambda: quant.residual_vq(x, cbs),
+                                      "reference": lambda: quant.residual_vq_reference(x, cbs)},
+                      device, repeats)
     return out
 
 
 def main(argv=None) -> int:
-    args = base_parser("quant", __doc__.split("\n\n")[0]).parse_args(argv)
-    device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("mmfm bench quant: --device cuda needs a visible GPU", file=sys.stderr)
+    args = parse_args(base_parser("quant", __doc__.split("\n\n")[0]), argv)
+    if args is None:
         return 2
+    device = args.device
     N = 1024 if args.quick else 16384
     cases = [(64, 8), (256, 32)] if args.quick else NEAREST_CASES
     repeats = 1 if args.quick else args.repeats
@@ -99,9 +89,7 @@ def main(argv=None) -> int:
     if not args.quick:
         records += bench_nearest(N, 16384, 32, torch.bfloat16, device, repeats)
     records += bench_elementwise(N, device, repeats)
-    print_table(records, ratio_to="reference")
-    write_json(records, args.json)
-    return 0
+    return report(records, args.json, ratio_to="reference")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@ the same weights (the export's Llama layout, loaded with LlamaForCausalLM.from_p
 same prompts and the same sampling settings (temperature 0.8, top_k 50, top_p 0.9), at batch 1
 and 8. Every impl generates exactly --new tokens per row (no stop token), prefill included.
 
-    python tools/bench/generate.py [--model EXPORT_DIR] [--json PATH] [--new 128] [--prompt-len 32]
-    mmfm bench generate [--json PATH]
+    mmfm bench generate [--model EXPORT_DIR] [--json PATH] [--new 128] [--prompt-len 32]
 
 Without --model it uses runs/demo/export when present, else a random-weight model of the demo's
 shape (configs/models/small.yaml, vocabulary 3784) exported to a temporary folder: decoding cost
@@ -21,20 +20,19 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_parser, machine, print_table, record, write_json  # noqa: E402
+from mmfm.bench.common import base_parser, machine, parse_args, record, report
+from mmfm.typed_config import packaged_config
 
 SETTINGS = dict(temperature=0.8, top_k=50, top_p=0.9)
 DEMO_EXPORT = "runs/demo/export"
 DEMO_VOCAB = 3784
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def random_export(folder: str, vocab_size: int = DEMO_VOCAB) -> str:
     from mmfm.export import write_folder
     from mmfm.models import Transformer, load_model_config
 
-    cfg = load_model_config(os.path.join(REPO_ROOT, "configs/models/small.yaml"))
+    cfg = load_model_config(packaged_config("models/small.yaml"))
     cfg.vocab_size = vocab_size
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -136,19 +134,15 @@ def bench(folder: str, batches, new: int, prompt_len: int, repeats: int, label: 
 
 
 def main(argv=None) -> int:
-    p = base_parser("generate", __doc__.split("\n\n")[0])
+    p = base_parser("generate", __doc__.split("\n\n")[0], threads_help="0 = torch's default")
     p.add_argument("--model", default=None, help=f"exported model folder (default {DEMO_EXPORT} if present, "
                    "else a random-weight model of the demo's shape)")
     p.add_argument("--B", type=int, nargs="*", help="batch sizes (default 1 8)")
     p.add_argument("--new", type=int, default=None, help="new tokens per row (default 128; --quick 16)")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    args = p.parse_args(argv)
-    if args.device != "cpu":
-        print("mmfm bench generate: only --device cpu is measured here", file=sys.stderr)
+    args = parse_args(p, argv, cpu_only="measured here")
+    if args is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     new = args.new or (16 if args.quick else 128)
     batches = args.B or ((1,) if args.quick else (1, 8))
     repeats = 1 if args.quick else args.repeats
@@ -164,9 +158,7 @@ def main(argv=None) -> int:
         elif args.model:
             label = os.path.basename(os.path.normpath(args.model))
         records = bench(folder, batches, new, args.prompt_len, repeats, label)
-    print_table(records, figures=("ms", "tokens_per_s"), ratio_to="hf_generate")
-    write_json(records, args.json)
-    return 0
+    return report(records, args.json, figures=("ms", "tokens_per_s"), ratio_to="hf_generate")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Shards go to DIR as `<modality>-000000.tar` (one prefix per modality, so a mixtu
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ import time
 import numpy as np
 
 from mmfm.data.writer import SampleShardWriter
+from mmfm.jsonio import write_json
 
 
 def demo_plan(scale: float) -> dict:
@@ -24,7 +24,7 @@ def demo_plan(scale: float) -> dict:
 
 
 def demo_sources(scale: float, seed: int):
-    from mmfm.data.demo import audio, images, physics, shapes3d, text, video
+    from mmfm.data.demo_corpus import audio, images, physics, shapes3d, text, video
 
     plan = demo_plan(scale)
     rng = np.random.default_rng(seed)
@@ -53,8 +53,7 @@ def build_demo(out: str, scale: float = 1.0, seed: int = 0, shard_size: int = 10
                              "bytes": w.manifest["bytes"], "seconds": round(time.perf_counter() - t, 2)}
     summary["_total"] = {"samples": sum(v["samples"] for v in summary.values()), "seconds":
                          round(time.perf_counter() - t0, 2), "scale": scale, "seed": seed}
-    with open(os.path.join(out, "demo-summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(out, "demo-summary.json"), summary)
     return summary
 
 

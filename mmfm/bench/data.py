@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from common import base_parser, machine, print_table, record, write_json
+from mmfm.bench.common import base_parser, machine, record, report
 
 MODALITIES = ("text", "image", "audio", "video", "shape3d", "physics")
 SIZES = {"text": 120, "image": 128, "audio": 320, "video": 32, "shape3d": 512, "physics": 32}  # synthetic_sample size
@@ -88,9 +88,7 @@ def main(argv=None) -> int:
                 t = statistics.median(times)
                 records.append(record("data", case, impl, samples_per_s=round(n / t, 1), mb_per_s=round(mb / t, 2),
                                       ms=round(t * 1e3, 1)))
-    print_table(records, figures=("samples_per_s", "mb_per_s", "ms"))
-    write_json(records, args.json)
-    return 0
+    return report(records, args.json, figures=("samples_per_s", "mb_per_s", "ms"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
-"""Shared pieces of the benchmarks in tools/bench: timing, memory, records, table, JSON.
+"""Shared pieces of the benchmarks in mmfm/bench: arguments, timing, memory, records, table, JSON.
 
-Each benchmark script exposes `main(argv=None) -> int` and is run either directly
-(`python tools/bench/quant.py`) or through `mmfm bench quant`. Records follow
-docs/ARCHITECTURE.md ("Benchmark and evaluation output"): flat dicts with `bench`, `case`,
+Each benchmark module exposes `main(argv=None) -> int` and is run through `mmfm bench NAME` or
+`python -m mmfm.bench.NAME`. Records follow docs/records.md: flat dicts with `bench`, `case`,
 `impl`, a timing (`ms`, the median) and optionally `peak_extra_mb`.
 """
 from __future__ import annotations
@@ -20,14 +19,34 @@ from typing import Callable
 
 import torch
 
+from mmfm.jsonio import write_records
 
-def base_parser(name: str, description: str) -> argparse.ArgumentParser:
+
+def base_parser(name: str, description: str, threads_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark takes; `--threads` too when threads_help is given."""
     p = argparse.ArgumentParser(prog=f"mmfm bench {name}", description=description)
     p.add_argument("--json", metavar="PATH", help="also write the records as a JSON list to PATH")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case; the median is reported")
     p.add_argument("--quick", action="store_true", help="smaller cases, for smoke tests")
+    if threads_help:
+        p.add_argument("--threads", type=int, default=0, help=f"torch threads ({threads_help})")
     return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv, cpu_only: str | None = None) -> argparse.Namespace | None:
+    """Parsed arguments with --threads applied, or None (the caller exits 2) after saying why
+    --device cannot run: `cpu_only` is the benchmark's reason to measure the CPU only."""
+    args = p.parse_args(argv)
+    if cpu_only and args.device != "cpu":
+        print(f"{p.prog}: only --device cpu is {cpu_only}", file=sys.stderr)
+        return None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"{p.prog}: --device cuda needs a visible GPU", file=sys.stderr)
+        return None
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def _sync(device: str) -> None:
@@ -94,6 +113,28 @@ def record(bench: str, case: dict, impl: str, **figures) -> dict:
     return {"bench": bench, "case": dict(case), "impl": impl, **figures}
 
 
+def time_impls(bench: str, case: dict, impls: dict, device: str, repeats: int, memory: bool = True) -> list[dict]:
+    """One record per impl (name -> zero-argument callable): median ms and, with memory, the peak
+    extra memory of one more call; impls run one after the other, without autograd."""
+    out = []
+    with torch.no_grad():
+        for name, fn in impls.items():
+            figures = {"ms": time_ms(fn, device, repeats)}
+            if memory:
+                figures["peak_extra_mb"] = peak_extra_mb(fn, device)
+            out.append(record(bench, case, name, **figures))
+    return out
+
+
+def by_case(records: list[dict], figure: str = "ms") -> dict[str, dict[str, float]]:
+    """{"k=v k=v" of the case: {impl: figure}}, in the records' order, for the summary lines."""
+    out: dict[str, dict[str, float]] = {}
+    for r in records:
+        key = " ".join(f"{k}={v}" for k, v in r["case"].items())
+        out.setdefault(key, {})[r["impl"]] = r[figure]
+    return out
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
@@ -126,11 +167,13 @@ def print_table(records: list[dict], figures: tuple[str, ...] = ("ms", "peak_ext
         print(fmt.format(*cells), file=out)
 
 
-def write_json(records: list[dict], path: str | None) -> None:
-    if not path:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(tmp, path)
-    print(f"wrote {len(records)} records to {path}", file=sys.stderr)
+def report(records: list[dict], json_path: str | None, lines: list[str] | None = None, **table) -> int:
+    """The end of every benchmark: the table (print_table's options), then a blank line and the
+    summary lines when there are any to give, then the JSON file. Returns the exit status, 0."""
+    print_table(records, **table)
+    if lines is not None:
+        print()
+        for line in lines:
+            print(line)
+    write_records(records, json_path)
+    return 0

@@ -15,21 +15,17 @@ Times are per call: the median over --repeats of a loop of calls, divided, with 
 case timed round-robin so that load from other processes falls on all of them alike; the ratio
 column is torch's time over this impl's (a speed-up above 1).
 
-    python tools/bench/cache.py [--json PATH] [--device cpu|cuda] [--quick] [--dtype bfloat16 float32]
-    mmfm bench cache [--json PATH]
+    mmfm bench cache [--json PATH] [--device cpu|cuda] [--quick] [--dtype bfloat16 float32]
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_parser, machine, print_table, record, time_ms, write_json  # noqa: E402
-
-from mmfm.ops import cache as C  # noqa: E402
+from mmfm.bench.common import base_parser, by_case, machine, parse_args, record, report, time_ms
+from mmfm.ops import cache as C
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -135,12 +131,8 @@ def _run(op, shape, impls, dtype, device, repeats, inner) -> list[dict]:
 
 def summary(records: list[dict]) -> list[str]:
     """One line per case: speed-up of mmfm (wrapper) and mmfm_op over the plain torch path."""
-    by_case: dict[str, dict[str, float]] = {}
-    for r in records:
-        key = " ".join(f"{k}={v}" for k, v in r["case"].items())
-        by_case.setdefault(key, {})[r["impl"]] = r["ms"]
     lines = []
-    for key, t in by_case.items():
+    for key, t in by_case(records).items():
         if "mmfm" in t and "torch" in t:
             lines.append(f"{key}: mmfm {t['torch'] / t['mmfm']:.2f}x, mmfm_op {t['torch'] / t['mmfm_op']:.2f}x "
                          f"the torch path ({t['mmfm'] * 1e3:.1f} vs {t['torch'] * 1e3:.1f} us per call)")
@@ -157,11 +149,10 @@ def main(argv=None) -> int:
     p.add_argument("--L", type=int, default=512, help="prefill length (default 512)")
     p.add_argument("--N", type=int, default=16, help="latents inserted (default 16)")
     p.add_argument("--P", type=int, default=64, help="prefix length before the latents (default 64)")
-    args = p.parse_args(argv)
-    device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("mmfm bench cache: --device cuda needs a visible GPU", file=sys.stderr)
+    args = parse_args(p, argv)
+    if args is None:
         return 2
+    device = args.device
     B, H, D = args.B, args.H, args.D
     T, L = (256, 64) if args.quick else (args.T, args.L)
     dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16"] if args.quick else ["bfloat16", "float32"]))]
@@ -174,12 +165,7 @@ def main(argv=None) -> int:
         records += bench_prefill(B, H, T, D, L, dtype, device, repeats, k)
         records += bench_insert(B, H, T, D, args.N, min(args.P, T // 4), dtype, device, repeats, k)
         records += bench_gather(B, H, T, D, dtype, device, repeats, k)
-    print_table(records, figures=("ms",), ratio_to="torch")
-    print()
-    for line in summary(records):
-        print(line)
-    write_json(records, args.json)
-    return 0
+    return report(records, args.json, summary(records), figures=("ms",), ratio_to="torch")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ The model: --model (an `mmfm export` folder, default runs/demo/export, the folde
 and text tokenizer), or, when that folder does not exist, a byte-level model of the demo's
 shape trained here for --train-steps on standard-library source (stated in every record).
 
-    python tools/bench/speculative.py [--json PATH] [--quick] [--model DIR]
-    mmfm bench speculative [--json PATH]
+    mmfm bench speculative [--json PATH] [--quick] [--model DIR]
 """
 from __future__ import annotations
 
@@ -34,15 +33,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_parser, machine, print_table, record, write_json  # noqa: E402
-
-from mmfm.generate.masked import maskgit_decode, recap_decode  # noqa: E402
-from mmfm.generate.recycling import RecyclingMatrix  # noqa: E402
-from mmfm.generate.speculative import (draft_model_generate, layer_drafter,  # noqa: E402
-                                       token_recycling_generate)
-from mmfm.models import KVCache, ModelConfig, Transformer  # noqa: E402
-from mmfm.ops import sampling  # noqa: E402
+from mmfm.bench.common import base_parser, machine, parse_args, record, report
+from mmfm.generate.masked import maskgit_decode, recap_decode
+from mmfm.generate.recycling import RecyclingMatrix
+from mmfm.generate.speculative import draft_model_generate, layer_drafter, token_recycling_generate
+from mmfm.models import KVCache, ModelConfig, Transformer
+from mmfm.ops import sampling
 
 PROMPT_MODULES = ("textwrap", "json.encoder", "string", "shlex", "fnmatch", "glob")
 MODES = {"greedy": dict(temperature=0.0), "sample": dict(temperature=1.0)}
@@ -57,11 +53,11 @@ def stdlib_sources(n: int) -> list[str]:
 # ------------------------------------------------------------------------------------ models
 def load_export(folder: str):
     """(model, encode(text) -> global ids, description) from an `mmfm export` folder."""
-    import mmfm
+    from mmfm.models.io import load
     from mmfm.tokenizers import load_tokenizer
     from mmfm.vocab import Vocab
 
-    model = mmfm.load(folder)
+    model = load(folder)
     vocab = Vocab.load(os.path.join(folder, "vocab.json"))
     text_dir = os.path.join(folder, "tokenizers", "text")
     tok_dirs = [d for d in (os.path.join(text_dir, "tokenizer"), text_dir)
@@ -235,7 +231,7 @@ def bench_masked(model, args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = base_parser("speculative", __doc__.split("\n\n")[0])
+    p = base_parser("speculative", __doc__.split("\n\n")[0], threads_help="0 = leave as is")
     p.add_argument("--model", default="runs/demo/export", help="an `mmfm export` folder (default: the one make demo writes)")
     p.add_argument("--train-steps", type=int, default=300,
                    help="steps of the byte-level stand-in model when --model does not exist")
@@ -251,13 +247,9 @@ def main(argv=None) -> int:
     p.add_argument("--masked-batch", type=int, default=1)
     p.add_argument("--maskgit-steps", type=int, default=12)
     p.add_argument("--full-every", type=int, nargs="*", default=[2, 3])
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    args = p.parse_args(argv)
-    if args.device != "cpu":
-        print("mmfm bench speculative: only --device cpu is wired up", file=sys.stderr)
+    args = parse_args(p, argv, cpu_only="wired up")
+    if args is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.quick:
         args.prompts, args.new_tokens, args.prompt_tokens, args.repeats = 1, 16, 32, 1
         args.masked_length, args.maskgit_steps, args.train_steps = 16, 4, min(args.train_steps, 5)
@@ -268,13 +260,9 @@ def main(argv=None) -> int:
         model, encode, desc = byte_model(args.train_steps, cache=not args.quick)
     print(f"# speculative benchmark on {machine()}; model: {desc}", file=sys.stderr)
     records = bench_decoding(model, encode, desc, args) + bench_masked(model, args)
-    print_table(records, figures=("ms", "tokens_per_s", "acceptance_length", "target_passes", "full_passes",
-                                  "cheap_passes", "same_as_plain"), ratio_to=None)
-    print()
-    for line in summary(records):
-        print(line)
-    write_json(records, args.json)
-    return 0
+    return report(records, args.json, summary(records), figures=("ms", "tokens_per_s", "acceptance_length",
+                                                                 "target_passes", "full_passes", "cheap_passes",
+                                                                 "same_as_plain"))
 
 
 def summary(records: list[dict]) -> list[str]:

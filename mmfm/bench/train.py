@@ -17,7 +17,7 @@ process CPU time of a step (time.process_time) and tokens_per_cpu_s the rate ove
 shared with other work, wall time includes the time this process waited for a core, CPU time
 mostly does not (with one thread; with several, spin-waiting threads count), so the two ratios
 bracket the comparison.
-Records (ARCHITECTURE.md): bench "train", case {config, batch, seq, vocab, params_m}, impl
+Records (docs/records.md): bench "train", case {config, batch, seq, vocab, params_m}, impl
 "mmfm" or "hf_llama", tokens_per_s and data_ms / forward_ms / backward_ms / optimizer_ms / step_ms.
 """
 from __future__ import annotations
@@ -29,7 +29,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import base_parser, machine, record, write_json
+from mmfm.bench.common import base_parser, machine, record
+from mmfm.jsonio import write_records
+from mmfm.typed_config import packaged_config
 
 
 def _build(config_path: str, vocab: int):
@@ -106,22 +108,21 @@ class Runner:
 
 def main(argv=None) -> int:
     p = base_parser("train", __doc__.splitlines()[0])
-    p.add_argument("--configs", default="tiny,small", help="configs/models/<name>.yaml, comma separated")
+    p.add_argument("--configs", default="tiny,small", help="model configs shipped with mmfm (configs/models/<name>.yaml), "
+                   "comma separated")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (the demo's unified vocab is ~5.5k)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per model (default 20; 4 with --quick)")
     p.add_argument("--block", type=int, default=2, help="steps per model before switching to the other")
     args = p.parse_args(argv)
-    from mmfm.train.engine import REPO_ROOT
-
     steps = args.steps or (4 if args.quick else 20)
     seq = min(args.seq, 64) if args.quick else args.seq
     print(f"# {machine()}; batch {args.batch} x seq {seq}, vocab {args.vocab}, {steps} timed steps per model "
           f"(median), AdamW", file=sys.stderr)
     records = []
     for name in args.configs.split(","):
-        cfg, model, hf = _build(f"{REPO_ROOT}/configs/models/{name}.yaml", args.vocab)
+        cfg, model, hf = _build(packaged_config(f"models/{name}.yaml"), args.vocab)
         gen = torch.Generator().manual_seed(0)
         data = [torch.randint(args.vocab, (args.batch, seq), generator=gen) for _ in range(8)]
         runners = [Runner("mmfm", model, mmfm_loss(model), data), Runner("hf_llama", hf, hf_loss(hf), data)]
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
                                   tokens_per_cpu_s=args.batch * seq / (med["cpu_step"] / 1e3),
                                   **{f"{k}_ms": round(v, 3) for k, v in med.items()}))
     _print(records)
-    write_json(records, args.json)
+    write_records(records, args.json)
     return 0
 
 
@@ -158,3 +159,7 @@ def _print(records: list[dict]) -> None:
     widths = [max(len(c) for c in col) for col in zip(*rows)]
     for cells in rows:
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,20 +9,16 @@ read of the logits), for the modes
 
 on logits drawn from 2 * N(0, 1) (fp32). Every impl returns one token per row.
 
-    python tools/bench/sampling.py [--json PATH] [--device cpu|cuda] [--quick] [--V 128256] [--B 8]
-    mmfm bench sampling [--json PATH]
+    mmfm bench sampling [--json PATH] [--device cpu|cuda] [--quick] [--V 128256] [--B 8]
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_parser, machine, peak_extra_mb, print_table, record, time_ms, write_json  # noqa: E402
-
-from mmfm.ops import sampling  # noqa: E402
+from mmfm.bench.common import base_parser, by_case, machine, parse_args, report, time_impls
+from mmfm.ops import sampling
 
 MODES = {
     "topk_topp": dict(temperature=0.8, top_k=50, top_p=0.9),
@@ -72,22 +68,13 @@ def bench_case(V: int, B: int, mode: str, device: str, repeats: int, with_refere
     if hf is not None:
         impls["hf_warpers"] = lambda: hf(logits, input_ids)
     impls["floor"] = lambda: logits.max(-1)
-    out = []
-    with torch.no_grad():
-        for name, fn in impls.items():
-            ms = time_ms(fn, device, repeats)
-            out.append(record("sampling", case, name, ms=ms, peak_extra_mb=peak_extra_mb(fn, device)))
-    return out
+    return time_impls("sampling", case, impls, device, repeats)
 
 
 def summary(records: list[dict]) -> list[str]:
     """One line per case: speed-up of mmfm over hf_warpers and its ratio to the floor."""
-    by_case: dict[str, dict[str, float]] = {}
-    for r in records:
-        key = " ".join(f"{k}={v}" for k, v in r["case"].items())
-        by_case.setdefault(key, {})[r["impl"]] = r["ms"]
     lines = []
-    for key, t in by_case.items():
+    for key, t in by_case(records).items():
         if "mmfm" not in t:
             continue
         parts = [key]
@@ -105,11 +92,10 @@ def main(argv=None) -> int:
     p.add_argument("--B", type=int, nargs="*", help=f"batch sizes (default {list(GRID_B)})")
     p.add_argument("--mode", nargs="*", choices=sorted(MODES), help="modes (default all)")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) sort-based reference")
-    args = p.parse_args(argv)
-    device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("mmfm bench sampling: --device cuda needs a visible GPU", file=sys.stderr)
+    args = parse_args(p, argv)
+    if args is None:
         return 2
+    device = args.device
     Vs = args.V or ((1000,) if args.quick else GRID_V)
     Bs = args.B or ((2,) if args.quick else GRID_B)
     modes = args.mode or list(MODES)
@@ -123,12 +109,7 @@ def main(argv=None) -> int:
         for B in Bs:
             for mode in modes:
                 records += bench_case(V, B, mode, device, repeats, not args.no_reference)
-    print_table(records, ratio_to="hf_warpers")
-    print()
-    for line in summary(records):
-        print(line)
-    write_json(records, args.json)
-    return 0
+    return report(records, args.json, summary(records), ratio_to="hf_warpers")
 
 
 if __name__ == "__main__":
