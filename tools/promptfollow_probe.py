@@ -92,7 +92,7 @@ def _images(corpus: str, tok, pattern: str, label_fn):
 def colour_histogram(imgs: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [0, 1] -> [B, P] share of pixels nearest each palette colour of the scenes
     (raw pixels hide a small object's colour under the background's)."""
-    from mmfm.data.demo.images import COLORS
+    from mmfm.data.demo_corpus.images import COLORS
 
     pal = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255          # [P, 3]
     px = imgs.permute(0, 2, 3, 1).reshape(len(imgs), -1, 3)                       # [B, N, 3]
@@ -109,7 +109,7 @@ class SecondColour:
     """The scene object's colour: the palette colour covering most pixels after the background's."""
 
     def predict(self, X):
-        from mmfm.data.demo.images import COLORS
+        from mmfm.data.demo_corpus.images import COLORS
 
         names = np.array(list(COLORS))
         order = np.argsort(-X, axis=1)
