@@ -69,9 +69,10 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from mmfm.eval.training import evaluators_for
     from mmfm.train.commands import cmd_pretrain as run
 
-    return run(args)
+    return run(args, make_evaluators=evaluators_for)
 
 
 def cmd_finetune(args) -> int:

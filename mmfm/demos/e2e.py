@@ -62,10 +62,12 @@ PRESETS = {
              "pretrain_config": PRETRAIN_CONFIG, "pretrain_overrides": [],
              "eval_n": 50},
     # about an hour on 2 cores: the full corpus scale, full tokenizer schedules, a wider model for
-    # longer (configs/pretrain/demo_long.yaml), checkpoints to score along the way
+    # longer (configs/pretrain/demo_long.yaml); the prompt-following scorers run every
+    # train.eval_every steps (train_eval_n prompts per task), so metrics.jsonl holds quality vs compute
     "long": {"scale": 1.0, "tokenizer_steps": {m: 0 for m in MODALITIES},
              "tokenizer_overrides": {"text": {"model.vocab_size": 1000}}, "max_samples": 800,
-             "pretrain_config": "pretrain/demo_long.yaml", "pretrain_overrides": [], "eval_n": 50},
+             "pretrain_config": "pretrain/demo_long.yaml", "pretrain_overrides": [], "eval_n": 50,
+             "train_eval_n": 20},
     # tests: the same stages at toy sizes
     "test": {"scale": 0.02, "tokenizer_steps": {"text": 0, "image": 3, "audio": 2, "video": 2, "shape3d": 2,
                                                 "physics": 2},
@@ -249,6 +251,10 @@ def pretrain_config(out: str, preset: dict, extra: list[str]):
         if missing:
             _say(f"[demo] pretrain: no training samples of {', '.join(missing)}: left out of data.mix")
             cfg.data.mix = {m: w for m, w in cfg.data.mix.items() if have.get(m)}
+    if preset.get("train_eval_n"):   # the prompt-following scorers at every train.eval_every (mmfm.eval.training)
+        p = cfg.eval_prompts
+        p.n, p.corpus, p.tokenizers = preset["train_eval_n"], os.path.join(out, "corpus"), os.path.join(out, "tokenizers")
+        p.cache_dir = os.path.join(out, "eval-scorers")
     return cfg
 
 
@@ -343,9 +349,11 @@ def main(args) -> int:
 
     from mmfm.train.loop import run
 
+    from mmfm.eval.training import evaluators_for
+
     cfg = pretrain_config(out, preset, list(args.override or []))
     t = time.perf_counter()
-    res = run(cfg)
+    res = run(cfg, evaluators=evaluators_for(cfg))
     times["pretrain"] = time.perf_counter() - t
     if torch.distributed.get_rank() != 0:
         return 0

@@ -14,8 +14,9 @@ API, in one place), runner.py (PromptEval), commands.py (`mmfm eval prompts`).
 """
 from __future__ import annotations
 
-import json as _json
 import os
+
+from mmfm.jsonio import write_records
 
 _LAZY = {"Sampling": "mmfm.eval.gen", "ALL_MODALITIES": "mmfm.eval.runner", "EvalConfig": "mmfm.eval.runner",
          "PromptEval": "mmfm.eval.runner"}
@@ -63,8 +64,7 @@ def evaluate(model: str, corpus: str | None = None, n: int = 50, modalities=None
     ev.run(net)
     if json:
         os.makedirs(os.path.dirname(os.path.abspath(json)), exist_ok=True)
-        with open(json, "w") as f:
-            _json.dump(ev.records, f, indent=1)
+        write_records(ev.records, json)
     return ev
 
 

@@ -17,8 +17,10 @@ def argparse_suppress():
     return argparse.SUPPRESS
 
 
-def cmd_pretrain(args, hooks=None) -> int:
-    """hooks: fault injection for tests (mmfm/train/trainer.py: Hooks); the CLI passes none."""
+def cmd_pretrain(args, hooks=None, make_evaluators=None) -> int:
+    """hooks: fault injection for tests (mmfm/train/trainer.py: Hooks); the CLI passes none.
+    make_evaluators(cfg) -> [evaluator]: more evaluations beside the held-out loss; the CLI passes
+    mmfm.eval.training.evaluators_for (the config's eval_prompts section), which train/ cannot import."""
     from mmfm.train.config import load_run_config
     from mmfm.train.loop import TrainingStopped, run
     from mmfm.typed_config import ConfigError
@@ -29,7 +31,12 @@ def cmd_pretrain(args, hooks=None) -> int:
         print(f"mmfm pretrain: {exc}", file=sys.stderr)
         return 2
     try:
-        res = run(cfg, hooks=hooks)
+        evaluators = make_evaluators(cfg) if make_evaluators is not None else []
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"mmfm pretrain: {exc}", file=sys.stderr)
+        return 2
+    try:
+        res = run(cfg, hooks=hooks, evaluators=evaluators)
     except TrainingStopped as exc:
         print(f"mmfm pretrain: {exc}", file=sys.stderr)
         return 3

@@ -47,6 +47,19 @@ class DataSection:
 
 
 @dataclass
+class PromptEvalSection:
+    """`eval_prompts:` of a pretrain config: the prompt-following scorers (mmfm/eval) run beside the
+    held-out loss at the start, every train.eval_every steps and at the end, logged as prompts/<task>.
+    The train layer only carries these fields; `mmfm pretrain` (mmfm/cli.py) builds the evaluator
+    with mmfm.eval.training, so train/ does not import eval/."""
+    n: int = 0                  # prompts per task (0 = off)
+    corpus: str = ""            # the demo corpus the tokens were made from (mmfm data demo / mmfm demo)
+    tokenizers: str = ""        # folder of <modality>/tokenizer.yaml, or <modality>/tokenizer/tokenizer.yaml
+    modalities: list[str] = field(default_factory=list)   # empty = every modality of the vocabulary
+    cache_dir: str = ""         # fitted scorers ("" = <corpus>/.scorers)
+
+
+@dataclass
 class OptimSection:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1   # cosine decays to lr * min_lr_ratio
@@ -124,15 +137,16 @@ class RunConfig:
     path: str = ""
     deepspeed_path: str = ""
     finetune: FinetuneSection | None = None   # present when the file has a finetune: section
+    eval_prompts: PromptEvalSection = field(default_factory=PromptEvalSection)
 
     def to_dict(self) -> dict:
-        d = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "objective", "optim", "train")}
+        d = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "objective", "optim", "train", "eval_prompts")}
         d["deepspeed"] = self.deepspeed
         d["finetune"] = dataclasses.asdict(self.finetune) if self.finetune is not None else {}
         return d
 
 
-SECTIONS = ("model", "deepspeed", "data", "objective", "optim", "train", "finetune")
+SECTIONS = ("model", "deepspeed", "data", "objective", "optim", "train", "finetune", "eval_prompts")
 WHOLE = ("model", "deepspeed")   # sections an override may replace whole: model=FILE, deepspeed=FILE
 
 
@@ -217,7 +231,14 @@ def load_run_config(path, overrides: list[str] | None = None, model: ModelConfig
     optim = from_dict(OptimSection, raw.get("optim"), f"{path}: optim")
     train = from_dict(TrainSection, raw.get("train"), f"{path}: train")
     fin = parse_finetune(raw["finetune"], path) if raw.get("finetune") is not None else None
-    cfg = RunConfig(model, ds, data, objective, optim, train, path, ds_path, fin)
+    prompts = from_dict(PromptEvalSection, raw.get("eval_prompts"), f"{path}: eval_prompts")
+    if prompts.n < 0:
+        raise ConfigError(f"{path}: eval_prompts.n: must be >= 0 (0 = off), got {prompts.n}")
+    for name in ("corpus", "tokenizers"):
+        if prompts.n and not getattr(prompts, name):
+            raise ConfigError(f"{path}: eval_prompts.{name}: required when eval_prompts.n > 0 "
+                              f"({'the demo corpus folder' if name == 'corpus' else 'the trained tokenizers folder'})")
+    cfg = RunConfig(model, ds, data, objective, optim, train, path, ds_path, fin, prompts)
     validate(cfg)
     return cfg
 
