@@ -14,7 +14,7 @@ import glob
 import hashlib
 import os
 
-from mmfm.eval.scorers.audio import ToneScorer
+from mmfm.eval.scorers.audio import ToneScorer, as_wave
 from mmfm.eval.scorers.image import DigitScorer, SceneScorer, as_image
 from mmfm.eval.scorers.linear import LinearClassifier
 from mmfm.eval.scorers.shape3d import PrimitiveScorer, as_points
@@ -26,7 +26,7 @@ SCORER_VERSION = 2
 FITTED = {
     "digits": (DigitScorer, as_image, "clf"),
     "scenes": (SceneScorer, as_image, "shape_clf"),
-    "tones": (ToneScorer, None, "clf"),
+    "tones": (ToneScorer, as_wave, "clf"),
     "shapes": (PrimitiveScorer, as_points, "clf"),
 }
 
@@ -38,12 +38,6 @@ def corpus_key(folder: str) -> str:
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
-
-
-def _as_wave(sample):
-    from mmfm.eval.scorers.audio import as_wave
-
-    return as_wave(sample)
 
 
 def tokenizer_key(tok) -> str:
@@ -71,7 +65,6 @@ def fit_scorer(name: str, train: list, tok=None):
     if name == "clips":
         return ClipScorer()
     cls, conv, _ = FITTED[name]
-    conv = conv or _as_wave
     if not train:
         raise ValueError(f"scorer {name!r}: the corpus has no labelled training samples for it")
     labels = [lab for _, lab in train]
