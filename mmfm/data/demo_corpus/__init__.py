@@ -17,16 +17,25 @@ from mmfm.data.writer import SampleShardWriter
 from mmfm.jsonio import write_json
 
 
-def demo_plan(scale: float) -> dict:
+def demo_plan(scale: float, counts: dict | None = None) -> dict:
+    """Samples per source at `scale`; `counts` sets some sources' numbers outright (the demo's preset
+    asks for many more scenes, clips and shapes than documents: docs/training.md says why)."""
     n = lambda base: max(1, int(round(base * scale)))  # noqa: E731
-    return {"text": n(1000), "digits": n(500), "scenes": n(1000), "speech": n(48), "tones": n(100),
+    plan = {"text": n(1000), "digits": n(500), "scenes": n(1000), "speech": n(48), "tones": n(100),
             "clips": n(200), "shapes": n(200), "physics": n(24)}
+    for k, v in (counts or {}).items():
+        if k not in plan:
+            raise ValueError(f"demo corpus counts: unknown source {k!r} (expected one of {', '.join(plan)})")
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"demo corpus counts: {k} must be a positive integer, got {v!r}")
+        plan[k] = v
+    return plan
 
 
-def demo_sources(scale: float, seed: int):
+def demo_sources(scale: float, seed: int, counts: dict | None = None):
     from mmfm.data.demo_corpus import audio, images, physics, shapes3d, text, video
 
-    plan = demo_plan(scale)
+    plan = demo_plan(scale, counts)
     rng = np.random.default_rng(seed)
     return {
         "text": text.text_samples(plan["text"]),
@@ -39,12 +48,13 @@ def demo_sources(scale: float, seed: int):
     }
 
 
-def build_demo(out: str, scale: float = 1.0, seed: int = 0, shard_size: int = 100, progress: bool = True) -> dict:
+def build_demo(out: str, scale: float = 1.0, seed: int = 0, shard_size: int = 100, progress: bool = True,
+               counts: dict | None = None) -> dict:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     summary = {}
-    for modality, samples in demo_sources(scale, seed).items():
+    for modality, samples in demo_sources(scale, seed, counts).items():
         t = time.perf_counter()
         with SampleShardWriter(out, prefix=modality, shard_size=shard_size) as w:
             for s in tqdm(samples, desc=f"demo {modality}", unit="sample", file=sys.stderr, disable=not progress):
@@ -52,7 +62,8 @@ def build_demo(out: str, scale: float = 1.0, seed: int = 0, shard_size: int = 10
         summary[modality] = {"samples": w.manifest["samples"], "shards": len(w.manifest["shards"]),
                              "bytes": w.manifest["bytes"], "seconds": round(time.perf_counter() - t, 2)}
     summary["_total"] = {"samples": sum(v["samples"] for v in summary.values()), "seconds":
-                         round(time.perf_counter() - t0, 2), "scale": scale, "seed": seed}
+                         round(time.perf_counter() - t0, 2), "scale": scale, "seed": seed,
+                         "counts": demo_plan(scale, counts)}
     write_json(os.path.join(out, "demo-summary.json"), summary)
     return summary
 
