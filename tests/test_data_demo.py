@@ -67,5 +67,7 @@ def test_demo_counts_set_sources_outright_and_name_a_bad_one(tmp_path):
     assert s["video"]["samples"] == 3 and s["_total"]["counts"]["scenes"] == 7
     with pytest.raises(ValueError, match="unknown source 'scene'"):
         demo_plan(1.0, {"scene": 3})
-    with pytest.raises(ValueError, match="clips must be a positive integer"):
-        demo_plan(1.0, {"clips": 0})
+    with pytest.raises(ValueError, match="clips must be an integer >= 0"):
+        demo_plan(1.0, {"clips": -1})
+    heat = build_demo(str(tmp_path / "heat"), scale=0.02, progress=False, counts={"physics": 3, "heat": 4})
+    assert heat["physics"]["samples"] == 7   # 3 mixed runs (heat, burgers, navier_stokes) + 4 heat: no key clash

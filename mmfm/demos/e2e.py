@@ -58,7 +58,7 @@ PRESETS = {
     # no prompt-following target: the time goes to pretraining instead).
     "demo": {"scale": 0.5,
              "corpus_counts": {"digits": 1500, "scenes": 2000, "clips": 1000, "shapes": 800, "physics": 240,
-                               "tones": 200},
+                               "heat": 400, "tones": 200},
              "tokenizer_steps": {**{m: 0 for m in MODALITIES}, "audio": 150, "image": 800, "shape3d": 400,
                                  "video": 1000, "physics": 900},
              "tokenizer_overrides": {"text": {"model.vocab_size": 1000}, "image": {"data.max_samples": 4000}},

@@ -19,15 +19,16 @@ from mmfm.jsonio import write_json
 
 def demo_plan(scale: float, counts: dict | None = None) -> dict:
     """Samples per source at `scale`; `counts` sets some sources' numbers outright (the demo's preset
-    asks for many more scenes, clips and shapes than documents: docs/training.md says why)."""
+    asks for many more scenes, clips and shapes than documents: docs/training.md says why). "heat"
+    (0 unless counted) adds 2D heat runs to the mixed physics runs."""
     n = lambda base: max(1, int(round(base * scale)))  # noqa: E731
     plan = {"text": n(1000), "digits": n(500), "scenes": n(1000), "speech": n(48), "tones": n(100),
-            "clips": n(200), "shapes": n(200), "physics": n(24)}
+            "clips": n(200), "shapes": n(200), "physics": n(24), "heat": 0}
     for k, v in (counts or {}).items():
         if k not in plan:
             raise ValueError(f"demo corpus counts: unknown source {k!r} (expected one of {', '.join(plan)})")
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"demo corpus counts: {k} must be a positive integer, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"demo corpus counts: {k} must be an integer >= 0, got {v!r}")
         plan[k] = v
     return plan
 
@@ -44,7 +45,10 @@ def demo_sources(scale: float, seed: int, counts: dict | None = None):
         "audio": itertools.chain(audio.speech(plan["speech"]), audio.tones(plan["tones"], rng)),
         "video": video.clips(plan["clips"], 64, 16, rng),
         "shape3d": shapes3d.shapes(plan["shapes"], 1024, rng),
-        "physics": physics.trajectories(plan["physics"], rng, grid=64, frames=16),
+        # "heat": extra 2D heat runs (8 ms each to solve), the physics the demo's tokenizer takes
+        "physics": itertools.chain(physics.trajectories(plan["physics"], rng, grid=64, frames=16),
+                                   physics.trajectories(plan["heat"], rng, grid=64, frames=16, kinds=("heat",),
+                                                        start=plan["physics"])),
     }
 
 
