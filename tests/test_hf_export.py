@@ -268,3 +268,85 @@ def test_bad_input_names_the_file_and_field(export, tmp_path):
     p = subprocess.run([*run[:-4], "--tasks", "no_such_task", "--include-path", TASKS, "--model", folder],
                        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, **OFFLINE})
     assert p.returncode == 2 and "unknown task 'no_such_task'" in p.stderr, p.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ modality-sparse: trust_remote_code
+def build_sparse(root: str, tie: bool = False) -> tuple[str, TextTokenizer, Transformer]:
+    from mmfm.export import write_folder
+
+    r = random.Random(0)
+    ascii_words = [w for w in WORDS if w.isascii()]
+    tok = TextTokenizer(TextConfig(vocab_size=400)).fit([" ".join(r.choices(ascii_words, k=8)) for _ in range(400)])
+    tok.save(os.path.join(root, "tokenizers", "text"))
+    vocab = Vocab(tok.vocab_size, {"image": 64, "audio": 32})
+    vocab.save(os.path.join(root, "vocab.json"))
+    torch.manual_seed(1)
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=vocab.size,
+                      max_seq_len=128, init_std=0.3, modality_sparse=True, num_modalities=len(vocab.modality_names),
+                      tie_embeddings=tie)
+    model = Transformer(cfg).eval()
+    out = write_folder(model.state_dict(), cfg, os.path.join(root, "export"), os.path.join(root, "vocab.json"),
+                       os.path.join(root, "tokenizers"), shard_mb=0.1)
+    return out, tok, model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_sparse_export_loads_with_trust_remote_code_and_logits_equal_mmfm(tie, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, _, model = build_sparse(str(tmp_path), tie)
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mmfm.MmfmForCausalLM"
+    assert AutoConfig.from_pretrained(folder, trust_remote_code=True).num_groups == model.cfg.groups == 4
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    v = Vocab.load(os.path.join(folder, "vocab.json"))
+    # rows that cross every modality's range, its markers and the specials: every weight group is used
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, v.size, (3, 40), generator=g)
+    ids[0, :8] = torch.tensor([v.bos_id, v.begin_id("image"), v.ranges["image"].start + 3, v.end_id("image"),
+                               v.begin_id("text"), 5, 6, v.end_id("text")])
+    table = v.modality_table()
+    assert set(table[ids].unique().tolist()) == {0, 1, 2, 3}
+    with torch.no_grad():
+        ours = model(ids, modality_ids=table[ids])
+        theirs = hf(ids).logits
+    assert torch.allclose(theirs, ours, atol=1e-5, rtol=0), (theirs - ours).abs().max()
+    # a group's weights matter: the same ids through the wrong groups give other logits
+    with torch.no_grad():
+        wrong = model(ids, modality_ids=torch.zeros_like(ids))
+    assert (wrong - ours).abs().max() > 1e-2
+
+
+def test_sparse_export_generates_like_mmfm_without_mmfm_installed(tmp_path):
+    from mmfm.generate import Bundle, SamplingConfig
+
+    folder, tok, _ = build_sparse(str(tmp_path))
+    bundle = Bundle.load(folder)
+    expected = {}
+    for prompt in ["a red circle", "the small"]:
+        ours = bundle.generate(prompt, "text", sampling=SamplingConfig(temperature=0.0), max_new_tokens=12)[0]
+        expected[prompt] = ours.tokens.tolist()
+    # transformers alone (import mmfm fails in this process): the cached decode of generate, greedy
+    script = f"""
+import json, sys
+sys.modules["mmfm"] = None
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder = {folder!r}
+tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+out = {{}}
+for p in {list(expected)!r}:
+    enc = tok(p, return_tensors="pt")
+    ids = hf.generate(**enc, max_new_tokens=12, do_sample=False)[0, enc.input_ids.shape[1]:].tolist()
+    out[p] = ids
+print(json.dumps(out))
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **OFFLINE, "PYTHONPATH": ""}, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    v = bundle.vocab
+    for prompt, ids in got.items():
+        if ids and ids[-1] in (v.eos_id, v.end_id("text")):
+            ids = ids[:-1]
+        assert ids == expected[prompt] and len(ids) > 0, prompt

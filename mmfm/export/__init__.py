@@ -21,8 +21,9 @@ from the model-states file. Output folder:
 
 A dense model loads in transformers with AutoModelForCausalLM / AutoTokenizer / pipeline
 ("text-generation") from DIR, and so in lm-evaluation-harness (`mmfm eval lm`). A modality-sparse
-model's per-modality weights are stored under mmfm's own names (config.json says so), and it loads
-with mmfm.load(DIR) only.
+model's per-modality weights are stored under mmfm's own names; with a vocabulary the folder also
+gets configuration_mmfm.py / modeling_mmfm.py (remote/) and an auto_map in config.json, so
+AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) loads it too.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ from mmfm.jsonio import write_json
 from mmfm.train.checkpoint import consolidate, run_dir_of
 
 INDEX_FILE = "model.safetensors.index.json"
+REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
+REMOTE_FILES = ("configuration_mmfm.py", "modeling_mmfm.py")
 
 
 def write_weights(tensors: dict, out: str, shard_mb: float) -> list[str]:
@@ -72,6 +75,40 @@ def generation_config(vocab) -> dict:
             "suppress_tokens": suppress, "do_sample": False}
 
 
+def modality_runs(vocab) -> list[list[int]]:
+    """The vocabulary's modality table (the weight group of every id) as [[start, stop, group], ...]."""
+    table = vocab.modality_table().tolist()
+    runs = []
+    for i, g in enumerate(table):
+        if runs and runs[-1][2] == g and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1, g])
+    return runs
+
+
+def remote_config_dict(cfg: ModelConfig, vocab) -> dict:
+    """config.json of a modality-sparse export: remote/configuration_mmfm.py's MmfmConfig, with
+    auto_map so AutoConfig / AutoModelForCausalLM (trust_remote_code=True) find the files."""
+    if vocab.size != cfg.vocab_size:
+        raise ValueError(f"vocab.json: size {vocab.size} differs from the model's vocab_size {cfg.vocab_size}")
+    table_max = int(vocab.modality_table().max())
+    if table_max >= cfg.groups:
+        raise ValueError(f"model.num_modalities: the model has {cfg.groups} weight groups but the vocabulary has "
+                         f"modality index {table_max}")
+    return {
+        "architectures": ["MmfmForCausalLM"], "model_type": "mmfm_mot",
+        "auto_map": {"AutoConfig": "configuration_mmfm.MmfmConfig",
+                     "AutoModelForCausalLM": "modeling_mmfm.MmfmForCausalLM"},
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+        "num_groups": cfg.groups, "modality_runs": modality_runs(vocab), "torch_dtype": "float32",
+        "bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id, "pad_token_id": vocab.pad_id,
+    }
+
+
 def write_folder(state: dict, cfg: ModelConfig, out: str, vocab_path: str | None = None,
                  tokenizers: str | None = None, shard_mb: float = 2000.0, run_dir: str | None = None,
                  run_cfg: dict | None = None) -> str:
@@ -92,7 +129,14 @@ def write_folder(state: dict, cfg: ModelConfig, out: str, vocab_path: str | None
         vocab = Vocab.load(vocab_path)
         vocab.save(os.path.join(out, "vocab.json"))
         ids = dict(bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id)
-    config = hf_config_dict(cfg, **ids) if dense else {"architectures": ["MmfmModalitySparse"]}
+    if dense:
+        config = hf_config_dict(cfg, **ids)
+    elif vocab is not None:   # transformers loads it through the modeling file written beside it
+        config = remote_config_dict(cfg, vocab)
+        for name in REMOTE_FILES:
+            shutil.copyfile(os.path.join(REMOTE_DIR, name), os.path.join(out, name))
+    else:   # no vocabulary, no id -> weight-group map: mmfm.load only
+        config = {"architectures": ["MmfmModalitySparse"]}
     config["mmfm"] = {"model": mcfg, "layout": "llama" if dense else "mmfm"}
     write_json(os.path.join(out, "config.json"), config)
     write_json(os.path.join(out, "mmfm_model.json"), mcfg)

@@ -67,16 +67,16 @@ def model_card(cfg: ModelConfig, vocab, run_cfg: dict | None, run_dir: str | Non
         train = run_cfg.get("train") or {}
         lines += ["## Training data", ""]
         lines += [f"- {k}: {v}" for k, v in data.items() if v not in (None, "", [], {})]
-        steps, batch, seq = train.get("steps"), train.get("global_batch") or train.get("batch_size"), data.get("seq_len")
-        if all(isinstance(x, int) for x in (steps, batch, seq)):
-            lines.append(f"- tokens seen (steps x batch x seq_len, padding included): {steps * batch * seq:,}")
+        sizes = [train.get("steps"), train.get("micro_batch"), train.get("grad_accum", 1),
+                 run_cfg.get("world_size", 1), data.get("seq_len")]
+        if all(isinstance(x, int) for x in sizes):
+            n = sizes[0] * sizes[1] * sizes[2] * sizes[3] * sizes[4]
+            lines.append(f"- tokens seen (steps x micro_batch x grad_accum x ranks x seq_len, padding included): {n:,}")
         lines += ["", "## Training config", "", "```yaml",
                   yaml.safe_dump({k: v for k, v in run_cfg.items()}, sort_keys=False).rstrip(), "```", ""]
-    summ, ev = _summary(run_dir), _last_eval(run_dir)
-    if summ or ev:
-        lines += ["## Evaluation", "", "| metric | step | value |", "| --- | --- | --- |"]
-        start = summ.get("eval_start") or {}
-        lines += [f"| {k} (before training) | 0 | {v:.4f} |" for k, v in start.items() if isinstance(v, (int, float))]
-        lines += [f"| {k} | {s} | {v:.4f} |" for k, (s, v) in sorted(ev.items())]
-        lines.append("")
+    start = _summary(run_dir).get("eval_start") or {}
+    rows = [f"| {k} (before training) | 0 | {v:.4f} |" for k, v in start.items() if isinstance(v, (int, float))]
+    rows += [f"| {k} | {s} | {v:.4f} |" for k, (s, v) in sorted(_last_eval(run_dir).items())]
+    if rows:   # a run without a held-out split logged none: no section rather than an empty table
+        lines += ["## Evaluation", "", "| metric | step | value |", "| --- | --- | --- |", *rows, ""]
     return "\n".join(lines)
