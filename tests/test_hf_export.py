@@ -210,17 +210,20 @@ def _mmfm_loglik(model, vocab, tok, context: str, continuation: str) -> float:
     whole = head + tok.sp.encode(context + continuation)
     ctx = head + tok.sp.encode(context)
     n = len(whole) - len(ctx)
+    ids = torch.tensor([whole[:-1]])
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0].double(), -1)
+        logp = torch.log_softmax(model(ids, modality_ids=vocab.modality_table()[ids])[0].double(), -1)
     return float(sum(logp[len(whole) - 1 - n + i, whole[len(whole) - n + i]] for i in range(n)))
 
 
-def test_mmfm_eval_lm_runs_lm_eval_tasks_and_matches_mmfm(export, tmp_path):
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_mmfm_eval_lm_runs_lm_eval_tasks_and_matches_mmfm(layout, export, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra")
     pytest.importorskip("accelerate", reason="lm_eval's hf model imports accelerate (the eval extra)")
     from mmfm.generate import Bundle, SamplingConfig
 
-    folder, tok, model = export
+    # sparse: lm_eval loads the folder's modeling_mmfm.py (trust_remote_code, set by mmfm eval lm)
+    folder, tok, model = export if layout == "dense" else build_sparse(str(tmp_path / "sparse"))
     out = tmp_path / "lm.json"
     p = subprocess.run([sys.executable, "-m", "mmfm.cli", "eval", "lm", "--model", folder, "--tasks", "mmfm_colors_mc",
                         "mmfm_colors_gen", "--include-path", TASKS, "--json", str(out), "--log-samples"],
@@ -243,7 +246,7 @@ def test_mmfm_eval_lm_runs_lm_eval_tasks_and_matches_mmfm(export, tmp_path):
     # generation: lm_eval's greedy answers are mmfm generate's, cut at the task's stop string
     from transformers import AutoTokenizer
 
-    bundle, hf_tok = Bundle.load(folder), AutoTokenizer.from_pretrained(folder)
+    bundle, hf_tok = Bundle.load(folder), AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     for s in data["samples"]["mmfm_colors_gen"]:
         context, kwargs = s["arguments"][0]
         ours = bundle.generate(context, "text", sampling=SamplingConfig(temperature=0.0),

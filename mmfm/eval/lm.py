@@ -21,8 +21,9 @@ NEEDED = ("config.json", "tokenizer.json", "tokenizer_config.json")
 DENSE_ONLY = "lm_eval's hf model loads Llama-layout exports"
 
 
-def check_export(folder: str) -> None:
-    """Fail before lm_eval starts if `folder` is not an export transformers can load with its tokenizer."""
+def check_export(folder: str) -> dict:
+    """Fail before lm_eval starts if `folder` is not an export transformers can load with its tokenizer;
+    returns its config.json."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--model {folder!r}: no such folder")
     for name in NEEDED:
@@ -35,13 +36,14 @@ def check_export(folder: str) -> None:
     if config.get("model_type") is None and "auto_map" not in config:
         raise ValueError(f"--model {folder!r}: config.json has neither model_type nor auto_map; {DENSE_ONLY} and "
                          "modality-sparse exports that carry modeling_mmfm.py")
+    return config
 
 
 def run(model: str, tasks: list[str], include_path: str | None = None, out: str | None = None,
         limit: float | None = None, batch_size: int = 1, device: str = "cpu", num_fewshot: int | None = None,
         log_samples: bool = False, seed: int = 0) -> dict:
     """lm_eval.simple_evaluate on the export; returns (and writes to `out`) its results as JSON data."""
-    check_export(model)
+    config = check_export(model)
     if not tasks:
         raise ValueError("--tasks: name at least one task")
     if include_path is not None and not os.path.isdir(include_path):
@@ -58,8 +60,11 @@ def run(model: str, tasks: list[str], include_path: str | None = None, out: str 
     if unknown:
         where = f" or under --include-path {include_path}" if include_path else " (add --include-path DIR for yours)"
         raise ValueError(f"--tasks: unknown task {unknown[0]!r}: not in lm_eval's registry{where}")
+    model_args = {"pretrained": os.path.abspath(model), "dtype": "float32"}
+    if "auto_map" in config:   # a modality-sparse export: its own modeling_mmfm.py, written by mmfm export
+        model_args["trust_remote_code"] = True
     results = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": os.path.abspath(model), "dtype": "float32"}, tasks=list(tasks),
+        model="hf", model_args=model_args, tasks=list(tasks),
         num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
         log_samples=log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
         fewshot_random_seed=seed)
