@@ -93,7 +93,7 @@ def test_autotokenizer_encodes_and_decodes_1000_held_out_lines_like_sentencepiec
         tok.save(str(tmp_path / "text"))
         folder = str(tmp_path / "hf")
         os.makedirs(folder)
-        write_tokenizer_files(folder, str(tmp_path / "text" / "spm.model"), Vocab(tok.vocab_size, {"image": 100}), 128)
+        write_tokenizer_files(folder, str(tmp_path / "text"), Vocab(tok.vocab_size, {"image": 100}), 128)
     hf = AutoTokenizer.from_pretrained(folder)
     seen = set(corpus(0, 3000))
     held = [s for s in corpus(1, 1200) if s not in seen]   # held out: no line the tokenizer was trained on
@@ -258,9 +258,8 @@ def test_bad_input_names_the_file_and_field(export, tmp_path):
     from mmfm.export.hf_tokenizer import write_tokenizer_files
 
     folder, tok, _ = export
-    spm = os.path.join(folder, "tokenizers", "text", "spm.model")
     with pytest.raises(ValueError, match=r"spm\.model.*text range has 10 ids"):
-        write_tokenizer_files(str(tmp_path), spm, Vocab(10, {"image": 4}), 64)
+        write_tokenizer_files(str(tmp_path), os.path.join(folder, "tokenizers", "text"), Vocab(10, {"image": 4}), 64)
     plain = tmp_path / "no_tok"
     plain.mkdir()
     (plain / "config.json").write_text("{}")

@@ -142,13 +142,13 @@ def write_folder(state: dict, cfg: ModelConfig, out: str, vocab_path: str | None
     write_json(os.path.join(out, "mmfm_model.json"), mcfg)
     if tokenizers:
         shutil.copytree(tokenizers, os.path.join(out, "tokenizers"), dirs_exist_ok=True)
-    spm = os.path.join(out, "tokenizers", "text", "spm.model")
+    text_dir = os.path.join(out, "tokenizers", "text")
     if vocab is not None:
         write_json(os.path.join(out, "generation_config.json"), generation_config(vocab))
-        if os.path.exists(spm):
+        if any(os.path.exists(os.path.join(text_dir, f)) for f in ("spm.model", "tokenizer.json")):
             from mmfm.export.hf_tokenizer import write_tokenizer_files
 
-            write_tokenizer_files(out, spm, vocab, cfg.max_seq_len)
+            write_tokenizer_files(out, text_dir, vocab, cfg.max_seq_len)
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write(model_card(cfg, vocab, run_cfg, run_dir, has_tokenizer=os.path.exists(os.path.join(out, "tokenizer.json"))))
     return out

@@ -1,5 +1,7 @@
 """The export's Hugging Face tokenizer: `tokenizer.json` built with the `tokenizers` library from the
-text tokenizer's sentencepiece model, at the unified vocabulary's ids.
+text tokenizer's sentencepiece model, at the unified vocabulary's ids. (A model started from an
+existing LLM has that LLM's tokenizer.json as its text tokenizer, mmfm/tokenizers/hf_text.py: it is
+taken as it is, its own post-processor replaced, and the non-text tokens added after it.)
 
     ids [0, text_size)       the sentencepiece pieces, at their own ids (the unified vocabulary keeps
                              text first, mmfm/vocab.py), so a text id means the same in both
@@ -141,23 +143,42 @@ def build_text_tokenizer(proto, source: str = "spm.model"):
     return tok
 
 
-def build_unified_tokenizer(spm_path: str, vocab: Vocab):
-    """tokenizer.json's Tokenizer: the text pieces at [0, text_size), every other id an added special
+def text_tokenizer_of(text_dir: str):
+    """(tokenizers.Tokenizer of the text ids, their token names, the source file) from an mmfm text
+    tokenizer folder: spm.model (sentencepiece, converted here) or tokenizer.json (an imported LLM's
+    tokenizer, mmfm/tokenizers/hf_text.py, used as it is)."""
+    from tokenizers import Tokenizer
+
+    spm_path, json_path = os.path.join(text_dir, "spm.model"), os.path.join(text_dir, "tokenizer.json")
+    if os.path.exists(spm_path):
+        proto = read_spm_proto(spm_path)
+        return build_text_tokenizer(proto, spm_path), [p.piece for p in proto.pieces], spm_path
+    if os.path.exists(json_path):
+        tok = Tokenizer.from_file(json_path)
+        size = tok.get_vocab_size(with_added_tokens=True)
+        names = [tok.id_to_token(i) for i in range(size)]
+        if any(n is None for n in names):
+            raise ValueError(f"{json_path}: ids [0, {size}) are not all taken; the unified vocabulary needs them dense")
+        return tok, names, json_path
+    raise FileNotFoundError(f"{text_dir}: no spm.model or tokenizer.json (a text tokenizer folder)")
+
+
+def build_unified_tokenizer(text_dir: str, vocab: Vocab):
+    """tokenizer.json's Tokenizer: the text tokens at [0, text_size), every other id an added special
     token, and <|bos|> <|begin_text|> in front when encoding with special tokens."""
     from tokenizers import AddedToken
     from tokenizers.processors import TemplateProcessing
 
-    proto = read_spm_proto(spm_path)
+    tok, pieces, source = text_tokenizer_of(text_dir)
     text_size = vocab.ranges["text"].size
-    if len(proto.pieces) != text_size:
-        raise ValueError(f"{spm_path}: the text tokenizer has {len(proto.pieces)} pieces but the vocabulary's text "
+    if len(pieces) != text_size:
+        raise ValueError(f"{source}: the text tokenizer has {len(pieces)} tokens but the vocabulary's text "
                          f"range has {text_size} ids (vocab.json ranges[0].size); export with the tokenizers the "
                          "run was trained with")
-    tok = build_text_tokenizer(proto, spm_path)
     names = non_text_names(vocab)
-    taken = {p.piece for p in proto.pieces}.intersection(names)
+    taken = set(pieces).intersection(names)
     if taken:
-        raise ValueError(f"{spm_path}: the text tokenizer has a piece named {sorted(taken)[0]!r}, the name of a "
+        raise ValueError(f"{source}: the text tokenizer has a token named {sorted(taken)[0]!r}, the name of a "
                          "non-text token of the unified vocabulary")
     tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
     got = [tok.token_to_id(n) for n in (names[0], names[-1])]
@@ -176,9 +197,10 @@ def special_tokens_map(vocab: Vocab) -> dict:
     return {**base, "additional_special_tokens": markers}
 
 
-def write_tokenizer_files(out: str, spm_path: str, vocab: Vocab, model_max_length: int) -> list[str]:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out`; their names."""
-    tok = build_unified_tokenizer(spm_path, vocab)
+def write_tokenizer_files(out: str, text_dir: str, vocab: Vocab, model_max_length: int) -> list[str]:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out` from the text
+    tokenizer folder `text_dir`; their names."""
+    tok = build_unified_tokenizer(text_dir, vocab)
     tok.save(os.path.join(out, "tokenizer.json"))
     smap = special_tokens_map(vocab)
     write_json(os.path.join(out, "special_tokens_map.json"), smap)
