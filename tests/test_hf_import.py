@@ -130,7 +130,8 @@ def paired_shards(root: str, vocab: Vocab, text) -> tuple[str, str]:
             base = COLOURS.index(colour) * 16 + SHAPES.index(shape) * 4
             image = (base + np.arange(16)) % IMAGE_SIZE
             ids, _ = vocab.encode_sample([("text", text.encode(c)), ("image", image)])
-            yield f"{split}{i:05d}", ids.numpy(), {"modality": "image", "source": "test", "license": "Apache-2.0"}
+            # the shard schema labels token samples "text" (as synthetic_token_corpus does); the ids hold both
+            yield f"{split}{i:05d}", ids.numpy(), {"modality": "text", "source": "test", "license": "Apache-2.0"}
 
     write_token_shards(gen("train", 400, 1), os.path.join(root, "tokens"), "train", shard_size=100)
     write_token_shards(gen("eval", 40, 2), os.path.join(root, "tokens"), "eval", shard_size=40)
