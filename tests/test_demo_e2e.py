@@ -50,6 +50,18 @@ def test_demo_e2e_test_preset_loss_falls_and_export_loads(tmp_path):
     assert logits.shape == (1, 16, vocab.size) and bool(torch.isfinite(logits).all())
     assert os.path.exists(os.path.join(s["export"], "vocab.json"))
     assert os.path.exists(os.path.join(s["export"], "tokenizers", "image", "tokenizer.yaml"))
+    # the Hugging Face side: the text tokenizer at its unified ids, the model card with the run's figures
+    from transformers import AutoTokenizer
+
+    from mmfm.tokenizers import load_tokenizer
+
+    text_tok = load_tokenizer(os.path.join(s["export"], "tokenizers", "text"))
+    hf_tok = AutoTokenizer.from_pretrained(s["export"])
+    caption = "a red circle at the top left, 12 px"
+    assert hf_tok.encode(caption, add_special_tokens=False) == text_tok.encode(caption).tolist()
+    card = open(os.path.join(s["export"], "README.md")).read()
+    last_eval = [json.loads(line) for line in open(out / "pretrain" / "metrics.jsonl") if '"eval_loss"' in line][-1]
+    assert f"| eval_loss | {last_eval['step']} | {last_eval['eval_loss']:.4f} |" in card
     # stage 6: one generated sample per modality, written and readable
     from mmfm.generate.outputs import read_output
 

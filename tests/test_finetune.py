@@ -90,6 +90,11 @@ finetune: {{method: lora, lora_rank: 4, lora_alpha: 8.0, lora_targets: [q_proj, 
     assert any(abs(r.get("loss_text", r["loss"]) - r["loss"]) > 1e-3 for r in rows)
     p = run("export", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
     assert p.returncode == 0, p.stderr[-3000:]
+    # the model card is written from the run's own records: its config and data; this run had no
+    # held-out split, so the card has no evaluation section (test_demo_e2e checks one that has)
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "## Training config" in card and "lora_rank: 4" in card and f"shards: {tmp_path}/shards" in card
+    assert "tokens seen" in card and "## Evaluation" not in card
     # the merged export equals the unmerged fine-tuned model (LoRA modules on the source weights)
     state, run_cfg = consolidate(str(tmp_path / "run"))
     assert any(k.endswith("lora_A") for k in state)

@@ -27,8 +27,8 @@ if [ ! -f "$stamp" ]; then
   "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
   "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt \
     deepspeed webdataset sentencepiece safetensors numpy pillow pyyaml tqdm tensorboard ninja \
-    scikit-learn pytest vector-quantize-pytorch transformers \
-    trimesh scikit-image
+    scikit-learn pytest vector-quantize-pytorch transformers tokenizers huggingface_hub \
+    trimesh scikit-image lm_eval accelerate
   touch "$stamp"
 fi
 

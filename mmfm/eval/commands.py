@@ -1,5 +1,7 @@
 """`mmfm eval prompts --model EXPORT [--corpus DIR] [--json PATH] [--n N] [--modalities M ...]`:
-the prompt-following eval (mmfm.eval.evaluate) and its table."""
+the prompt-following eval (mmfm.eval.evaluate) and its table.
+`mmfm eval lm --model EXPORT --tasks T ... [--include-path DIR] [--json PATH]`: lm-evaluation-harness
+on the export's text side (mmfm/eval/lm.py)."""
 from __future__ import annotations
 
 import sys
@@ -37,9 +39,35 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cmd_eval_lm(args) -> int:
+    from mmfm.eval import lm
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    if not args.tasks:
+        print("mmfm eval lm: --tasks is required (lm_eval task names)", file=sys.stderr)
+        return 2
+    try:
+        data = lm.run(args.model, args.tasks, include_path=args.include_path, out=args.json, limit=args.limit,
+                      batch_size=args.batch_size or 1, device=args.device, num_fewshot=args.num_fewshot,
+                      log_samples=args.log_samples, seed=args.seed)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"mmfm eval lm: {exc}", file=sys.stderr)
+        return 2
+    print(lm.table(data))
+    if args.json:
+        print(f"(lm_eval results in {args.json})")
+    return 0
+
+
 def cmd_eval(args) -> int:
+    if args.eval_command == "lm":
+        return cmd_eval_lm(args)
     if args.eval_command != "prompts":
-        print(f"mmfm eval: unknown eval {args.eval_command!r}; available: prompts", file=sys.stderr)
+        print(f"mmfm eval: unknown eval {args.eval_command!r}; available: prompts, lm", file=sys.stderr)
         return 2
     import time
 
@@ -47,7 +75,7 @@ def cmd_eval(args) -> int:
 
     modalities = [ALIASES.get(m, m) for m in args.modalities] if args.modalities else None
     cfg = EvalConfig(sampling=Sampling(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg_scale,
-                                       seed=args.seed, batch_size=args.batch_size))
+                                       seed=args.seed, batch_size=args.batch_size or 64))
     t0 = time.perf_counter()
     try:
         ev = evaluate(args.model, args.corpus, n=args.n, modalities=modalities, json=args.json,
@@ -65,8 +93,10 @@ def cmd_eval(args) -> int:
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate an exported model: prompts (does generation follow the prompt?)")
-    p.add_argument("eval_command", choices=("prompts",), help="prompts: generate from held-out demo prompts and score")
+    p = sub.add_parser("eval", help="evaluate an exported model: prompts (does generation follow the prompt?), "
+                                    "lm (lm-evaluation-harness tasks on its text side)")
+    p.add_argument("eval_command", choices=("prompts", "lm"),
+                   help="prompts: generate from held-out demo prompts and score; lm: lm_eval tasks through its hf model")
     p.add_argument("--model", required=True, help="exported model folder (mmfm export / mmfm demo e2e's <out>/export)")
     p.add_argument("--corpus", default=None, help="the demo corpus (default: the export's sibling folder 'corpus')")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the bench records as a JSON list")
@@ -79,5 +109,12 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=100, help="0 = off")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="rows per decode call")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per decode call (prompts: 64; lm: 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    lm = p.add_argument_group("lm (lm-evaluation-harness; the eval extra)")
+    lm.add_argument("--tasks", nargs="+", default=None, metavar="T", help="lm_eval task names (lm: required)")
+    lm.add_argument("--include-path", default=None, metavar="DIR", help="a folder of lm_eval task YAML files")
+    lm.add_argument("--limit", type=float, default=None, help="documents per task (a fraction when < 1)")
+    lm.add_argument("--num-fewshot", type=int, default=None)
+    lm.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1)")
+    lm.add_argument("--log-samples", action="store_true", help="keep every document's requests and answers in --json")

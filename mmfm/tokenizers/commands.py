@@ -43,12 +43,21 @@ def add_tokenizer_parser(sub) -> None:
     e.add_argument("--out", default=None, help="override train.out (with a single --config)")
     e.add_argument("--json", metavar="PATH", help="also write the records as a JSON list")
     e.add_argument("--max-samples", type=int, default=64, help="held-out samples per tokenizer (default 64)")
+    i = tsub.add_parser("import-hf", help="an existing LLM's tokenizer (tokenizer.json or tokenizer.model) as the "
+                                          "text tokenizer, for train.init_from=HF_FOLDER (docs/huggingface.md)")
+    i.add_argument("folder", help="a Hugging Face model folder")
+    i.add_argument("--out", required=True, help="the text tokenizer folder to write (e.g. tokenizers/text)")
 
 
 def run_tokenizer(args) -> int:
     from mmfm.tokenizers.config import ConfigError
 
     try:
+        if args.tokenizer_command == "import-hf":
+            try:
+                return import_main(args)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         return train_main(args) if args.tokenizer_command == "train" else eval_main(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"mmfm tokenizer {args.tokenizer_command}: {exc}", file=sys.stderr)
@@ -57,6 +66,15 @@ def run_tokenizer(args) -> int:
 
 def _config_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
+
+
+def import_main(args) -> int:
+    from mmfm.tokenizers.hf_text import import_text_tokenizer
+
+    tok = import_text_tokenizer(args.folder, args.out)
+    print(f"mmfm tokenizer import-hf: {args.out} ({tok.registry_name}, {tok.vocab_size} tokens at the checkpoint's "
+          "ids); build vocab.json with it as the text tokenizer")
+    return 0
 
 
 # ------------------------------------------------------------------------------------ train

@@ -31,6 +31,9 @@ def cmd_pretrain(args, hooks=None, make_evaluators=None) -> int:
         print(f"mmfm pretrain: {exc}", file=sys.stderr)
         return 2
     try:
+        from mmfm.train.loop import check_hf_init
+
+        check_hf_init(cfg)   # an existing LLM as the start: every check before DeepSpeed starts
         evaluators = make_evaluators(cfg) if make_evaluators is not None else []
     except (FileNotFoundError, ValueError) as exc:
         print(f"mmfm pretrain: {exc}", file=sys.stderr)

@@ -89,7 +89,8 @@ class TrainSection:
     threads: int = 0            # torch threads per process (0 = torch's default)
     peak_flops: float = 0.0     # per process, for MFU; 0 = measured with a matmul at start
     offload_optimizer: bool = False  # ZeRO-Offload: DeepSpeedCPUAdam (JIT-compiles cpu_adam once)
-    init_from: str = ""         # an export folder or checkpoint folder to start the weights from
+    init_from: str = ""         # an export folder, a checkpoint folder, or a Hugging Face Llama folder (its
+    #                             shape and weights; docs/huggingface.md) to start the weights from
     plot: bool = True           # loss-curve PNG at the end
 
 

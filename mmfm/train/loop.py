@@ -115,6 +115,22 @@ class ObjectiveStep(TrainStep):
         return out
 
 
+def check_hf_init(cfg: RunConfig, vocab=None) -> bool:
+    """train.init_from names a Hugging Face (Llama) folder: set the model section's shape from its
+    config.json and check the folder and the vocabulary against each other before anything trains
+    (mmfm/models/hf_import.py). False (nothing done) for an mmfm export or run, or no init_from."""
+    from mmfm.models.hf_import import apply_llama_shape, check_llama_import, is_hf_folder
+    from mmfm.vocab import Vocab
+
+    src = cfg.train.init_from
+    if not src or not is_hf_folder(src):
+        return False
+    vocab = Vocab.load(cfg.data.vocab) if vocab is None else vocab
+    apply_llama_shape(cfg.model, src)
+    check_llama_import(src, vocab.ranges["text"].size)
+    return True
+
+
 def run(cfg: RunConfig, prepare_model=None, log=None, hooks: Hooks | None = None,
         evaluators: Sequence[Evaluator] = (), data: Callable[[int], ResumableData] | None = None) -> dict:
     """Trains per cfg; returns {"losses": {step: loss}, "eval_start", "eval_end", "out", "stopped_by",
@@ -132,6 +148,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None, hooks: Hooks | None = None
     t = cfg.train
     name = "finetune" if cfg.finetune is not None else "pretrain"
     vocab = Vocab.load(cfg.data.vocab)
+    hf_init = check_hf_init(cfg, vocab)
     resolve_vocab_size(cfg, vocab)
     table = vocab.modality_table()
     out = output_dir(cfg)
@@ -142,7 +159,11 @@ def run(cfg: RunConfig, prepare_model=None, log=None, hooks: Hooks | None = None
 
     torch.manual_seed(t.seed)                     # the same initial weights on every rank
     model = build_model(cfg.model)
-    if t.init_from:
+    if hf_init:
+        from mmfm.models.hf_import import import_llama
+
+        model.load_state_dict(import_llama(t.init_from, cfg.model, vocab.ranges["text"].size, seed=t.seed))
+    elif t.init_from:
         from mmfm.train.checkpoint import load_state_into
 
         load_state_into(model, t.init_from)
