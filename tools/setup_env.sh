@@ -28,7 +28,7 @@ if [ ! -f "$stamp" ]; then
   "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt \
     deepspeed webdataset sentencepiece safetensors numpy pillow pyyaml tqdm tensorboard ninja \
     scikit-learn pytest vector-quantize-pytorch transformers \
-    trimesh scikit-image
+    trimesh scikit-image av soundfile h5py pyarrow
   touch "$stamp"
 fi
 
