@@ -92,8 +92,8 @@ def is_shard_spec(src: str, modality: str) -> bool:
     if os.path.isdir(src):
         names = os.listdir(src)
         has_tar = any(n.endswith(".tar") for n in names)
-        has_payload = any(os.path.splitext(n)[1].lower().lstrip(".") in PAYLOAD_EXTS[modality] + RECORD_EXTS
-                          for n in names)
+        accepted = PAYLOAD_EXTS[modality] + (RECORD_EXTS if modality == "text" else ())
+        has_payload = any(os.path.splitext(n)[1].lower().lstrip(".") in accepted for n in names)
         return has_tar and not has_payload
     return not os.path.exists(src) and any(c in src for c in "*?[")
 
@@ -235,8 +235,10 @@ def items_from_folder(src: str, modality: str, text_field: str, skip: Skip) -> I
         sidecars = [e for e in SIDECAR_EXTS if e in files and e not in payload]
         for e in sorted(files):
             if e not in payload and e not in sidecars and not (e in COMPANION_EXTS and modality == "shape3d"):
+                hint = "; a folder's .tar files are read as shards only when it holds no payload file: " \
+                       "give the shards as --src 'DIR/*.tar'" if e == "tar" else ""
                 skip("unsupported_extension", files[e], f".{e} is not read for {modality} "
-                                                        f"(accepted: .{' .'.join(accepted)})")
+                                                        f"(accepted: .{' .'.join(accepted)}){hint}")
         if not payload:
             if sidecars:
                 skip("no_payload", " + ".join(files[e] for e in sidecars),
