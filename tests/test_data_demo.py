@@ -26,6 +26,11 @@ def test_demo_default_scale_is_fast_complete_and_verifies(tmp_path, capsys):
         meta = json.loads(r["json"])
         assert meta["source"] and meta["license"]
         assert r["txt"]  # caption, transcript or description
+    # video is stored as MP4, physics came from HDF5 files through `data build`, as user data does
+    clip = next(iter(wds.WebDataset(str(tmp_path / "video-000000.tar"), shardshuffle=False)))
+    assert "mp4" in clip and "npz" not in clip
+    assert sorted(p.suffix for p in (tmp_path / "raw" / "physics").iterdir())[:1] == [".h5"]
+    assert json.loads((tmp_path / "physics-build-report.json").read_text())["problems"] == []
     if shutil.which("espeak-ng"):
         speech = [r for r in wds.WebDataset(str(tmp_path / "audio-000000.tar"), shardshuffle=False)
                   if json.loads(r["json"])["kind"] == "speech"]

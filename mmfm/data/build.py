@@ -28,6 +28,7 @@ stops after the current sample and the shards written so far are published, none
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import signal
 import sys
@@ -210,12 +211,25 @@ def _physics(item: SourceItem, ext: str, base: dict):
         yield item.key, {"npz": arrays}, {}
         return
     src = item.files[ext]
-    n = 0
-    for i, (fields, meta) in enumerate(iter_trajectories(src if isinstance(src, str) else io.BytesIO(src))):
-        n += 1
-        yield f"{item.key}__{i:06d}", {"npz": {"fields": fields}}, {**meta, "trajectory": i}
-    if n == 0:
+    trajs = iter_trajectories(src if isinstance(src, str) else io.BytesIO(src))
+    first = next(trajs, None)
+    if first is None:
         raise TooShort(f"{item.origin}: the file holds no trajectory")
+    second = next(trajs, None)
+    if second is None:  # one trajectory: the sample keeps the file's key
+        fields, meta = first
+        yield item.key, {"npz": {"fields": fields}}, _traj_meta(meta, fields, 0)
+        return
+    for i, (fields, meta) in enumerate(itertools.chain([first, second], trajs)):
+        yield f"{item.key}__{i:06d}", {"npz": {"fields": fields}}, _traj_meta(meta, fields, i)
+
+
+def _traj_meta(meta: dict, fields: np.ndarray, i: int) -> dict:
+    return {**meta, "trajectory": i, "num_frames": int(fields.shape[0]), "grid_shape": list(fields.shape[2:])}
+
+
+# what describes an HDF5 file's arrays comes from the file, whatever a sidecar .json says: the data is in its order
+HDF5_STRUCTURE = ("channel_names", "grid_spacing", "time_step", "num_frames", "grid_shape", "trajectory", "layout")
 
 
 def samples_from_item(item: SourceItem, modality: str, opts: BuildOptions):
@@ -245,7 +259,10 @@ def samples_from_item(item: SourceItem, modality: str, opts: BuildOptions):
                           f"(accepted: .{' .'.join(PAYLOAD_EXTS[modality])})")
     if modality == "physics":
         for key, fields, traj_meta in _physics(item, ext, base):
-            s = {"__key__": key, **fields, "json": {**meta, **traj_meta, **item.meta, "modality": "physics"}}
+            structure = {k: traj_meta[k] for k in HDF5_STRUCTURE if k in traj_meta}
+            params = {**traj_meta.get("parameters", {}), **meta.get("parameters", {})}
+            s = {"__key__": key, **fields, "json": {**traj_meta, **meta, **structure, "parameters": params,
+                                                    "modality": "physics"}}
             if item.text:
                 s["txt"] = item.text
             yield s

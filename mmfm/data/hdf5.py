@@ -73,7 +73,10 @@ def _dataset_type():
 def _pdebench(f) -> Iterator[tuple[np.ndarray, dict]]:
     dims = sum(1 for c in _COORDS if c in f)
     fields, names = [], []
-    for k in sorted(f):
+    # datasets in the order the writer listed (write_pdebench records it), else by name
+    listed = [_string(n) for n in f.attrs.get("channel_names", [])]
+    order = [k for k in listed if k in f] + sorted(k for k in f if k not in listed)
+    for k in order:
         ds = f[k]
         if not isinstance(ds, _dataset_type()) or k in _COORDS or k == "t-coordinate" or ds.ndim < 3:
             continue
@@ -99,8 +102,9 @@ def _pdebench(f) -> Iterator[tuple[np.ndarray, dict]]:
             channel_names.append("u" if name == "tensor" else name)
     spacing = [_spacing(f[_COORDS[a]]) if _COORDS[a] in f else 1.0 / grid[a] for a in range(dims)]
     time_step = _spacing(f["t-coordinate"]) if "t-coordinate" in f else 1.0
+    params = {k: v for k, v in _scalar_attrs(f.attrs).items() if k != "channel_names"}
     base = {"channel_names": channel_names, "grid_spacing": spacing, "time_step": time_step,
-            "parameters": _scalar_attrs(f.attrs), "dimensions": ["t", *_AXES[:dims]], "layout": "pdebench"}
+            "parameters": params, "dimensions": ["t", *_AXES[:dims]], "layout": "pdebench"}
     for i in range(n):
         parts = []
         for ds in fields:
@@ -214,5 +218,7 @@ def write_pdebench(path, fields, channel_names, grid_spacing, time_step: float, 
         for ax in range(dims):
             f.create_dataset(_COORDS[ax], data=(np.arange(a.shape[3 + ax]) + 0.5) * grid_spacing[ax])
         f.create_dataset("t-coordinate", data=np.arange(a.shape[1]) * float(time_step))
+        f.attrs["channel_names"] = list(channel_names)  # the channel order; datasets themselves list by name
         for k, v in (parameters or {}).items():
-            f.attrs[k] = v
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                f.attrs[k] = v
