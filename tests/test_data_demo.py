@@ -53,9 +53,16 @@ def test_bench_data_quick_writes_records(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = tmp_path / "data.json"
     out = subprocess.run([sys.executable, "-m", "mmfm.cli", "bench", "data", "--quick", "--modalities", "image,audio",
-                          "--json", str(path)], capture_output=True, text=True, cwd=root, timeout=120)
+                          "--formats", "mp4,flac,mp3,hdf5,glb,webp", "--json", str(path)],
+                         capture_output=True, text=True, cwd=root, timeout=180)
     assert out.returncode == 0, out.stderr
     records = json.loads(path.read_text())
-    assert {(r["case"]["modality"], r["impl"]) for r in records} == {
+    readers = [r for r in records if "modality" in r["case"]]
+    assert {(r["case"]["modality"], r["impl"]) for r in readers} == {
         ("image", "mmfm"), ("image", "webdataset"), ("audio", "mmfm"), ("audio", "webdataset")}
-    assert all(r["bench"] == "data" and r["samples_per_s"] > 0 and r["mb_per_s"] > 0 for r in records)
+    assert all(r["bench"] == "data" and r["samples_per_s"] > 0 and r["mb_per_s"] > 0 for r in readers)
+    formats = {(r["case"]["format"], r["impl"]) for r in records if "format" in r["case"]}
+    assert formats == {("mp4", "mmfm"), ("mp4", "pyav"), ("flac", "mmfm"), ("flac", "soundfile"), ("mp3", "mmfm"),
+                       ("mp3", "pyav"), ("hdf5", "mmfm"), ("hdf5", "h5py"), ("glb", "mmfm"), ("glb", "trimesh"),
+                       ("webp", "mmfm"), ("webp", "pillow")}
+    assert all(r["files_per_s"] > 0 for r in records if "format" in r["case"])

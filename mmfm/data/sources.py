@@ -3,8 +3,9 @@ webdataset shards. Each yields SourceItems (one payload plus its caption and met
 that cannot become an item is handed to `skip(reason, name, detail)`, never dropped in silence.
 
 `--src` is read as (first match wins):
-  - webdataset shards: a `pipe:` URL, a brace pattern (`shards-{000000..000099}.tar`), a glob,
-    `::`-joined specs, a `.tar` file, or a folder holding `.tar` files and no payload file;
+  - webdataset shards: a `pipe:` URL, `::`-joined specs, anything ending in `.tar` (a file, a
+    brace pattern `shards-{000000..000099}.tar`, a glob `dir/*.tar`), or a folder holding `.tar`
+    files and no payload file;
   - a `.jsonl` / `.json` manifest (or, for text, records with a text field);
   - a `.parquet` file (text: one document per row);
   - a folder (files grouped by path without extension) or one payload file.
@@ -87,7 +88,8 @@ def parse_field_map(spec: str | None, modality: str) -> dict[str, tuple[str, ...
 
 # -- webdataset shards ------------------------------------------------------------------------
 def is_shard_spec(src: str, modality: str) -> bool:
-    if src.startswith("pipe:") or "::" in src or src.endswith(".tar") or re.search(r"\{[^}]*(\.\.|,)[^}]*\}", src):
+    """A pipe: URL, `::`-joined specs, a .tar file, brace pattern or glob, or a folder of shards."""
+    if src.startswith("pipe:") or "::" in src or src.endswith(".tar"):
         return True
     if os.path.isdir(src):
         names = os.listdir(src)
@@ -95,7 +97,7 @@ def is_shard_spec(src: str, modality: str) -> bool:
         accepted = PAYLOAD_EXTS[modality] + (RECORD_EXTS if modality == "text" else ())
         has_payload = any(os.path.splitext(n)[1].lower().lstrip(".") in accepted for n in names)
         return has_tar and not has_payload
-    return not os.path.exists(src) and any(c in src for c in "*?[")
+    return False
 
 
 def items_from_webdataset(spec: str, modality: str, field_map: dict, skip: Skip) -> Iterator[SourceItem]:

@@ -184,6 +184,8 @@ def frames_of(sample: dict, num_frames: int | None = None, fps: float | None = N
     frames (stored frames are never resampled in time: the first num_frames)."""
     for ext in CONTAINER_EXTS:
         clip = sample.get(ext)
+        if isinstance(clip, np.ndarray) and clip.ndim == 4:  # a writer-ready sample: frames not encoded yet
+            return clip if num_frames is None else clip[:num_frames]
         if isinstance(clip, VideoClip):
             if num_frames is None:
                 num_frames = clip.num_frames if not fps else max(1, int(clip.duration * fps))
