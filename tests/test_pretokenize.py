@@ -132,3 +132,13 @@ def test_resume_with_other_tokenizers_is_refused(setup, reference, tmp_path, cap
     shutil.rmtree(tok / "text")
     assert main(["tokenize", "--tokenizers", str(tok), "--src", str(setup / "raw"), "--out", str(out), "--quiet"]) == 2
     assert "no text tokenizer" in capsys.readouterr().err
+
+
+def test_bench_tokenize_quick_writes_records(tmp_path):
+    from mmfm.bench.tokenize import main as bench
+
+    path = tmp_path / "t.json"
+    assert bench(["--quick", "--samples", "8", "--modalities", "text,video", "--workers", "1", "--json", str(path)]) == 0
+    records = json.loads(path.read_text())
+    assert {(r["case"]["modality"], r["case"]["workers"]) for r in records} == {("text", 1), ("video", 1)}
+    assert all(r["bench"] == "tokenize" and r["samples_per_s"] > 0 for r in records)

@@ -209,6 +209,7 @@ def run_tokenize(tokenizers: str, src, out: str, workers: int = 0, batch_size: i
 
     from mmfm.data.shards import expand_shards
 
+    t0 = time.perf_counter()  # loading the tokenizers counts: a run pays it, in-process or in each worker
     job = TokenizeJob(find_tokenizers(tokenizers), out, batch_size, holdout_fraction)
     urls = expand_shards(src)
     ids = [shard_id(u) for u in urls]
@@ -223,7 +224,6 @@ def run_tokenize(tokenizers: str, src, out: str, workers: int = 0, batch_size: i
     todo = [(n, u, i) for n, (u, i) in enumerate(zip(urls, ids), 1) if i not in done]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     workers = workers or gpus or 1
-    t0 = time.perf_counter()
     samples = 0
     bar = tqdm(total=len(urls), initial=len(done), desc="tokenize", unit="shard", file=sys.stderr, disable=not progress)
 
