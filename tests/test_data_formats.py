@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import soundfile
+import torch
 import trimesh
 from PIL import Image
 
@@ -193,6 +194,11 @@ def test_physics_hdf5_in_the_pdebench_and_the_well_layouts(tmp_path, capsys):
 
     tok = PhysicsTokenizer(PhysicsConfig(grid=8, channels=4, frames=4, downsamples=1))
     assert tok.encode(w).shape == (tok.tokens_per_sample,)
+    fine = PhysicsTokenizer(PhysicsConfig(grid=16, channels=4, frames=4, downsamples=1))
+    x = fine.prepare(w)                                       # an 8x8 run for a 16x16 tokenizer: resampled
+    assert x.shape == (4, 4, 16, 16) and torch.allclose(x.mean((2, 3)), torch.from_numpy(w["npz"]["fields"][:4]).mean((2, 3)),
+                                                         atol=1e-5)
+    assert (x[:, 1] == 1).all()                               # a constant field stays constant
 
 
 # -- 3D ---------------------------------------------------------------------------------------

@@ -102,10 +102,15 @@ class PhysicsTokenizer(NeuralTokenizer):
                              f"({c.channels} channels), got shape {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("PhysicsTokenizer: field contains NaN or infinite values")
-        if x.shape[0] < c.frames or x.shape[2:] != want[2:]:
+        if x.shape[0] < c.frames:
             raise ValueError(f"PhysicsTokenizer: field must be [T >= {c.frames}, {c.channels}, {c.grid}, {c.grid}], "
                              f"got shape {tuple(x.shape)}")
-        return x[:c.frames].contiguous()
+        x = x[:c.frames]
+        if x.shape[2:] != want[2:]:
+            # another grid (a PDEBench 128^2 run for a 64^2 tokenizer): resampled, antialiased when coarsened
+            x = F.interpolate(x, size=want[2:], mode="bilinear", align_corners=False,
+                              antialias=bool(x.shape[2] > c.grid or x.shape[3] > c.grid))
+        return x.contiguous()
 
     def refinement_parameters(self):
         """Stage 2 of training: the refinement alone, on the frozen decoder (see `mmfm tokenizer train`)."""
