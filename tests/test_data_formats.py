@@ -341,3 +341,33 @@ def test_threshold_stops_the_run_and_keeps_what_was_written(tmp_path, capsys):
     r = report(out, "image")
     assert r["stopped"] and r["written"] == 6 and r["inputs"] < 16
     assert len(read_samples(str(out))) == 6                      # the partial second shard was published
+
+
+def test_sigint_stops_the_build_and_publishes_every_sample_written(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2000):
+        Image.fromarray(np.full((4, 4), i % 256, np.uint8)).save(src / f"g{i:05d}.png")
+    out = tmp_path / "out"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.Popen([sys.executable, "-m", "mmfm.cli", "data", "build", "--modality", "image", "--src", str(src),
+                          "--out", str(out), "--shard-size", "50", "--quiet"], cwd=repo, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "image-000001.tar").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 1, stderr[-2000:]
+    assert "stopped early: SIGINT received" in stdout
+    r = report(out, "image")
+    assert 100 <= r["written"] < 2000                     # stopped part-way ...
+    assert len(read_samples(str(out))) == r["written"]    # ... and every sample it wrote is in a published shard
+    assert not list(out.glob("*.tmp"))
+    assert json.loads((out / "image-manifest.json").read_text())["samples"] == r["written"]
