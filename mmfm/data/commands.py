@@ -19,7 +19,8 @@ def add_data_parser(sub) -> None:
     b.add_argument("--modality", required=True, help="text, image, audio, video, shape3d or physics")
     b.add_argument("--src", required=True,
                    help="a folder (files grouped by name), a file, a .jsonl manifest, a .parquet file (text), or "
-                        "webdataset shards: 'shards-{000000..000099}.tar', a glob, a folder of .tar, a pipe: URL")
+                        "webdataset shards: 'shards-{000000..000099}.tar', a glob ending in .tar, a folder of .tar, "
+                        "a pipe: URL")
     b.add_argument("--out", required=True, help="folder for the shards")
     b.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     b.add_argument("--prefix", default=None, help="shard name prefix (default: the modality)")
