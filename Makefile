@@ -13,8 +13,10 @@ demo: setup
 	$(VENV)/bin/mmfm doctor
 	$(VENV)/bin/mmfm demo e2e --out runs/demo
 
-# The whole test suite; .ci/run runs this same target in a fresh clone.
-test: setup
+# The whole test suite; .ci/run runs this same target in a fresh clone. Its setup adds the eval
+# extra (lm-evaluation-harness), which tests/test_hf_export.py runs.
+test:
+	VENV=$(VENV) EXTRAS=eval bash tools/setup_env.sh
 	@if command -v nvcc >/dev/null 2>&1; then $(PY) tools/check_cuda.py; else echo "nvcc not found: CUDA compile check skipped"; fi
 	$(PY) -m pytest -q tests
 

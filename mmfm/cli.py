@@ -6,6 +6,7 @@
     mmfm bench NAME [...]       a benchmark, mmfm/bench/NAME.py (quant, sampling, ...)
     mmfm data SUB [...]         shards: build, verify, demo, select (mmfm/data/commands.py)
     mmfm tokenizer SUB [...]    tokenizers: train, eval (mmfm/tokenizers/commands.py)
+    mmfm tokenize --tokenizers DIR --src SHARDS --out DIR   raw shards -> token shards (mmfm/tokenizers/pretokenize.py)
     mmfm pretrain --config X    train under DeepSpeed (mmfm/train/commands.py)
     mmfm finetune --from X --modality M --config Y   one modality, full or LoRA (mmfm/train/finetune.py)
     mmfm export RUN --out DIR   ZeRO checkpoint -> safetensors + Hugging Face folder (mmfm/export)
@@ -66,6 +67,12 @@ def cmd_tokenizer(args) -> int:
     from mmfm.tokenizers.commands import run_tokenizer
 
     return run_tokenizer(args)
+
+
+def cmd_tokenize(args) -> int:
+    from mmfm.tokenizers.pretokenize import cmd_tokenize as run
+
+    return run(args)
 
 
 def cmd_pretrain(args) -> int:
@@ -129,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmfm.tokenizers.commands import add_tokenizer_parser
 
     add_tokenizer_parser(sub)
+    from mmfm.tokenizers.pretokenize import add_tokenize_parser
+
+    add_tokenize_parser(sub)
     from mmfm.train.commands import add_train_parsers
 
     add_train_parsers(sub)
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer,
+    return {"doctor": cmd_doctor, "demo": cmd_demo, "data": cmd_data, "tokenizer": cmd_tokenizer, "tokenize": cmd_tokenize,
             "pretrain": cmd_pretrain, "finetune": cmd_finetune, "export": cmd_export,
             "generate": cmd_generate, "cacheaug": cmd_cacheaug, "eval": cmd_eval}[args.command](args)
 

@@ -26,6 +26,11 @@ def test_demo_default_scale_is_fast_complete_and_verifies(tmp_path, capsys):
         meta = json.loads(r["json"])
         assert meta["source"] and meta["license"]
         assert r["txt"]  # caption, transcript or description
+    # video is stored as MP4, physics came from HDF5 files through `data build`, as user data does
+    clip = next(iter(wds.WebDataset(str(tmp_path / "video-000000.tar"), shardshuffle=False)))
+    assert "mp4" in clip and "npz" not in clip
+    assert sorted(p.suffix for p in (tmp_path / "raw" / "physics").iterdir())[:1] == [".h5"]
+    assert json.loads((tmp_path / "physics-build-report.json").read_text())["problems"] == []
     if shutil.which("espeak-ng"):
         speech = [r for r in wds.WebDataset(str(tmp_path / "audio-000000.tar"), shardshuffle=False)
                   if json.loads(r["json"])["kind"] == "speech"]
@@ -48,12 +53,19 @@ def test_bench_data_quick_writes_records(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = tmp_path / "data.json"
     out = subprocess.run([sys.executable, "-m", "mmfm.cli", "bench", "data", "--quick", "--modalities", "image,audio",
-                          "--json", str(path)], capture_output=True, text=True, cwd=root, timeout=120)
+                          "--formats", "mp4,flac,mp3,hdf5,glb,webp", "--json", str(path)],
+                         capture_output=True, text=True, cwd=root, timeout=180)
     assert out.returncode == 0, out.stderr
     records = json.loads(path.read_text())
-    assert {(r["case"]["modality"], r["impl"]) for r in records} == {
+    readers = [r for r in records if "modality" in r["case"]]
+    assert {(r["case"]["modality"], r["impl"]) for r in readers} == {
         ("image", "mmfm"), ("image", "webdataset"), ("audio", "mmfm"), ("audio", "webdataset")}
-    assert all(r["bench"] == "data" and r["samples_per_s"] > 0 and r["mb_per_s"] > 0 for r in records)
+    assert all(r["bench"] == "data" and r["samples_per_s"] > 0 and r["mb_per_s"] > 0 for r in readers)
+    formats = {(r["case"]["format"], r["impl"]) for r in records if "format" in r["case"]}
+    assert formats == {("mp4", "mmfm"), ("mp4", "pyav"), ("flac", "mmfm"), ("flac", "soundfile"), ("mp3", "mmfm"),
+                       ("mp3", "pyav"), ("hdf5", "mmfm"), ("hdf5", "h5py"), ("glb", "mmfm"), ("glb", "trimesh"),
+                       ("webp", "mmfm"), ("webp", "pillow")}
+    assert all(r["files_per_s"] > 0 for r in records if "format" in r["case"])
 
 
 def test_demo_counts_set_sources_outright_and_name_a_bad_one(tmp_path):

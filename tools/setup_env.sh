@@ -6,6 +6,8 @@
 #
 #   VENV=path   where the virtualenv lives (default .venv)
 #   PYTHON=exe  interpreter that creates it (default python3.11, else python3)
+#   EXTRAS=eval also lm-evaluation-harness and accelerate (`mmfm eval lm`; `make test` sets it: the
+#               suite runs lm_eval, and `make demo` does not need its ~20 packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -28,8 +30,13 @@ if [ ! -f "$stamp" ]; then
   "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt \
     deepspeed webdataset sentencepiece safetensors numpy pillow pyyaml tqdm tensorboard ninja \
     scikit-learn pytest vector-quantize-pytorch transformers tokenizers huggingface_hub \
-    trimesh scikit-image lm_eval accelerate
+    trimesh scikit-image av soundfile h5py pyarrow
   touch "$stamp"
+fi
+if [ "${EXTRAS:-}" = eval ] && [ ! -f "$stamp.eval" ]; then
+  log "installing the eval extra (lm_eval, accelerate)"
+  "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt lm_eval accelerate
+  touch "$stamp.eval"
 fi
 
 # System packages: espeak-ng synthesises the demo corpus' speech (mmfm data demo). Installed

@@ -1,12 +1,14 @@
 """Reader throughput per modality: samples/s and MB/s through the full pipeline with 2 workers.
 
-    mmfm bench data [--quick] [--json PATH] [--workers 2] [--samples N]
+    mmfm bench data [--quick] [--json PATH] [--workers 2] [--samples N] [--formats mp4,flac,...]
 
 For each modality it writes N synthetic samples of realistic size into shards (temp folder),
 then times one full epoch of ShardLoader(ShardDataset(...)) with decoding and schema checks
 (impl `mmfm`), and of plain webdataset with the same decoder but no checks and no state
 (impl `webdataset`, the anchor). MB is shard bytes read. The figure is the median of
 --repeats epochs; each epoch includes starting the workers, as a training epoch does.
+Then, per input format (--formats; mmfm/bench/data_formats.py), the decode throughput of mmfm's
+decoder against the plain library call (PyAV, soundfile, h5py, trimesh, Pillow) on the same files.
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=None, help="samples per modality (default 400; 40 with --quick)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--modalities", default=",".join(MODALITIES))
+    p.add_argument("--formats", default="mp4,flac,mp3,hdf5,glb,webp",
+                   help="input formats whose decode is timed against the plain library call ('' for none)")
     args = p.parse_args(argv)
     from mmfm.data.synthetic import synthetic_sample
     from mmfm.data.writer import SampleShardWriter
@@ -88,7 +92,12 @@ def main(argv=None) -> int:
                 t = statistics.median(times)
                 records.append(record("data", case, impl, samples_per_s=round(n / t, 1), mb_per_s=round(mb / t, 2),
                                       ms=round(t * 1e3, 1)))
-    return report(records, args.json, figures=("samples_per_s", "mb_per_s", "ms"))
+        formats = [f for f in args.formats.split(",") if f]
+        if formats:
+            from mmfm.bench.data_formats import format_records
+
+            records += format_records(formats, 10 if args.quick else 50, repeats, tmp)
+    return report(records, args.json, figures=("samples_per_s", "files_per_s", "mb_per_s", "ms"))
 
 
 if __name__ == "__main__":

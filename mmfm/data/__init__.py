@@ -7,6 +7,9 @@ See docs/data.md. Modules:
   verify     `mmfm data verify`                              commands the `mmfm data` argument parsers
   pipeline   the reader stages (small generators)            dataset  ShardDataset, ShardLoader (state, resume)
   baddata    bad-data counting, logging, threshold           synthetic tiny samples for tests and benchmarks
+  sources    build inputs: folders, manifests, Parquet,      video    PyAV: probe, seeking frame sampling, MP4
+             other tools' webdatasets                        audio    soundfile / PyAV decode
+  images     Pillow decode, normalised to 8-bit upright      hdf5     h5py: PDEBench and The Well layouts
   demo/      `mmfm data demo` generators                     physics/ heat, Burgers, Navier-Stokes solvers
   select     `mmfm data select` (DSIR)
 """

@@ -1,10 +1,12 @@
 """Bytes <-> values for each field extension, and the per-modality checks on decoded values.
 
-encode_field / decode_field are the only places that know file formats:
+encode_field / decode_field are the only places that map field names to decoders:
   txt   str (UTF-8)                  json  dict
   png   uint8 array (H, W[, C])       jpg   uint8 array (H, W[, C]) (lossy: written at quality 95)
+  jpeg, webp: decoded as png/jpg (Pillow, normalised by mmfm.data.images: EXIF orientation, 8 bits)
   wav   float32 array (N, channels) in [-1, 1], stored as 16-bit PCM; the rate is in the .json
-  flac  as wav, through the optional `soundfile` package
+  flac, ogg: as wav, through soundfile; mp3, m4a, aac, opus: as wav, through PyAV (mmfm.data.audio)
+  mp4, webm, mkv, mov: a VideoClip (mmfm.data.video): the bytes, probed; frames are decoded on demand
   npy   one array                     npz   dict of arrays (never pickled objects)
   ply   dict with `points` (N, 3), optional `normals`, `faces`, through trimesh
 Decoding never unpickles (numpy `allow_pickle=False`): a shard is untrusted input.
@@ -20,7 +22,9 @@ import wave
 
 import numpy as np
 
+from mmfm.data.audio import AUDIO_EXTS, decode_audio, encode_flac
 from mmfm.data.schema import SchemaError, primary_field
+from mmfm.data.video import CONTAINER_EXTS, VideoClip, encode_mp4
 
 
 class DecodeError(ValueError):
@@ -87,11 +91,16 @@ def encode_field(field: str, value, meta: dict | None = None) -> bytes:
             raise SchemaError("wav field needs json field 'sample_rate'")
         return encode_wav(value, meta["sample_rate"])
     if ext == "flac":
-        import soundfile  # optional: only needed for FLAC
-
-        buf = io.BytesIO()
-        soundfile.write(buf, np.asarray(value, dtype=np.float32), int(meta["sample_rate"]), format="FLAC")
-        return buf.getvalue()
+        if meta is None or "sample_rate" not in meta:
+            raise SchemaError("flac field needs json field 'sample_rate'")
+        return encode_flac(value, meta["sample_rate"])
+    if ext == "mp4":
+        if meta is None or "fps" not in meta:
+            raise SchemaError("mp4 field needs json field 'fps'")
+        try:
+            return encode_mp4(value, float(meta["fps"]))
+        except ValueError as e:
+            raise SchemaError(str(e)) from e
     if ext == "npy":
         buf = io.BytesIO()
         np.save(buf, np.asarray(value), allow_pickle=False)
@@ -112,7 +121,8 @@ def encode_field(field: str, value, meta: dict | None = None) -> bytes:
         else:
             mesh = trimesh.PointCloud(pts)
         return mesh.export(file_type="ply", encoding="binary")
-    raise SchemaError(f"no encoder for field {field!r} (known: txt json png jpg wav flac npy npz ply)")
+    raise SchemaError(f"no encoder for field {field!r} from a value (known: txt json png jpg wav flac mp4 npy npz ply; "
+                      f"any field takes bytes as they are)")
 
 
 def decode_field(field: str, data: bytes):
@@ -123,19 +133,19 @@ def decode_field(field: str, data: bytes):
             return data.decode("utf-8")
         if ext == "json":
             return json.loads(data.decode("utf-8"))
-        if ext in ("png", "jpg", "jpeg"):
-            from PIL import Image
+        if ext in ("png", "jpg", "jpeg", "webp"):
+            from mmfm.data.images import decode_image
 
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()  # forces the full decode: a truncated file fails here, not later
-                return np.array(im)  # a writable copy: torch.from_numpy warns on read-only arrays
+            return decode_image(data)[0]
         if ext == "wav":
-            return decode_wav(data)
-        if ext == "flac":
-            import soundfile
-
-            audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-            return audio, rate
+            try:
+                return decode_wav(data)
+            except (DecodeError, wave.Error):
+                return decode_audio(data, "wav")  # 24-bit, 32-bit, float, WAVE_FORMAT_EXTENSIBLE: soundfile
+        if ext in AUDIO_EXTS:
+            return decode_audio(data, ext)
+        if ext in CONTAINER_EXTS:
+            return VideoClip(data)
         if ext == "npy":
             return np.load(io.BytesIO(data), allow_pickle=False)
         if ext == "npz":
@@ -189,6 +199,14 @@ def check_sample(key: str, sample: dict) -> None:
         if rate != meta["sample_rate"] or audio.shape[0] != meta["num_samples"]:
             raise SchemaError(f"sample {key!r}: field {field!r} has {audio.shape[0]} samples at {rate} Hz; json says "
                               f"{meta['num_samples']} at {meta['sample_rate']} Hz")
+    elif modality == "video" and isinstance(value, VideoClip):
+        got = (value.num_frames, value.height, value.width)
+        want = (meta["num_frames"], meta["height"], meta["width"])
+        if got != want:
+            raise SchemaError(f"sample {key!r}: field {field!r} holds {got[0]} frames of {got[2]}x{got[1]}; json says "
+                              f"{want[0]} of {want[2]}x{want[1]}")
+        if abs(value.fps - float(meta["fps"])) > 1e-3 * value.fps:
+            raise SchemaError(f"sample {key!r}: field {field!r} runs at {value.fps:g} fps; json says {meta['fps']}")
     elif modality == "video":
         frames = value.get("frames")
         if frames is None:

@@ -15,14 +15,25 @@ def add_data_parser(sub) -> None:
     data = sub.add_parser("data", help="build, verify and select webdataset shards; the demo corpus")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
-    b = dsub.add_parser("build", help="a folder or JSONL manifest of your files -> checked tar shards")
+    b = dsub.add_parser("build", help="your files, a JSONL/Parquet file or existing webdataset shards -> checked tar shards")
     b.add_argument("--modality", required=True, help="text, image, audio, video, shape3d or physics")
-    b.add_argument("--src", required=True, help="a folder (files grouped by name) or a .jsonl manifest")
+    b.add_argument("--src", required=True,
+                   help="a folder (files grouped by name), a file, a .jsonl manifest, a .parquet file (text), or "
+                        "webdataset shards: 'shards-{000000..000099}.tar', a glob ending in .tar, a folder of .tar, "
+                        "a pipe: URL")
     b.add_argument("--out", required=True, help="folder for the shards")
     b.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     b.add_argument("--prefix", default=None, help="shard name prefix (default: the modality)")
-    b.add_argument("--source", default=None, help="recorded in each sample's json (default: the --src path)")
+    b.add_argument("--source", default=None, help="recorded in each sample's json (default: the input's path)")
     b.add_argument("--license", default="unknown", help="recorded in each sample's json (default: unknown)")
+    b.add_argument("--map", default=None, metavar="ROLE=EXT[;EXT],...",
+                   help="webdataset sources: the fields of each role, e.g. 'caption=txt,image=jpg;png;webp' "
+                        "(roles: the modality or 'payload', caption, meta)")
+    b.add_argument("--text-field", default="text", help="text from JSONL/Parquet: the field or column (default text)")
+    b.add_argument("--num-points", type=int, default=2048, help="shape3d: surface points sampled per mesh (default 2048)")
+    b.add_argument("--max-bad-fraction", type=float, default=0.5,
+                   help="stop when more than this fraction of inputs fail to decode (default 0.5)")
+    b.add_argument("--min-inputs", type=int, default=20, help="inputs seen before --max-bad-fraction applies (default 20)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     SUBCOMMANDS["build"] = "mmfm.data.build"
 

@@ -18,9 +18,9 @@ MODALITIES = ("text", "image", "audio", "video", "shape3d", "physics")
 # optional text that travels with it (caption, transcript, description).
 PRIMARY_FIELDS = {
     "text": ("txt",),
-    "image": ("png", "jpg"),
-    "audio": ("wav", "flac"),
-    "video": ("npz",),          # frames: uint8 array `frames` of shape (T, H, W, 3)
+    "image": ("png", "jpg", "jpeg", "webp"),
+    "audio": ("wav", "flac", "ogg", "mp3", "m4a", "aac", "opus"),  # the original encoded bytes
+    "video": ("mp4", "webm", "mkv", "mov", "npz"),  # the original encoded clip; or npz `frames` (T, H, W, 3) uint8
     "shape3d": ("npz", "ply"),  # npz: `points` (N, 3), `normals` (N, 3), optional `faces` (F, 3)
     "physics": ("npz",),        # npz: `fields` (T, C, *grid), optional `t`, `x`, `y` coordinates
 }
@@ -36,7 +36,8 @@ MODALITY_META = {
     "physics": {"channel_names": list, "grid_spacing": list, "time_step": (int, float), "parameters": dict},
 }
 
-KNOWN_FIELDS = ("txt", "json", "png", "jpg", "wav", "flac", "npz", "npy", "ply")
+KNOWN_FIELDS = ("txt", "json", "png", "jpg", "jpeg", "webp", "wav", "flac", "ogg", "mp3", "m4a", "aac", "opus", "mp4",
+                "webm", "mkv", "mov", "npz", "npy", "ply")
 
 # A key is a relative POSIX path without dots in its last component: webdataset splits
 # `dir/key.field.ext` at the first dot after the last slash, so a dot would move part of the

@@ -168,8 +168,9 @@ class Bundle:
             if paths:
                 from mmfm.generate.outputs import write_output
 
-                rate = getattr(getattr(tok, "config", None), "sample_rate", None)
-                s.paths = write_output(paths[i], to, value, sample_rate=rate)
+                config = getattr(tok, "config", None)
+                s.paths = write_output(paths[i], to, value, sample_rate=getattr(config, "sample_rate", None),
+                                       fps=getattr(config, "fps", None) or None)
             samples.append(s)
         return samples
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmfm.data.schema import PRIMARY_FIELDS
 from mmfm.quantizers import ResidualVQ
 from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, check_finite, seeded_init
 from mmfm.tokenizers.metrics import log_mel, mel_distance, snr_db
@@ -62,9 +63,11 @@ def waveform_of(sample, rate: int, clip: int, owner: str) -> torch.Tensor:
             raise ValueError(f"{owner}: waveform tensor must be mono [N], got shape {tuple(sample.shape)}")
         audio, src_rate = sample.float().numpy(), rate
     else:
-        if not isinstance(sample, dict) or "wav" not in sample:
-            raise ValueError(f"{owner}: sample must be a waveform tensor or a dict with a 'wav' field")
-        audio, src_rate = sample["wav"]
+        field = next((f for f in PRIMARY_FIELDS["audio"] if isinstance(sample, dict) and f in sample), None)
+        if field is None:
+            raise ValueError(f"{owner}: sample must be a waveform tensor or a dict with an audio field "
+                             f"({', '.join(PRIMARY_FIELDS['audio'])})")
+        audio, src_rate = sample[field]
         audio = np.asarray(audio, dtype=np.float32)
         audio = audio.mean(1) if audio.ndim == 2 else audio
     if audio.size == 0:

@@ -180,12 +180,13 @@ def _rank() -> int:
 
 
 def _usable(tok, sample) -> bool:
-    """Physics configs take 2D fields with the configured channels; other data in the shards is skipped."""
+    """Physics configs take 2D fields with the configured channels (any grid: prepare resamples it);
+    other data in the shards is skipped."""
     if tok.modality != "physics":
         return True
     f = (sample.get("npz") or {}).get("fields")
     c = tok.config
-    return f is not None and f.ndim == 4 and f.shape[1] == c.channels and f.shape[2:] == (c.grid, c.grid)
+    return f is not None and f.ndim == 4 and f.shape[1] == c.channels
 
 
 def prefix_lengths(k: int) -> list[int]:

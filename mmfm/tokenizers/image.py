@@ -32,8 +32,9 @@ from mmfm.tokenizers.registry import register
 
 
 def image_to_tensor(sample, size: int, owner: str) -> torch.Tensor:
-    """A shard sample (dict with 'png'/'jpg'), a uint8 array [H, W(, C)] or a float tensor [3, H, W]
-    in [0, 1] -> float [3, size, size]. Grey images are repeated to RGB; anything else is an error."""
+    """A shard sample (dict with 'png'/'jpg'/'jpeg'/'webp'), a uint8 array [H, W(, C)] or a float tensor
+    [3, H, W] in [0, 1] -> float [3, size, size]. Grey images are repeated to RGB, RGBA is composed
+    over white; anything else is an error."""
     if isinstance(sample, torch.Tensor):
         if sample.dim() != 3 or sample.shape[0] != 3:
             raise ValueError(f"{owner}: image tensor must have shape [3, H, W] (3 channels), got {tuple(sample.shape)}")
@@ -43,14 +44,18 @@ def image_to_tensor(sample, size: int, owner: str) -> torch.Tensor:
             x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
         return x
     if isinstance(sample, dict):
-        arr = sample.get("png", sample.get("jpg"))
+        arr = next((sample[f] for f in ("png", "jpg", "jpeg", "webp") if f in sample), None)
         if arr is None:
-            raise ValueError(f"{owner}: sample {sample.get('__key__')!r} has no 'png' or 'jpg' field")
+            raise ValueError(f"{owner}: sample {sample.get('__key__')!r} has no 'png', 'jpg', 'jpeg' or 'webp' field")
     else:
         arr = sample
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
+    if arr.ndim == 3 and arr.shape[2] == 4 and arr.dtype == np.uint8:
+        # RGBA (a PNG or WebP with transparency, a palette image with a transparent colour): over white
+        alpha = arr[:, :, 3:].astype(np.float32) / 255.0
+        arr = np.round(arr[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] != 3:

@@ -108,10 +108,15 @@ class PhysicsTokenizer(NeuralTokenizer):
         if x.shape[0] == c.frames and x.shape[2:] == want[2:]:
             return x.contiguous()    # already prepared (prepare is idempotent, as the training data path needs)
         need = (c.frames - 1) * c.frame_stride + 1
-        if x.shape[0] < need or x.shape[2:] != want[2:]:
+        if x.shape[0] < need:
             raise ValueError(f"PhysicsTokenizer: field must be [T >= {need}, {c.channels}, {c.grid}, {c.grid}] "
                              f"({c.frames} frames at stride {c.frame_stride}), got shape {tuple(x.shape)}")
-        return x[:need:c.frame_stride].contiguous()
+        x = x[:need:c.frame_stride]
+        if x.shape[2:] != want[2:]:
+            # another grid (a PDEBench 128^2 run for a 64^2 tokenizer): resampled, antialiased when coarsened
+            x = F.interpolate(x, size=want[2:], mode="bilinear", align_corners=False,
+                              antialias=bool(x.shape[2] > c.grid or x.shape[3] > c.grid))
+        return x.contiguous()
 
     def refinement_parameters(self):
         """Stage 2 of training: the refinement alone, on the frozen decoder (see `mmfm tokenizer train`)."""

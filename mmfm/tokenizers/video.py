@@ -11,7 +11,9 @@ Learned queries (num_queries = Q > 0, LARP, arXiv:2410.21264): Q holistic querie
 tokens; their quantized outputs are the Q tokens, and the decoder reads them with one learned
 mask token per patch position. Any Q; no causal order over time.
 
-Input: frames float [T, 3, S, S] in [0, 1]; a shard sample's uint8 frames are resized and cut to T.
+Input: frames float [T, 3, S, S] in [0, 1]; a shard sample's uint8 frames are resized and cut to T,
+and an encoded clip (.mp4, .webm, .mkv, .mov) is decoded by PyAV at `fps` (0: the clip's own rate),
+seeking rather than decoding what it skips (mmfm.data.video.sample_frames).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmfm.data.video import frames_of
 from mmfm.quantizers import FSQ
 from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, seeded_init
 from mmfm.tokenizers.image import transformer
@@ -41,6 +44,7 @@ class VideoConfig:
     heads: int = 4
     num_queries: int = 0              # 0: causal patch tokens; > 0: LARP learned holistic queries
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    fps: float = 0.0                  # frames per second taken from an encoded clip (mp4, ...); 0: its own rate
     seed: int = 0
 
     def validate(self) -> None:
@@ -93,12 +97,8 @@ class VideoTokenizer(NeuralTokenizer):
     def prepare(self, sample) -> torch.Tensor:
         c = self.config
         if isinstance(sample, dict):
-            npz = sample.get("npz") or {}
-            if "frames" not in npz:
-                raise ValueError(f"VideoTokenizer: sample {sample.get('__key__')!r} has no npz 'frames'")
-            arr = np.asarray(npz["frames"])
-            if arr.ndim != 4 or arr.shape[-1] != 3:
-                raise ValueError(f"VideoTokenizer: frames must be [T, H, W, 3] (3 channels), got {arr.shape}")
+            # an encoded clip is decoded here, only as far as c.frames frames at c.fps, at the tokenizer's size
+            arr = frames_of(sample, c.frames, c.fps or None, c.image_size, owner="VideoTokenizer")
             x = torch.from_numpy(arr.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
         else:
             x = torch.as_tensor(sample).float()

@@ -2,7 +2,8 @@
 
 Every sample's .json records its source and license. Counts scale with S (at least one each).
 Shards go to DIR as `<modality>-000000.tar` (one prefix per modality, so a mixture can name
-`DIR/image-*.tar`), with a manifest per modality and `demo-summary.json`.
+`DIR/image-*.tar`), with a manifest per modality and `demo-summary.json`. Video is stored as MP4
+and physics goes through HDF5 files in DIR/raw/physics and `mmfm data build`, the paths user data takes.
 """
 from __future__ import annotations
 
@@ -60,16 +61,34 @@ def build_demo(out: str, scale: float = 1.0, seed: int = 0, shard_size: int = 10
     summary = {}
     for modality, samples in demo_sources(scale, seed, counts).items():
         t = time.perf_counter()
-        with SampleShardWriter(out, prefix=modality, shard_size=shard_size) as w:
-            for s in tqdm(samples, desc=f"demo {modality}", unit="sample", file=sys.stderr, disable=not progress):
-                w.write(s)
-        summary[modality] = {"samples": w.manifest["samples"], "shards": len(w.manifest["shards"]),
-                             "bytes": w.manifest["bytes"], "seconds": round(time.perf_counter() - t, 2)}
+        if modality == "physics":
+            manifest = _physics_through_build(samples, out, shard_size, progress)
+        else:
+            with SampleShardWriter(out, prefix=modality, shard_size=shard_size) as w:
+                for s in tqdm(samples, desc=f"demo {modality}", unit="sample", file=sys.stderr, disable=not progress):
+                    w.write(s)
+            manifest = w.manifest
+        summary[modality] = {"samples": manifest["samples"], "shards": len(manifest["shards"]),
+                             "bytes": manifest["bytes"], "seconds": round(time.perf_counter() - t, 2)}
     summary["_total"] = {"samples": sum(v["samples"] for v in summary.values()), "seconds":
                          round(time.perf_counter() - t0, 2), "scale": scale, "seed": seed,
                          "counts": demo_plan(scale, counts)}
     write_json(os.path.join(out, "demo-summary.json"), summary)
     return summary
+
+
+def _physics_through_build(samples, out: str, shard_size: int, progress: bool) -> dict:
+    """Trajectories -> HDF5 files in <out>/raw/physics -> shards, by `mmfm data build`'s code."""
+    from mmfm.data.build import BuildOptions, build_shards
+    from mmfm.data.demo_corpus.physics import write_raw
+
+    raw = os.path.join(out, "raw", "physics")
+    write_raw(samples, raw)
+    summary = build_shards("physics", raw, out, options=BuildOptions(shard_size=shard_size, prefix="physics",
+                                                                      progress=progress))
+    if summary.problems:
+        raise RuntimeError(f"demo physics: {len(summary.problems)} trajectories failed to build: {summary.problems[:3]}")
+    return summary.manifest
 
 
 def main(args) -> int:

@@ -1,8 +1,14 @@
-"""Physics: trajectories from the project's solvers (mmfm/data/physics) at several parameter values."""
+"""Physics: trajectories from the project's solvers (mmfm/data/physics) at several parameter values.
+
+`write_raw` stores them as user data arrives: one PDEBench-layout HDF5 file per trajectory with
+its description (.txt) and provenance (.json) beside it; `mmfm data demo` then builds the shards
+from that folder through `mmfm data build`'s code, so the demo reads physics the way users' files
+are read."""
 from __future__ import annotations
 
 import numpy as np
 
+from mmfm.data.hdf5 import write_pdebench
 from mmfm.data.physics import solve_burgers_1d, solve_heat_2d, solve_navier_stokes_2d
 from mmfm.data.physics.heat import random_initial_condition
 from mmfm.data.physics.navier_stokes import random_vorticity
@@ -39,3 +45,24 @@ def trajectories(count: int, rng: np.random.Generator, grid: int = 32, frames: i
             traj = solve_navier_stokes_2d(random_vorticity(grid, rng), nu, 2.0, frames)
             text = f"2D incompressible decaying turbulence (vorticity and velocity) with viscosity {nu}"
         yield _sample(f"{kind}_{i:04d}", traj, text)
+
+
+def write_raw(samples, folder: str) -> int:
+    """Each sample as `<key>.h5` (fields, coordinates, parameters) + `<key>.txt` + `<key>.json`."""
+    import json
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    n = 0
+    for s in samples:
+        meta = s["json"]
+        path = os.path.join(folder, s["__key__"])
+        write_pdebench(path + ".h5", s["npz"]["fields"][None], meta["channel_names"], meta["grid_spacing"],
+                       meta["time_step"], meta["parameters"])
+        with open(path + ".txt", "w", encoding="utf-8") as f:
+            f.write(s["txt"])
+        side = {k: meta[k] for k in ("source", "license", "solver", "boundary_conditions", "dimensions", "parameters")}
+        with open(path + ".json", "w", encoding="utf-8") as f:
+            json.dump(side, f, sort_keys=True)
+        n += 1
+    return n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mmfm.data.video import frames_of
 from mmfm.eval.scorers import palette
 
 DIRECTIONS = ("moves left to right", "moves right to left", "moves top to bottom", "moves bottom to top")
@@ -13,10 +14,11 @@ MIN_TRAVEL = 0.1   # of the frame side, first to last frame; less is "still"
 
 
 def as_video(sample) -> torch.Tensor:
-    """A shard sample (npz frames [T, H, W, 3] uint8) or a [T, 3, H, W] tensor -> float [T, 3, H, W]."""
+    """A shard sample (an encoded clip, or npz frames [T, H, W, 3] uint8) or a [T, 3, H, W] tensor
+    -> float [T, 3, H, W]. A clip gives all its frames at its own rate."""
     if isinstance(sample, torch.Tensor):
         return sample.float().clamp(0, 1)
-    arr = np.asarray(sample["npz"]["frames"])
+    arr = frames_of(sample, owner="video scorer")
     return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
 
 
