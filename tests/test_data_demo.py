@@ -66,3 +66,20 @@ def test_bench_data_quick_writes_records(tmp_path):
                        ("mp3", "pyav"), ("hdf5", "mmfm"), ("hdf5", "h5py"), ("glb", "mmfm"), ("glb", "trimesh"),
                        ("webp", "mmfm"), ("webp", "pillow")}
     assert all(r["files_per_s"] > 0 for r in records if "format" in r["case"])
+
+
+def test_demo_counts_set_sources_outright_and_name_a_bad_one(tmp_path):
+    import pytest
+
+    from mmfm.data.demo_corpus import demo_plan
+
+    plan = demo_plan(0.02, {"scenes": 7, "physics": 4})
+    assert plan["scenes"] == 7 and plan["physics"] == 4 and plan["digits"] == demo_plan(0.02)["digits"]
+    s = build_demo(str(tmp_path), scale=0.02, progress=False, counts={"scenes": 7, "clips": 3})
+    assert s["video"]["samples"] == 3 and s["_total"]["counts"]["scenes"] == 7
+    with pytest.raises(ValueError, match="unknown source 'scene'"):
+        demo_plan(1.0, {"scene": 3})
+    with pytest.raises(ValueError, match="clips must be an integer >= 0"):
+        demo_plan(1.0, {"clips": -1})
+    heat = build_demo(str(tmp_path / "heat"), scale=0.02, progress=False, counts={"physics": 3, "heat": 4})
+    assert heat["physics"]["samples"] == 7   # 3 mixed runs (heat, burgers, navier_stokes) + 4 heat: no key clash

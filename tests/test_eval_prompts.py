@@ -225,11 +225,10 @@ def test_pretrain_logs_the_prompt_scorers_every_eval_every(root, export, tmp_pat
     body = f"""model: {{dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_hidden: 64, max_seq_len: 512}}
 data: {{shards: "{tokens}/train-*.tar", vocab: {tokens}/vocab.json, seq_len: 128, shuffle_buffer: 0}}
 optim: {{lr: 1.0e-3, warmup_steps: 1}}
-train: {{out: {tmp_path}/run, steps: 4, micro_batch: 2, eval_every: 2, checkpoint_every: 4, progress: false,
-         plot: false}}
+train: {{out: {tmp_path}/run, steps: 4, micro_batch: 2, eval_every: 2, checkpoint_every: 4, progress: false}}
 """
     cfg.write_text(body + f"eval_prompts: {{n: 3, corpus: {root}/corpus, tokenizers: {tok_dir}, "
-                          f"modalities: [image, text], cache_dir: {tmp_path}/scorers}}\n")
+                          f"modalities: [image, text], cache_dir: {tmp_path}/scorers, cfg_scale: 2.0}}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "2", "DS_ACCELERATOR": "cpu"}
     p = subprocess.run([sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(cfg)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -243,6 +242,9 @@ train: {{out: {tmp_path}/run, steps: 4, micro_batch: 2, eval_every: 2, checkpoin
     # the eval's inputs are fixed: an untrained model at step 0 and the same model later differ only
     # through training, and two evaluations of step 0's model would agree (seeded; tested above)
     assert not any(k.startswith("prompts/audio") for r in scored for k in r)   # only the named modalities
+    from PIL import Image   # the curve a person looks at: one line per accuracy task, drawn at the end
+
+    assert Image.open(tmp_path / "run" / "prompts_curve.png").size == (760, 420)
 
     cfg.write_text(body + "eval_prompts: {n: 3}\n")
     p = subprocess.run([sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(cfg)], cwd=tmp_path, env=env,

@@ -175,6 +175,21 @@ def test_cfg_mixing_is_lerp_of_the_logits():
     assert chi2 < 60, chi2   # ~ 24 bins: p < 1e-4 for a correct sampler
 
 
+
+def test_unconditional_twin_keeps_the_given_start_of_the_segment():
+    """Guidance contrasts a prompt with its caption-dropped twin; when the prompt already holds the
+    start of the target segment (a physics run's first frames), the twin must hold it too, or the
+    two rows of a guided pair would generate different positions of the segment."""
+    from mmfm.generate.prompt import unconditional_prompt
+
+    b = VOCAB.begin_id("image")
+    given = VOCAB.to_global("image", torch.tensor([3, 1, 4]))
+    cond = torch.cat([prompts_for()[0], given])
+    assert int(prompts_for()[0][-1]) == b
+    assert unconditional_prompt(VOCAB, "image", cond).tolist() == [VOCAB.bos_id, b] + given.tolist()
+    assert unconditional_prompt(VOCAB, "image", prompts_for()[0]).tolist() == [VOCAB.bos_id, b]
+    assert unconditional_prompt(VOCAB, "image").tolist() == [VOCAB.bos_id, b]
+
 # ----------------------------------------------------------------------------- outputs
 def test_every_output_format_round_trips(tmp_path):
     g = torch.Generator().manual_seed(0)

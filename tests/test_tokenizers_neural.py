@@ -228,3 +228,25 @@ def test_physics_roll_augmentation_shifts_whole_trajectories():
         assert len(hits) == 1                      # one shift, the same for every frame
     tok.eval()
     assert torch.equal(tok(x).recon, tok(x).recon)  # eval: no augmentation, deterministic
+
+
+def test_physics_frame_stride_takes_every_kth_frame_and_is_idempotent():
+    """frame_stride k: the tokenizer's frames are saved frames 0, k, 2k, ...; prepare on its own
+    output is the identity (the training data path prepares twice); a run too short says so."""
+    import numpy as np
+    import pytest
+
+    from mmfm.tokenizers.registry import build_tokenizer
+
+    cfg = PhysicsConfig(grid=16, frames=3, frame_stride=4, width=8, downsamples=2, fsq_levels=[5, 5, 5],
+                        refine_width=8, refine_steps=1)
+    tok = build_tokenizer("physics", cfg)
+    run = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((10, 1, 16, 16), np.float32)
+    x = tok.prepare({"__key__": "r", "npz": {"fields": run}})
+    assert x.shape == (3, 1, 16, 16)
+    assert [float(f[0, 0, 0]) for f in x] == [0.0, 4.0, 8.0]
+    assert torch.equal(tok.prepare(x), x)
+    with pytest.raises(ValueError, match=r"T >= 9.*3 frames at stride 4"):
+        tok.prepare({"__key__": "short", "npz": {"fields": run[:8]}})
+    with pytest.raises(ValueError, match="frame_stride"):
+        build_tokenizer("physics", PhysicsConfig(grid=16, frames=3, frame_stride=0, width=8, downsamples=2))

@@ -95,7 +95,7 @@ def generate_tokens(model, vocab, prompts: list[torch.Tensor], to: str, length: 
         for c, start in enumerate(range(0, len(prompts), sampling.batch_size)):
             chunk = prompts[start:start + sampling.batch_size]
             cons = Constraints(vocab, [Target(to, length)] * len(chunk), device=device)
-            uncond = [unconditional_prompt(vocab, to)] * len(chunk) if sampling.cfg_scale != 1.0 else None
+            uncond = [unconditional_prompt(vocab, to, p) for p in chunk] if sampling.cfg_scale != 1.0 else None
             rows = decode(model, chunk, cons, cfg, uncond=uncond, cfg_scale=sampling.cfg_scale,
                           seed=sampling.seed + c, pad_id=vocab.pad_id, mod_table=table)
             for row in rows:

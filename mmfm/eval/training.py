@@ -29,7 +29,8 @@ def evaluators_for(cfg) -> list:
     p = cfg.eval_prompts
     if not p.n:
         return []
-    from mmfm.eval.runner import ALL_MODALITIES, PromptEval
+    from mmfm.eval.gen import Sampling
+    from mmfm.eval.runner import ALL_MODALITIES, EvalConfig, PromptEval
     from mmfm.tokenizers import load_tokenizer
     from mmfm.vocab import Vocab
 
@@ -44,7 +45,10 @@ def evaluators_for(cfg) -> list:
         raise FileNotFoundError(f"{where}.tokenizers: no tokenizer.yaml for {', '.join(missing)} under {p.tokenizers!r} "
                                 "(expected <folder>/<modality>/ or <folder>/<modality>/tokenizer/)")
     toks = {m: load_tokenizer(f) for m, f in folders.items()}
-    ev = PromptEval(p.corpus, vocab, toks, n=p.n, modalities=wanted, cache_dir=p.cache_dir or None)
+    if p.cfg_scale < 0:
+        raise ValueError(f"{where}.cfg_scale: must be >= 0 (1 = no guidance), got {p.cfg_scale}")
+    ev = PromptEval(p.corpus, vocab, toks, n=p.n, modalities=wanted, cache_dir=p.cache_dir or None,
+                    config=EvalConfig(sampling=Sampling(cfg_scale=p.cfg_scale)))
 
     def prompts(engine, step: int) -> dict:
         model = getattr(engine, "module", engine)

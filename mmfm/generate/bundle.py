@@ -114,7 +114,7 @@ class Bundle:
             new = self._speculative(ids, speculative, draft_model, length, seed, stats, to=to, cfg_scale=cfg_scale,
                                     sampling=sampling)
             return self._finish(to, prompts, new, paths)
-        uncond = [unconditional_prompt(vocab, to) for _ in prompts] if cfg_scale != 1.0 else None
+        uncond = [unconditional_prompt(vocab, to, p) for p in ids] if cfg_scale != 1.0 else None
         cons = Constraints(vocab, [Target(to, length)] * len(prompts), device=self.device, stop_ids=stop_ids)
         new = decode(self.model, ids, cons, sampling, uncond=uncond, cfg_scale=cfg_scale, seed=seed,
                      pad_id=vocab.pad_id, mod_table=vocab.modality_table(self.device), progress=progress,

@@ -87,5 +87,13 @@ def build_prompt(vocab: Vocab, tokenizers: Tokenizers, text: str, to: str,
     return torch.cat([bos, body, torch.tensor([vocab.begin_id(to)])])
 
 
-def unconditional_prompt(vocab: Vocab, to: str) -> torch.Tensor:
-    return torch.tensor([vocab.bos_id, vocab.begin_id(to)])
+def unconditional_prompt(vocab: Vocab, to: str, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """`<bos> <begin_to>`: the prompt caption dropout trains (data.caption_dropout), which guidance
+    contrasts with. Given the conditional `prompt`, whatever it already holds of the `to` segment
+    (after its last `<begin_to>`: e.g. a physics run's first frames) is kept, so both rows of a
+    guided pair continue the same segment at the same place."""
+    head = torch.tensor([vocab.bos_id, vocab.begin_id(to)])
+    if prompt is None:
+        return head
+    at = (prompt == vocab.begin_id(to)).nonzero()
+    return torch.cat([head, prompt[int(at[-1]) + 1:].to(head.dtype)]) if at.numel() else head

@@ -35,6 +35,7 @@ class PhysicsConfig:
     grid: int = 64
     channels: int = 1
     frames: int = 16
+    frame_stride: int = 1            # take every k-th saved frame: the tokens span (frames - 1) * k steps of the run
     width: int = 16
     downsamples: int = 3
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
@@ -51,6 +52,8 @@ class PhysicsConfig:
         if (self.grid // self.patch) % (2 ** self.downsamples):
             raise ValueError(f"grid: {self.grid} / patch {self.patch} is not divisible by "
                              f"2^downsamples = {2 ** self.downsamples}")
+        if self.frame_stride < 1:
+            raise ValueError(f"frame_stride: must be >= 1, got {self.frame_stride}")
         if self.loss not in ("mse", "rel"):
             raise ValueError(f"loss: must be 'mse' or 'rel', got {self.loss!r}")
 
@@ -102,10 +105,13 @@ class PhysicsTokenizer(NeuralTokenizer):
                              f"({c.channels} channels), got shape {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("PhysicsTokenizer: field contains NaN or infinite values")
-        if x.shape[0] < c.frames:
-            raise ValueError(f"PhysicsTokenizer: field must be [T >= {c.frames}, {c.channels}, {c.grid}, {c.grid}], "
-                             f"got shape {tuple(x.shape)}")
-        x = x[:c.frames]
+        if x.shape[0] == c.frames and x.shape[2:] == want[2:]:
+            return x.contiguous()    # already prepared (prepare is idempotent, as the training data path needs)
+        need = (c.frames - 1) * c.frame_stride + 1
+        if x.shape[0] < need:
+            raise ValueError(f"PhysicsTokenizer: field must be [T >= {need}, {c.channels}, {c.grid}, {c.grid}] "
+                             f"({c.frames} frames at stride {c.frame_stride}), got shape {tuple(x.shape)}")
+        x = x[:need:c.frame_stride]
         if x.shape[2:] != want[2:]:
             # another grid (a PDEBench 128^2 run for a 64^2 tokenizer): resampled, antialiased when coarsened
             x = F.interpolate(x, size=want[2:], mode="bilinear", align_corners=False,

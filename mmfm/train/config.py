@@ -57,6 +57,7 @@ class PromptEvalSection:
     tokenizers: str = ""        # folder of <modality>/tokenizer.yaml, or <modality>/tokenizer/tokenizer.yaml
     modalities: list[str] = field(default_factory=list)   # empty = every modality of the vocabulary
     cache_dir: str = ""         # fitted scorers ("" = <corpus>/.scorers)
+    cfg_scale: float = 1.0      # classifier-free guidance of the generations (1 = off)
 
 
 @dataclass

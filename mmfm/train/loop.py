@@ -181,7 +181,7 @@ def _fmt(ev: dict) -> str:
 
 
 def _finish(out: str, result: dict, plot: bool = True) -> None:
-    from mmfm.train.metrics import loss_plot
+    from mmfm.train.metrics import loss_plot, prompt_plot
 
     rows = []
     p = os.path.join(out, "metrics.jsonl")
@@ -195,5 +195,7 @@ def _finish(out: str, result: dict, plot: bool = True) -> None:
             series[key] = ([s for s, _ in pts], [v for _, v in pts])
     if series and plot:
         loss_plot(os.path.join(out, "loss_curve.png"), series, "training loss (total and per modality)")
+    if plot:
+        prompt_plot(rows, os.path.join(out, "prompts_curve.png"))
     summary = {k: v for k, v in result.items() if k not in ("engine",)}
     write_json(os.path.join(out, "summary.json"), summary)

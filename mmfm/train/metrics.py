@@ -14,7 +14,8 @@ import os
 
 from PIL import Image, ImageDraw
 
-COLORS = [(30, 90, 200), (200, 60, 40), (40, 150, 60), (150, 60, 170), (220, 140, 0), (0, 150, 150), (120, 120, 120)]
+COLORS = [(30, 90, 200), (200, 60, 40), (40, 150, 60), (150, 60, 170), (220, 140, 0), (0, 150, 150), (120, 120, 120),
+          (0, 0, 0), (230, 90, 160), (120, 80, 20)]
 
 
 def loss_plot(path: str, series: dict[str, tuple[list, list]], title: str, size=(640, 400)) -> None:
@@ -47,6 +48,19 @@ def loss_plot(path: str, series: dict[str, tuple[list, list]], title: str, size=
     d.text((4, top), f"{y1:.3g}", fill="black")
     d.text((4, bottom - 10), f"{y0:.3g}", fill="black")
     img.save(path)
+
+
+def prompt_plot(rows: list[dict], path: str) -> bool:
+    """The prompt-following accuracies logged during training (prompts/<modality>/<task>, by
+    mmfm.eval.training) against the step, one line per task -> path. False when none were logged."""
+    keys = sorted({k for r in rows for k in r if k.startswith("prompts/") and not k.endswith(("/rel_l2", "/ppl"))})
+    series = {}
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        series[k[len("prompts/"):]] = ([s for s, _ in pts], [v for _, v in pts])
+    if series:
+        loss_plot(path, series, "prompt following during training (accuracy, eval_prompts.n per task)", size=(760, 420))
+    return bool(series)
 
 
 class JsonlLogger:

@@ -18,16 +18,26 @@ from mmfm.data.writer import SampleShardWriter
 from mmfm.jsonio import write_json
 
 
-def demo_plan(scale: float) -> dict:
+def demo_plan(scale: float, counts: dict | None = None) -> dict:
+    """Samples per source at `scale`; `counts` sets some sources' numbers outright (the demo's preset
+    asks for many more scenes, clips and shapes than documents: docs/training.md says why). "heat"
+    (0 unless counted) adds 2D heat runs to the mixed physics runs."""
     n = lambda base: max(1, int(round(base * scale)))  # noqa: E731
-    return {"text": n(1000), "digits": n(500), "scenes": n(1000), "speech": n(48), "tones": n(100),
-            "clips": n(200), "shapes": n(200), "physics": n(24)}
+    plan = {"text": n(1000), "digits": n(500), "scenes": n(1000), "speech": n(48), "tones": n(100),
+            "clips": n(200), "shapes": n(200), "physics": n(24), "heat": 0}
+    for k, v in (counts or {}).items():
+        if k not in plan:
+            raise ValueError(f"demo corpus counts: unknown source {k!r} (expected one of {', '.join(plan)})")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"demo corpus counts: {k} must be an integer >= 0, got {v!r}")
+        plan[k] = v
+    return plan
 
 
-def demo_sources(scale: float, seed: int):
+def demo_sources(scale: float, seed: int, counts: dict | None = None):
     from mmfm.data.demo_corpus import audio, images, physics, shapes3d, text, video
 
-    plan = demo_plan(scale)
+    plan = demo_plan(scale, counts)
     rng = np.random.default_rng(seed)
     return {
         "text": text.text_samples(plan["text"]),
@@ -36,16 +46,20 @@ def demo_sources(scale: float, seed: int):
         "audio": itertools.chain(audio.speech(plan["speech"]), audio.tones(plan["tones"], rng)),
         "video": video.clips(plan["clips"], 64, 16, rng),
         "shape3d": shapes3d.shapes(plan["shapes"], 1024, rng),
-        "physics": physics.trajectories(plan["physics"], rng, grid=64, frames=16),
+        # "heat": extra 2D heat runs (8 ms each to solve), the physics the demo's tokenizer takes
+        "physics": itertools.chain(physics.trajectories(plan["physics"], rng, grid=64, frames=16),
+                                   physics.trajectories(plan["heat"], rng, grid=64, frames=16, kinds=("heat",),
+                                                        start=plan["physics"])),
     }
 
 
-def build_demo(out: str, scale: float = 1.0, seed: int = 0, shard_size: int = 100, progress: bool = True) -> dict:
+def build_demo(out: str, scale: float = 1.0, seed: int = 0, shard_size: int = 100, progress: bool = True,
+               counts: dict | None = None) -> dict:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     summary = {}
-    for modality, samples in demo_sources(scale, seed).items():
+    for modality, samples in demo_sources(scale, seed, counts).items():
         t = time.perf_counter()
         if modality == "physics":
             manifest = _physics_through_build(samples, out, shard_size, progress)
@@ -57,7 +71,8 @@ def build_demo(out: str, scale: float = 1.0, seed: int = 0, shard_size: int = 10
         summary[modality] = {"samples": manifest["samples"], "shards": len(manifest["shards"]),
                              "bytes": manifest["bytes"], "seconds": round(time.perf_counter() - t, 2)}
     summary["_total"] = {"samples": sum(v["samples"] for v in summary.values()), "seconds":
-                         round(time.perf_counter() - t0, 2), "scale": scale, "seed": seed}
+                         round(time.perf_counter() - t0, 2), "scale": scale, "seed": seed,
+                         "counts": demo_plan(scale, counts)}
     write_json(os.path.join(out, "demo-summary.json"), summary)
     return summary
 

@@ -20,9 +20,15 @@ def _sample(key: str, traj, description: str) -> dict:
                      **traj.meta()}}
 
 
-def trajectories(count: int, rng: np.random.Generator, grid: int = 32, frames: int = 10):
-    for i in range(count):
-        kind = ("heat", "burgers", "navier_stokes")[i % 3]
+KINDS = ("heat", "burgers", "navier_stokes")
+
+
+def trajectories(count: int, rng: np.random.Generator, grid: int = 32, frames: int = 10, kinds: tuple = KINDS,
+                 start: int = 0):
+    """`count` runs cycling through `kinds`; keys are numbered from `start` (a second call with
+    another start adds runs without a key clash)."""
+    for i in range(start, start + count):
+        kind = kinds[i % len(kinds)]
         if kind == "heat":
             kappa = float([0.002, 0.005, 0.01][(i // 3) % 3])
             traj = solve_heat_2d(random_initial_condition(grid, rng), kappa, 1.0, frames)
