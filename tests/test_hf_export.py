@@ -20,7 +20,15 @@ from mmfm.vocab import Vocab
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(REPO, "tests", "lm_eval_tasks")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-os.environ.update(OFFLINE)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def offline():
+    """transformers / datasets never reach for the network while this module runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in OFFLINE.items():
+            mp.setenv(k, v)
+        yield
 
 WORDS = ("the a red green blue yellow circle square triangle small large sound of wave shape colour is café naïve "
          "Größe straße 東京 日本語 привет мир 😀 ﬁ ＡＢＣ ½ x² 3.14 2026 007 ǅ").split()
@@ -225,9 +233,10 @@ def test_mmfm_eval_lm_runs_lm_eval_tasks_and_matches_mmfm(layout, export, tmp_pa
     # sparse: lm_eval loads the folder's modeling_mmfm.py (trust_remote_code, set by mmfm eval lm)
     folder, tok, model = export if layout == "dense" else build_sparse(str(tmp_path / "sparse"))
     out = tmp_path / "lm.json"
+    # about 20 s on an idle machine; the wide limit is for a machine shared with training runs
     p = subprocess.run([sys.executable, "-m", "mmfm.cli", "eval", "lm", "--model", folder, "--tasks", "mmfm_colors_mc",
                         "mmfm_colors_gen", "--include-path", TASKS, "--json", str(out), "--log-samples"],
-                       capture_output=True, text=True, cwd=REPO, env={**os.environ, **OFFLINE}, timeout=600)
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, **OFFLINE}, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "mmfm_colors_mc" in p.stdout and "exact_match" in p.stdout
     data = json.load(open(out))
