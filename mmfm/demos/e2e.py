@@ -11,7 +11,7 @@
                    mmfm.load to check it
     6. samples     mmfm.generate on the export: a text continuation of a prompt, and an image, audio
                    clip, video, 3D shape and physics field each conditioned on a held-out caption,
-                   into <out>/samples/ (PNG, WAV, GIF, PLY + PNG, NPZ + PNG; listed in samples.json)
+                   into <out>/samples/ (PNG, WAV, MP4, PLY + PNG, NPZ + PNG; listed in samples.json)
     7. eval        mmfm eval prompts on the export (mmfm.eval): does each modality follow its held-out
                    prompts, beside chance and the scorer's ceiling -> <out>/eval-prompts.json
 and a summary: what was written, per-modality held-out losses at the start and at the end, the
