@@ -145,14 +145,16 @@ def format_records(formats, n: int, repeats: int, folder: str) -> list:
         size = sum(os.path.getsize(f) if isinstance(f, str) else len(f) for f in files)
         case = {"format": fmt, "files": n, "kb_per_file": round(size / n / 1e3, 1)}
         lib_name, lib = _library(fmt)
-        for impl, fn in (("mmfm", _mmfm(fmt)), (lib_name, lib)):
-            times = []
-            for _ in range(repeats):
+        impls = (("mmfm", _mmfm(fmt)), (lib_name, lib))
+        times = {impl: [] for impl, _ in impls}
+        for _ in range(repeats):     # interleaved in rounds, so a change of machine load hits both sides alike
+            for impl, fn in impls:
                 t0 = time.perf_counter()
                 for f in files:
                     fn(f)
-                times.append(time.perf_counter() - t0)
-            t = sorted(times)[len(times) // 2]
+                times[impl].append(time.perf_counter() - t0)
+        for impl, _ in impls:
+            t = sorted(times[impl])[len(times[impl]) // 2]
             records.append(record("data", case, impl, files_per_s=round(n / t, 1), mb_per_s=round(size / 1e6 / t, 2),
                                   ms=round(t * 1e3, 1)))
     return records
