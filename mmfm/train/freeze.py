@@ -9,8 +9,8 @@ optimizer group is 0 inside the window. Why this and not restoring weights after
 ZeRO 1/2 the weights that count are the optimizer's fp32 partitions inside flat buffers, which a
 restore of the module's tensors would not reach (the next step would copy the moved partition back).
 A tensor hook (param.register_hook) runs in autograd before the gradient reaches DeepSpeed's
-accumulation hooks and its flattened reduce buckets, so the same code is right for ZeRO 0, 1 and 2,
-fp32 and bf16. With a zero gradient from the first step, AdamW's moments stay exactly 0 and its
+accumulation hooks and its flattened reduce buckets, so the same code is right for ZeRO 0, 1 and 2
+(tested in fp32 under ZeRO 1 and 2; bf16 keeps fp32 master weights the same way, but is untested). With a zero gradient from the first step, AdamW's moments stay exactly 0 and its
 update is 0 / (sqrt(0) + eps) = 0, so the frozen weights do not move by a single bit; its decoupled
 weight decay (p *= 1 - lr * wd) would move them, hence decay 0 in the window (the new rows therefore
 do not decay during the window either; they do afterwards). Gradient clipping sees the masked
