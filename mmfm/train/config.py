@@ -91,6 +91,8 @@ class TrainSection:
     offload_optimizer: bool = False  # ZeRO-Offload: DeepSpeedCPUAdam (JIT-compiles cpu_adam once)
     init_from: str = ""         # an export folder, a checkpoint folder, or a Hugging Face Llama folder (its
     #                             shape and weights; docs/huggingface.md) to start the weights from
+    freeze_text_steps: int = 0  # with init_from: the first N optimizer steps train only the new (non-text)
+    #                             rows of embedding and head, every other weight bitwise fixed (mmfm/train/freeze.py)
     plot: bool = True           # loss-curve PNG at the end
 
 
@@ -265,6 +267,23 @@ def validate(cfg: RunConfig) -> None:
         (0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}"),
         (all(w > 0 for w in d.mix.values()), "data.mix", f"weights must be > 0, got {d.mix}"),
     ]
+    if t.freeze_text_steps:
+        zero = cfg.deepspeed.get("zero_optimization", {}) if isinstance(cfg.deepspeed, dict) else {}
+        zero = zero if isinstance(zero, dict) else {}
+        off = zero.get("offload_optimizer") or {}
+        checks += [
+            (t.freeze_text_steps >= 0, "train.freeze_text_steps",
+             f"must be >= 0 (0 = off), got {t.freeze_text_steps}"),
+            (bool(t.init_from), "train.freeze_text_steps",
+             f"{t.freeze_text_steps} needs train.init_from (the text weights to hold fixed); a run from random "
+             "weights has nothing to freeze"),
+            (cfg.finetune is None, "train.freeze_text_steps", "is for pretraining from an LLM; mmfm finetune has "
+             "finetune.freeze"),
+            (zero.get("stage", 0) in (0, 1, 2), "train.freeze_text_steps",
+             f"supported under ZeRO stages 0-2, the deepspeed config has stage {zero.get('stage')}"),
+            (not t.offload_optimizer and not (isinstance(off, dict) and off.get("device", "none") != "none"),
+             "train.freeze_text_steps", "not supported with an offloaded optimizer (untested with DeepSpeedCPUAdam)"),
+        ]
     if cfg.finetune is not None:
         checks += finetune_checks(cfg.finetune)
     for ok, name, why in checks:

@@ -169,6 +169,12 @@ def run(cfg: RunConfig, prepare_model=None, log=None, hooks: Hooks | None = None
         load_state_into(model, t.init_from)
     if prepare_model is not None:
         model = prepare_model(model)
+    freeze = None
+    if t.freeze_text_steps:
+        from mmfm.train.freeze import TextFreeze
+
+        text = vocab.ranges["text"]
+        freeze = TextFreeze(model, text.start, text.size, t.freeze_text_steps)
     objective = build_objective(cfg.objective, vocab)
     step = ObjectiveStep(objective, table, list(vocab.modality_names), cfg.data.seq_len,
                          cfg.model.flops_per_token(cfg.data.seq_len), name)
@@ -185,7 +191,7 @@ def run(cfg: RunConfig, prepare_model=None, log=None, hooks: Hooks | None = None
         return ev
 
     try:
-        res = trainer.fit(model, step, loader, ([held_out] if evals else []) + list(evaluators))
+        res = trainer.fit(model, step, loader, ([held_out] if evals else []) + list(evaluators), freeze=freeze)
     finally:
         trainer.close_log()
     result = {"losses": res.losses, "out": out, "stopped_by": res.stopped_by, "eval_start": res.eval_start,

@@ -202,12 +202,16 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------------------ the loop
-    def fit(self, model, step_fn: TrainStep, data: ResumableData, evaluators: Iterable[Evaluator] = ()) -> TrainResult:
+    def fit(self, model, step_fn: TrainStep, data: ResumableData, evaluators: Iterable[Evaluator] = (),
+            freeze=None) -> TrainResult:
         """Trains model until spec.train.steps optimizer steps (resuming from checkpoint_dir if it
-        holds a checkpoint); returns a TrainResult whose engine holds the final weights."""
+        holds a checkpoint); returns a TrainResult whose engine holds the final weights. freeze: a
+        mmfm.train.freeze.TextFreeze (its hooks already on model), told each step's global index."""
         t, o = self.spec.train, self.spec.optim
         evaluators = list(evaluators)
         engine, _ = build_engine(self.spec, model)
+        # the configured decays, before a checkpoint saved inside a freeze window overwrites them with 0
+        weight_decay = [g["weight_decay"] for g in engine.optimizer.param_groups]
         gen = torch.Generator().manual_seed(t.seed + 1)
         res = TrainResult(step=0, engine=engine)
         bad_run = 0
@@ -257,6 +261,8 @@ class Trainer:
                     prep = step_fn.prepare(next(it), gen)
                 t_data = time.perf_counter() - t0
                 lr = lr_at(res.step, o.lr, o.warmup_steps, t.steps, o.min_lr_ratio)
+                if freeze is not None:
+                    freeze.begin_step(res.step, engine.optimizer, weight_decay)
                 loss_val, report, finite = self._step(engine, step_fn, prep, res.step, lr)
                 res.step += 1
                 step = res.step
