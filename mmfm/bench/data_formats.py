@@ -117,7 +117,8 @@ def _library(fmt: str):
 
         def run(p):
             with h5py.File(p, "r") as f:
-                return [f["u"][i] for i in range(f["u"].shape[0])]
+                ds = f["u"]      # looked up once, as a careful user writes it
+                return [ds[i] for i in range(ds.shape[0])]
         return "h5py", run
     if fmt == "glb":
         import trimesh
