@@ -173,17 +173,15 @@ def build_vocab(tokenizers: dict):
 
 def tokenize_corpus(corpus: str, tokenizers: dict, out_dir: str, holdout_fraction: float = 0.1,
                     max_text_tokens: int = 512) -> dict:
-    """Raw demo shards -> token shards through the trained tokenizers and the unified vocabulary.
-
-    A sample becomes <bos> [<begin_text> caption <end_text>] <begin_M> tokens <end_M> <eos> (the
-    caption or transcript first, so the model learns to continue text into the modality); a text
-    document is one text segment (cut at max_text_tokens). Samples a tokenizer cannot take (e.g. 1D
-    Burgers trajectories for the 2D physics tokenizer) are counted and skipped. Returns a report.
-    """
+    """Raw demo shards -> token shards through the trained tokenizers and the unified vocabulary:
+    the rows of `mmfm tokenize` (mmfm.tokenizers.pretokenize.token_rows: the caption or transcript
+    first, so the model learns to continue text into the modality), held out by key hash and
+    interleaved across modalities in one pass. Samples a tokenizer cannot take (e.g. 1D Burgers
+    trajectories for the 2D physics tokenizer) are counted and skipped. Returns a report."""
     import torch
 
-    from mmfm.tokenizers.commands import _usable
     from mmfm.tokenizers.data import is_held_out, read_samples
+    from mmfm.tokenizers.pretokenize import token_rows
     from mmfm.train.tokens import write_token_shards
 
     done = os.path.join(out_dir, "tokens-report.json")
@@ -192,43 +190,20 @@ def tokenize_corpus(corpus: str, tokenizers: dict, out_dir: str, holdout_fractio
         with open(done) as f:
             return json.load(f)
     vocab, toks = build_vocab(tokenizers)
-    text = toks["text"]
     rows = {"train": [], "eval": []}
     report = {m: {"samples": 0, "skipped": 0, "tokens": 0} for m in MODALITIES}
     for m in MODALITIES:
         samples = read_samples(os.path.join(corpus, f"{m}-*.tar"), m, "all")
-        tok = toks[m]
-        if m != "text":
-            good = []
-            for s in samples:
-                try:
-                    if _usable(tok, s):
-                        tok.prepare(s)
-                        good.append(s)
-                        continue
-                except ValueError:
-                    pass
-                report[m]["skipped"] += 1
-            samples = good
-        for i in range(0, len(samples), 32):
-            chunk = samples[i:i + 32]
-            codes = None if m == "text" else tok.encode_batch(chunk)
-            for j, s in enumerate(chunk):
-                segs = []
-                caption = s.get("txt") if isinstance(s.get("txt"), str) else ""
-                if caption:
-                    segs.append(("text", text.encode(caption)[:max_text_tokens]))
-                if codes is not None:
-                    segs.append((m, codes[j]))
-                if not segs:
-                    report[m]["skipped"] += 1
-                    continue
-                ids, _ = vocab.encode_sample(segs)
-                meta = {**s["json"], "token_source": "mmfm demo e2e"}
-                split = "eval" if is_held_out(s["__key__"], holdout_fraction) else "train"
-                rows[split].append((s["__key__"], ids.numpy(), meta))
-                report[m]["samples"] += 1
-                report[m]["tokens"] += int(ids.numel())
+
+        def skip(_why: str, m=m) -> None:
+            report[m]["skipped"] += 1
+
+        for key, ids, meta in token_rows(samples, m, toks[m], toks["text"], vocab, batch_size=32,
+                                         max_text_tokens=max_text_tokens, source="mmfm demo e2e", skip=skip):
+            split = "eval" if is_held_out(key, holdout_fraction) else "train"
+            rows[split].append((key, ids, meta))
+            report[m]["samples"] += 1
+            report[m]["tokens"] += int(len(ids))
     # interleave modalities in the shards (a fixed shuffle), so shard order carries no modality blocks
     g = torch.Generator().manual_seed(0)
     os.makedirs(out_dir, exist_ok=True)

@@ -101,19 +101,16 @@ def _fault(n: int, stage: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _rows(samples: list[dict], modality: str, report: dict) -> list:
-    """(key, ids, meta) of the samples of one modality, in their order; bad ones counted."""
+def token_rows(samples: list[dict], modality: str, tok, text, vocab, *, batch_size: int, max_text_tokens: int,
+               source: str, skip) -> list:
+    """(key, ids, meta) of the samples of one modality, in their order: each becomes
+    <bos> [<begin_text> caption <end_text>] <begin_M> tokens <end_M> <eos> (a text document: one text
+    segment cut at max_text_tokens). A sample the tokenizer cannot take is passed to skip(why) and
+    left out. `mmfm tokenize` and the demo's token stage both build their rows here."""
     import torch
 
     from mmfm.tokenizers.commands import _usable
 
-    job, toks, vocab = _STATE["job"], _STATE["toks"], _STATE["vocab"]
-    text, tok = toks["text"], toks.get(modality)
-    entry = report["modalities"].setdefault(modality, {"samples": 0, "skipped": 0, "tokens": 0})
-    if tok is None:
-        entry["skipped"] += len(samples)
-        report["reasons"][f"no {modality} tokenizer"] = report["reasons"].get(f"no {modality} tokenizer", 0) + len(samples)
-        return []
     good = samples
     if modality != "text":
         good = []
@@ -126,27 +123,45 @@ def _rows(samples: list[dict], modality: str, report: dict) -> list:
                 why = "shape the tokenizer does not take"
             except ValueError as e:
                 why = type(e).__name__
-            entry["skipped"] += 1
-            report["reasons"][f"{modality}: {why}"] = report["reasons"].get(f"{modality}: {why}", 0) + 1
+            skip(why)
     rows = []
-    for i in range(0, len(good), job.batch_size):
-        chunk = good[i:i + job.batch_size]
+    for i in range(0, len(good), batch_size):
+        chunk = good[i:i + batch_size]
         codes = None if modality == "text" else tok.encode_batch(chunk).cpu()
         for j, s in enumerate(chunk):
             segs = []
             caption = s.get("txt") if isinstance(s.get("txt"), str) else ""
             if caption:
-                segs.append(("text", text.encode(caption)[:job.max_text_tokens]))
+                segs.append(("text", text.encode(caption)[:max_text_tokens]))
             if codes is not None:
                 segs.append((modality, codes[j]))
             if not segs:
-                entry["skipped"] += 1
+                skip("no caption and no payload")
                 continue
             ids, _ = vocab.encode_sample(segs)
             rows.append((s["__key__"], ids.numpy() if isinstance(ids, torch.Tensor) else ids,
-                         {**s["json"], "token_source": "mmfm tokenize"}))
-            entry["samples"] += 1
-            entry["tokens"] += int(len(ids))
+                         {**s["json"], "token_source": source}))
+    return rows
+
+
+def _rows(samples: list[dict], modality: str, report: dict) -> list:
+    """token_rows for one modality of a shard, counted into the shard's report."""
+    job, toks, vocab = _STATE["job"], _STATE["toks"], _STATE["vocab"]
+    tok = toks.get(modality)
+    entry = report["modalities"].setdefault(modality, {"samples": 0, "skipped": 0, "tokens": 0})
+    if tok is None:
+        entry["skipped"] += len(samples)
+        report["reasons"][f"no {modality} tokenizer"] = report["reasons"].get(f"no {modality} tokenizer", 0) + len(samples)
+        return []
+
+    def skip(why: str) -> None:
+        entry["skipped"] += 1
+        report["reasons"][f"{modality}: {why}"] = report["reasons"].get(f"{modality}: {why}", 0) + 1
+
+    rows = token_rows(samples, modality, tok, toks["text"], vocab, batch_size=job.batch_size,
+                      max_text_tokens=job.max_text_tokens, source="mmfm tokenize", skip=skip)
+    entry["samples"] += len(rows)
+    entry["tokens"] += sum(int(len(ids)) for _, ids, _ in rows)
     return rows
 
 
