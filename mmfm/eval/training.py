@@ -12,18 +12,6 @@ from __future__ import annotations
 import os
 
 
-def tokenizer_folders(root: str, modalities) -> dict[str, str]:
-    """{modality: folder holding tokenizer.yaml} under `root`, laid out either as an export's
-    tokenizers/<m>/ or as `mmfm demo`'s tokenizers/<m>/tokenizer/."""
-    out = {}
-    for m in modalities:
-        for folder in (os.path.join(root, m), os.path.join(root, m, "tokenizer")):
-            if os.path.exists(os.path.join(folder, "tokenizer.yaml")):
-                out[m] = folder
-                break
-    return out
-
-
 def evaluators_for(cfg) -> list:
     """[evaluator] for a RunConfig whose eval_prompts.n > 0, else []."""
     p = cfg.eval_prompts
@@ -32,6 +20,7 @@ def evaluators_for(cfg) -> list:
     from mmfm.eval.gen import Sampling
     from mmfm.eval.runner import ALL_MODALITIES, EvalConfig, PromptEval
     from mmfm.tokenizers import load_tokenizer
+    from mmfm.tokenizers.base import tokenizer_folders
     from mmfm.vocab import Vocab
 
     where = f"{cfg.path}: eval_prompts"

@@ -78,6 +78,18 @@ def load_tokenizer(directory: str, device: str = "cpu"):
     return tokenizer_class(name).load_from(directory, config, device=device)
 
 
+def tokenizer_folders(root: str, modalities) -> dict[str, str]:
+    """{modality: folder holding tokenizer.yaml} under `root`, laid out either as an export's
+    tokenizers/<m>/ or as `mmfm demo`'s tokenizers/<m>/tokenizer/; modalities with neither are left out."""
+    out = {}
+    for m in modalities:
+        for folder in (os.path.join(root, m), os.path.join(root, m, "tokenizer")):
+            if os.path.exists(os.path.join(folder, CONFIG_FILE)):
+                out[m] = folder
+                break
+    return out
+
+
 def seeded_init(init):
     """Decorator for a tokenizer's `__init__(self, config, ...)`: the constructor draws its initial
     weights from `config.seed`, and the caller's random state is left as it was.

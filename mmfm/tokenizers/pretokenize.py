@@ -48,12 +48,9 @@ class TokenizeJob:
 
 
 def find_tokenizers(root: str) -> dict:
-    found = {}
-    for m in MODALITIES:
-        for d in (os.path.join(root, m), os.path.join(root, m, "tokenizer")):
-            if os.path.exists(os.path.join(d, "tokenizer.yaml")):
-                found[m] = d
-                break
+    from mmfm.tokenizers.base import tokenizer_folders
+
+    found = tokenizer_folders(root, MODALITIES)
     if "text" not in found:
         raise ValueError(f"--tokenizers {root!r}: no text tokenizer (expected {root}/text/tokenizer.yaml or "
                          f"{root}/text/tokenizer/tokenizer.yaml); found: {', '.join(found) or 'none'}")
