@@ -2,6 +2,7 @@
 chance on shuffled labels), the command and the Python API on a tiny export, and bad input.
 The corpus is the real demo corpus at scale 0.5; the export has real, untrained tokenizers."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -250,3 +251,15 @@ train: {{out: {tmp_path}/run, steps: 4, micro_batch: 2, eval_every: 2, checkpoin
     p = subprocess.run([sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(cfg)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and "eval_prompts.corpus: required when eval_prompts.n > 0" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval_prompts.n=-1", "eval_prompts.n: must be >= 0"),
+    ("eval_prompts.cfg_scale=-1", "eval_prompts.cfg_scale: must be >= 0 (1 = no guidance)"),
+])
+def test_bad_eval_prompts_fields_are_named_before_training(override, message):
+    from mmfm.train.config import load_run_config
+    from mmfm.typed_config import ConfigError, packaged_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config(packaged_config("pretrain/demo.yaml"), [override])

@@ -34,8 +34,6 @@ def evaluators_for(cfg) -> list:
         raise FileNotFoundError(f"{where}.tokenizers: no tokenizer.yaml for {', '.join(missing)} under {p.tokenizers!r} "
                                 "(expected <folder>/<modality>/ or <folder>/<modality>/tokenizer/)")
     toks = {m: load_tokenizer(f) for m, f in folders.items()}
-    if p.cfg_scale < 0:
-        raise ValueError(f"{where}.cfg_scale: must be >= 0 (1 = no guidance), got {p.cfg_scale}")
     ev = PromptEval(p.corpus, vocab, toks, n=p.n, modalities=wanted, cache_dir=p.cache_dir or None,
                     config=EvalConfig(sampling=Sampling(cfg_scale=p.cfg_scale)))
 

@@ -238,6 +238,8 @@ def load_run_config(path, overrides: list[str] | None = None, model: ModelConfig
     prompts = from_dict(PromptEvalSection, raw.get("eval_prompts"), f"{path}: eval_prompts")
     if prompts.n < 0:
         raise ConfigError(f"{path}: eval_prompts.n: must be >= 0 (0 = off), got {prompts.n}")
+    if prompts.cfg_scale < 0:
+        raise ConfigError(f"{path}: eval_prompts.cfg_scale: must be >= 0 (1 = no guidance), got {prompts.cfg_scale}")
     for name in ("corpus", "tokenizers"):
         if prompts.n and not getattr(prompts, name):
             raise ConfigError(f"{path}: eval_prompts.{name}: required when eval_prompts.n > 0 "
