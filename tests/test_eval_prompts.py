@@ -158,6 +158,47 @@ def test_prompt_eval_runs_an_in_memory_model_and_repeats(root, export):
     assert all(r["n"] == 4 for r in ev.records if r["case"]["modality"] == "image")
 
 
+def test_guidance_per_modality_overrides_the_default_for_that_modality_only(root, export):
+    """cfg_by_modality picks each generated modality's scale: image unguided under a default of 3
+    decodes exactly what cfg_scale 1 decodes, while audio still gets the default's (different) rows."""
+    from mmfm.eval import gen
+    from mmfm.generate import Bundle
+
+    b = Bundle.load(export)
+    toks = gen.as_tokenizers(b.tokenizers, b.vocab)
+
+    def run(to, caption, **kw):
+        ids = [gen.prompt_ids(b.vocab, toks, caption, to)] * 6
+        return gen.generate_tokens(b.model, b.vocab, ids, to, 12, gen.Sampling(seed=3, **kw))
+
+    per = dict(cfg_scale=3.0, cfg_by_modality={"image": 1.0})
+    assert torch.equal(run("image", "a handwritten digit 3", **per), run("image", "a handwritten digit 3"))
+    assert torch.equal(run("audio", "a tone", **per), run("audio", "a tone", cfg_scale=3.0))
+    assert not torch.equal(run("audio", "a tone", cfg_scale=3.0), run("audio", "a tone"))
+
+
+@pytest.mark.parametrize("items, want", [
+    (None, (1.0, {})), (["2"], (2.0, {})), (["2", "audio=1", "image=3.5"], (2.0, {"audio": 1.0, "image": 3.5})),
+    (["audio=1", "audio=0"], (1.0, {"audio": 0.0})),
+])
+def test_parse_guidance(items, want):
+    from mmfm.eval.gen import parse_guidance
+
+    assert parse_guidance(items, ("image", "audio")) == want
+
+
+@pytest.mark.parametrize("item, message", [
+    ("two", "--cfg-scale: 'two' is not a number or MODALITY=NUMBER"),
+    ("smell=2", "--cfg-scale: 'smell=2': unknown modality 'smell'; expected one of image, audio"),
+    ("-1", "--cfg-scale: '-1': the scale must be >= 0"),
+])
+def test_parse_guidance_names_the_bad_item(item, message):
+    from mmfm.eval.gen import parse_guidance
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_guidance(["2", item], ("image", "audio"))
+
+
 def test_bad_input_names_what_is_wrong(root, export, tmp_path):
     import mmfm.eval
 
@@ -256,6 +297,8 @@ train: {{out: {tmp_path}/run, steps: 4, micro_batch: 2, eval_every: 2, checkpoin
 @pytest.mark.parametrize("override, message", [
     ("eval_prompts.n=-1", "eval_prompts.n: must be >= 0"),
     ("eval_prompts.cfg_scale=-1", "eval_prompts.cfg_scale: must be >= 0 (1 = no guidance)"),
+    ("eval_prompts.cfg_by_modality={smell: 2}", "eval_prompts.cfg_by_modality: unknown modality 'smell'"),
+    ("eval_prompts.cfg_by_modality={audio: -1}", "eval_prompts.cfg_by_modality.audio: must be a number >= 0"),
 ])
 def test_bad_eval_prompts_fields_are_named_before_training(override, message):
     from mmfm.train.config import load_run_config

@@ -240,7 +240,7 @@ def pretrain_config(out: str, preset: dict, extra: list[str]):
         p = cfg.eval_prompts
         p.n, p.corpus, p.tokenizers = preset["train_eval_n"], os.path.join(out, "corpus"), os.path.join(out, "tokenizers")
         p.cache_dir = os.path.join(out, "eval-scorers")
-        p.cfg_scale = CFG_SCALE
+        p.cfg_scale, p.cfg_by_modality = CFG_SCALE, dict(CFG_BY_MODALITY)
     return cfg
 
 
@@ -248,8 +248,20 @@ def pretrain_config(out: str, preset: dict, extra: list[str]):
 TEXT_PROMPT = "The"
 # classifier-free guidance (the model is trained for it: data.caption_dropout in demo.yaml). On the
 # scale-0.5 corpus it lowered every score; on the demo's corpus now, guidance 2 doubled the digit score
-# (0.36 -> 0.72) and raised video direction and the 3D primitive (docs/training.md)
+# (0.36 -> 0.72) and raised video direction and the 3D primitive (docs/training.md). Tones are the
+# exception: every step of guidance lowered the tone score (E3 export, n = 100: 0.32 at 1, 0.21 at 2,
+# 0.12 at 3), so audio is sampled unguided.
 CFG_SCALE = 2.0
+CFG_BY_MODALITY = {"audio": 1.0}
+
+
+def guidance(modality: str) -> float:
+    return 1.0 if modality == "text" else CFG_BY_MODALITY.get(modality, CFG_SCALE)
+
+
+def guidance_label() -> str:
+    return f"{CFG_SCALE:g}" + "".join(f", {m} {v:g}" for m, v in CFG_BY_MODALITY.items())
+
 SAMPLE_SETTINGS = dict(temperature=0.9, top_k=100)   # SamplingConfig fields
 
 
@@ -278,7 +290,7 @@ def generate_samples(export_dir: str, corpus: str, out: str) -> list[dict]:
     for m in MODALITIES:
         t = time.perf_counter()
         prompt = TEXT_PROMPT if m == "text" else _caption(corpus, m)
-        kw = dict(cfg_scale=1.0, max_new_tokens=48) if m == "text" else dict(cfg_scale=CFG_SCALE)
+        kw = dict(cfg_scale=1.0, max_new_tokens=48) if m == "text" else dict(cfg_scale=guidance(m))
         s = bundle.generate(prompt, m, out=os.path.join(folder, m), sampling=SamplingConfig(**SAMPLE_SETTINGS),
                             seed=0, **kw)[0]
         rows.append({"modality": m, "prompt": prompt, "paths": s.paths, "tokens": int(s.tokens.numel()),
@@ -302,7 +314,7 @@ def eval_prompts(export_dir: str, corpus: str, out: str, n: int) -> dict:
             records = json.load(f)
         return {"records": records, "table": table(records), "notes": []}
     cfg = EvalConfig(n=n, sampling=Sampling(temperature=SAMPLE_SETTINGS["temperature"], top_k=SAMPLE_SETTINGS["top_k"],
-                                            cfg_scale=CFG_SCALE, seed=0))
+                                            cfg_scale=CFG_SCALE, cfg_by_modality=dict(CFG_BY_MODALITY), seed=0))
     ev = evaluate(export_dir, corpus, n=n, json=path, cache_dir=os.path.join(out, "eval-scorers"), config=cfg)
     return {"records": ev.records, "table": table(ev.records), "notes": list(ev.notes)}
 
@@ -416,7 +428,7 @@ def print_summary(s: dict) -> None:
         what = f"{row['text']!r}" if row["modality"] == "text" else ", ".join(os.path.basename(p) for p in row["paths"])
         print(f"    {row['modality']:<9} {row['prompt'][:40]!r} -> {what[:80]}")
     if s.get("eval_prompts"):
-        print(f"  prompt following (mmfm eval prompts, cfg_scale {CFG_SCALE:g}; {s['eval_prompts']['json']}):")
+        print(f"  prompt following (mmfm eval prompts, cfg_scale {guidance_label()}; {s['eval_prompts']['json']}):")
         for line in s["eval_prompts"]["table"].splitlines():
             print(f"    {line}")
         for note in s["eval_prompts"]["notes"]:

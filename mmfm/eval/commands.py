@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 ALIASES = {"3d": "shape3d"}
+GENERATED = ("image", "audio", "video", "shape3d", "physics")   # what guidance applies to (not text)
 
 
 def _fmt(v, metric: str) -> str:
@@ -72,10 +73,16 @@ def cmd_eval(args) -> int:
     import time
 
     from mmfm.eval import EvalConfig, Sampling, evaluate
+    from mmfm.eval.gen import parse_guidance
 
     modalities = [ALIASES.get(m, m) for m in args.modalities] if args.modalities else None
-    cfg = EvalConfig(sampling=Sampling(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg_scale,
-                                       seed=args.seed, batch_size=args.batch_size or 64))
+    try:
+        scale, per = parse_guidance(args.cfg_scale, GENERATED)
+    except ValueError as exc:
+        print(f"mmfm eval prompts: {exc}", file=sys.stderr)
+        return 2
+    cfg = EvalConfig(sampling=Sampling(temperature=args.temperature, top_k=args.top_k, cfg_scale=scale,
+                                       cfg_by_modality=per, seed=args.seed, batch_size=args.batch_size or 64))
     t0 = time.perf_counter()
     try:
         ev = evaluate(args.model, args.corpus, n=args.n, modalities=modalities, json=args.json,
@@ -107,7 +114,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="fitted scorers (default <corpus>/.scorers)")
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=100, help="0 = off")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    p.add_argument("--cfg-scale", action="append", default=None, metavar="[MODALITY=]SCALE",
+                   help="classifier-free guidance (1 = off); repeat with MODALITY=SCALE for one modality, "
+                        "e.g. --cfg-scale 2 --cfg-scale audio=1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="rows per decode call (prompts: 64; lm: 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

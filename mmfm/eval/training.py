@@ -35,7 +35,8 @@ def evaluators_for(cfg) -> list:
                                 "(expected <folder>/<modality>/ or <folder>/<modality>/tokenizer/)")
     toks = {m: load_tokenizer(f) for m, f in folders.items()}
     ev = PromptEval(p.corpus, vocab, toks, n=p.n, modalities=wanted, cache_dir=p.cache_dir or None,
-                    config=EvalConfig(sampling=Sampling(cfg_scale=p.cfg_scale)))
+                    config=EvalConfig(sampling=Sampling(cfg_scale=p.cfg_scale,
+                                                       cfg_by_modality=dict(p.cfg_by_modality))))
 
     def prompts(engine, step: int) -> dict:
         model = getattr(engine, "module", engine)

@@ -46,6 +46,9 @@ class DataSection:
     caption_dropout: float = 0.0
 
 
+GUIDED_MODALITIES = ("image", "audio", "video", "shape3d", "physics")
+
+
 @dataclass
 class PromptEvalSection:
     """`eval_prompts:` of a pretrain config: the prompt-following scorers (mmfm/eval) run beside the
@@ -58,6 +61,7 @@ class PromptEvalSection:
     modalities: list[str] = field(default_factory=list)   # empty = every modality of the vocabulary
     cache_dir: str = ""         # fitted scorers ("" = <corpus>/.scorers)
     cfg_scale: float = 1.0      # classifier-free guidance of the generations (1 = off)
+    cfg_by_modality: dict[str, float] = field(default_factory=dict)   # per modality, overriding cfg_scale
 
 
 @dataclass
@@ -240,6 +244,13 @@ def load_run_config(path, overrides: list[str] | None = None, model: ModelConfig
         raise ConfigError(f"{path}: eval_prompts.n: must be >= 0 (0 = off), got {prompts.n}")
     if prompts.cfg_scale < 0:
         raise ConfigError(f"{path}: eval_prompts.cfg_scale: must be >= 0 (1 = no guidance), got {prompts.cfg_scale}")
+    for m, scale in prompts.cfg_by_modality.items():
+        if m not in GUIDED_MODALITIES:
+            raise ConfigError(f"{path}: eval_prompts.cfg_by_modality: unknown modality {m!r}; expected one of "
+                              f"{', '.join(GUIDED_MODALITIES)}")
+        if not isinstance(scale, (int, float)) or scale < 0:
+            raise ConfigError(f"{path}: eval_prompts.cfg_by_modality.{m}: must be a number >= 0 (1 = no guidance), "
+                              f"got {scale!r}")
     for name in ("corpus", "tokenizers"):
         if prompts.n and not getattr(prompts, name):
             raise ConfigError(f"{path}: eval_prompts.{name}: required when eval_prompts.n > 0 "
