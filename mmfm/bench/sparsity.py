@@ -100,10 +100,12 @@ def plot(dense: dict, sparse: dict, records: list[dict], path: str) -> None:
     panels = []
     for rec in records:
         m = rec["case"]["modality"]
-        series = {k: ([round(s * r["flops_per_step"] / 1e12, 3) for s, ev in r["evals"] if m in ev],
-                      [ev[m] for _, ev in r["evals"] if m in ev]) for k, r in (("dense", dense), ("MoT", sparse))}
+        # from the first eval after step 0: the untrained model's ~8.3 would flatten every difference
+        series = {k: ([round(s * r["flops_per_step"] / 1e12, 2) for s, ev in r["evals"] if m in ev and s > 0],
+                      [ev[m] for s, ev in r["evals"] if m in ev and s > 0])
+                  for k, r in (("dense", dense), ("MoT", sparse))}
         tile = path + f".{m}.png"
-        loss_plot(tile, series, f"{m}: held-out loss against training TFLOPs", size=(420, 260))
+        loss_plot(tile, series, f"{m}: held-out loss", size=(420, 260), xlabel="training TFLOPs")
         panels.append(Image.open(tile).copy())
         os.remove(tile)
     cols = 3

@@ -18,7 +18,7 @@ COLORS = [(30, 90, 200), (200, 60, 40), (40, 150, 60), (150, 60, 170), (220, 140
           (0, 0, 0), (230, 90, 160), (120, 80, 20)]
 
 
-def loss_plot(path: str, series: dict[str, tuple[list, list]], title: str, size=(640, 400)) -> None:
+def loss_plot(path: str, series: dict[str, tuple[list, list]], title: str, size=(640, 400), xlabel: str = "step") -> None:
     """series: name -> (steps, values); one line each, legend top-right, y range from the data."""
     w, h = size
     img = Image.new("RGB", size, "white")
@@ -44,7 +44,7 @@ def loss_plot(path: str, series: dict[str, tuple[list, list]], title: str, size=
     d.text((left, 8), title, fill="black")
     d.text((left - 5, bottom + 6), str(x0), fill="black")
     d.text((right - 20, bottom + 6), str(x1), fill="black")
-    d.text(((left + right) // 2 - 10, h - 18), "step", fill="black")
+    d.text(((left + right) // 2 - 10, h - 18), xlabel, fill="black")
     d.text((4, top), f"{y1:.3g}", fill="black")
     d.text((4, bottom - 10), f"{y0:.3g}", fill="black")
     img.save(path)
