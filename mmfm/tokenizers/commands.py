@@ -390,8 +390,8 @@ def eval_main(args) -> int:
         metric = PRIMARY[modality][0]
         won = [k for k, v in verdict.items() if v]
         lost = [k for k, v in verdict.items() if not v]
-        print(f"{name} on {metric}: beats {', '.join(won) or 'no baseline'}"
-              + (f"; does NOT beat {', '.join(lost)}" if lost else ""))
+        print(f"{name} on {metric}: beats the baselines [{', '.join(won)}]"
+              + (f"; does NOT beat [{', '.join(lost)}]" if lost else ""))
     write_records(records, args.json)
     return 0
 
