@@ -47,6 +47,15 @@ def add_tokenizer_parser(sub) -> None:
                    help="also a rate-distortion curve (several bit budgets) for the tokenizers that allow one "
                         "(image_tokenbridge, image_1d, audio_codec) against their baselines (mmfm/tokenizers/rd.py)")
     e.add_argument("--plot-dir", default=None, help="with --rd: write rd_image.png / rd_audio.png here")
+    pr = tsub.add_parser("prior", help="TokenBridge: a small AR prior over the saved tokenizer's tokens with "
+                                        "independent channels, the per-dimension AR head, or flattened channels")
+    pr.add_argument("--config", required=True, help="an image_tokenbridge config (its train.out holds the tokenizer)")
+    pr.add_argument("--out", default=None, help="override train.out")
+    pr.add_argument("--steps", type=int, default=400)
+    pr.add_argument("--heads", default="independent,dimwise_ar,flattened")
+    pr.add_argument("--max-train", type=int, default=2048, help="training images whose tokens fit the priors")
+    pr.add_argument("--seeds", default="0", help="comma-separated seeds (one prior per head per seed)")
+    pr.add_argument("--json", metavar="PATH")
     i = tsub.add_parser("import-hf", help="an existing LLM's tokenizer (tokenizer.json or tokenizer.model) as the "
                                           "text tokenizer, for train.init_from=HF_FOLDER (docs/huggingface.md)")
     i.add_argument("folder", help="a Hugging Face model folder")
@@ -62,6 +71,8 @@ def run_tokenizer(args) -> int:
                 return import_main(args)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        if args.tokenizer_command == "prior":
+            return prior_main(args)
         return train_main(args) if args.tokenizer_command == "train" else eval_main(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"mmfm tokenizer {args.tokenizer_command}: {exc}", file=sys.stderr)
@@ -218,6 +229,48 @@ def _prefix_plot(tok, hx, out) -> list[float]:
               "tokens kept", "PSNR dB")
     write_json(os.path.join(out, "psnr_vs_tokens.json"), {"tokens": lengths, "psnr": values}, indent=None)
     return values
+
+
+# ------------------------------------------------------------------------------------ prior
+def prior_main(args) -> int:
+    """Held-out NLL (bits per image) of TokenBridge tokens under each head (tokenbridge_prior.py)."""
+    import dataclasses
+
+    import torch
+
+    from mmfm.tokenizers.base import load_tokenizer
+    from mmfm.tokenizers.config import ConfigError, load_config
+    from mmfm.tokenizers.data import prepare_all, read_samples
+    from mmfm.tokenizers.tokenbridge_prior import HEADS, train_prior
+
+    cfg = load_config(args.config)
+    tok = load_tokenizer(os.path.join(args.out or cfg.train.out, "tokenizer"))
+    if tok.registry_name != "image_tokenbridge":
+        raise ConfigError(f"{args.config}: mmfm tokenizer prior needs an image_tokenbridge tokenizer, got "
+                          f"{tok.registry_name!r}")
+    heads = [h for h in args.heads.split(",") if h]
+    bad = [h for h in heads if h not in HEADS]
+    if bad:
+        raise ConfigError(f"--heads: unknown head {bad[0]!r}; expected some of {', '.join(HEADS)}")
+    d = cfg.data
+    with torch.no_grad():
+        tokens = {split: torch.cat([tok.encode_tensor(b) for b in prepare_all(
+            tok, read_samples(d.shards, d.modality, split, d.holdout_fraction, args.max_train if split == "train"
+                              else 0)).split(64)]) for split in ("train", "eval")}
+    c = tok.config
+    records = []
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for h in heads:
+            r = train_prior(h, tokens["train"], tokens["eval"], c.latent_dim, c.num_bins, steps=args.steps, seed=seed)
+            records.append({"bench": "tokenizer_prior", "case": {"tokenizer": _config_name(args.config),
+                                                                 "tokens": tok.tokens_per_sample, "seed": seed},
+                            "impl": h, **dataclasses.asdict(r), "code_bits": tok.bits_per_sample,
+                            "heldout_images": tokens["eval"].shape[0], "train_images": tokens["train"].shape[0],
+                            "steps": args.steps})
+            print(records[-1], file=sys.stderr, flush=True)
+    print_records(records, key=lambda r: str(r["case"]["seed"]))
+    write_records(records, args.json)
+    return 0
 
 
 # ------------------------------------------------------------------------------------- eval
