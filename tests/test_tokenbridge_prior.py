@@ -71,10 +71,10 @@ def test_more_bins_approach_the_continuous_reconstruction():
     for nb in (2, 8, 32):
         t = tok.with_bins(nb, x)
         assert t.vocab_size == nb and t.bits_per_sample == pytest.approx(t.tokens_per_sample * np.log2(nb))
-        gaps.append(float((t.decode_tensor(t.encode_tensor(x)) - cont).pow(2).mean()))
+        with torch.no_grad():
+            gaps.append(float((t.decode_tensor(t.encode_tensor(x)) - cont).pow(2).mean()))
     assert gaps[0] > 3 * gaps[1] > 9 * gaps[2], gaps
-    assert torch.equal(tok.bins.centers, tok.bins.centers)   # the original is left as it was
-    assert not bool(tok.bins.fitted)
+    assert not bool(tok.bins.fitted)   # the original is left as it was: with_bins fits a copy
 
 
 def _image(seed):

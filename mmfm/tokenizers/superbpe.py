@@ -31,7 +31,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from mmfm.tokenizers.base import write_config
 from mmfm.tokenizers.hf_text import TOKENIZER_FILE, HFTextTokenizer
 from mmfm.tokenizers.registry import register
 
@@ -185,5 +184,3 @@ class SuperBPETokenizer(HFTextTokenizer):
             raise FileNotFoundError(f"SuperBPETokenizer: {path} does not exist")
         return cls(config, Tokenizer.from_file(path))
 
-
-__all__ = ["SuperBPEConfig", "SuperBPETokenizer", "write_config"]
