@@ -25,8 +25,9 @@ def image_baselines(x: torch.Tensor, bits: float) -> list[dict]:
     """Bicubic, JPEG (whole file), JPEG with shared tables and WebP at `bits` per image of x [B, 3, H, W]."""
     out = []
     r, s = B.bicubic_down_up(x, bits)
-    out.append({"impl": "bicubic", "psnr": psnr(x, r), "ssim": ssim(x, r), "bits": 8 * x.shape[1] * s * s,
-                "side": s})
+    spent = 8 * x.shape[1] * s * s   # a 1x1 image is the floor: a budget under 24 bits is overspent
+    out.append({"impl": "bicubic", "psnr": psnr(x, r), "ssim": ssim(x, r), "bits": spent, "side": s,
+                "over_budget": float(spent > bits)})
     for impl, fmt, abbrev in (("jpeg", "JPEG", False), ("jpeg_shared_tables", "JPEG", True), ("webp", "WEBP", False)):
         r, used, q = B.pillow_at_bytes(x, bits / 8, fmt, abbreviated=abbrev)
         out.append({"impl": impl, "psnr": psnr(x, r), "ssim": ssim(x, r), "bits": round(8 * sum(used) / len(used), 1),
