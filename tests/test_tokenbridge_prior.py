@@ -38,20 +38,20 @@ def _dependent_tokens(n, seed, positions=8, nb=8):
 
 def test_ar_head_learns_what_independent_channels_cannot():
     train, held = _dependent_tokens(384, 0), _dependent_tokens(96, 1)
-    kw = dict(num_channels=4, num_bins=8, steps=120, width=32, depth=1, batch_size=32)
+    kw = dict(num_channels=4, num_bins=8, steps=70, width=32, depth=1, batch_size=32, lr=4e-3)
     ind = train_prior("independent", train, held, **kw)
     ar = train_prior("dimwise_ar", train, held, **kw)
     floor_ind, truth = 8 * 4 * 3, 8 * 2 * 3   # independent channels cannot go below 4 x 3 bits a position
     assert ind.bits_per_image > 0.97 * floor_ind
-    assert ar.bits_per_image < 0.7 * floor_ind and ar.bits_per_image > 0.95 * truth
+    assert ar.bits_per_image < 0.75 * floor_ind and ar.bits_per_image > 0.95 * truth
     assert ar.sequence_length == ind.sequence_length == 8 and ar.head_parameters > ind.head_parameters
 
 
 def test_head_samples_follow_the_learned_dependence():
     torch.manual_seed(0)
     head = DimwiseARHead(hidden=4, num_channels=3, num_bins=5, width=32)
-    opt = torch.optim.Adam(head.parameters(), 3e-3)
-    for _ in range(150):
+    opt = torch.optim.Adam(head.parameters(), 5e-3)
+    for _ in range(80):
         a = torch.randint(5, (64, 1))
         bins = torch.cat([a, (a + 2) % 5, (4 * a) % 5], 1)
         loss = head.loss(torch.zeros(64, 4), bins)
