@@ -84,7 +84,7 @@ def test_unknown_tokenizer_in_a_yaml_and_in_a_saved_folder(tmp_path):
     with pytest.raises(ConfigError, match=r"t\.yaml: tokenizer: unknown tokenizer 'imagee_conv'") as e:
         load_config(p)
     _assert_lists(e, ["audio_codec", "hf_text", "image_1d", "image_conv", "image_tokenbridge", "physics", "shape3d", "text",
-                      "video"])
+                      "text_superbpe", "video"])
     saved = tmp_path / "saved"
     saved.mkdir()
     (saved / "tokenizer.yaml").write_text("tokenizer: nope\nformat_version: 1\nmodel: {}\n")

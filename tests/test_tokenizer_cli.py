@@ -80,10 +80,24 @@ train: {{out: "{out}", steps: 6, batch_size: 8, log_every: 2, checkpoint_every: 
     printed = capsys.readouterr().out
     assert "bicubic" in printed and "baseline" in printed
     records = json.loads(js.read_text())
-    assert {r["impl"] for r in records} == {"mmfm", "bicubic"}
+    assert {r["impl"] for r in records} == {"mmfm", "bicubic", "jpeg", "jpeg_shared_tables", "webp"}
+    budget = next(r["bits"] for r in records if r["impl"] == "mmfm")
     for r in records:
         assert r["bench"] == "tokenizer" and set(r["case"]) == {"tokenizer", "tokens"}
         assert r["case"] == {"tokenizer": "full", "tokens": 4} and "psnr" in r
+        assert r["bits"] <= budget or r["over_budget"] > 0, r   # each impl's own bits, never hidden
+
+    # rate-distortion: image_1d's prefixes 1, 2, 4 tokens, baselines at each budget, a plot
+    assert main(["tokenizer", "eval", "--config", str(full_cfg), "--rd", "--plot-dir", str(tmp_path / "rd"),
+                 "--json", str(js)]) == 0
+    rd = [r for r in json.loads(js.read_text()) if r["bench"] == "tokenizer_rd"]
+    mine = [r for r in rd if r["impl"] == "mmfm"]
+    assert [r["case"]["rate"] for r in mine] == ["1 tokens", "2 tokens", "4 tokens"]
+    assert [r["bits"] for r in mine] == sorted(r["bits"] for r in mine) and len({r["bits"] for r in mine}) == 3
+    for r in rd:
+        assert r["bits"] <= r["case"]["budget_bits"] + 1e-6 or r.get("over_budget", 0) > 0, r
+    assert {r["impl"] for r in rd} == {"mmfm", "bicubic", "jpeg", "jpeg_shared_tables", "webp"}
+    assert (tmp_path / "rd" / "rd_image.png").stat().st_size > 1000
 
 
 def test_bad_config_is_reported_with_file_and_field(tmp_path, capsys):

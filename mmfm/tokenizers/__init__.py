@@ -4,7 +4,8 @@ Importing this package registers every tokenizer (mmfm.tokenizers.registry); bui
 `build_tokenizer(name, config)`, read a YAML with `load_config(path)`, reload a saved one with
 `load_tokenizer(dir)`.
 """
-from mmfm.tokenizers import audio, hf_text, image, physics, shape3d, text, tokenbridge, video  # noqa: F401  (registers)
+from mmfm.tokenizers import (audio, hf_text, image, physics, shape3d, superbpe, text, tokenbridge,  # noqa: F401
+                             video)  # (each registers its tokenizers)
 from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, load_tokenizer
 from mmfm.tokenizers.config import ConfigError, load_config
 from mmfm.tokenizers.registry import available, build_tokenizer, tokenizer_class

@@ -43,6 +43,19 @@ def add_tokenizer_parser(sub) -> None:
     e.add_argument("--out", default=None, help="override train.out (with a single --config)")
     e.add_argument("--json", metavar="PATH", help="also write the records as a JSON list")
     e.add_argument("--max-samples", type=int, default=64, help="held-out samples per tokenizer (default 64)")
+    e.add_argument("--rd", action="store_true",
+                   help="also a rate-distortion curve (several bit budgets) for the tokenizers that allow one "
+                        "(image_tokenbridge, image_1d, audio_codec) against their baselines (mmfm/tokenizers/rd.py)")
+    e.add_argument("--plot-dir", default=None, help="with --rd: write rd_image.png / rd_audio.png here")
+    pr = tsub.add_parser("prior", help="TokenBridge: a small AR prior over the saved tokenizer's tokens with "
+                                        "independent channels, the per-dimension AR head, or flattened channels")
+    pr.add_argument("--config", required=True, help="an image_tokenbridge config (its train.out holds the tokenizer)")
+    pr.add_argument("--out", default=None, help="override train.out")
+    pr.add_argument("--steps", type=int, default=400)
+    pr.add_argument("--heads", default="independent,dimwise_ar,flattened")
+    pr.add_argument("--max-train", type=int, default=2048, help="training images whose tokens fit the priors")
+    pr.add_argument("--seeds", default="0", help="comma-separated seeds (one prior per head per seed)")
+    pr.add_argument("--json", metavar="PATH")
     i = tsub.add_parser("import-hf", help="an existing LLM's tokenizer (tokenizer.json or tokenizer.model) as the "
                                           "text tokenizer, for train.init_from=HF_FOLDER (docs/huggingface.md)")
     i.add_argument("folder", help="a Hugging Face model folder")
@@ -58,6 +71,8 @@ def run_tokenizer(args) -> int:
                 return import_main(args)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        if args.tokenizer_command == "prior":
+            return prior_main(args)
         return train_main(args) if args.tokenizer_command == "train" else eval_main(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"mmfm tokenizer {args.tokenizer_command}: {exc}", file=sys.stderr)
@@ -91,9 +106,17 @@ def train_main(args) -> int:
 
         torch.set_num_threads(cfg.train.threads)
     os.makedirs(cfg.train.out, exist_ok=True)
-    if cfg.tokenizer == "text":
+    if is_text_tokenizer(cfg.tokenizer):
         return _train_text(cfg)
     return _train_neural(cfg, progress=not args.quiet)
+
+
+def is_text_tokenizer(name: str) -> bool:
+    """A tokenizer trained from strings with fit(texts) (sentencepiece `text`, `text_superbpe`)."""
+    from mmfm.tokenizers.registry import tokenizer_class
+
+    cls = tokenizer_class(name)
+    return getattr(cls, "modality", "") == "text" and hasattr(cls, "fit")
 
 
 def _train_text(cfg) -> int:
@@ -105,7 +128,7 @@ def _train_text(cfg) -> int:
              if isinstance(s.get("txt"), str)]
     held = [s["txt"] for s in read_samples(d.shards, d.modality, "eval", d.holdout_fraction)
             if isinstance(s.get("txt"), str)]
-    tok = build_tokenizer("text", cfg.model).fit(train)
+    tok = build_tokenizer(cfg.tokenizer, cfg.model).fit(train)
     out = os.path.join(cfg.train.out, "tokenizer")
     tok.save(out)
     row = {"step": 0, "train_documents": len(train), "vocab_size": tok.vocab_size,
@@ -208,6 +231,48 @@ def _prefix_plot(tok, hx, out) -> list[float]:
     return values
 
 
+# ------------------------------------------------------------------------------------ prior
+def prior_main(args) -> int:
+    """Held-out NLL (bits per image) of TokenBridge tokens under each head (tokenbridge_prior.py)."""
+    import dataclasses
+
+    import torch
+
+    from mmfm.tokenizers.base import load_tokenizer
+    from mmfm.tokenizers.config import ConfigError, load_config
+    from mmfm.tokenizers.data import prepare_all, read_samples
+    from mmfm.tokenizers.tokenbridge_prior import HEADS, train_prior
+
+    cfg = load_config(args.config)
+    tok = load_tokenizer(os.path.join(args.out or cfg.train.out, "tokenizer"))
+    if tok.registry_name != "image_tokenbridge":
+        raise ConfigError(f"{args.config}: mmfm tokenizer prior needs an image_tokenbridge tokenizer, got "
+                          f"{tok.registry_name!r}")
+    heads = [h for h in args.heads.split(",") if h]
+    bad = [h for h in heads if h not in HEADS]
+    if bad:
+        raise ConfigError(f"--heads: unknown head {bad[0]!r}; expected some of {', '.join(HEADS)}")
+    d = cfg.data
+    with torch.no_grad():
+        tokens = {split: torch.cat([tok.encode_tensor(b) for b in prepare_all(
+            tok, read_samples(d.shards, d.modality, split, d.holdout_fraction, args.max_train if split == "train"
+                              else 0)).split(64)]) for split in ("train", "eval")}
+    c = tok.config
+    records = []
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for h in heads:
+            r = train_prior(h, tokens["train"], tokens["eval"], c.latent_dim, c.num_bins, steps=args.steps, seed=seed)
+            records.append({"bench": "tokenizer_prior", "case": {"tokenizer": _config_name(args.config),
+                                                                 "tokens": tok.tokens_per_sample, "seed": seed},
+                            "impl": h, **dataclasses.asdict(r), "code_bits": tok.bits_per_sample,
+                            "heldout_images": tokens["eval"].shape[0], "train_images": tokens["train"].shape[0],
+                            "steps": args.steps})
+            print(records[-1], file=sys.stderr, flush=True)
+    print_records(records, key=lambda r: str(r["case"]["seed"]))
+    write_records(records, args.json)
+    return 0
+
+
 # ------------------------------------------------------------------------------------- eval
 def _default_configs() -> list[str]:
     from mmfm.tokenizers.config import load_config
@@ -233,10 +298,13 @@ def eval_records(cfg, name: str, tok, max_samples: int) -> list[dict]:
         bpt = tok.bytes_per_token(texts)
         n_bytes = sum(len(s.encode()) for s in texts)
         case = {"tokenizer": name, "tokens": "variable"}
-        return [{"bench": "tokenizer", "case": case, "impl": "mmfm", "bytes_per_token": bpt, "samples": len(texts),
+        recs = [{"bench": "tokenizer", "case": case, "impl": "mmfm", "bytes_per_token": bpt, "samples": len(texts),
                  "vocab_size": tok.vocab_size, "tokens_total": round(n_bytes / bpt)},
                 {"bench": "tokenizer", "case": case, "impl": "utf8_bytes", "bytes_per_token": 1.0,
                  "samples": len(texts), "vocab_size": 256, "tokens_total": n_bytes}]
+        if tok.registry_name == "text_superbpe":   # the claim's baseline: plain BPE, same vocabulary and data
+            recs.append(_bpe_baseline(cfg, tok, texts, case, n_bytes))
+        return recs
     held = [s for s in held if _usable(tok, s)][:max_samples]
     x = prepare_all(tok, held)
     with torch.no_grad():
@@ -246,40 +314,95 @@ def eval_records(cfg, name: str, tok, max_samples: int) -> list[dict]:
     case = {"tokenizer": name, "tokens": tok.tokens_per_sample}
     common = {"samples": x.shape[0], "bits": round(bits, 1)}
     recs = [{"bench": "tokenizer", "case": case, "impl": "mmfm", **m, **common}]
+    if tok.registry_name == "image_tokenbridge":   # the float autoencoder, before post-training quantization
+        with torch.no_grad():
+            r = torch.cat([tok.continuous_reconstruction(b) for b in x.split(16)])
+        recs.append({"bench": "tokenizer", "case": case, "impl": "continuous_autoencoder", "psnr": psnr(x, r),
+                     "ssim": ssim(x, r), "samples": x.shape[0], "bits": None,
+                     "latent_floats": tok.tokens_per_sample})
     if tok.modality == "image":
-        r, s = B.bicubic_down_up(x, bits)
-        recs.append({"bench": "tokenizer", "case": case, "impl": "bicubic", "psnr": psnr(x, r), "ssim": ssim(x, r),
-                     "side": s, **common})
+        from mmfm.tokenizers.rd import image_baselines
+
+        recs += [{"bench": "tokenizer", "case": case, **r, "samples": x.shape[0]} for r in image_baselines(x, bits)]
     elif tok.modality == "video":
         r, s = B.video_bicubic(x, bits)
         recs.append({"bench": "tokenizer", "case": case, "impl": "bicubic", "psnr": psnr(x.flatten(0, 1), r.flatten(0, 1)),
-                     "side": s, **common})
+                     "side": s, "samples": x.shape[0], "bits": 8 * x.shape[1] * x.shape[2] * s * s})
     elif tok.modality == "audio":
         bps = tok.bits_per_second()
         r, rate = B.mu_law_resample(x, tok.config.sample_rate, bps)
         recs.append({"bench": "tokenizer", "case": case, "impl": "mulaw_resample", "snr_db": snr_db(x, r),
-                     "mel_distance": float(mel_distance(x, r, tok.config.sample_rate)), "bits_per_s": bps,
-                     "rate_hz": rate, **common})
+                     "mel_distance": float(mel_distance(x, r, tok.config.sample_rate)), "bits_per_s": 8 * rate,
+                     "rate_hz": rate, "samples": x.shape[0],
+                     "bits": round(8 * rate * tok.config.clip_samples / tok.config.sample_rate, 1)})
     elif tok.modality == "physics":
         r, s = B.field_subsample(x, bits)
         recs.append({"bench": "tokenizer", "case": case, "impl": "subsample_bicubic", "rel_l2": rel_l2(x, r),
-                     "side": s, **common})
+                     "side": s, "samples": x.shape[0], "bits": 16 * x.shape[1] * x.shape[2] * s * s})
     elif tok.modality == "shape3d":
         r, k = B.random_points(x, bits)
         recs.append({"bench": "tokenizer", "case": case, "impl": "random_subsample",
                      "chamfer": float(chamfer(r, x[..., :3]).mean()),
                      "f_score": f_score(r, x[..., :3], tok.config.fscore_threshold), "points": k,
-                     "bytes_per_shape": bits / 8, **common})
+                     "bytes_per_shape": bits / 8, "samples": x.shape[0], "bits": 48 * k})
     return recs
 
 
-def beats_baseline(records: list[dict], modality: str) -> bool | None:
+def _bpe_baseline(cfg, tok, texts, case, n_bytes) -> dict:
+    import dataclasses
+
+    from mmfm.tokenizers.data import read_samples
+    from mmfm.tokenizers.superbpe import SuperBPETokenizer
+
+    d = cfg.data
+    train = [s["txt"] for s in read_samples(d.shards, d.modality, "train", d.holdout_fraction, d.max_samples)
+             if isinstance(s.get("txt"), str)]
+    bpe = SuperBPETokenizer(dataclasses.replace(cfg.model, transition_vocab_size=cfg.model.vocab_size)).fit(train)
+    bpt = bpe.bytes_per_token(texts)
+    return {"bench": "tokenizer", "case": case, "impl": "bpe_same_vocab", "bytes_per_token": bpt,
+            "samples": len(texts), "vocab_size": bpe.vocab_size, "tokens_total": round(n_bytes / bpt)}
+
+
+def rd_records_of(cfg, name: str, tok, max_samples: int) -> list[dict]:
+    """rd.rd_records on the config's held-out split (and, for TokenBridge's bins, its training split)."""
+    from mmfm.tokenizers.data import prepare_all, read_samples
+    from mmfm.tokenizers.rd import rd_records
+
+    if tok.registry_name not in ("image_tokenbridge", "image_1d", "audio_codec"):
+        return []
+    d = cfg.data
+    x = prepare_all(tok, read_samples(d.shards, d.modality, "eval", d.holdout_fraction)[:max_samples])
+    train = None
+    if tok.registry_name == "image_tokenbridge":
+        train = prepare_all(tok, read_samples(d.shards, d.modality, "train", d.holdout_fraction, 2048))
+    recs = rd_records(name, tok, x, train)
+    for r in recs:
+        r["case"]["modality"] = tok.modality
+        r["samples"] = x.shape[0]
+    return recs
+
+
+NOT_BASELINES = ("mmfm", "continuous_autoencoder")   # records beside mmfm that are not rivals at its bits
+
+
+def beats_baseline(records: list[dict], modality: str) -> dict[str, bool]:
+    """{baseline impl: whether mmfm's primary figure beats it}, for the baselines that spent no more bits
+    than mmfm (a codec over budget, e.g. a whole JPEG file of a 32x32 image, is no verdict)."""
     metric, higher = PRIMARY[modality]
-    mine = [r[metric] for r in records if r["impl"] == "mmfm"]
-    other = [r[metric] for r in records if r["impl"] != "mmfm"]
-    if not mine or not other:
-        return None
-    return mine[0] > other[0] if higher else mine[0] < other[0]
+    mine = [r for r in records if r["impl"] == "mmfm"]
+    if not mine or mine[0].get(metric) is None:
+        return {}
+    m, budget = mine[0][metric], mine[0].get("bits")
+    out = {}
+    for r in records:
+        if r["impl"] in NOT_BASELINES or r.get(metric) is None:
+            continue
+        if budget is not None and r.get("bits") is not None and r["bits"] > budget * 1.0001:
+            continue
+        if r.get("over_budget"):
+            continue
+        out[r["impl"]] = m > r[metric] if higher else m < r[metric]
+    return out
 
 
 def eval_main(args) -> int:
@@ -291,7 +414,7 @@ def eval_main(args) -> int:
         print("mmfm tokenizer eval: no trained tokenizer found (train one with mmfm tokenizer train --config ...)",
               file=sys.stderr)
         return 2
-    records, verdicts = [], []
+    records, verdicts, rd = [], [], []
     for p in paths:
         cfg = load_config(p)
         out = args.out if args.out and len(paths) == 1 else cfg.train.out
@@ -299,20 +422,40 @@ def eval_main(args) -> int:
         recs = eval_records(cfg, _config_name(p), tok, args.max_samples)
         records += recs
         verdicts.append((_config_name(p), tok.modality, beats_baseline(recs, tok.modality)))
+        if getattr(args, "rd", False):
+            rd += rd_records_of(cfg, _config_name(p), tok, args.max_samples)
     print_records(records)
-    for name, modality, ok in verdicts:
+    if rd:
+        print("\nrate-distortion (bits = bits per sample each impl spent; budget_bits in the case):")
+        print_records(rd, key=lambda r: f"{r['case']['tokenizer']} {r['case']['rate']}")
+        if args.plot_dir:
+            from mmfm.tokenizers.rd import rd_plot
+
+            os.makedirs(args.plot_dir, exist_ok=True)
+            for modality, metric in (("image", "psnr"), ("audio", "snr_db")):
+                part = [r for r in rd if r["case"]["modality"] == modality]
+                if part:
+                    path = os.path.join(args.plot_dir, f"rd_{modality}.png")
+                    rd_plot(path, part, metric, f"held-out {metric} vs bits per {modality} sample")
+                    print(f"wrote {path}")
+        records += rd
+    for name, modality, verdict in verdicts:
         metric = PRIMARY[modality][0]
-        print(f"{name}: {'beats' if ok else 'does NOT beat'} its baseline on {metric}")
+        won = [k for k, v in verdict.items() if v]
+        lost = [k for k, v in verdict.items() if not v]
+        print(f"{name} on {metric}: beats the baselines [{', '.join(won)}]"
+              + (f"; does NOT beat [{', '.join(lost)}]" if lost else ""))
     write_records(records, args.json)
     return 0
 
 
-def print_records(records: list[dict], out=None) -> None:
-    """One small table per tokenizer (its records share the figures), blank line between."""
+def print_records(records: list[dict], out=None, key=None) -> None:
+    """One small table per tokenizer (or per `key(record)`; its records share the figures), blank line between."""
     out = out or sys.stdout  # looked up at call time (pytest's capsys swaps sys.stdout)
+    key = key or (lambda r: str(r["case"]["tokenizer"]))
     groups: dict[str, list[dict]] = {}
     for r in records:
-        groups.setdefault(str(r["case"]["tokenizer"]), []).append(r)
+        groups.setdefault(key(r), []).append(r)
     for i, recs in enumerate(groups.values()):
         figures = []
         for r in recs:
@@ -321,7 +464,8 @@ def print_records(records: list[dict], out=None) -> None:
                     figures.append(k)
         rows = [["tokenizer", "tokens", "impl", *figures]]
         for r in recs:
-            cells = [str(r["case"]["tokenizer"]), str(r["case"]["tokens"]), r["impl"]]
+            c = r["case"]
+            cells = [str(c["tokenizer"]), str(c.get("tokens", c.get("rate", "-"))), r["impl"]]
             for f in figures:
                 v = r.get(f)
                 cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))

@@ -7,7 +7,11 @@ position-major ([p0 c0, p0 c1, ..., p1 c0, ...]), num_bins ids each.
 
 `mmfm tokenizer train` trains the autoencoder and then fits the bins (`after_training`);
 `TokenBridgeTokenizer.from_autoencoder(ae, num_bins, data)` discretises an autoencoder trained
-elsewhere.
+elsewhere; `with_bins(n, data)` refits the bins at another budget (eval's rate-distortion curve) and
+`continuous_reconstruction` is the autoencoder without bins, the figure quantization is judged by.
+The paper's light per-dimension AR head, p(b_1..b_C | h) = prod_c p(b_c | b_<c, h), is
+`mmfm/tokenizers/tokenbridge_prior.py` (`mmfm tokenizer prior` measures it against independent and
+flattened channels).
 """
 from __future__ import annotations
 
@@ -80,6 +84,21 @@ class TokenBridgeTokenizer(NeuralTokenizer):
         self.autoencoder.eval()
         z = torch.cat([self.autoencoder.latents(b) for b in train.split(64)])
         self.bins.fit(z.reshape(-1, self.config.latent_dim))
+
+    @torch.no_grad()
+    def with_bins(self, num_bins: int, train: torch.Tensor) -> "TokenBridgeTokenizer":
+        """The same autoencoder with num_bins bins per channel fitted on train [N, 3, H, W]: post-training
+        quantization at another bit budget, without retraining (the rate-distortion curve of eval)."""
+        c = self.config
+        other = type(self)(TokenBridgeConfig(c.image_size, c.channels, c.downsamples, c.latent_dim, num_bins, c.seed))
+        other.autoencoder.load_state_dict(self.autoencoder.state_dict())
+        other.after_training(train.to(self.device))
+        return other.to(self.device).eval()
+
+    @torch.no_grad()
+    def continuous_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        """The autoencoder's own reconstruction (float latents, no bins): the ceiling quantization approaches."""
+        return self.autoencoder.decode_latents(self.autoencoder.latents(x)).clamp(0, 1)
 
     def encode_tensor(self, x):
         return self.bins.encode(self.autoencoder.latents(x)).reshape(x.shape[0], -1)
