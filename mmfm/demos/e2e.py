@@ -142,7 +142,7 @@ def tokenizer_config(modality: str, corpus: str, out: str, preset: dict):
 
 def train_tokenizers(corpus: str, out: str, preset: dict) -> dict:
     """{modality: saved tokenizer folder}; trains those not saved yet."""
-    from mmfm.tokenizers.commands import _train_neural, _train_text
+    from mmfm.tokenizers.commands import _train_neural, _train_text, is_text_tokenizer
 
     saved = {}
     for m in MODALITIES:
@@ -153,7 +153,7 @@ def train_tokenizers(corpus: str, out: str, preset: dict) -> dict:
             _say(f"[demo] tokenizer {m}: {cfg.tokenizer}"
                  + ("" if m == "text" else f", {cfg.train.steps} steps") + f" -> {folder}")
             os.makedirs(cfg.train.out, exist_ok=True)
-            rc = _train_text(cfg) if cfg.tokenizer == "text" else _train_neural(cfg, progress=False)
+            rc = _train_text(cfg) if is_text_tokenizer(cfg.tokenizer) else _train_neural(cfg, progress=False)
             if rc != 0:
                 raise RuntimeError(f"demo: training the {m} tokenizer failed (status {rc})")
             _say(f"[demo] tokenizer {m}: {time.perf_counter() - t0:.0f} s")
