@@ -144,7 +144,7 @@ def byte_model(steps: int, seed: int = 0, cache: bool = True):
 def require_compiled() -> None:
     """The impls are named for mmfm's compiled ops: stop rather than time the references."""
     if not _ext.extension_loaded() or not _ext.compiled(torch.zeros(1)):
-        raise SystemExit(f"bench speculative: the compiled extension mmfm._C is not in use ({_ext.load_error()}); "
+        raise SystemExit(f"bench: the compiled extension mmfm._C is not in use ({_ext.load_error()}); "
                          f"{_ext.BUILD_HINT}")
 
 

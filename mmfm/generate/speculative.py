@@ -6,10 +6,12 @@ Both emit tokens distributed exactly as plain sampling from the target under the
 and with temperature 0 exactly the plain greedy tokens:
 
   * Token Recycling drafts are deterministic, so a node's children x_1..x_K (distinct tokens) are
-    K drafts with one-hot draft distributions; verify_multi_draft's recursive rejection sampling
-    with per-draft q_i = onehot(x_i) accepts x_i with probability r_i(x_i) and otherwise removes
-    x_i from the residual, so the token it returns is distributed as p. Descending into the
-    accepted child and repeating is sequential sampling along the tree.
+    K drafts with one-hot draft distributions; recursive rejection sampling with q_i =
+    onehot(x_i) accepts x_i with probability p(x_i) and otherwise removes x_i from the residual,
+    which is the same as one draw t ~ p accepted as the child holding t. So every node gets one
+    draw from a single `sample` call and the walk descends while the draw is a child: sequential
+    sampling along the tree. The target's passes run through DenseStep (the plain loop's step;
+    DenseStep.tree for the tree pass).
   * Draft-model drafts are sampled from the drafter's processed distribution q and verified with
     verify_chain (accept with min(1, p/q), residual norm(max(0, p - q))).
 
@@ -151,6 +153,7 @@ class _Target:
 
 
 TREES = ("static", "dynamic")
+GREEDY_VALUE_TEMPERATURE = 0.25   # dynamic trees in greedy decoding: the temperature of the node values (picked on the demo export among 1, 0.5, 0.25, 0.1)
 
 
 @torch.no_grad()
@@ -185,8 +188,8 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     Adaptive back-off: a tree pass costs more than a one-token pass, so when the running mean of
     accepted drafts per tree pass falls below min_accepted, the next passes feed the last token
     alone (a plain DenseStep step; the matrix still learns from its logits) before a tree is
-    tried again. The pause starts at `backoff` passes and doubles after each losing probe, up to
-    max_backoff; a winning probe resets it. A probe that accepts nothing ends the tree run at
+    tried again. The pause starts at `backoff` passes and grows after each losing probe (2x in
+    greedy decoding, 4x when sampling), up to max_backoff; a winning probe resets it. A probe that accepts nothing ends the tree run at
     once, so a losing tree costs one pass. The back-off state is kept on the matrix
     (matrix.backoff), so calls sharing a matrix share it too. The default min_accepted = 1.5 is for a small
     model on a CPU, where a 20-node tree pass costs about 2.5 one-token passes. Which draft is offered never changes the output
@@ -213,13 +216,19 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         raise ValueError(f"min_accepted: expected a number >= 0, got {min_accepted!r}")
     # running mean per tree pass; plain passes left; the next pause (carried over on the matrix)
     accepted_ema = None
+    # greedy: a losing stretch is usually transient (the output leaves a repetitive loop and
+    # re-enters one), so the pause doubles; sampling: acceptance follows the entropy of the
+    # distribution, which persists, so it grows 4x and losing probes stay rare
+    growth = 2 if greedy else 4
     skip, pause = (0, backoff) if matrix.backoff is None or min_accepted == 0 else matrix.backoff
     rng = _Rng(seed)
     stats = SpecStats()
     cache = KVCache.for_model(model, batch=1, capacity=ids.shape[1] + max_new_tokens + tree_size + 1)
     target = _Target(model, cache, modality_table)
     logits = target.prefill(ids)
-    T = float(temperature) if tree == "dynamic" else None   # probabilities only where a tree uses them
+    # probabilities only where a tree uses them; greedy accepts a draft iff it is the argmax, which
+    # sharpened probabilities estimate better than the temperature-1 ones
+    T = (float(temperature) or GREEDY_VALUE_TEMPERATURE) if tree == "dynamic" else None
     if warm_from_prompt:
         matrix.update(ids[0, 1:], logits[:-1], T)   # logits[i] predicts the token after ids[i]
     matrix.update(ids[0, -1:], logits[-1:], T)
@@ -289,7 +298,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             accepted_ema = a if accepted_ema is None else 0.7 * accepted_ema + 0.3 * a
             if accepted_ema < min_accepted:
                 skip, accepted_ema = pause, None   # the next probe starts a fresh mean
-                pause = min(pause * 2, max(max_backoff, backoff))
+                pause = min(pause * growth, max(max_backoff, backoff))
             else:
                 pause = backoff
     flush()
