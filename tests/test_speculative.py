@@ -1,10 +1,14 @@
-"""Speculative decoding is lossless: Token Recycling and draft-model decoding give exactly the
-plain greedy tokens at temperature 0, and their sampled sequences follow the exact distribution
-of plain sampling (chi-square against the enumerated joint distribution of short sequences)."""
+"""Speculative decoding is lossless: Token Recycling (static and dynamic trees) and draft-model
+decoding give exactly the tokens of the real plain decode loop (mmfm.generate.decode, DenseStep)
+at temperature 0, and their sampled sequences follow the exact distribution of plain sampling
+(chi-square against the enumerated joint distribution of short sequences, with a power check
+that the same test rejects a 1.3x temperature error)."""
 import pytest
 import torch
 
-from mmfm.generate.recycling import RecyclingMatrix, build_tree, tree_template
+from mmfm.generate.decode import SamplingConfig, decode
+from mmfm.generate.recycling import RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
+from mmfm.generate.step import DenseStep
 from mmfm.generate.speculative import draft_model_generate, layer_drafter, token_recycling_generate
 from mmfm.models import KVCache, ModelConfig, Transformer
 from mmfm.ops import sampling
@@ -29,15 +33,53 @@ def _model(vocab=64, seed=0, dim=32, layers=2, std=0.02):
 
 @torch.no_grad()
 def plain_generate(model, prompt, n, seed=0, **settings):
-    """The reference: one cached forward per token, the fused sample op."""
-    cache = KVCache.for_model(model, batch=1, capacity=len(prompt) + n + 1)
-    logits = model(torch.tensor([prompt]), cache=cache)[0, -1:]
-    out = []
-    for step in range(n):
-        t = sampling.sample(logits, **settings, seed=seed, offset=step)
-        out.append(int(t[0]))
-        logits = model(t[None], cache=cache)[0, -1:]
-    return out
+    """The reference: the decode loop `mmfm generate` runs (DenseStep + the fused sample op)."""
+    return decode(model, [torch.tensor(prompt)], None, SamplingConfig(**settings), max_new_tokens=n, seed=seed,
+                  stop_on_done=False)[0].tolist()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_dense_step_tree_pass_equals_transformer_forward(dtype, tol):
+    """The tree pass through DenseStep gives Transformer.forward's logits for the same tree (by
+    value, fp32 and bf16 against an fp32 reference) and writes the same keys/values."""
+    model = _model(vocab=64, std=0.2)
+    prompt = torch.tensor([[3, 9, 27, 17, 5, 44]])
+    m = RecyclingMatrix(64, k=3)
+    m.table[:] = torch.randint(0, 64, m.table.shape, generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    tree = build_tree(m, 5, tree_template(9, k=3, max_depth=3))
+    ref_cache = KVCache.for_model(model, 1, 32)
+    model(prompt, cache=ref_cache)
+    want = model(tree.tokens[None], attn_mask=tree.mask[None], positions=6 + tree.depth[None], cache=ref_cache)[0]
+    low = _model(vocab=64, std=0.2).to(dtype)
+    cache = KVCache.for_model(low, 1, 32)
+    low(prompt, cache=cache)
+    got = DenseStep(low, 32).tree(tree.tokens, cache, 6, tree.depth, tree.mask)
+    assert int(cache.lengths[0]) == 6                      # the caller keeps the accepted path
+    torch.testing.assert_close(got.float(), want, atol=tol * float(want.abs().max()), rtol=0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(cache.k[:, :, :, :6 + len(tree.parent)], ref_cache.k[:, :, :, :6 + len(tree.parent)])
+
+
+def test_dynamic_tree_grows_best_first_under_the_budget():
+    m = RecyclingMatrix(10, k=2)
+    m.table[1] = torch.tensor([2, 3], dtype=torch.int32)
+    m.probs[1] = torch.tensor([0.9, 0.05])
+    m.table[2] = torch.tensor([4, 5], dtype=torch.int32)
+    m.probs[2] = torch.tensor([0.8, 0.1])
+    m.table[4] = torch.tensor([6, -1], dtype=torch.int32)
+    m.probs[4] = torch.tensor([0.5, 0.0])
+    t = build_dynamic_tree(m, 1, size=4, max_depth=8)
+    # values: 2: .9, 4: .72, 6: .36, 5: .09, 3: .05 -> the deep chain wins over the wide root
+    assert t.tokens.tolist() == [1, 2, 4, 6] and t.parent == [-1, 0, 1, 2]
+    assert t.expected == pytest.approx(0.9 + 0.72 + 0.36)
+    assert t.mask.tolist() == torch.ones(4, 4, dtype=torch.bool).tril().tolist()
+    t = build_dynamic_tree(m, 1, size=10, max_depth=8)
+    assert sorted(t.tokens.tolist()) == [1, 2, 3, 4, 5, 6]      # -1 and zero-probability entries never drafted
+    assert all(0 <= p < i for i, p in enumerate(t.parent) if i)
+    t = build_dynamic_tree(m, 1, size=10, max_depth=8, min_value=0.2)
+    assert t.tokens.tolist() == [1, 2, 4, 6]
+    assert build_dynamic_tree(m, 1, size=10, max_depth=1).tokens.tolist() == [1, 2, 3]
 
 
 def test_tree_template_is_bfs_ordered_and_tree_prunes_unknown_rows():
@@ -73,19 +115,21 @@ def test_matrix_update_keeps_topk_of_logits():
         m.update(torch.tensor([0]), torch.zeros(1, 7))
 
 
-@pytest.mark.parametrize("tree_size", [1, 12, 40])
-def test_token_recycling_greedy_equals_plain_greedy(tree_size):
+@pytest.mark.parametrize("tree_size,tree,min_accepted", [(1, "static", 0), (12, "static", 0), (40, "static", 0),
+                                                          (12, "dynamic", 0), (12, "static", 1.5)])
+def test_token_recycling_greedy_equals_plain_greedy(tree_size, tree, min_accepted):
+    """min_accepted 0: a tree every pass; 1.5: the back-off mixes in plain passes."""
     model = _model(std=0.2)   # a peaked random model: greedy falls into loops, so drafts get accepted
     matrix = RecyclingMatrix(64, k=8)
     total_passes = total_tokens = 0
     for s, prompt in enumerate(([1, 2, 3], [7, 7, 9, 11, 7, 7], list(range(20, 40)))):
         want = plain_generate(model, prompt, 40, temperature=0)
         got, stats = token_recycling_generate(model, prompt, max_new_tokens=40, temperature=0, seed=s,
-                                              matrix=matrix, tree_size=tree_size)
+                                              matrix=matrix, tree_size=tree_size, tree=tree, min_accepted=min_accepted)
         assert got.tolist() == want
         total_passes += stats.target_passes
         total_tokens += stats.new_tokens
-    if tree_size > 1:   # the trees did get verified and accepted (not only the root path)
+    if tree_size > 1 and min_accepted == 0:   # the trees did get verified and accepted (not only the root path)
         assert total_passes < 0.8 * (total_tokens - 3)
 
 
@@ -117,6 +161,15 @@ def test_layer_drafter_is_the_first_layers_with_shared_weights():
     assert got.tolist() == want and stats.draft_passes > 0
     with pytest.raises(ValueError, match="n_layers"):
         layer_drafter(model, 3)
+
+
+def test_dynamic_tree_gate_runs_plain_passes_with_the_plain_tokens():
+    model = _model(std=0.2)
+    want = plain_generate(model, [4, 5, 6], 24, temperature=0)
+    got, stats = token_recycling_generate(model, [4, 5, 6], max_new_tokens=24, temperature=0, tree="dynamic",
+                                          min_expected=1e9)
+    assert got.tolist() == want
+    assert stats.gated_passes == stats.target_passes == 23 and not stats.tree_nodes
 
 
 def test_eos_and_max_new_tokens_cut_the_output():
@@ -181,9 +234,11 @@ def _counts(tokens_list) -> torch.Tensor:
 SETTINGS = [dict(temperature=1.0), dict(temperature=0.8, top_k=4, top_p=0.9)]
 
 
-@pytest.mark.parametrize("settings,min_accepted", [(SETTINGS[0], 0.0), (SETTINGS[1], 0.0), (SETTINGS[0], 1.0)])
-def test_token_recycling_sampling_distribution_equals_plain(settings, min_accepted):
-    """min_accepted 0: a tree every pass; 1.0: the adaptive back-off mixes tree and plain passes."""
+@pytest.mark.parametrize("settings,min_accepted,tree", [(SETTINGS[0], 0.0, "static"), (SETTINGS[1], 0.0, "static"),
+                                                       (SETTINGS[0], 1.0, "static"), (SETTINGS[1], 0.0, "dynamic")])
+def test_token_recycling_sampling_distribution_equals_plain(settings, min_accepted, tree):
+    """min_accepted 0: a tree every pass; 1.0: the adaptive back-off mixes tree and plain passes;
+    dynamic: DySpec trees (pruned at node value 0.2)."""
     model = _model(vocab=V, std=0.5)
     exact = exact_joint(model, settings)
     matrix = RecyclingMatrix(V, k=3)   # shared across calls: hot trees from the first call on
@@ -191,12 +246,13 @@ def test_token_recycling_sampling_distribution_equals_plain(settings, min_accept
     for s in range(n):
         toks, stats = token_recycling_generate(model, PROMPT, max_new_tokens=N_NEW, seed=s, matrix=matrix,
                                                tree_size=10, k=3, min_accepted=min_accepted, backoff=1,
-                                               **settings)
+                                               tree=tree, min_value=0.2, **settings)
         got.append(toks.tolist())
         passes += stats.target_passes
         plain += stats.plain_passes
     assert passes < n * (N_NEW - 1)         # drafts were accepted, so verification mattered
     assert (plain > 0) == (min_accepted > 0)   # the back-off path ran exactly when enabled
+
     assert chi2_pvalue(_counts(got), exact) > 1e-3
     # power check: the same statistic rejects samples from a slightly different distribution
     other = exact_joint(model, {**settings, "temperature": settings["temperature"] * 1.3})
@@ -229,10 +285,18 @@ def test_bench_speculative_quick_writes_records(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     records = json.loads(js.read_text())
     impls = {r["impl"] for r in records}
-    assert {"mmfm", "mmfm_token_recycling", "mmfm_draft_model", "mmfm_maskgit"} <= impls
+    assert {"mmfm", "mmfm_token_recycling", "mmfm_token_recycling_dynamic", "mmfm_draft_model",
+            "mmfm_maskgit", "mmfm_verify_multi_draft"} <= impls
     for r in records:
-        assert r["bench"] == "speculative" and r["tokens_per_s"] > 0
-        if r["case"]["mode"] == "greedy":
+        assert r["bench"] == "speculative"
+        mode = r["case"]["mode"]
+        if mode in ("greedy", "sample", "masked"):
+            assert r["tokens_per_s"] > 0
+        if mode == "greedy":   # every impl computed the plain loop's tokens
             assert r["same_as_plain"] is True
         if r["impl"] == "mmfm_token_recycling":
             assert r["matrix_bytes"] == 256 * 8 * 4
+        if mode == "multidraft":   # measured RRS acceptance matches its exact rate, below the optimum
+            assert abs(r["acceptance"] - r["rrs_exact"]) < 5 * r["stderr"] + 1e-3
+            assert r["rrs_exact"] <= r["optimal"] + 1e-9
+    assert {r["case"]["mode"] for r in records} >= {"greedy", "sample", "tree_compare", "multidraft", "masked"}

@@ -8,8 +8,16 @@ and 8. Every impl generates exactly --new tokens per row (no stop token), prefil
 
 Without --model it uses runs/demo/export when present, else a random-weight model of the demo's
 shape (configs/models/small.yaml, vocabulary 3784) exported to a temporary folder: decoding cost
-does not depend on the weights' values. Implementations live in IMPLS (name -> function);
-`mmfm_token_recycling` (lossless speculative decoding, batch 1 rows only) is one of them.
+does not depend on the weights' values. Implementations live in IMPLS (name -> function).
+What each timed call covers (all rows of one batch, prefill included):
+    mmfm                   mmfm.generate.decode: ragged prefill, then DenseStep + the fused `sample`
+                           op per token (the loop `mmfm generate` runs)
+    hf_generate            LlamaForCausalLM.generate(do_sample=True) on the same weights
+    mmfm_token_recycling   batch 1 only: token_recycling_generate (static 20-node trees through
+                           DenseStep.tree, the adaptive back-off), a cold matrix per call; on random
+                           prompts there is little to recycle, so this row shows the back-off's
+                           cost, not a speed-up (that is `mmfm bench speculative`, on code)
+The fused sampling op must come from the compiled extension: the bench stops if it is missing.
 """
 from __future__ import annotations
 
@@ -83,8 +91,8 @@ if hf_available():
 
 def run_token_recycling(model, prompts: torch.Tensor, new: int, seed: int) -> torch.Tensor:
     """Lossless Token Recycling (docs/speculative.md), one row at a time, the same settings; the
-    recycling matrix starts cold each call. On random prompts there is little to recycle: its
-    figure on repetitive text is `mmfm bench speculative`."""
+    recycling matrix (and the back-off state it carries) starts cold each call. On random prompts
+    there is little to recycle: its figure on repetitive text is `mmfm bench speculative`."""
     from mmfm.generate.speculative import token_recycling_generate
 
     rows = []
@@ -143,6 +151,9 @@ def main(argv=None) -> int:
     args = parse_args(p, argv, cpu_only="measured here")
     if args is None:
         return 2
+    from mmfm.bench.speculative import require_compiled
+
+    require_compiled()
     new = args.new or (16 if args.quick else 128)
     batches = args.B or ((1,) if args.quick else (1, 8))
     repeats = 1 if args.quick else args.repeats

@@ -1,24 +1,39 @@
 """Benchmark of speculative and masked decoding against plain decoding, side by side in one
 process, on repetitive text (Python standard-library source from the running interpreter).
 
-Impls (rate tokens_per_s, the same model, KV cache and fused sample op throughout):
-    mmfm                    plain decoding: one cached forward and one `sample` per token
-    mmfm_token_recycling    Token Recycling (mmfm.generate.speculative.token_recycling_generate)
-    mmfm_draft_model        draft-model speculation, the drafter being the target's first
-                            --drafter-layers blocks (layer_drafter)
-Each case is a sampling mode: greedy (temperature 0; every impl must emit the plain tokens,
-checked and recorded as `same_as_plain`) and sample (temperature 1; lossless by construction and
-by tests/test_speculative.py). Records carry the acceptance length (tokens per target pass).
+Impls, and exactly what each timed call covers (one call per prompt, prompts in turn, the same
+model, settings and seeds; prefill included everywhere; no stop token, --new-tokens each):
+    mmfm                          the real decode loop `mmfm generate` runs: mmfm.generate.decode
+                                  (ragged prefill, then DenseStep + the fused `sample` op per
+                                  token), batch 1
+    mmfm_token_recycling          token_recycling_generate with the static template tree
+                                  (--tree-size nodes), tree passes through DenseStep.tree, the
+                                  adaptive back-off on; one matrix across the prompts (the
+                                  paper's hot start), fresh for every timed run
+    mmfm_token_recycling_dynamic  the same with DySpec dynamic trees (tree="dynamic")
+    mmfm_draft_model              draft_model_generate, the drafter being the target's first
+                                  --drafter-layers blocks (layer_drafter)
+Each case is a sampling mode: greedy (temperature 0; every impl must emit the plain loop's
+tokens, checked and recorded as `same_as_plain`) and sample (temperature 1; lossless by
+construction and by tests/test_speculative.py). Figures: wall ms and process CPU ms (median of
+--repeats interleaved rounds after a warm-up round; on a shared machine the CPU time is the
+steadier of the two), tokens/s and the acceptance length (tokens per target pass).
 
-Masked decoding (bench `speculative`, case `masked`): MaskGIT (--maskgit-steps full passes) vs
-ReCAP (the same step count, a full pass every --full-every steps), full passes, token evaluations
-and time; the speed-up is compute only (the demo model is not trained with the masked objective,
-so these records say nothing about sample quality; tests/test_masked_decode.py checks that on a
-trained tiny model).
+Case `tree_compare` (DySpec's claim): static template vs dynamic tree at the same node budget,
+back-off and gate off (a tree every pass), tokens per target pass in greedy and sample mode.
+Case `multidraft`: the optimal multi-draft acceptance rate (mmfm.generate.multidraft) for target
+and draft distributions taken from the model (target: the model's next-token distribution over
+its top --md-vocab tokens at a prompt position; draft: the layer drafter's over the same tokens),
+beside recursive rejection sampling's exact rate and the rate measured with verify_multi_draft.
 
-The model: --model (an `mmfm export` folder, default runs/demo/export, the folder `make demo` writes; with its vocab.json
-and text tokenizer), or, when that folder does not exist, a byte-level model of the demo's
-shape trained here for --train-steps on standard-library source (stated in every record).
+Masked decoding (case `masked`): MaskGIT (--maskgit-steps full passes) vs ReCAP (the same step
+count, a full pass every --full-every steps), full passes, token evaluations and time; the
+speed-up is compute only (the demo model is not trained with the masked objective).
+
+The model: --model (an `mmfm export` folder, default runs/demo/export; its vocab.json and text
+tokenizer under tokenizers/text or --tokenizers), or, when that folder does not exist, a
+byte-level model of the demo's shape trained here for --train-steps on standard-library source.
+The fused sampling op must come from the compiled extension: the bench stops if it is missing.
 
     mmfm bench speculative [--json PATH] [--quick] [--model DIR]
 """
@@ -33,7 +48,10 @@ import time
 
 import torch
 
+from mmfm import _ext
 from mmfm.bench.common import base_parser, machine, parse_args, record, report
+from mmfm.generate.decode import SamplingConfig, decode
+from mmfm.generate.multidraft import optimal_acceptance, rrs_acceptance
 from mmfm.generate.masked import maskgit_decode, recap_decode
 from mmfm.generate.recycling import RecyclingMatrix
 from mmfm.generate.speculative import draft_model_generate, layer_drafter, token_recycling_generate
@@ -51,15 +69,16 @@ def stdlib_sources(n: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ models
-def load_export(folder: str):
-    """(model, encode(text) -> global ids, description) from an `mmfm export` folder."""
+def load_export(folder: str, tokenizers: str | None = None):
+    """(model, encode(text) -> global ids, description) from an `mmfm export` folder (its text
+    tokenizer under `tokenizers`/text, default the folder's tokenizers/)."""
     from mmfm.models.io import load
     from mmfm.tokenizers import load_tokenizer
     from mmfm.vocab import Vocab
 
     model = load(folder)
     vocab = Vocab.load(os.path.join(folder, "vocab.json"))
-    text_dir = os.path.join(folder, "tokenizers", "text")
+    text_dir = os.path.join(tokenizers or os.path.join(folder, "tokenizers"), "text")
     tok_dirs = [d for d in (os.path.join(text_dir, "tokenizer"), text_dir)
                 if os.path.exists(os.path.join(d, "tokenizer.yaml")) or glob.glob(os.path.join(d, "*.model"))]
     if not tok_dirs:
@@ -122,33 +141,37 @@ def byte_model(steps: int, seed: int = 0, cache: bool = True):
 
 
 # ------------------------------------------------------------------------------------ decoding
+def require_compiled() -> None:
+    """The impls are named for mmfm's compiled ops: stop rather than time the references."""
+    if not _ext.extension_loaded() or not _ext.compiled(torch.zeros(1)):
+        raise SystemExit(f"bench: the compiled extension mmfm._C is not in use ({_ext.load_error()}); "
+                         f"{_ext.BUILD_HINT}")
+
+
 @torch.no_grad()
 def plain_generate(model, prompt, max_new_tokens, seed, **settings):
-    """The baseline: one cached forward per token and the fused sample op."""
-    cache = KVCache.for_model(model, batch=1, capacity=len(prompt) + max_new_tokens + 1)
-    logits = model(torch.tensor([prompt]), cache=cache)[0, -1:]
-    out = []
-    for step in range(max_new_tokens):
-        t = sampling.sample(logits, **settings, seed=seed, offset=step)
-        out.append(int(t[0]))
-        if len(out) == max_new_tokens:
-            break
-        logits = model(t[None], cache=cache)[0, -1:]
-    return out, None
+    """The baseline: the decode loop of `mmfm generate` (mmfm.generate.decode: DenseStep + sample)."""
+    rows = decode(model, [torch.tensor(prompt)], None, SamplingConfig(**settings), max_new_tokens=max_new_tokens,
+                  seed=seed, stop_on_done=False)
+    return rows[0].tolist(), None
 
 
-def run_impl(name, model, drafter, prompts, args, settings):
-    """(seconds, outputs, stats list) over all prompts; Token Recycling keeps one matrix across
-    the prompts (the paper's hot start), fresh for every timed run."""
+IMPLS = ("mmfm", "mmfm_token_recycling", "mmfm_token_recycling_dynamic", "mmfm_draft_model")
+
+
+def run_impl(name, model, drafter, prompts, args, settings, **extra):
+    """(wall seconds, CPU seconds, outputs, stats list, matrix) over all prompts; Token Recycling
+    keeps one matrix across the prompts (the paper's hot start), fresh for every timed run."""
     matrix = RecyclingMatrix(model.cfg.vocab_size, k=args.k)
     outs, stats = [], []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i, p in enumerate(prompts):
         if name == "mmfm":
             o, s = plain_generate(model, p, args.new_tokens, i, **settings)
-        elif name == "mmfm_token_recycling":
+        elif name.startswith("mmfm_token_recycling"):
+            tree = "dynamic" if name.endswith("dynamic") else "static"
             o, s = token_recycling_generate(model, p, max_new_tokens=args.new_tokens, seed=i, matrix=matrix,
-                                            tree_size=args.tree_size, **settings)
+                                            tree_size=args.tree_size, tree=tree, **settings, **extra)
             o = o.tolist()
         else:
             o, s = draft_model_generate(model, drafter, p, max_new_tokens=args.new_tokens, seed=i,
@@ -156,42 +179,50 @@ def run_impl(name, model, drafter, prompts, args, settings):
             o = o.tolist()
         outs.append(o)
         stats.append(s)
-    return time.perf_counter() - t0, outs, stats, matrix
+    return time.perf_counter() - t0, time.process_time() - c0, outs, stats, matrix
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
 
 
 def bench_decoding(model, encode, desc, args) -> list[dict]:
     sources = stdlib_sources(args.prompts)
     prompts = [encode(s)[:args.prompt_tokens] for s in sources]
     drafter = layer_drafter(model, args.drafter_layers)
-    impls = ["mmfm", "mmfm_token_recycling", "mmfm_draft_model"]
+    impls = [n for n in IMPLS if n in args.impls]
     records = []
     for mode in args.modes:
         settings = MODES[mode]
         case = {"mode": mode, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
                 "new_tokens": args.new_tokens, "model": desc}
-        runs = {name: [] for name in impls}
+        wall = {name: [] for name in impls}
+        cpu = {name: [] for name in impls}
         results = {}
         for name in impls:                        # warm-up (untimed)
             run_impl(name, model, drafter, prompts[:1], args, settings)
         for _ in range(args.repeats):             # interleaved, so load changes hit every impl alike
             for name in impls:
-                sec, outs, stats, matrix = run_impl(name, model, drafter, prompts, args, settings)
-                runs[name].append(sec)
+                sec, csec, outs, stats, matrix = run_impl(name, model, drafter, prompts, args, settings)
+                wall[name].append(sec)
+                cpu[name].append(csec)
                 results[name] = (outs, stats, matrix)
         plain_outs = results["mmfm"][0]
         for name in impls:
             outs, stats, matrix = results[name]
-            sec = sorted(runs[name])[len(runs[name]) // 2]
+            sec, csec = _median(wall[name]), _median(cpu[name])
             n_tok = sum(len(o) for o in outs)
-            fig = {"ms": sec * 1e3, "tokens_per_s": n_tok / sec, "tokens": n_tok}
+            fig = {"ms": sec * 1e3, "cpu_ms": csec * 1e3, "tokens_per_s": n_tok / sec, "tokens": n_tok}
             if stats[0] is not None:
                 passes = sum(s.target_passes for s in stats)
                 fig["acceptance_length"] = round(sum(s.new_tokens - 1 for s in stats) / max(passes, 1), 3)
                 fig["target_passes"] = passes
+                fig["tree_passes"] = sum(len(s.tree_nodes) for s in stats)
+                fig["plain_passes"] = sum(s.plain_passes + s.gated_passes for s in stats)
             else:
                 fig["acceptance_length"] = 1.0
                 fig["target_passes"] = n_tok - len(outs)
-            if name == "mmfm_token_recycling":
+            if name.startswith("mmfm_token_recycling"):
                 fig["matrix_bytes"] = matrix.nbytes
                 fig["tree_size"] = args.tree_size
             if name == "mmfm_draft_model":
@@ -201,6 +232,59 @@ def bench_decoding(model, encode, desc, args) -> list[dict]:
                 fig["same_as_plain"] = outs == plain_outs
             records.append(record("speculative", case, name, **fig))
     return records
+
+
+def bench_tree_compare(model, encode, desc, args) -> list[dict]:
+    """Tokens per target pass, static template vs dynamic tree at the same node budget, with a
+    tree every pass (back-off and gate off), on the same prompts, one matrix per run."""
+    prompts = [encode(s)[:args.prompt_tokens] for s in stdlib_sources(args.prompts)]
+    out = []
+    for mode in args.modes:
+        for size in args.compare_sizes:
+            case = {"mode": "tree_compare", "sampling": mode, "tree_size": size, "prompts": len(prompts),
+                    "new_tokens": args.new_tokens, "model": desc}
+            for tree in ("static", "dynamic"):
+                matrix = RecyclingMatrix(model.cfg.vocab_size, k=args.k)
+                stats = [token_recycling_generate(model, p, max_new_tokens=args.new_tokens, seed=i, matrix=matrix,
+                                                  tree_size=size, tree=tree, min_accepted=0, min_value=0.0,
+                                                  min_expected=0.0, **MODES[mode])[1] for i, p in enumerate(prompts)]
+                passes = sum(s.target_passes for s in stats)
+                nodes = [n for s in stats for n in s.tree_nodes]
+                out.append(record("speculative", case, f"mmfm_token_recycling_{tree}",
+                                  acceptance_length=round(sum(s.new_tokens - 1 for s in stats) / passes, 3),
+                                  target_passes=passes, mean_tree_nodes=round(sum(nodes) / len(nodes), 2)))
+    return out
+
+
+@torch.no_grad()
+def bench_multidraft(model, encode, desc, args) -> list[dict]:
+    """Optimal vs recursive-rejection acceptance on distributions from the model and its drafter."""
+    prompt = encode(stdlib_sources(1)[0])[:args.prompt_tokens]
+    ids = torch.tensor([prompt])
+    target = torch.softmax(model(ids)[0].double(), -1)
+    draft = torch.softmax(layer_drafter(model, args.drafter_layers)(ids)[0].double(), -1)
+    V, N = args.md_vocab, args.md_samples
+    out = []
+    for pos in args.md_positions:
+        pos = min(pos, len(prompt) - 1)
+        top = target[pos].topk(V).indices
+        p = target[pos, top] / target[pos, top].sum()
+        q = draft[pos, top] / draft[pos, top].sum()
+        for k in (1, 2, 3):
+            for rep in (True, False):
+                case = {"mode": "multidraft", "position": pos, "vocab": V, "k": k, "replacement": rep,
+                        "tv_distance": round(0.5 * float((p - q).abs().sum()), 4), "model": desc}
+                g = torch.Generator().manual_seed(pos * 10 + k)
+                cand = torch.multinomial(q.float().expand(N, V), k, replacement=rep, generator=g)
+                _, idx = sampling.verify_multi_draft(p.float().expand(N, V).contiguous(),
+                                                     q.float().expand(N, V).contiguous(), cand, replacement=rep,
+                                                     seed=pos, offset=k)
+                measured = float((idx >= 0).double().mean())
+                out.append(record("speculative", case, "mmfm_verify_multi_draft", acceptance=round(measured, 4),
+                                  stderr=round((measured * (1 - measured) / N) ** 0.5, 4),
+                                  rrs_exact=round(rrs_acceptance(p, q, k, rep), 4),
+                                  optimal=round(optimal_acceptance(p, q, k, rep), 4)))
+    return out
 
 
 def bench_masked(model, args) -> list[dict]:
@@ -233,16 +317,24 @@ def bench_masked(model, args) -> list[dict]:
 def main(argv=None) -> int:
     p = base_parser("speculative", __doc__.split("\n\n")[0], threads_help="0 = leave as is")
     p.add_argument("--model", default="runs/demo/export", help="an `mmfm export` folder (default: the one make demo writes)")
+    p.add_argument("--tokenizers", default=None, help="folder holding the export's tokenizers (default MODEL/tokenizers)")
     p.add_argument("--train-steps", type=int, default=300,
                    help="steps of the byte-level stand-in model when --model does not exist")
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
+    p.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS))
+    p.add_argument("--cases", nargs="*", default=["decode", "tree_compare", "multidraft", "masked"],
+                   choices=["decode", "tree_compare", "multidraft", "masked"])
     p.add_argument("--prompts", type=int, default=3, help=f"stdlib modules used as prompts (of {PROMPT_MODULES})")
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--tree-size", type=int, default=20, help="draft-tree nodes (20 suits a small model on CPU)")
+    p.add_argument("--compare-sizes", type=int, nargs="*", default=[10, 20], help="tree sizes of case tree_compare")
     p.add_argument("--k", type=int, default=8, help="candidates per matrix row")
     p.add_argument("--num-draft", type=int, default=4)
     p.add_argument("--drafter-layers", type=int, default=1)
+    p.add_argument("--md-vocab", type=int, default=6, help="multidraft: tokens kept of each distribution")
+    p.add_argument("--md-positions", type=int, nargs="*", default=[40, 120, 200])
+    p.add_argument("--md-samples", type=int, default=40000)
     p.add_argument("--masked-length", type=int, default=256)
     p.add_argument("--masked-batch", type=int, default=1)
     p.add_argument("--maskgit-steps", type=int, default=12)
@@ -250,19 +342,30 @@ def main(argv=None) -> int:
     args = parse_args(p, argv, cpu_only="wired up")
     if args is None:
         return 2
+    require_compiled()
     if args.quick:
         args.prompts, args.new_tokens, args.prompt_tokens, args.repeats = 1, 16, 32, 1
         args.masked_length, args.maskgit_steps, args.train_steps = 16, 4, min(args.train_steps, 5)
+        args.compare_sizes, args.md_positions, args.md_samples = [6], [10], 2000
     if os.path.exists(os.path.join(args.model, "mmfm_model.json")):
-        model, encode, desc = load_export(args.model)
+        model, encode, desc = load_export(args.model, args.tokenizers)
     else:
         print(f"# {args.model} is not an export folder: using a byte-level stand-in model", file=sys.stderr)
         model, encode, desc = byte_model(args.train_steps, cache=not args.quick)
     print(f"# speculative benchmark on {machine()}; model: {desc}", file=sys.stderr)
-    records = bench_decoding(model, encode, desc, args) + bench_masked(model, args)
-    return report(records, args.json, summary(records), figures=("ms", "tokens_per_s", "acceptance_length",
+    records = []
+    if "decode" in args.cases:
+        records += bench_decoding(model, encode, desc, args)
+    if "tree_compare" in args.cases:
+        records += bench_tree_compare(model, encode, desc, args)
+    if "multidraft" in args.cases:
+        records += bench_multidraft(model, encode, desc, args)
+    if "masked" in args.cases:
+        records += bench_masked(model, args)
+    return report(records, args.json, summary(records), figures=("ms", "cpu_ms", "tokens_per_s", "acceptance_length",
                                                                  "target_passes", "full_passes", "cheap_passes",
-                                                                 "same_as_plain"))
+                                                                 "same_as_plain", "acceptance", "rrs_exact",
+                                                                 "optimal"))
 
 
 def summary(records: list[dict]) -> list[str]:
@@ -270,14 +373,18 @@ def summary(records: list[dict]) -> list[str]:
     base = {}
     for r in records:
         if r["impl"] in ("mmfm", "mmfm_maskgit"):
-            base[r["case"]["mode"]] = r["tokens_per_s"]
+            base[r["case"]["mode"]] = r
     for r in records:
         b = base.get(r["case"]["mode"])
         if b and r["impl"] not in ("mmfm", "mmfm_maskgit"):
             extra = f", acceptance length {r['acceptance_length']}" if "acceptance_length" in r else \
                 f", {r['full_passes']} full + {r['cheap_passes']} cheap passes"
-            ratio = r["tokens_per_s"] / b
-            lines.append(f"{r['case']['mode']}: {r['impl']} {ratio:.2f}x the baseline's tokens/s{extra}")
+            cpu = f", {b['cpu_ms'] / r['cpu_ms']:.2f}x by CPU time" if "cpu_ms" in r and "cpu_ms" in b else ""
+            lines.append(f"{r['case']['mode']}: {r['impl']} {b['ms'] / r['ms']:.2f}x the baseline's speed by wall "
+                         f"time{cpu}{extra}")
+        if r["case"]["mode"] == "tree_compare":
+            lines.append(f"tree_compare {r['case']['sampling']} size {r['case']['tree_size']}: {r['impl']} "
+                         f"{r['acceptance_length']} tokens per pass")
     return lines
 
 

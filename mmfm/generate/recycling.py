@@ -5,10 +5,18 @@ after some occurrence of t (int32 [V, k], -1 = never seen). Each verification pa
 logits of every tree node, so its top-k rows replace the matrix rows of those nodes' tokens:
 candidates the model already computed are "recycled" as future drafts at no extra model cost.
 
-The draft tree has a fixed shape (a template of (parent, rank) nodes, chosen once); filling it
-is a BFS over the matrix: the root is the last emitted token, and node (parent, r) gets
-matrix[token(parent), r]. Nodes whose matrix entry is unknown are dropped together with their
-subtrees, so the tree shrinks while the matrix is cold and never drafts a made-up token.
+Two tree shapes:
+
+  * static (the paper's): a fixed template of (parent, rank) nodes, chosen once; filling it is a
+    BFS over the matrix: the root is the last emitted token, and node (parent, r) gets
+    matrix[token(parent), r]. Nodes whose matrix entry is unknown are dropped together with
+    their subtrees, so the tree shrinks while the matrix is cold and never drafts a made-up token.
+  * dynamic (DySpec's greedy expansion): the matrix also keeps the probability the target gave
+    each recycled candidate; a node's value is the product of those probabilities along its
+    path - under one-hot drafts, the chance that the node ends up on the accepted path if the
+    recycled probabilities still hold - and the tree grows best-first by value up to the node
+    budget. Where the target was confident the tree goes deep, where it was not it goes wide or
+    stops, instead of the template's one shape for every context.
 """
 from __future__ import annotations
 
@@ -32,6 +40,11 @@ class RecyclingMatrix:
         if not 1 <= k <= vocab_size:
             raise ValueError(f"RecyclingMatrix: k must lie in [1, vocab_size={vocab_size}], got {k}")
         self.table = torch.full((vocab_size, k), -1, dtype=torch.int32, device=device)
+        # the target's probability of each candidate when it was recycled (dynamic trees' values)
+        self.probs = torch.zeros((vocab_size, k), dtype=torch.float32, device=device)
+        # the adaptive back-off's state (plain passes left, next pause; speculative.py): it travels
+        # with the matrix, so a hot start also remembers that trees were losing on this kind of text
+        self.backoff: tuple[int, int] | None = None
 
     @property
     def k(self) -> int:
@@ -43,17 +56,29 @@ class RecyclingMatrix:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the candidate table (the paper's figure; the probability table doubles it)."""
         return self.table.numel() * self.table.element_size()
 
     @torch.no_grad()
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Row tokens[i] <- the k highest-logit tokens of logits[i] ([N] ids, [N, V] logits).
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, temperature: float | None = None) -> None:
+        """Row tokens[i] <- the k highest-logit tokens of logits[i] ([N] ids, [N, V] logits), and,
+        when temperature is given, their probabilities softmax(logits[i] / temperature) (0 counts
+        as 1) for dynamic trees; the static tree needs no probabilities, so it skips their cost.
         A token occurring twice keeps one of its rows; both are fresh candidates, so either is fine."""
         if logits.shape[-1] != self.vocab_size:
             raise ValueError(f"RecyclingMatrix.update: logits have {logits.shape[-1]} columns, the matrix "
                              f"was built for vocab_size={self.vocab_size}")
-        top = logits.reshape(-1, logits.shape[-1]).topk(self.k, dim=-1).indices
-        self.table[tokens.reshape(-1).to(self.table.device, torch.long)] = top.to(self.table.device, torch.int32)
+        z = logits.reshape(-1, logits.shape[-1])
+        rows = tokens.reshape(-1).to(self.table.device, torch.long)
+        if temperature is None:
+            self.table[rows] = z.topk(self.k, dim=-1).indices.to(self.table.device, torch.int32)
+            return
+        z = z.float()
+        if temperature and temperature != 1.0:
+            z = z / temperature
+        top = z.topk(self.k, dim=-1)
+        self.table[rows] = top.indices.to(self.table.device, torch.int32)
+        self.probs[rows] = (top.values - z.logsumexp(-1, keepdim=True)).exp_().to(self.probs.device)
 
 
 @dataclass(frozen=True)
@@ -103,6 +128,7 @@ class DraftTree:
     depth: torch.Tensor         # int64 [n]
     mask: torch.Tensor          # bool [n, n]: node i sees node j iff j is i or an ancestor of i
     children: list[list[int]]   # child node indices of each node, in rank order
+    expected: float = 0.0       # dynamic trees: sum of the drafts' path values (estimated accepted drafts)
 
 
 def ancestor_mask(parent: list[int]) -> torch.Tensor:
@@ -116,6 +142,66 @@ def ancestor_mask(parent: list[int]) -> torch.Tensor:
 @functools.lru_cache(maxsize=32)
 def _template_mask(template: TreeTemplate) -> torch.Tensor:
     return ancestor_mask(list(template.parent))
+
+
+def _mask_from_parents(parent: list[int]) -> torch.Tensor:
+    """bool [n, n] ancestor mask built in Python lists and written with one index op."""
+    anc: list[list[int]] = []
+    rows, cols = [], []
+    for i, p in enumerate(parent):
+        a = ([] if p < 0 else anc[p]) + [i]
+        anc.append(a)
+        rows += [i] * len(a)
+        cols += a
+    m = torch.zeros(len(parent), len(parent), dtype=torch.bool)
+    m[rows, cols] = True
+    return m
+
+
+@torch.no_grad()
+def build_dynamic_tree(matrix: RecyclingMatrix, root: int, size: int, max_depth: int = 8,
+                       min_value: float = 0.0) -> DraftTree:
+    """DySpec's greedy expansion over the recycled candidates: up to `size` nodes (root
+    included), each added node being the frontier candidate of highest path value (product of
+    the recycled probabilities from the root); parents come before their children, so the
+    order is a valid tree order for the mask and the walk. Growth stops early when the best
+    candidate's value is below min_value (DySpec's threshold: a node that would be accepted
+    that rarely is not worth its share of the pass). Unknown entries (-1) and zero
+    probabilities are never drafted; the matrix must have been updated with a temperature."""
+    if size < 1 or max_depth < 1:
+        raise ValueError(f"build_dynamic_tree: size and max_depth must be >= 1, got {size}, {max_depth}")
+    table, probs = matrix.table, matrix.probs
+    rows: dict[int, tuple[list[int], list[float]]] = {}
+    tok, parent, depth, value = [root], [-1], [0], [1.0]
+    heap: list = []
+    tie = 0
+
+    def push(i: int) -> None:
+        nonlocal tie
+        if depth[i] >= max_depth:
+            return
+        t = tok[i]
+        row = rows.get(t)
+        if row is None:
+            row = rows[t] = (table[t].tolist(), probs[t].tolist())
+        for c, pc in zip(*row):
+            if c >= 0 and pc > 0:
+                tie += 1
+                heapq.heappush(heap, (-value[i] * pc, tie, i, c))
+
+    push(0)
+    while len(tok) < size and heap and -heap[0][0] >= min_value:
+        neg, _, par, t = heapq.heappop(heap)
+        tok.append(t)
+        parent.append(par)
+        depth.append(depth[par] + 1)
+        value.append(-neg)
+        push(len(tok) - 1)
+    children: list[list[int]] = [[] for _ in tok]
+    for i, p in enumerate(parent[1:], start=1):
+        children[p].append(i)
+    return DraftTree(torch.tensor(tok), parent, torch.tensor(depth), _mask_from_parents(parent), children,
+                     sum(value[1:]))
 
 
 @torch.no_grad()

@@ -6,10 +6,12 @@ Both emit tokens distributed exactly as plain sampling from the target under the
 and with temperature 0 exactly the plain greedy tokens:
 
   * Token Recycling drafts are deterministic, so a node's children x_1..x_K (distinct tokens) are
-    K drafts with one-hot draft distributions; verify_multi_draft's recursive rejection sampling
-    with per-draft q_i = onehot(x_i) accepts x_i with probability r_i(x_i) and otherwise removes
-    x_i from the residual, so the token it returns is distributed as p. Descending into the
-    accepted child and repeating is sequential sampling along the tree.
+    K drafts with one-hot draft distributions; recursive rejection sampling with q_i =
+    onehot(x_i) accepts x_i with probability p(x_i) and otherwise removes x_i from the residual,
+    which is the same as one draw t ~ p accepted as the child holding t. So every node gets one
+    draw from a single `sample` call and the walk descends while the draw is a child: sequential
+    sampling along the tree. The target's passes run through DenseStep (the plain loop's step;
+    DenseStep.tree for the tree pass).
   * Draft-model drafts are sampled from the drafter's processed distribution q and verified with
     verify_chain (accept with min(1, p/q), residual norm(max(0, p - q))).
 
@@ -22,8 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmfm.generate.recycling import RecyclingMatrix, build_tree, tree_template
 from mmfm.generate.decode import modality_ids
+from mmfm.generate.recycling import RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
+from mmfm.generate.step import DenseStep
 from mmfm.models.kv_cache import KVCache
 from mmfm.ops import sampling
 
@@ -36,7 +39,8 @@ class SpecStats:
     drafted: int = 0             # draft tokens offered to the target
     accepted: int = 0            # draft tokens the target accepted
     tree_nodes: list[int] = field(default_factory=list, repr=False)   # nodes per pass (recycling)
-    plain_passes: int = 0        # recycling passes run without drafts (adaptive back-off)
+    plain_passes: int = 0        # recycling passes run without drafts by the adaptive back-off
+    gated_passes: int = 0        # dynamic trees: passes run without drafts as too few were expected to pass
 
     @property
     def acceptance_length(self) -> float:
@@ -49,7 +53,7 @@ class SpecStats:
                 "draft_passes": self.draft_passes, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_length": round(self.acceptance_length, 4),
                 "mean_tree_nodes": round(sum(self.tree_nodes) / len(self.tree_nodes), 2) if self.tree_nodes else 0,
-                "plain_passes": self.plain_passes}
+                "plain_passes": self.plain_passes, "gated_passes": self.gated_passes}
 
 
 def sampling_settings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, allowed_mask=None) -> dict:
@@ -101,23 +105,94 @@ def _finish(out: list[int], max_new_tokens: int, eos_id: int | None) -> tuple[li
 
 
 # ------------------------------------------------------------------------------ Token Recycling
+class _Target:
+    """The target model's passes for batch-1 speculative decoding: through DenseStep (the plain
+    decode loop's step, mmfm/generate/step.py) for dense models, through Transformer.forward for
+    modality-sparse ones. `length` mirrors cache.lengths[0] on the host, so no pass reads it back."""
+
+    def __init__(self, model, cache: KVCache, modality_table):
+        self.model, self.cache, self.table = model, cache, modality_table
+        self.step = DenseStep(model, cache.capacity) if model.cfg.groups == 1 else None
+        self.length = 0
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, L] -> logits [L, V]."""
+        logits = self.model(ids, modality_ids=modality_ids(self.model, ids, self.table), cache=self.cache)[0]
+        self.length = ids.shape[1]
+        return logits
+
+    def one(self, token: torch.Tensor) -> torch.Tensor:
+        """token [1] int64 -> logits [1, V] (a plain decode step)."""
+        if self.step is not None:
+            lg = self.step(token, self.cache, self.length + 1, False)
+        else:
+            x = token[None]
+            lg = self.model(x, modality_ids=modality_ids(self.model, x, self.table), cache=self.cache)[0]
+        self.length += 1
+        return lg
+
+    def tree(self, tree) -> torch.Tensor:
+        """All nodes of `tree` in one pass -> logits [n, V]; the caller then calls keep()."""
+        dev = self.cache.k.device
+        tokens, depth, mask = tree.tokens.to(dev), tree.depth.to(dev), tree.mask.to(dev)
+        if self.step is not None:
+            return self.step.tree(tokens, self.cache, self.length, depth, mask)
+        x = tokens[None]
+        return self.model(x, modality_ids=modality_ids(self.model, x, self.table), attn_mask=mask[None],
+                          positions=self.length + depth[None], cache=self.cache)[0]
+
+    def keep(self, path: list[int]) -> None:
+        """Compact the accepted nodes (tree indices, ascending, root first) to the front of the
+        tree's slots. A path along the first nodes is already in place (chains, the rank-0 spine
+        of small trees): only the length moves."""
+        start = self.length
+        if path != list(range(len(path))):
+            self.cache.keep(0, start, torch.tensor(path))
+        self.length = start + len(path)
+        self.cache.lengths.fill_(self.length)
+
+
+TREES = ("static", "dynamic")
+GREEDY_VALUE_TEMPERATURE = 0.25   # dynamic trees in greedy decoding: the temperature of the node values (picked on the demo export among 1, 0.5, 0.25, 0.1)
+
+
 @torch.no_grad()
 def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                              top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0, seed: int | None = None,
                              eos_id: int | None = None, matrix: RecyclingMatrix | None = None, tree_size: int = 40,
                              k: int = 8, max_depth: int = 8, warm_from_prompt: bool = True,
                              modality_table: torch.Tensor | None = None,
-                             allowed_mask: torch.Tensor | None = None, min_accepted: float = 1.0,
-                             backoff: int = 8) -> tuple[torch.Tensor, SpecStats]:
+                             allowed_mask: torch.Tensor | None = None, min_accepted: float = 1.5,
+                             backoff: int = 8, max_backoff: int = 512,
+                             tree: str = "static", min_value: float = 0.0,
+                             min_expected: float = 0.0) -> tuple[torch.Tensor, SpecStats]:
     """Generate up to max_new_tokens after prompt_ids with Token Recycling; returns (int64 [n]
     new tokens, SpecStats). `matrix` (a RecyclingMatrix) is updated in place, so passing the same
     one across calls keeps its candidates (the paper's hot start); warm_from_prompt also fills it
-    from the prefill's logits. tree_size / k / max_depth shape the static draft tree.
+    from the prefill's logits. tree_size / k / max_depth shape the draft tree; tree = "static"
+    (the paper's template) or "dynamic" (DySpec's greedy expansion by recycled probabilities,
+    recycling.build_dynamic_tree; min_value stops its growth at nodes whose estimated chance of
+    acceptance is below it, so a dynamic tree may use fewer than tree_size nodes; when the
+    tree's expected accepted drafts, the sum of its node values, is below min_expected, the pass
+    is a plain one-token step: a tree pass has a fixed extra cost, worth paying only for about
+    half a token or more).
 
-    Adaptive back-off: a tree pass costs more than a one-token pass (about 2x for a small model on
-    a CPU), so when the running mean of accepted drafts per tree pass falls below min_accepted,
-    the next `backoff` passes feed the last token alone (a plain step; the matrix still learns
-    from its logits) before a tree is tried again. Which draft is offered never changes the output
+    Verification: the drafts are deterministic (one-hot draft distributions), and recursive
+    rejection sampling over one-hot drafts x_1..x_K accepts x_i with probability p(x_i) and
+    otherwise draws from p with the x_i removed - which is one draw t ~ p, accepted as the child
+    holding t if there is one. So one `sample` call draws a token at every node (temperature 0:
+    the argmax, the plain loop's op and tie rule), and the walk descends while the drawn token is
+    a child. A node's draw is used only if the walk reaches it, and draws are independent, so the
+    emitted tokens are distributed exactly as plain sampling (tests/test_speculative.py).
+
+    Adaptive back-off: a tree pass costs more than a one-token pass, so when the running mean of
+    accepted drafts per tree pass falls below min_accepted, the next passes feed the last token
+    alone (a plain DenseStep step; the matrix still learns from its logits) before a tree is
+    tried again. The pause starts at `backoff` passes and grows after each losing probe (2x in
+    greedy decoding, 4x when sampling), up to max_backoff; a winning probe resets it. A probe that accepts nothing ends the tree run at
+    once, so a losing tree costs one pass. The back-off state is kept on the matrix
+    (matrix.backoff), so calls sharing a matrix share it too. The default min_accepted = 1.5 is for a small
+    model on a CPU, where a 20-node tree pass costs about 2.5 one-token passes. Which draft is offered never changes the output
     distribution (it depends only on the past), so this stays lossless. min_accepted=0 disables it."""
     _check_common(max_new_tokens, seed)
     settings = sampling_settings(temperature, top_k, top_p, min_p, typical_p, allowed_mask)
@@ -129,86 +204,110 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         matrix = RecyclingMatrix(V, k, device="cpu")
     elif matrix.vocab_size != V:
         raise ValueError(f"matrix: built for vocab_size={matrix.vocab_size}, the model has {V}")
-    template = tree_template(tree_size, matrix.k, max_depth)
-    if not isinstance(backoff, int) or backoff < 0:
-        raise ValueError(f"backoff: expected an int >= 0, got {backoff!r}")
+    if tree not in TREES:
+        raise ValueError(f"tree: expected one of {', '.join(TREES)}, got {tree!r}")
+    if not isinstance(tree_size, int) or tree_size < 1:
+        raise ValueError(f"tree_size: expected an int >= 1, got {tree_size!r}")
+    template = tree_template(tree_size, matrix.k, max_depth) if tree == "static" else None
+    for name, val in (("backoff", backoff), ("max_backoff", max_backoff)):
+        if not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {val!r}")
     if not min_accepted >= 0:
         raise ValueError(f"min_accepted: expected a number >= 0, got {min_accepted!r}")
-    accepted_ema, skip = None, 0   # running mean of accepted drafts per tree pass; plain passes left
+    # running mean per tree pass; plain passes left; the next pause (carried over on the matrix)
+    accepted_ema = None
+    # greedy: a losing stretch is usually transient (the output leaves a repetitive loop and
+    # re-enters one), so the pause doubles; sampling: acceptance follows the entropy of the
+    # distribution, which persists, so it grows 4x and losing probes stay rare
+    growth = 2 if greedy else 4
+    skip, pause = (0, backoff) if matrix.backoff is None or min_accepted == 0 else matrix.backoff
     rng = _Rng(seed)
     stats = SpecStats()
-    cache = KVCache.for_model(model, batch=1, capacity=ids.shape[1] + max_new_tokens + len(template) + 1)
-    logits = model(ids, modality_ids=modality_ids(model, ids, modality_table), cache=cache)[0]
+    cache = KVCache.for_model(model, batch=1, capacity=ids.shape[1] + max_new_tokens + tree_size + 1)
+    target = _Target(model, cache, modality_table)
+    logits = target.prefill(ids)
+    # probabilities only where a tree uses them; greedy accepts a draft iff it is the argmax, which
+    # sharpened probabilities estimate better than the temperature-1 ones
+    T = (float(temperature) or GREEDY_VALUE_TEMPERATURE) if tree == "dynamic" else None
     if warm_from_prompt:
-        matrix.update(ids[0, 1:], logits[:-1])   # logits[i] predicts the token after ids[i]
-    matrix.update(ids[0, -1:], logits[-1:])
-    out = [int(sampling.sample(logits[-1:], **settings, **rng.next())[0])]
-    out, stop = _finish(out, max_new_tokens, eos_id)
+        matrix.update(ids[0, 1:], logits[:-1], T)   # logits[i] predicts the token after ids[i]
+    matrix.update(ids[0, -1:], logits[-1:], T)
+    first = sampling.sample(logits[-1:], **settings, **rng.next())
+    out = [int(first[0])]
+    stop = len(out) >= max_new_tokens or out[-1] == eos_id
+    last = first
+    # plain passes' logits wait here and enter the matrix 16 at a time (one topk instead of 16)
+    pend_logits = torch.empty(16, V, dtype=logits.dtype, device=device)
+    pend_tokens: list[int] = []
+
+    def flush() -> None:
+        if pend_tokens:
+            matrix.update(torch.tensor(pend_tokens), pend_logits[:len(pend_tokens)], T)
+            pend_tokens.clear()
+
     while not stop:
-        if skip > 0:   # back-off: a plain one-token step (the same draw as a one-node tree)
-            skip -= 1
-            last = torch.tensor([[out[-1]]], dtype=torch.long, device=device)
-            lg = model(last, modality_ids=modality_ids(model, last, modality_table), cache=cache)[0]
-            stats.target_passes += 1
-            stats.plain_passes += 1
-            matrix.update(last[0], lg)
-            if greedy:
-                nxt = sampling.sample(lg, temperature=0, seed=0, allowed_mask=settings["allowed_mask"])
+        dt = gated = None
+        if skip == 0:
+            flush()
+        if skip == 0 and template is None:
+            dt = build_dynamic_tree(matrix, out[-1], tree_size, max_depth, min_value)
+            gated = dt.expected < min_expected
+        if skip > 0 or gated:   # a plain one-token step (the same draw as a one-node tree)
+            if gated:
+                stats.gated_passes += 1
             else:
-                nxt = sampling.sample(lg, **settings, **rng.next())
-            out, stop = _finish(out + [int(nxt[0])], max_new_tokens, eos_id)
+                skip -= 1
+                stats.plain_passes += 1
+            lg = target.one(last)
+            stats.target_passes += 1
+            pend_logits[len(pend_tokens)].copy_(lg[0])
+            pend_tokens.append(out[-1])
+            if len(pend_tokens) == len(pend_logits):
+                flush()
+            last = sampling.sample(lg, **settings, **rng.next())
+            t = int(last[0])
+            out.append(t)
+            stop = len(out) >= max_new_tokens or t == eos_id
             continue
-        tree = build_tree(matrix, out[-1], template)
-        start = int(cache.lengths[0])
-        node_ids = tree.tokens.to(device)[None]
-        logits = model(node_ids, modality_ids=modality_ids(model, node_ids, modality_table),
-                       attn_mask=tree.mask.to(device)[None], positions=start + tree.depth.to(device)[None],
-                       cache=cache)[0]
+        if template is not None:
+            dt = build_tree(matrix, out[-1], template)
+        n = len(dt.parent)
+        logits = target.tree(dt)
         stats.target_passes += 1
-        stats.tree_nodes.append(len(tree.parent))
-        stats.drafted += len(tree.parent) - 1
-        path, emitted = _walk_tree(tree, logits, settings, greedy, rng)
+        stats.tree_nodes.append(n)
+        stats.drafted += n - 1
+        draws = sampling.sample(logits, **settings, **rng.next()).tolist()
+        tokens = dt.tokens.tolist()
+        cur, path = 0, [0]
+        while True:
+            t = draws[cur]
+            out.append(t)
+            if t == eos_id or len(out) >= max_new_tokens:
+                stop = True
+                break
+            cur = next((c for c in dt.children[cur] if tokens[c] == t), -1)
+            if cur < 0:
+                break
+            path.append(cur)
         stats.accepted += len(path) - 1
-        if len(tree.parent) > 1 and min_accepted > 0:
+        matrix.update(dt.tokens, logits, T)
+        target.keep(path)
+        last = torch.tensor([out[-1]], dtype=torch.long, device=device)
+        if n > 1 and min_accepted > 0:
             a = float(len(path) - 1)
             accepted_ema = a if accepted_ema is None else 0.7 * accepted_ema + 0.3 * a
             if accepted_ema < min_accepted:
-                skip, accepted_ema = backoff, None   # the next probe starts a fresh mean
-        matrix.update(tree.tokens, logits)
-        cache.keep(0, start, torch.tensor(path))
-        out, stop = _finish(out + emitted, max_new_tokens, eos_id)
+                skip, accepted_ema = pause, None   # the next probe starts a fresh mean
+                pause = min(pause * growth, max(max_backoff, backoff))
+            else:
+                pause = backoff
+    flush()
+    matrix.backoff = (skip, pause)
+    if eos_id is not None and eos_id in out:
+        out = out[:out.index(eos_id) + 1]
+    out = out[:max_new_tokens]
     stats.new_tokens = len(out)
     return torch.tensor(out, dtype=torch.long), stats
-
-
-def _walk_tree(tree, logits: torch.Tensor, settings: dict, greedy: bool, rng: _Rng) -> tuple[list[int], list[int]]:
-    """Verify the tree from the root: (accepted node path starting at the root, emitted tokens =
-    the accepted drafts then the target's own next token)."""
-    tokens = tree.tokens.tolist()
-    if greedy:   # the same op and tie rule as plain greedy decoding, for every node at once
-        best = sampling.sample(logits, temperature=0, seed=0, allowed_mask=settings['allowed_mask']).tolist()
-    else:
-        probs = sampling.processed_probs(logits, **settings)
-    cur, path, emitted = 0, [0], []
-    while True:
-        kids = tree.children[cur]
-        if greedy:
-            t = best[cur]
-            hit = next((c for c in kids if tokens[c] == t), -1)
-        elif not kids:
-            t, hit = int(sampling.sample(logits[cur:cur + 1], **settings, **rng.next())[0]), -1
-        else:
-            cand = torch.tensor([[tokens[c] for c in kids]], dtype=torch.long, device=logits.device)
-            onehot = torch.zeros(1, len(kids), logits.shape[-1], dtype=probs.dtype, device=logits.device)
-            onehot.scatter_(2, cand[:, :, None], 1.0)
-            tok, idx = sampling.verify_multi_draft(probs[cur:cur + 1], onehot, cand, replacement=True, **rng.next())
-            t, i = int(tok[0]), int(idx[0])
-            hit = kids[i] if i >= 0 else -1
-        emitted.append(t)
-        if hit < 0:
-            return path, emitted
-        path.append(hit)
-        cur = hit
 
 
 # ---------------------------------------------------------------------------------- draft model

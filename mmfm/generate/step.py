@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 class DenseStep:
     """step(tokens [B], cache, upto, ragged) -> logits [B, V]; appends to `cache` and advances its
-    lengths."""
+    lengths. step.tree(...) feeds a draft tree of one row (speculative decoding) the same way."""
 
     def __init__(self, model, capacity: int):
         cfg = model.cfg
@@ -103,4 +103,42 @@ class DenseStep:
             gu = torch.mm(x, w_gu).mul_(self._inv_rms(x))
             x = torch.addmm(x, F.silu(gu[:, :self.ffn]).mul_(gu[:, self.ffn:]), w_down)
         cache.lengths += 1
+        return torch.mm(x, self.head_t).mul_(self._inv_rms(x))
+
+    @torch.no_grad()
+    def tree(self, tokens: torch.Tensor, cache, start: int, depth: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Feed the n nodes of one draft tree to row 0 of `cache` in one pass; logits [n, V].
+
+        tokens [n] int64 (node 0 = the last emitted token, the root); depth [n] int64 (node i sits
+        at position start + depth[i]); mask bool [n, n]: node i sees node j (itself and its
+        ancestors). Keys/values go to slots [start, start + n) of row 0 and cache.lengths is left
+        as it was: the caller keeps the accepted path (KVCache.keep) and sets the length. The
+        same arithmetic as __call__ (and as Transformer.forward with attn_mask), n rows at once;
+        start = the row's current length, passed by the caller so there is no host read."""
+        n = tokens.shape[0]
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        nqk = (H + Hkv) * hd
+        upto = start + n
+        if upto > cache.capacity:
+            raise ValueError(f"DenseStep.tree: {n} nodes after {start} cached tokens exceed the cache's capacity "
+                             f"{cache.capacity}")
+        pos = depth + start
+        cos = self.cos[pos][:, None, :]                                    # [n, 1, hd]
+        sin = self.sin[pos][:, None, :]
+        # additive float mask, made once per pass (a bool mask is converted by SDPA in every layer)
+        attn = torch.zeros(n, upto, dtype=self.embed.dtype, device=tokens.device)
+        attn[:, start:].masked_fill_(~mask, float("-inf"))
+        attn = attn[None, None]                                            # [1, 1, n, upto]
+        x = F.embedding(tokens, self.embed)                                # [n, D]
+        for (w_qkv, w_o, w_gu, w_down), (kc, vc) in zip(self.layers, self._layer_views(cache)):
+            qkv = torch.mm(x, w_qkv).mul_(self._inv_rms(x))
+            qk = qkv[:, :nqk].view(n, H + Hkv, hd)
+            qk = torch.addcmul(qk * cos, torch.roll(qk, hd // 2, -1), sin)
+            kc[0, :, start:upto] = qk[:, H:].transpose(0, 1)
+            vc[0, :, start:upto] = qkv[:, nqk:].view(n, Hkv, hd).transpose(0, 1)
+            att = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1)[None], kc[:1, :, :upto],
+                                                 vc[:1, :, :upto], attn_mask=attn, enable_gqa=H != Hkv)
+            x = torch.addmm(x, att[0].transpose(0, 1).reshape(n, H * hd), w_o)
+            gu = torch.mm(x, w_gu).mul_(self._inv_rms(x))
+            x = torch.addmm(x, F.silu(gu[:, :self.ffn]).mul_(gu[:, self.ffn:]), w_down)
         return torch.mm(x, self.head_t).mul_(self._inv_rms(x))
