@@ -99,8 +99,7 @@ class ObjectiveStep(TrainStep):
     def micro(self, engine, prep, rows):
         from mmfm.objectives import model_loss_and_report
 
-        mask = None if prep.attn_mask is None else prep.attn_mask[rows]
-        sub = type(prep)(prep.input_ids[rows], prep.modality_ids[rows], prep.labels[rows], prep.label_mod[rows], mask)
+        sub = prep.rows(rows)
         local_sum, s, c = model_loss_and_report(engine, sub, self.objective.weights, denominator=1.0)
         return local_sum, torch.cat([s.to(torch.float64), c.to(torch.float64)])
 
