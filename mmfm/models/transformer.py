@@ -412,6 +412,9 @@ class Transformer(nn.Module):
             return F.linear(x, self.embed_tokens.weight)
         return self.lm_head(x)
 
+    # torch.compile (train.compile): the decoder compiles as one graph; the fused loss head runs eagerly
+    # after it (its labelled-row selection and its chunk loop have data-dependent shapes), one break by design
+    @torch.compiler.disable
     def _loss_head(self, x: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor | None):
         if labels.shape != x.shape[:2]:
             raise ValueError(f"labels: expected [B, L] = {list(x.shape[:2])} like ids, got {list(labels.shape)}")
