@@ -29,7 +29,7 @@ def runs(tmp_path_factory):
     v.save(d / "vocab.json")
     synthetic_token_corpus(str(d / "shards"), v, n=60)
     common = [f"model={REPO}/configs/models/tiny.yaml", f"deepspeed={REPO}/configs/deepspeed/zero3.json",
-              f"data.shards={d}/shards", "data.eval_shards=", f"data.vocab={d}/vocab.json", "data.mix={}",
+              f"data.shards={d}/shards", "data.eval_shards=''", f"data.vocab={d}/vocab.json", "data.mix={}",
               "data.caption_dropout=0.0", "data.seq_len=64", "data.shuffle_buffer=8", "optim.lr=0.01",
               "optim.warmup_steps=1", "train.steps=3", "train.micro_batch=4", "train.log_every=1",
               "train.checkpoint_every=0", "train.progress=false", "train.plot=false", "train.peak_flops=1e9"]

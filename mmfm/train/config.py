@@ -41,6 +41,15 @@ class DataSection:
     # modalities not named are left out). mmfm.train.tokens.token_dataset; the log's mix_<m> is
     # the realised share of labelled tokens
     mix: dict[str, float] = field(default_factory=dict)
+    # several shard sets by name, e.g. {web: "web/tokens-*.tar", books: "books/*.tar"}, instead of
+    # `shards`; source_weights: {web: 0.7, books: 0.3} (a source not named weighs 1). Without mix a
+    # sample comes from source s with probability w_s / sum(w); with mix, modality m keeps its share
+    # mix_m and the sources holding m split it by their weights (mmfm.train.tokens.mixture_sources).
+    # The log's mix_source_<s> is the realised share of the step's tokens
+    sources: dict[str, str] = field(default_factory=dict)
+    source_weights: dict[str, float] = field(default_factory=dict)
+    # draw shards with replacement, forever (epoch-free streaming; always on with mix or sources)
+    resampled: bool = False
     # probability that a caption-then-modality training sample loses its caption (classifier-free
     # guidance's unconditional branch: mmfm.train.tokens.caption_dropout)
     caption_dropout: float = 0.0
@@ -294,6 +303,11 @@ def validate(cfg: RunConfig) -> None:
         (d.pack in ("concat", "whole"), "data.pack", f"expected concat or whole, got {d.pack!r}"),
         (0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}"),
         (all(w > 0 for w in d.mix.values()), "data.mix", f"weights must be > 0, got {d.mix}"),
+        (not (d.sources and d.shards), "data.sources",
+         f"give data.shards or data.sources, not both (shards is {d.shards!r})"),
+        (all(w > 0 for w in d.source_weights.values()), "data.source_weights", f"weights must be > 0, got {d.source_weights}"),
+        (set(d.source_weights) <= set(d.sources), "data.source_weights",
+         f"names {sorted(set(d.source_weights) - set(d.sources))} are not in data.sources ({sorted(d.sources)})"),
     ]
     checks += switch_checks(t, cfg.deepspeed)
     if t.freeze_text_steps:
