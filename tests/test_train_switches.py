@@ -175,3 +175,26 @@ def test_every_mmfm_op_has_a_fake_and_compiles_fullgraph():
             if w is not None:
                 torch.testing.assert_close(h, w, msg=name)
         torch.testing.assert_close(comp_args[0], eager_args[0], msg=f"{name}: in-place result")
+
+
+def test_doctor_prints_the_latest_runs_peak_memory(tmp_path, monkeypatch):
+    """mmfm doctor's peak-memory row reads the newest metrics.jsonl under ./runs (or --run DIR)."""
+    import json
+    import os
+    import time
+
+    from mmfm.doctor import peak_memory_row
+    from mmfm.train.metrics import JsonlLogger, peak_memory
+
+    monkeypatch.chdir(tmp_path)
+    assert "no training metrics found" in peak_memory_row()[1]
+    for i, name in enumerate(("old", "new")):
+        log = JsonlLogger(f"runs/{name}/pretrain/metrics.jsonl")
+        log(1, {"loss": 1.0, **peak_memory()})
+        log(2, {"loss": 0.9, "peak_memory_mb": 123.4 + i, "peak_memory_kind": "cpu_peak_rss"})
+        log(2, {"eval_loss": 0.8})                              # an eval row without the figure
+        os.utime(f"runs/{name}/pretrain/metrics.jsonl", (time.time() + i, time.time() + i))
+    assert peak_memory_row()[1].startswith("124.4 MB (cpu_peak_rss) at step 2 of runs/new/pretrain/metrics.jsonl")
+    assert peak_memory_row("runs/old/pretrain")[1].startswith("123.4 MB")
+    first = json.loads(open("runs/old/pretrain/metrics.jsonl").readline())
+    assert first["peak_memory_kind"] == "cpu_peak_rss" and first["peak_memory_mb"] > 10
