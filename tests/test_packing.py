@@ -117,6 +117,6 @@ def test_packed_training_loss_and_gradients_equal_the_samples_alone():
         s.backward()
         total, n_alone = total + float(s.detach()), n_alone + int(c.sum())
     assert int(counts.sum()) == n_alone          # no label crosses from one sample to the next
-    assert abs(float(loss) - total) < 1e-4 * total
+    assert abs(float(loss.detach()) - total) < 1e-4 * total
     for n, p in model.named_parameters():
         torch.testing.assert_close(packed[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)

@@ -198,3 +198,21 @@ def test_doctor_prints_the_latest_runs_peak_memory(tmp_path, monkeypatch):
     assert peak_memory_row("runs/old/pretrain")[1].startswith("123.4 MB")
     first = json.loads(open("runs/old/pretrain/metrics.jsonl").readline())
     assert first["peak_memory_kind"] == "cpu_peak_rss" and first["peak_memory_mb"] > 10
+
+
+def test_switch_fields_are_typed_and_checked():
+    from mmfm.train.config import load_run_config
+    from mmfm.typed_config import ConfigError
+
+    cfg = load_run_config("configs/pretrain/demo.yaml", ["train.activation_checkpointing=selective", "train.compile=true",
+                                                         "train.precision=bf16_autocast", "train.offload_params=true",
+                                                         "deepspeed=configs/deepspeed/zero3.json"])
+    t = cfg.train
+    assert (t.activation_checkpointing, t.compile, t.precision, t.offload_params) == ("selective", True, "bf16_autocast", True)
+    for bad, field in [(["train.activation_checkpointing=half"], "train.activation_checkpointing"),
+                       (["train.compile=3"], "train.compile"), (["train.precision=fp16"], "train.precision"),
+                       (["train.offload_params=true"], "train.offload_params"),      # demo.yaml is ZeRO-2
+                       (["objective.loss_on=caption"], "objective.loss_on"),
+                       (["objective.kind=masked", "objective.loss_on=generated"], "objective.loss_on")]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_run_config("configs/pretrain/demo.yaml", bad)

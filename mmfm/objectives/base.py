@@ -41,11 +41,7 @@ class ObjectiveConfig:
 
     def validate(self, names: list[str]) -> None:
         OBJECTIVES.get(self.kind)   # "kind: unknown objective ...; expected one of: ..."
-        if self.loss_on not in LOSS_ON:
-            raise ValueError(f"loss_on: expected one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
-        if self.loss_on != "all" and self.kind != "ar":
-            raise ValueError(f"loss_on: {self.loss_on!r} is for kind ar (next-token); kind {self.kind!r} "
-                             "chooses its own targets")
+        _check_loss_on(self)
         for k, v in self.loss_weights.items():
             if k not in names:
                 raise ValueError(f"loss_weights.{k}: unknown modality; the vocabulary has {', '.join(names)}")
@@ -226,7 +222,21 @@ def _gamma(alpha: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def objective_config_from_dict(section, where: str) -> ObjectiveConfig:
     """An `objective:` section -> ObjectiveConfig, its `kind` checked against the registry (the
     modality names in it are checked by build_objective, which has the vocabulary)."""
-    return OBJECTIVES.config_from_dict(section, where)
+    from mmfm.typed_config import ConfigError
+
+    cfg = OBJECTIVES.config_from_dict(section, where)
+    try:
+        _check_loss_on(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
+    return cfg
+
+
+def _check_loss_on(cfg: ObjectiveConfig) -> None:
+    if cfg.loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on: expected one of {', '.join(LOSS_ON)}, got {cfg.loss_on!r}")
+    if cfg.loss_on != "all" and cfg.kind != "ar":
+        raise ValueError(f"loss_on: {cfg.loss_on!r} is for kind ar (next-token); kind {cfg.kind!r} chooses its own targets")
 
 
 def build_objective(cfg: ObjectiveConfig, vocab) -> Objective:
