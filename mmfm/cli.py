@@ -115,7 +115,9 @@ def cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description="multimodal foundation models over one token vocabulary")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("doctor", help="report the install: packages, extension, compiled ops, nvcc")
+    doctor = sub.add_parser("doctor", help="report the install: packages, extension, compiled ops, nvcc, a run's peak memory")
+    doctor.add_argument("--run", default="", help="a training output folder (its metrics.jsonl) whose peak memory to "
+                        "print; default: the newest metrics.jsonl under ./runs")
     demo = sub.add_parser("demo", help="run a demo")
     demo.add_argument("name", nargs="?", default="e2e", help="which demo: e2e (default, the main job) or quant")
     demo.add_argument("--out", default=None, help="folder for the demo's outputs (runs/demo, runs/demo_quant)")

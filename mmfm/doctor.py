@@ -1,7 +1,9 @@
 """`mmfm doctor`: what this install has, and whether it is broken.
 
 Prints Python, torch (CUDA build or not), DeepSpeed and its accelerator, webdataset,
-sentencepiece, flash-attn, whether mmfm._C loaded and its ops, OpenMP threads, nvcc.
+sentencepiece, flash-attn, whether mmfm._C loaded and its ops, OpenMP threads, nvcc, and the peak
+memory of the latest training run (the last `peak_memory_mb` of its metrics.jsonl: CUDA allocator
+peak or CPU peak RSS, as the row's `peak_memory_kind` says; mmfm/train/metrics.py).
 Optional pieces that are absent (flash-attn without CUDA, nvcc, the compiled extension
 when the references can run) are reported, not failures. The exit code is non-zero only
 for a broken install: a required package that does not import.
@@ -48,7 +50,41 @@ def _nvcc() -> str:
         return f"{path} (did not run: {exc})"
 
 
-def report() -> tuple[list[tuple[str, str]], list[str]]:
+def latest_metrics(run: str = "", root: str = "runs") -> str | None:
+    """metrics.jsonl of `run` (a training output folder), or the newest one up to 3 levels under root."""
+    import glob
+
+    if run:
+        path = os.path.join(run, "metrics.jsonl")
+        return path if os.path.exists(path) else None
+    found = [p for depth in range(1, 4) for p in glob.glob(os.path.join(root, *["*"] * depth, "metrics.jsonl"))]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def peak_memory_row(run: str = "") -> tuple[str, str]:
+    """("peak memory", what the latest run logged) for the report."""
+    import json
+
+    path = latest_metrics(run)
+    if path is None:
+        where = os.path.join(run, "metrics.jsonl") if run else "./runs"
+        return "peak memory", f"no training metrics found ({where}); a training run logs peak_memory_mb per row"
+    last = None
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if "peak_memory_mb" in row:
+                last = row
+    if last is None:
+        return "peak memory", f"{path} has no peak_memory_mb (a run from before it was logged)"
+    return "peak memory", (f"{last['peak_memory_mb']:.1f} MB ({last.get('peak_memory_kind', 'unknown kind')}) "
+                           f"at step {last.get('step')} of {path}")
+
+
+def report(run: str = "") -> tuple[list[tuple[str, str]], list[str]]:
     """Rows (name, value) to print and the list of problems that make the install broken."""
     rows: list[tuple[str, str]] = []
     problems: list[str] = []
@@ -85,11 +121,12 @@ def report() -> tuple[list[tuple[str, str]], list[str]]:
         else:
             rows.append(("mmfm._C", f"NOT loaded: {_ext.load_error()}; reference ops run. {_ext.BUILD_HINT}"))
     rows.append(("nvcc", _nvcc()))
+    rows.append(peak_memory_row(run))
     return rows, problems
 
 
 def main(args=None) -> int:
-    rows, problems = report()
+    rows, problems = report(getattr(args, "run", "") or "")
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -197,7 +197,7 @@ def test_document_mask_keeps_each_packed_sample_to_itself():
         p = build_objective(ObjectiveConfig(kind="ar", document_mask=doc_mask), VOCAB).prepare(
             ids, table[ids], torch.ones_like(ids, dtype=torch.bool))
         with torch.no_grad():
-            return model(p.input_ids, p.modality_ids, p.attn_mask)[0, len(first):]
+            return model(p.input_ids, p.modality_ids, p.attn_mask, doc_ids=p.doc_ids)[0, len(first):]
 
     assert torch.allclose(logits_of_b(a, True), logits_of_b(a2, True), atol=1e-5)
     assert not torch.allclose(logits_of_b(a, False), logits_of_b(a2, False), atol=1e-3)

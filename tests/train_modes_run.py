@@ -42,6 +42,7 @@ if __name__ == "__main__":
             "optimizer": type(base).__name__, "bf16": bool(engine.bfloat16_enabled()),
             "param_dtype": str(next(engine.module.parameters()).dtype),
             "offload": bool(engine.zero_cpu_offload()), "zero_stage": int(engine.zero_optimization_stage()),
+            "offload_param": bool(engine.zero_offload_param()),
             "params": sum(p.numel() for p in engine.module.parameters()), "head_calls": dict(HEAD_CALLS)}
         del engine, res
     with open(out, "w") as f:

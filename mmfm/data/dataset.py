@@ -121,6 +121,8 @@ class ShardDataset(IterableDataset):
             samples = P.read_samples(shard_urls, bad)
             if src.modality is not None:
                 samples = P.select_modality(samples, src.modality)
+            if len(self.sources) > 1:   # which source each sample came from (the packer's source_ids)
+                samples = _tag_source(samples, i)
             streams.append(P.shuffle_buffer(samples, self.shuffle_buffer,
                                             P.make_rng(self.seed, epoch, g, P.PURPOSE_SHUFFLE, i)))
         stream = streams[0] if len(streams) == 1 else P.mix_streams(
@@ -177,6 +179,12 @@ class ShardDataset(IterableDataset):
             for u in s.shards:
                 h.update(u.encode() + b"\n")
         return h.hexdigest()[:16]
+
+
+def _tag_source(samples, index: int):
+    for s in samples:
+        s["__source__"] = index
+        yield s
 
 
 class ShardLoader:

@@ -34,14 +34,17 @@ class WorkerPosition:
     """Where one worker is: enough to rebuild its stream exactly."""
     epoch: int = 0
     consumed: int = 0  # samples pulled from the shuffled (and mixed) stream in this epoch
-    leftover: list = field(default_factory=list)  # packer carry: [[key, [tokens...]], ...]
+    leftover: list = field(default_factory=list)  # packer carry: [[key, [tokens...], source index], ...]
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "leftover": [[k, list(map(int, t))] for k, t in self.leftover]}
+        return {"epoch": self.epoch, "consumed": self.consumed,
+                "leftover": [[e[0], list(map(int, e[1])), *e[2:]] for e in self.leftover]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "WorkerPosition":
-        return cls(int(d["epoch"]), int(d["consumed"]), [[k, list(t)] for k, t in d.get("leftover", [])])
+        # states saved before the source index was carried have [key, tokens]: source 0
+        return cls(int(d["epoch"]), int(d["consumed"]),
+                   [[e[0], list(e[1]), int(e[2]) if len(e) > 2 else 0] for e in d.get("leftover", [])])
 
 
 # -- shard list ---------------------------------------------------------------------------
@@ -199,8 +202,9 @@ def pack_sequences(samples: Iterable[dict], seq_len: int, position: WorkerPositi
     tail without its condition.
 
     Each sequence: `tokens` (seq_len,), `segment_ids` (seq_len,) numbering the pieces inside it
-    (-1 on padding), `__key__` the list of sample keys it holds. The tokens not yet emitted live
-    in position.leftover, so a saved state carries them.
+    (-1 on padding), `source_ids` (seq_len,) the mixture source each token came from (a sample's
+    `__source__`, 0 without one; -1 on padding), `__key__` the list of sample keys it holds. The
+    tokens not yet emitted live in position.leftover, so a saved state carries them.
     """
     if mode not in PACK_MODES:
         raise ValueError(f"pack_sequences: mode must be one of {PACK_MODES}, got {mode!r}")
@@ -210,9 +214,10 @@ def pack_sequences(samples: Iterable[dict], seq_len: int, position: WorkerPositi
     def emit() -> dict:
         tokens = np.full(seq_len, pad_id, dtype=np.int64)
         segments = np.full(seq_len, -1, dtype=np.int32)
+        sources = np.full(seq_len, -1, dtype=np.int16)
         keys, filled, i = [], 0, 0
         while i < len(carry) and filled < seq_len:
-            key, toks = carry[i]
+            key, toks, src = carry[i]
             room = seq_len - filled
             if whole and len(toks) > room and not (filled == 0 and len(toks) > seq_len):
                 i += 1          # does not fit here, but would fit whole in a later sequence
@@ -220,20 +225,21 @@ def pack_sequences(samples: Iterable[dict], seq_len: int, position: WorkerPositi
             n = min(len(toks), room)
             tokens[filled:filled + n] = toks[:n]
             segments[filled:filled + n] = len(keys)
+            sources[filled:filled + n] = src
             keys.append(key)
             filled += n
             if n == len(toks):
                 carry.pop(i)
             else:
-                carry[i] = [key, toks[n:]]
-        return {"tokens": tokens, "segment_ids": segments, "__key__": keys}
+                carry[i] = [key, toks[n:], src]
+        return {"tokens": tokens, "segment_ids": segments, "source_ids": sources, "__key__": keys}
 
     def pending() -> int:
-        return sum(len(t) for _, t in carry)
+        return sum(len(e[1]) for e in carry)
 
     ready = 2 * seq_len if whole else seq_len
     for s in samples:
-        carry.append([s["__key__"], [int(t) for t in s["tokens"]]])
+        carry.append([s["__key__"], [int(t) for t in s["tokens"]], int(s.get("__source__", 0))])
         while pending() >= ready:
             yield emit()
     while pad_last and carry:
@@ -262,6 +268,7 @@ def collate_packed(batch: list[dict]) -> dict:
 
     return {"tokens": torch.from_numpy(np.stack([b["tokens"] for b in batch])),
             "segment_ids": torch.from_numpy(np.stack([b["segment_ids"] for b in batch])),
+            "source_ids": torch.from_numpy(np.stack([b["source_ids"] for b in batch])),
             "__key__": [b["__key__"] for b in batch]}
 
 

@@ -15,6 +15,19 @@ while the parameter count grows by the number of groups.
 
 Attention: flash-attn when importable and the input is on CUDA (causal masks only), otherwise
 torch's scaled_dot_product_attention; `attention: eager` is the plain softmax reference.
+
+Packed rows (`doc_ids` [B, L]: which sample of its row each token belongs to, as numbered by
+mmfm.objectives for `document_mask`): a token attends causally within its own sample only, and
+rotary positions restart at 0 with every sample, so a packed sample computes exactly what it would
+alone (tests/test_packing.py). On CUDA with flash-attn this is flash_attn_varlen_func over the
+samples laid end to end (no [L, L] mask is built); elsewhere SDPA with the block-diagonal causal
+mask (`document_mask`).
+
+Activation checkpointing (`set_activation_checkpointing`): "full" recomputes each block in
+backward from its input; "selective" recomputes only the cheap elementwise work (norms, rotary,
+SwiGLU's product) and keeps every matmul's and the attention's output (torch's selective
+checkpoint policy, as torchtitan's op-level AC): most of full's memory saving on the elementwise
+activations at a fraction of its recompute.
 """
 from __future__ import annotations
 
@@ -29,8 +42,11 @@ from mmfm.ops.linear_cross_entropy import linear_cross_entropy
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
+    from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
 except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _flash_attn_func = None
+    _flash_attn_func = _flash_attn_varlen_func = None
+
+CHECKPOINTING = ("none", "full", "selective")
 
 
 IGNORE_INDEX = -100   # mmfm.objectives' label for "no loss here"
@@ -126,7 +142,7 @@ class Attention(nn.Module):
         self.v_proj = GroupLinear(cfg.dim, cfg.n_kv_heads * hd, g)
         self.o_proj = GroupLinear(cfg.n_heads * hd, cfg.dim, g)
 
-    def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, upto: int = 0):
+    def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, upto: int = 0, docs=None):
         B, L, _ = x.shape
         c = self.cfg
         H, Hkv = c.n_heads, c.n_kv_heads
@@ -149,7 +165,7 @@ class Attention(nn.Module):
         if cache is not None:   # append this step's keys/values, attend over past + new
             cache.write(layer, k, v)
             k, v = cache.read(layer, upto)
-        out = attend(q, k, v, mask, c.attention)
+        out = attend(q, k, v, mask, c.attention, docs)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, H * self.hd), plan)
 
 
@@ -158,9 +174,67 @@ def _plain(*mods) -> bool:
     return all(type(m) is GroupLinear and m.groups == 1 for m in mods)
 
 
-def attend(q, k, v, mask, backend: str = "auto"):
-    """q [B, H, L, D], k/v [B, Hkv, L, D]; mask None = causal, else bool [B or 1, 1, L, L] (True = attend)."""
+class Documents:
+    """The samples packed in a batch's rows, from doc_ids [B, L] (equal ids = one sample; a
+    sample's tokens are contiguous). Built once per forward and shared by every layer."""
+
+    def __init__(self, doc_ids: torch.Tensor):
+        B, L = doc_ids.shape
+        self.shape = (B, L)
+        self.ids = doc_ids
+        idx = torch.arange(L, device=doc_ids.device).expand(B, L)
+        first = torch.ones_like(doc_ids, dtype=torch.bool)
+        first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        self.first = first                                   # a sample starts here
+        start = torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values
+        self.positions = idx - start                        # restart at 0 with every sample
+        self._varlen = self._mask = None
+
+    def mask(self) -> torch.Tensor:
+        """bool [B, 1, L, L]: causal and within the token's own sample (True = attend)."""
+        if self._mask is None:
+            L = self.shape[1]
+            causal = torch.ones(L, L, dtype=torch.bool, device=self.ids.device).tril()
+            self._mask = (causal[None] & (self.ids[:, :, None] == self.ids[:, None, :])).unsqueeze(1)
+        return self._mask
+
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens int32 [n + 1], max_seqlen) of the n samples laid end to end over the rows
+        (a row boundary always starts a sample), the layout of flash_attn_varlen_func."""
+        if self._varlen is None:
+            starts = torch.nonzero(self.first.reshape(-1)).squeeze(1)
+            total = torch.tensor([self.first.numel()], device=starts.device)
+            cu = torch.cat([starts, total]).to(torch.int32)
+            self._varlen = (cu, int((cu[1:] - cu[:-1]).max()))
+        return self._varlen
+
+
+def attend_varlen_reference(q, k, v, cu_seqlens: torch.Tensor):
+    """What flash_attn_varlen_func(causal=True) computes, in torch: q [T, H, D], k/v [T, Hkv, D]
+    (the rows' tokens end to end), each segment [cu[i], cu[i+1]) causal on its own. For tests of
+    the varlen layout on machines without flash-attn."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        seg = [t[a:b].transpose(0, 1)[None] for t in (q, k, v)]
+        out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True,
+                                                  enable_gqa=q.shape[1] != k.shape[1])[0].transpose(0, 1)
+    return out
+
+
+def attend(q, k, v, mask, backend: str = "auto", docs: Documents | None = None):
+    """q [B, H, L, D], k/v [B, Hkv, L, D]; mask None = causal, else bool [B or 1, 1, L, L] (True =
+    attend); docs: packed samples, each causal on its own (mask is then ignored)."""
     rep = q.shape[1] // k.shape[1]
+    if docs is not None:
+        if (backend in ("auto", "flash") and q.is_cuda and _flash_attn_varlen_func is not None
+                and q.dtype in (torch.float16, torch.bfloat16)):
+            B, H, L, D = q.shape
+            cu, longest = docs.varlen()
+            flat = [t.transpose(1, 2).reshape(B * L, t.shape[1], D) for t in (q, k, v)]
+            out = _flash_attn_varlen_func(*flat, cu, cu, longest, longest, causal=True)
+            return out.view(B, L, H, D).transpose(1, 2)
+        mask = docs.mask()
     if (backend in ("auto", "flash") and mask is None and q.is_cuda and _flash_attn_func is not None
             and q.dtype in (torch.float16, torch.bfloat16)):
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
@@ -179,6 +253,22 @@ def attend(q, k, v, mask, backend: str = "auto"):
     allowed = torch.ones(L, L, dtype=torch.bool, device=q.device).tril() if mask is None else mask
     s = s.masked_fill(~allowed, float("-inf"))
     return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+# what selective checkpointing keeps: the outputs of the matmuls and of attention (the expensive ops);
+# everything else in a block (norms, rotary, silu * up, residual adds) is recomputed in backward
+_SAVE_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten.linear.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default)
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
 
 
 class MLP(nn.Module):
@@ -205,8 +295,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = GroupRMSNorm(cfg.dim, cfg.norm_eps, cfg.groups)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, upto: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x, plan), plan, cos, sin, mask, cache, layer, upto)
+    def forward(self, x, plan, cos, sin, mask, cache=None, layer: int = 0, upto: int = 0, docs=None):
+        x = x + self.self_attn(self.input_layernorm(x, plan), plan, cos, sin, mask, cache, layer, upto, docs)
         return x + self.mlp(self.post_attention_layernorm(x, plan), plan)
 
 
@@ -247,6 +337,7 @@ class Transformer(nn.Module):
         self.norm = GroupRMSNorm(cfg.dim, cfg.norm_eps, cfg.groups)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.dim, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.checkpointing = "none"
         self.reset_parameters()
 
     @torch.no_grad()
@@ -261,16 +352,40 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """"none", "full" or "selective" (module docstring); takes effect in training mode only."""
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing: expected one of {', '.join(CHECKPOINTING)}, got {mode!r}")
+        self.checkpointing = mode
+
+    def _run_layer(self, layer, *args):
+        mode = getattr(self, "checkpointing", "none")
+        if mode == "none" or not self.training or not torch.is_grad_enabled() or args[5] is not None:
+            return layer(*args)
+        from torch.utils.checkpoint import checkpoint
+
+        kw = {"context_fn": _selective_context} if mode == "selective" else {}
+        return checkpoint(layer, *args, use_reentrant=False, **kw)
+
     def forward(self, ids: torch.Tensor, modality_ids: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache=None, counts: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 return_hidden: bool = False, *, labels: torch.Tensor | None = None,
-                label_weights: torch.Tensor | None = None):
+                label_weights: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
         B, L = ids.shape if ids is not None else inputs_embeds.shape[:2]
         if L > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds max_seq_len {self.cfg.max_seq_len}")
         plan = make_plan(modality_ids, self.cfg.groups)
         x = self.embed_tokens(ids) if inputs_embeds is None else inputs_embeds
+        docs = None
+        if doc_ids is not None:
+            if cache is not None or attn_mask is not None:
+                raise ValueError("doc_ids (packed samples) cannot be combined with cache= or attn_mask=")
+            if doc_ids.shape != (B, L):
+                raise ValueError(f"doc_ids: expected [B, L] = {[B, L]} like ids, got {list(doc_ids.shape)}")
+            docs = Documents(doc_ids)
+            if positions is None:
+                positions = docs.positions
         if cache is not None:
             if cache.batch != B:
                 raise ValueError(f"cache holds {cache.batch} rows but ids has {B}")
@@ -285,7 +400,7 @@ class Transformer(nn.Module):
             upto = 0
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, plan, cos, sin, mask, cache, i, upto)
+            x = self._run_layer(layer, x, plan, cos, sin, mask, cache, i, upto, docs)
         if cache is not None:
             cache.advance(L, counts)
         x = self.norm(x, plan)
@@ -297,6 +412,9 @@ class Transformer(nn.Module):
             return F.linear(x, self.embed_tokens.weight)
         return self.lm_head(x)
 
+    # torch.compile (train.compile): the decoder compiles as one graph; the fused loss head runs eagerly
+    # after it (its labelled-row selection and its chunk loop have data-dependent shapes), one break by design
+    @torch.compiler.disable
     def _loss_head(self, x: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor | None):
         if labels.shape != x.shape[:2]:
             raise ValueError(f"labels: expected [B, L] = {list(x.shape[:2])} like ids, got {list(labels.shape)}")
@@ -314,8 +432,9 @@ class Transformer(nn.Module):
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor | None = None,
              modality_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-             positions: torch.Tensor | None = None):
+             positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
         """(sum over labelled positions of label_weights * CE, per-position CE [B, L] fp32 detached,
         0 where labels == -100). Equals F.cross_entropy on forward()'s logits; the logits are never
         materialised. The trainer calls this through the engine as forward(..., labels=...)."""
-        return self(ids, modality_ids, attn_mask, positions, labels=labels, label_weights=label_weights)
+        return self(ids, modality_ids, attn_mask, positions, labels=labels, label_weights=label_weights,
+                    doc_ids=doc_ids)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from mmfm.registry import Registry
 
 IGNORE = -100
+LOSS_ON = ("all", "generated")
 # Every objective shares ObjectiveConfig; its `kind` field names the class.
 OBJECTIVES = Registry("objective", field="kind", default="ar", modules=("mmfm.objectives",))
 
@@ -19,7 +20,12 @@ class ObjectiveConfig:
     kind: str = "ar"                  # ar, masked, hybrid: a name in OBJECTIVES
     # ar: each packed sample (from its <bos>) attends only to itself, as it will at generation, where
     # a prompt has no earlier samples before it (without it, a caption can lean on a previous sample's)
+    # (positions restart at 0 with every sample, so a packed sample computes what it would alone)
     document_mask: bool = False
+    # ar: which tokens get a loss. all; or generated: only each packed sample's last modality segment
+    # (the tokens after its last <begin_M>, through <end_M> and <eos>), what a prompt asks the model
+    # to generate: image-then-caption data trains the caption only, caption-then-image the image only
+    loss_on: str = "all"
     # per-modality loss weights by name (text, image, ...; 'special' for <eos> and markers); 1.0 if absent
     loss_weights: dict[str, float] = field(default_factory=dict)
     # modalities whose tokens get no loss (e.g. [special]); names as in the vocabulary
@@ -35,6 +41,7 @@ class ObjectiveConfig:
 
     def validate(self, names: list[str]) -> None:
         OBJECTIVES.get(self.kind)   # "kind: unknown objective ...; expected one of: ..."
+        _check_loss_on(self)
         for k, v in self.loss_weights.items():
             if k not in names:
                 raise ValueError(f"loss_weights.{k}: unknown modality; the vocabulary has {', '.join(names)}")
@@ -59,6 +66,15 @@ class Prepared:
     labels: torch.Tensor
     label_mod: torch.Tensor
     attn_mask: torch.Tensor | None
+    # [B, L] which packed sample of its row each token is (objective.document_mask): the model
+    # then attends within samples and restarts positions (mmfm/models/transformer.py); attn_mask None
+    doc_ids: torch.Tensor | None = None
+
+    def rows(self, rows) -> "Prepared":
+        """These rows of the batch (a micro-batch)."""
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return Prepared(self.input_ids[rows], self.modality_ids[rows], self.labels[rows], self.label_mod[rows],
+                        pick(self.attn_mask), pick(self.doc_ids))
 
 
 class Objective:
@@ -87,12 +103,28 @@ class AR(Objective):
         labels[:, :-1] = torch.where(valid[:, 1:], ids[:, 1:], IGNORE)
         label_mod = torch.zeros_like(ids)
         label_mod[:, :-1] = modality_ids[:, 1:]
-        mask = None
-        if self.cfg.document_mask:
-            doc = (ids == self.vocab.bos_id).long().cumsum(1)                # [B, L]: which sample
-            L = ids.shape[1]
-            mask = torch.ones(L, L, dtype=torch.bool).tril()[None] & (doc[:, :, None] == doc[:, None, :])
-        return Prepared(ids, modality_ids, labels, label_mod, mask)
+        doc = (ids == self.vocab.bos_id).long().cumsum(1)                    # [B, L]: which sample
+        if self.cfg.loss_on == "generated":
+            target = torch.zeros_like(valid)
+            target[:, :-1] = self._generated(ids, doc)[:, 1:]
+            labels = torch.where(target, labels, IGNORE)
+        if not self.cfg.document_mask:
+            return Prepared(ids, modality_ids, labels, label_mod, None)
+        # a sample's last token would predict the next sample's <bos>: no label across samples, so a
+        # packed row's loss is the sum of its samples' own losses
+        labels[:, :-1] = torch.where(doc[:, 1:] != doc[:, :-1], IGNORE, labels[:, :-1])
+        return Prepared(ids, modality_ids, labels, label_mod, None, doc)
+
+    def _generated(self, ids, doc) -> torch.Tensor:
+        """bool [B, L]: the token lies after the last <begin_M> marker of its sample."""
+        B, L = ids.shape
+        begins = torch.tensor([self.vocab.begin_id(m) for m in self.vocab.ranges], dtype=ids.dtype)
+        t = torch.arange(L).expand(B, L)
+        key = doc + torch.arange(B)[:, None] * (L + 1)                       # one slot per (row, sample)
+        at = torch.where(torch.isin(ids, begins), t, torch.full_like(t, -1))
+        last = torch.full((B * (L + 1),), -1, dtype=t.dtype).scatter_reduce(0, key.reshape(-1), at.reshape(-1), "amax")
+        last = last[key]
+        return (last >= 0) & (t > last)
 
 
 @OBJECTIVES.register("masked", ObjectiveConfig)
@@ -190,7 +222,21 @@ def _gamma(alpha: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def objective_config_from_dict(section, where: str) -> ObjectiveConfig:
     """An `objective:` section -> ObjectiveConfig, its `kind` checked against the registry (the
     modality names in it are checked by build_objective, which has the vocabulary)."""
-    return OBJECTIVES.config_from_dict(section, where)
+    from mmfm.typed_config import ConfigError
+
+    cfg = OBJECTIVES.config_from_dict(section, where)
+    try:
+        _check_loss_on(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
+    return cfg
+
+
+def _check_loss_on(cfg: ObjectiveConfig) -> None:
+    if cfg.loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on: expected one of {', '.join(LOSS_ON)}, got {cfg.loss_on!r}")
+    if cfg.loss_on != "all" and cfg.kind != "ar":
+        raise ValueError(f"loss_on: {cfg.loss_on!r} is for kind ar (next-token); kind {cfg.kind!r} chooses its own targets")
 
 
 def build_objective(cfg: ObjectiveConfig, vocab) -> Objective:
@@ -223,7 +269,8 @@ def model_loss_and_report(model, prep: Prepared, weights: torch.Tensor, denomina
     so engine hooks such as ZeRO-3 parameter gathering apply)."""
     has = prep.labels != IGNORE
     w = weights.to(prep.labels.device)[prep.label_mod] * has
-    total, ce = model(prep.input_ids, prep.modality_ids, prep.attn_mask, labels=prep.labels, label_weights=w)
+    extra = {} if prep.doc_ids is None else {"doc_ids": prep.doc_ids}   # other models need not know doc_ids
+    total, ce = model(prep.input_ids, prep.modality_ids, prep.attn_mask, labels=prep.labels, label_weights=w, **extra)
     return _finish(ce.reshape(-1), total, w.reshape(-1), prep, len(weights), denominator)
 
 

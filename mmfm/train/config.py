@@ -41,6 +41,15 @@ class DataSection:
     # modalities not named are left out). mmfm.train.tokens.token_dataset; the log's mix_<m> is
     # the realised share of labelled tokens
     mix: dict[str, float] = field(default_factory=dict)
+    # several shard sets by name, e.g. {web: "web/tokens-*.tar", books: "books/*.tar"}, instead of
+    # `shards`; source_weights: {web: 0.7, books: 0.3} (a source not named weighs 1). Without mix a
+    # sample comes from source s with probability w_s / sum(w); with mix, modality m keeps its share
+    # mix_m and the sources holding m split it by their weights (mmfm.train.tokens.mixture_sources).
+    # The log's mix_source_<s> is the realised share of the step's tokens
+    sources: dict[str, str] = field(default_factory=dict)
+    source_weights: dict[str, float] = field(default_factory=dict)
+    # draw shards with replacement, forever (epoch-free streaming; always on with mix or sources)
+    resampled: bool = False
     # probability that a caption-then-modality training sample loses its caption (classifier-free
     # guidance's unconditional branch: mmfm.train.tokens.caption_dropout)
     caption_dropout: float = 0.0
@@ -82,7 +91,9 @@ class TrainSection:
     steps: int = 100
     micro_batch: int = 4        # sequences per rank per micro-step
     grad_accum: int = 1
-    precision: str = "fp32"     # fp32 or bf16
+    # fp32; bf16 (DeepSpeed's bf16: bf16 weights, fp32 master copy in the optimizer); or bf16_autocast
+    # (fp32 weights and optimizer, matmuls of the forward in bf16 under torch.autocast)
+    precision: str = "fp32"
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0         # 0 = at the start and the end only
@@ -93,6 +104,12 @@ class TrainSection:
     threads: int = 0            # torch threads per process (0 = torch's default)
     peak_flops: float = 0.0     # per process, for MFU; 0 = measured with a matmul at start
     offload_optimizer: bool = False  # ZeRO-Offload: DeepSpeedCPUAdam (JIT-compiles cpu_adam once)
+    # memory and speed switches (docs/training.md, "Memory and speed switches"); each gives the plain
+    # path's loss and gradients (tests/test_train_switches.py)
+    activation_checkpointing: str = "none"   # none, full (recompute each block), selective (keep matmuls)
+    compile: bool = False                    # torch.compile the model (nn.Module.compile, names unchanged)
+    compile_backend: str = "inductor"        # torch.compile backend (aot_eager: trace without codegen)
+    offload_params: bool = False             # ZeRO-3 parameter offload to CPU memory (needs stage 3)
     init_from: str = ""         # an export folder, a checkpoint folder, or a Hugging Face Llama folder (its
     #                             shape and weights; docs/huggingface.md) to start the weights from
     freeze_text_steps: int = 0  # with init_from: the first N optimizer steps train only the new (non-text)
@@ -260,11 +277,29 @@ def load_run_config(path, overrides: list[str] | None = None, model: ModelConfig
     return cfg
 
 
+PRECISIONS = ("fp32", "bf16", "bf16_autocast")
+
+
+def switch_checks(t: TrainSection, deepspeed: dict) -> list[tuple[bool, str, str]]:
+    """The memory and speed switches of a train section against the DeepSpeed JSON."""
+    from mmfm.models.transformer import CHECKPOINTING
+
+    zero = deepspeed.get("zero_optimization", {}) if isinstance(deepspeed, dict) else {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    return [
+        (t.activation_checkpointing in CHECKPOINTING, "train.activation_checkpointing",
+         f"expected one of {', '.join(CHECKPOINTING)}, got {t.activation_checkpointing!r}"),
+        (bool(t.compile_backend), "train.compile_backend", "expected a torch.compile backend name (e.g. inductor)"),
+        (not t.offload_params or stage == 3, "train.offload_params",
+         f"parameter offload needs ZeRO stage 3, the deepspeed config has stage {stage} (use deepspeed/zero3.json)"),
+    ]
+
+
 def validate(cfg: RunConfig) -> None:
     p = cfg.path
     t, o, d = cfg.train, cfg.optim, cfg.data
     checks = [
-        (t.precision in ("fp32", "bf16"), "train.precision", f"expected fp32 or bf16, got {t.precision!r}"),
+        (t.precision in PRECISIONS, "train.precision", f"expected {', '.join(PRECISIONS)}, got {t.precision!r}"),
         (t.steps >= 1, "train.steps", "must be >= 1"),
         (t.micro_batch >= 1, "train.micro_batch", "must be >= 1"),
         (t.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
@@ -279,7 +314,13 @@ def validate(cfg: RunConfig) -> None:
         (d.pack in ("concat", "whole"), "data.pack", f"expected concat or whole, got {d.pack!r}"),
         (0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}"),
         (all(w > 0 for w in d.mix.values()), "data.mix", f"weights must be > 0, got {d.mix}"),
+        (not (d.sources and d.shards), "data.sources",
+         f"give data.shards or data.sources, not both (shards is {d.shards!r})"),
+        (all(w > 0 for w in d.source_weights.values()), "data.source_weights", f"weights must be > 0, got {d.source_weights}"),
+        (set(d.source_weights) <= set(d.sources), "data.source_weights",
+         f"names {sorted(set(d.source_weights) - set(d.sources))} are not in data.sources ({sorted(d.sources)})"),
     ]
+    checks += switch_checks(t, cfg.deepspeed)
     if t.freeze_text_steps:
         zero = cfg.deepspeed.get("zero_optimization", {}) if isinstance(cfg.deepspeed, dict) else {}
         zero = zero if isinstance(zero, dict) else {}

@@ -88,12 +88,42 @@ def deepspeed_config(spec: EngineSpec, world_size: int) -> dict:
             raise ConfigError(f"{spec.deepspeed_path or 'deepspeed'}: {k} is {ds[k]!r} but the run config gives {v!r}; "
                               "leave it out of the JSON (batch, accumulation and clipping come from the run config)")
         ds[k] = v
-    ds["bf16"] = {"enabled": t.precision == "bf16"}
+    ds["bf16"] = {"enabled": t.precision == "bf16"}   # bf16_autocast keeps fp32 weights: the trainer autocasts
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10 ** 9)
     if t.offload_optimizer:
         ds.setdefault("zero_optimization", {}).setdefault("offload_optimizer", {"device": "cpu"})
+    if getattr(t, "offload_params", False):
+        # pin_memory only where there is a device to copy to (pinned pages buy nothing on a CPU run)
+        ds["zero_optimization"] = {**ds.get("zero_optimization", {}),
+                                   "offload_param": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
     return ds
+
+
+def apply_model_switches(spec: EngineSpec, model):
+    """train.activation_checkpointing and train.compile on the model, before DeepSpeed wraps it.
+    compile is nn.Module.compile (in place): parameter names, hence checkpoints, are unchanged."""
+    from mmfm.typed_config import ConfigError
+
+    t = spec.train
+    mode = getattr(t, "activation_checkpointing", "none")
+    if mode != "none":
+        if not hasattr(model, "set_activation_checkpointing"):
+            raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support it "
+                              "(mmfm's Transformer does); set none")
+        model.set_activation_checkpointing(mode)
+    if getattr(t, "compile", False):
+        model.compile(backend=t.compile_backend)
+    return model
+
+
+def autocast(spec: EngineSpec):
+    """The context the forward runs in: bf16 autocast for train.precision bf16_autocast, else nothing."""
+    import contextlib
+
+    if spec.train.precision != "bf16_autocast":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
 
 
 def param_groups(model, weight_decay: float):
@@ -119,6 +149,7 @@ def build_engine(spec: EngineSpec, model):
     import deepspeed
 
     o = spec.optim
+    model = apply_model_switches(spec, model)
     groups = param_groups(model, o.weight_decay)
     if offloads_optimizer(spec):
         from deepspeed.ops.adam import DeepSpeedCPUAdam

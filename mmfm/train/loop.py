@@ -82,15 +82,27 @@ class ObjectiveStep(TrainStep):
     """The decoder's training step under an objective (ar, masked, hybrid): see the module docstring."""
 
     def __init__(self, objective, table, modality_names: list[str], seq_len: int, flops_per_token: float,
-                 name: str = "pretrain"):
+                 name: str = "pretrain", source_names: list[str] = ()):
         self.objective, self.table, self.names = objective, table, modality_names
         self.name, self.tokens_per_row, self.flops_per_token = name, seq_len, flops_per_token
+        self.source_names = list(source_names)   # by source index of the batches' source_ids (several shard sets)
+        self._source_share: dict = {}
 
     def prepare(self, batch, generator):
         if "tokens" not in batch:        # a trailer between epochs
             return None
         ids, valid = batch["tokens"], batch["segment_ids"] >= 0
+        if self.source_names and "source_ids" in batch:
+            self._source_share = self.source_share(batch["source_ids"])
         return self.objective.prepare(ids, self.table[ids], valid, generator)
+
+    def source_share(self, source_ids) -> dict:
+        """The realised per-source mix of a global batch: mix_source_<set> = its share of the tokens."""
+        counts = torch.bincount(source_ids[source_ids >= 0].long(), minlength=len(self.source_names)).double()
+        out: dict[str, float] = {}
+        for i, n in enumerate(self.source_names):
+            out[f"mix_source_{n}"] = out.get(f"mix_source_{n}", 0.0) + float(counts[i] / counts.sum().clamp_min(1))
+        return out
 
     def denominator(self, prep) -> float:
         has = prep.labels != -100
@@ -99,8 +111,7 @@ class ObjectiveStep(TrainStep):
     def micro(self, engine, prep, rows):
         from mmfm.objectives import model_loss_and_report
 
-        mask = None if prep.attn_mask is None else prep.attn_mask[rows]
-        sub = type(prep)(prep.input_ids[rows], prep.modality_ids[rows], prep.labels[rows], prep.label_mod[rows], mask)
+        sub = prep.rows(rows)
         local_sum, s, c = model_loss_and_report(engine, sub, self.objective.weights, denominator=1.0)
         return local_sum, torch.cat([s.to(torch.float64), c.to(torch.float64)])
 
@@ -112,6 +123,7 @@ class ObjectiveStep(TrainStep):
         out = {f"loss_{n}": float(sums[i] / counts[i]) for i, n in enumerate(self.names) if counts[i] > 0}
         # the realised data mix (data.mix sets sampling weights): each modality's share of the labelled tokens
         out.update({f"mix_{n}": float(counts[i] / counts.sum()) for i, n in enumerate(self.names) if counts[i] > 0})
+        out.update(self._source_share)
         return out
 
 
@@ -176,13 +188,17 @@ def run(cfg: RunConfig, prepare_model=None, log=None, hooks: Hooks | None = None
         text = vocab.ranges["text"]
         freeze = TextFreeze(model, text.start, text.size, t.freeze_text_steps)
     objective = build_objective(cfg.objective, vocab)
-    step = ObjectiveStep(objective, table, list(vocab.modality_names), cfg.data.seq_len,
-                         cfg.model.flops_per_token(cfg.data.seq_len), name)
+    sources: list[str] = []
     if data is not None:
         loader = data(trainer.global_batch)
     else:
-        loader = ShardLoader(train_token_dataset(cfg.data, vocab, batch_size=trainer.global_batch, seed=t.seed),
-                             num_workers=0)
+        from mmfm.train.tokens import source_names
+
+        ds = train_token_dataset(cfg.data, vocab, batch_size=trainer.global_batch, seed=t.seed)
+        sources = source_names(ds) if cfg.data.sources else []
+        loader = ShardLoader(ds, num_workers=0)
+    step = ObjectiveStep(objective, table, list(vocab.modality_names), cfg.data.seq_len,
+                         cfg.model.flops_per_token(cfg.data.seq_len), name, sources)
     evals = eval_batches(cfg, vocab)
 
     def held_out(engine, at: int) -> dict:

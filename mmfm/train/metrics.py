@@ -6,6 +6,12 @@ MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, where
   peak     = train.peak_flops per process x processes; when 0, it is measured at start as the
              FLOP/s of a 512 x 512 matmul in the run's dtype in that process (so on CPU MFU says
              how close the step comes to this machine's dense matmul speed, not to a datasheet).
+
+Peak memory (`peak_memory`, every log row, rank 0's process): on CUDA the caching allocator's
+peak of allocated bytes on the current device since the process started (torch.cuda.
+max_memory_allocated: tensors only, not the allocator's reserve or the CUDA context); on CPU the
+process' peak resident set size (getrusage ru_maxrss: everything the process touched, Python,
+torch, DeepSpeed and data included, not only tensors). `peak_memory_kind` says which.
 """
 from __future__ import annotations
 
@@ -61,6 +67,18 @@ def prompt_plot(rows: list[dict], path: str) -> bool:
     if series:
         loss_plot(path, series, "prompt following during training (accuracy, eval_prompts.n per task)", size=(760, 420))
     return bool(series)
+
+
+def peak_memory() -> dict:
+    """{"peak_memory_mb": float, "peak_memory_kind": "cuda_max_allocated" | "cpu_peak_rss"} (module docstring)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2 ** 20, "peak_memory_kind": "cuda_max_allocated"}
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # Linux: kilobytes
+    return {"peak_memory_mb": kb / 1024, "peak_memory_kind": "cpu_peak_rss"}
 
 
 class JsonlLogger:

@@ -111,9 +111,36 @@ def caption_dropout(vocab, p: float, seed: int):
     return hook
 
 
-def token_dataset(shards: str, *, seq_len: int, batch_size: int, pad_id: int, seed: int = 0,
+def mixture_sources(shard_sets: dict, source_weights: dict | None = None, mix: dict | None = None,
+                    have: dict | None = None) -> list:
+    """The mmfm.data Sources of a mixture over named shard sets (mmfm.train.config.DataSection):
+
+      - no mix: one source per set, weight w_s (source_weights, default 1), all its samples;
+      - mix: for each modality m and each set s holding m (have[s][m] > 0), a source of s's samples
+        of modality m with weight  mix_m / sum(mix) * w_s / sum of w over the sets holding m,
+        so the modality shares are mix's and the sets split each modality by their weights.
+
+    Source names are "<set>" or "<set>/<modality>". have: {set: {modality: samples}}
+    (modality_counts); a mix modality no set holds is a ValueError naming it."""
+    from mmfm.data.dataset import Source
+
+    w = {s: float((source_weights or {}).get(s, 1.0)) for s in shard_sets}
+    if not mix:
+        return [Source(shards, w[s], name=s) for s, shards in shard_sets.items()]
+    total = sum(mix.values())
+    out = []
+    for m, share in mix.items():
+        holders = [s for s in shard_sets if (have or {}).get(s, {}).get(m)]
+        if not holders:
+            raise ValueError(f"mix.{m}: no samples of modality {m!r} in any shard set ({', '.join(shard_sets)})")
+        norm = sum(w[s] for s in holders)
+        out += [Source(shard_sets[s], share / total * w[s] / norm, name=f"{s}/{m}", modality=m) for s in holders]
+    return out
+
+
+def token_dataset(shards, *, seq_len: int, batch_size: int, pad_id: int, seed: int = 0,
                   shuffle_buffer: int = 64, loop: bool = True, pack: str = "concat", mix: dict | None = None,
-                  tokenize=npy_tokens):
+                  tokenize=npy_tokens, source_weights: dict | None = None, resampled: bool = False):
     """A ShardDataset over token shards, read identically on every rank (rank 0 of 1): each rank
     draws the same global batch and takes its own rows (mmfm/train/loop.py), so the data stream
     (and a run's losses) do not depend on the number of ranks. Costs every rank a read of the whole
@@ -124,16 +151,28 @@ def token_dataset(shards: str, *, seq_len: int, batch_size: int, pad_id: int, se
     "modality"), each modality reshuffled and repeated independently, forever (resampled shards);
     modalities not named are not drawn. Exact resume as for any ShardDataset (the position counts
     draws of the mixed stream). Every modality reads the shards it shares with others and keeps its
-    own samples: free for the demo's few MB; write one modality per shard for large corpora."""
+    own samples: free for the demo's few MB; write one modality per shard for large corpora.
+
+    shards may also be {name: shards} (several shard sets; source_weights by name):
+    mixture_sources says how they and mix combine. A mixture, and resampled=True, stream epoch-free:
+    every source draws its shards with replacement, forever (no epoch boundary at which a small source
+    runs dry and the weights drift); exact resume as above."""
     from mmfm.data.dataset import ShardDataset, Source
 
     common = dict(seed=seed, shuffle_buffer=shuffle_buffer, rank=0, world_size=1, fields=("npy",),
                   tokenize=tokenize, seq_len=seq_len, pad_id=pad_id, batch_size=batch_size, drop_last=True,
                   pack=pack)
-    if mix:
+    sets = shards if isinstance(shards, dict) else None
+    if mix or sets or resampled:
         if not loop:
-            raise ValueError("token_dataset: a mix draws forever; it needs loop=True")
-        sources = [Source(shards, float(w), name=m, modality=m) for m, w in mix.items()]
+            raise ValueError("token_dataset: a mix, several sources or resampled shards draw forever; it needs loop=True")
+        if sets:
+            have = {s: modality_counts(sh) for s, sh in sets.items()} if mix else None
+            sources = mixture_sources(sets, source_weights, mix, have)
+        elif mix:
+            sources = [Source(shards, float(w), name=m, modality=m) for m, w in mix.items()]
+        else:
+            sources = [Source(shards)]
         return ShardDataset(sources, resampled=True, loop=True, **common)
     return ShardDataset(shards, loop=loop, **common)
 
@@ -144,15 +183,28 @@ def train_token_dataset(data, vocab, *, batch_size: int, seed: int):
     here, naming it (a source with no samples would otherwise be read forever)."""
     from mmfm.typed_config import ConfigError
 
+    shards = data.sources or data.shards
     if data.mix:
-        have = modality_counts(data.shards)
+        have: dict[str, int] = {}
+        for sh in (data.sources.values() if data.sources else [data.shards]):
+            for k, v in modality_counts(sh).items():
+                have[k] = have.get(k, 0) + v
         for m in data.mix:
             if not have.get(m):
-                raise ConfigError(f"data.mix.{m}: no samples of modality {m!r} in data.shards {data.shards} "
+                where = f"data.sources {data.sources}" if data.sources else f"data.shards {data.shards}"
+                raise ConfigError(f"data.mix.{m}: no samples of modality {m!r} in {where} "
                                   f"(it has {', '.join(f'{k} {v}' for k, v in sorted(have.items())) or 'none'})")
     hook = caption_dropout(vocab, data.caption_dropout, seed) if data.caption_dropout else npy_tokens
-    return token_dataset(data.shards, seq_len=data.seq_len, batch_size=batch_size, pad_id=vocab.pad_id, seed=seed,
-                         shuffle_buffer=data.shuffle_buffer, pack=data.pack, mix=data.mix or None, tokenize=hook)
+    return token_dataset(shards, seq_len=data.seq_len, batch_size=batch_size, pad_id=vocab.pad_id, seed=seed,
+                         shuffle_buffer=data.shuffle_buffer, pack=data.pack, mix=data.mix or None, tokenize=hook,
+                         source_weights=data.source_weights or None, resampled=data.resampled)
+
+
+def source_names(dataset) -> list[str]:
+    """The shard-set name of each source of a token dataset, by source index (the batches'
+    source_ids): "web/image" -> "web"; a single unnamed source -> []."""
+    names = [s.name.split("/")[0] for s in getattr(dataset, "sources", [])]
+    return names if len(names) > 1 else []
 
 
 def synthetic_token_corpus(out_dir: str, vocab, n: int = 200, seed: int = 0, prefix: str = "tokens") -> list[str]:

@@ -49,7 +49,8 @@ import torch
 
 from mmfm.jsonio import write_json
 from mmfm.train import checkpoint as ckpt
-from mmfm.train.engine import EngineSpec, build_engine, init_distributed, lr_at, measure_peak_flops
+from mmfm.train.metrics import peak_memory
+from mmfm.train.engine import EngineSpec, autocast, build_engine, init_distributed, lr_at, measure_peak_flops
 
 Evaluator = Callable[[Any, int], dict]   # (engine, step) -> {metric name: number}
 
@@ -236,7 +237,7 @@ class Trainer:
 
         peak = 0.0
         if step_fn.flops_per_token:
-            peak = t.peak_flops or measure_peak_flops(torch.bfloat16 if t.precision == "bf16" else torch.float32)
+            peak = t.peak_flops or measure_peak_flops(torch.float32 if t.precision == "fp32" else torch.bfloat16)
         if evaluators:
             res.eval_start = self.evaluate(engine, res.step, evaluators)
 
@@ -324,7 +325,8 @@ class Trainer:
         engine.train()
         for a in range(accum):
             r0 = (a * world + rank) * t.micro_batch
-            numerator, rep = step_fn.micro(engine, prep, slice(r0, r0 + t.micro_batch))
+            with autocast(self.spec):       # train.precision bf16_autocast; backward runs outside it
+                numerator, rep = step_fn.micro(engine, prep, slice(r0, r0 + t.micro_batch))
             injected = self.hooks.on_loss(index + 1, numerator)
             loss = injected * (world * accum) / den
             ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0])
@@ -356,5 +358,5 @@ class Trainer:
             if peak:
                 row["mfu"] = step_fn.flops_per_token * tps / (peak * self.world)
         row.update(data_wait_frac=window["data"] / secs, step_s=window["time"] / max(1, window["steps"]),
-                   skipped_steps=skipped, **extra)
+                   skipped_steps=skipped, **peak_memory(), **extra)
         return row
