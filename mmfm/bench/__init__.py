@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("cache", "data", "generate", "quant", "sampling", "speculative", "tokenize", "train", "typical")
+BENCHMARKS = ("cache", "data", "generate", "quant", "sampling", "speculative", "soft", "tokenize", "train", "typical")
 
 
 def run(name: str, argv: list[str]) -> int:
