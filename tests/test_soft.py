@@ -98,4 +98,14 @@ def test_bad_settings_name_the_field():
     with pytest.raises(ValueError, match="SoftConfig.end_think_id"):
         soft_decode(model, prompts(), 4, SoftConfig(end_think_id=V))
     with pytest.raises(ValueError, match="allowed_range"):
-        soft_decode(model, prompts(), 4, allowed_range=(5, V))
+        soft_decode(model, prompts(), 4, allowed_range=(5, V + 1))
+
+
+def test_allowed_range_holds_in_soft_and_discrete_steps():
+    model = tiny(5)
+    stats = {}
+    out = soft_decode(model, prompts(), 10, SoftConfig(top_k=0, top_p=1.0, max_think=5), SamplingConfig(temperature=2.0),
+                      allowed_range=(10, 20), stats=stats, seed=3)
+    assert stats["soft_steps"].tolist() == [5, 5, 5]
+    for o in out:
+        assert int(o.min()) >= 10 and int(o.max()) < 20

@@ -36,8 +36,8 @@ import sys
 import numpy as np
 import torch
 
-from mmfm.bench.common import base_parser, machine, parse_args
-from mmfm.jsonio import write_json
+from mmfm.bench.common import base_parser, machine, parse_args, record
+from mmfm.jsonio import write_json, write_records
 
 PLUS, EQ, COMMA, END, NL, PAD = 10, 11, 12, 13, 14, 15
 V = 16
@@ -105,7 +105,7 @@ def train(steps: int, noise: float, seed: int, batch_size: int = 128, lr: float 
         opt.step()
         sched.step()
         if s % 250 == 0 or s == steps - 1:
-            print(f"  train step {s}: loss {float(loss):.4f}", file=sys.stderr, flush=True)
+            print(f"  train step {s}: loss {float(loss.detach()):.4f}", file=sys.stderr, flush=True)
     return model.eval()
 
 
@@ -208,8 +208,10 @@ def main(argv=None) -> int:
         each = ", ".join(f"{r['accuracy']:.3f}" for r in rs)
         print(f"| {mode} | {acc:.3f} +- {se:.3f} ({each}) | "
               f"{np.mean([r['answered'] for r in rs]):.3f} | {np.mean([r['tokens'] for r in rs]):.1f} | {soft} |")
-    if args.json:
-        write_json(args.json, {"bench": "soft", "machine": machine(), "args": vars(args), "records": records})
+    case = {"steps": args.steps, "noise": args.noise, "problems": args.problems, "seed": args.seed,
+            "cold_entropy": args.cold_entropy, "machine": machine()}
+    write_records([record("soft", {**case, "sampler_seed": r["sampler_seed"]}, r["mode"],
+                          **{k: v for k, v in r.items() if k not in ("mode", "sampler_seed")}) for r in records], args.json)
     return 0
 
 

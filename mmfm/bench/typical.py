@@ -36,8 +36,8 @@ import tarfile
 import numpy as np
 import torch
 
-from mmfm.bench.common import base_parser, machine, parse_args
-from mmfm.jsonio import write_json
+from mmfm.bench.common import base_parser, machine, parse_args, record
+from mmfm.jsonio import write_records
 
 SWEEPS = {
     "top_k": (2, 3, 5, 10, 20, 40, 100, 0),
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     prompts = torch.tensor(np.stack([d[:args.prompt_len] for d in docs]))
     human = torch.tensor(np.stack([d[args.prompt_len:need] for d in docs]))
     r = vocab.ranges["text"]
-    text_range = (r.start, r.stop - 1)
+    text_range = (r.start, r.stop)          # the sampler's allowed_range is [lo, hi)
     if int(human.min()) < r.start or int(human.max()) >= r.stop:
         # a document's end marker inside the window: the human side would not be text-only
         keep = ((human >= r.start) & (human < r.stop)).all(1)
@@ -262,9 +262,13 @@ def main(argv=None) -> int:
     print(f"\nhuman continuations: " + " ".join(f"ppl_{s} {human_rec[f'ppl_{s}']:.2f}" for s in scorers)
           + " " + " ".join(f"rep{n} {human_rec[f'rep{n}']:.3f}" for n in NS))
     print_matched(summary)
-    if args.json:
-        write_json(args.json, {"bench": "typical", "machine": machine(), "args": vars(args), "human": human_rec,
-                               "sweeps": rows, "matched": summary})
+    case = {"model": args.model, "reference": args.reference, "prompts": len(prompts), "gen_len": args.gen_len,
+            "seed": args.seed, "machine": machine()}
+    records = [record("typical", {**case, "value": r["value"]}, r["sampler"],
+                      **{k: v for k, v in r.items() if k not in ("sampler", "value")}) for r in [human_rec] + rows]
+    records += [record("typical", {**case, "scorer": m["scorer"], "target": m["target"]}, "matched",
+                       **{k: v for k, v in m.items() if k not in ("scorer", "target")}) for m in summary]
+    write_records(records, args.json)
     return 0
 
 

@@ -106,9 +106,9 @@ def soft_decode(model, prompts: list[torch.Tensor], max_new_tokens: int, soft: S
     rng = None
     if allowed_range is not None:
         lo, hi = allowed_range
-        if not 0 <= lo <= hi < cfg.vocab_size:
-            raise ValueError(f"soft_decode: argument 'allowed_range' must be (lo, hi) with 0 <= lo <= hi < "
-                             f"{cfg.vocab_size}, got {allowed_range}")
+        if not 0 <= lo < hi <= cfg.vocab_size:
+            raise ValueError(f"soft_decode: argument 'allowed_range' must be (lo, hi), the ids [lo, hi), with "
+                             f"0 <= lo < hi <= {cfg.vocab_size}, got {allowed_range}")
         rng = torch.tensor([[lo, hi]] * B, dtype=torch.long, device=device)
     embed = model.embed_tokens.weight
     cache = KVCache.for_model(model, B, capacity=int(lens.max()) + max_new_tokens)
