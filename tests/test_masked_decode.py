@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from mmfm.generate.masked import cheap_pass, full_pass, maskgit_decode, masked_after, recap_decode
+from mmfm.generate.masked import (cascade_decode, cheap_pass, full_pass, hybrid_mask, maskgit_decode, masked_after,
+                                  recap_decode)
 from mmfm.models import KVCache, ModelConfig, Transformer
 
 V, MASK = 24, 3          # ids 0..3 play the specials (<mask> = 3); 4..23 are "image" tokens
@@ -183,3 +184,32 @@ def test_editing_repairs_a_corrupted_block_on_a_trained_model(trained):
     assert not _consistent(corrupt).any()
     assert _consistent(fixed).float().mean() > 0.9
     assert torch.equal(fixed[~bad], corrupt[~bad])
+
+
+def test_hybrid_mask_is_the_hybrid_objectives_attention():
+    from mmfm.objectives import ObjectiveConfig, build_objective
+    from mmfm.vocab import Vocab
+
+    vocab = Vocab(16, {"image": 8})
+    ids = torch.randint(0, 16, (6, 20), generator=torch.Generator().manual_seed(0))
+    p = build_objective(ObjectiveConfig(kind="hybrid"), vocab).prepare(
+        ids, vocab.modality_table()[ids], torch.ones(6, 20, dtype=torch.bool), torch.Generator().manual_seed(1))
+    for b in range(6):
+        s = int(p.attn_mask[b, :, -1].nonzero()[0])     # the first position that sees the last one
+        assert torch.equal(hybrid_mask(s, 20)[0], p.attn_mask[b])
+
+
+def test_cascade_draft_is_the_decode_loop_and_refinement_edits_only_the_least_sure():
+    from mmfm.generate import SamplingConfig, decode
+
+    m = _model(std=0.3)
+    prefix = torch.tensor([[1, 5, 6], [1, 7, 8]])
+    out, draft, stats = cascade_decode(m, prefix, 10, mask_id=MASK, refine=0.0, temperature=0.0)
+    want = decode(m, list(prefix), None, SamplingConfig(temperature=0.0), max_new_tokens=10)
+    assert torch.equal(draft, torch.stack(want)) and torch.equal(out, draft) and stats.full_passes == 0
+    out, draft, stats = cascade_decode(m, prefix, 10, mask_id=MASK, refine=0.4, steps=2, seed=4,
+                                       allowed_range=(LO, HI))
+    assert stats.full_passes == 2 and int(out.min()) >= LO and int(out.max()) < HI
+    assert ((out != draft).sum(1) <= 4).all()
+    with pytest.raises(ValueError, match="refine"):
+        cascade_decode(m, prefix, 10, mask_id=MASK, refine=1.5)
