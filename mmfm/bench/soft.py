@@ -15,6 +15,7 @@ Modes (all get the same budget of 2 K + 2 new tokens; an answer is the token aft
   sample_t0.6  discrete sampling at temperature 0.6, top-p 0.95 (the paper's baseline settings)
   soft         the reasoning span in concept space (top-k 15, top-p 0.95, temperature 1) until the
                concept's top token is `>`; then discrete sampling at temperature 1
+  soft_t0.6    soft with the concept at temperature 0.6, top-p 0.95 and discrete steps as sample_t0.6
   soft_cold    soft with cold stop: back to discrete sampling once the concept's entropy stays
                below --cold-entropy nats for 2 steps
   greedy       discrete argmax (no sampling at all: the ceiling a sampler can approach)
@@ -147,12 +148,14 @@ def run_mode(model, mode: str, prompts: list[torch.Tensor], seed: int, cold_entr
                       seed=seed, pad_id=PAD)
     if mode == "greedy":
         return decode(model, prompts, None, SamplingConfig(temperature=0.0), max_new_tokens=BUDGET, pad_id=PAD)
-    soft = SoftConfig(top_k=15, top_p=0.95, temperature=1.0, max_think=BUDGET, end_think_id=END,
+    cool = mode == "soft_t0.6"   # the concept and the discrete steps at sample_t0.6's settings
+    soft = SoftConfig(top_k=15, top_p=0.95, temperature=0.6 if cool else 1.0, max_think=BUDGET, end_think_id=END,
                       cold_stop_entropy=cold_entropy if mode == "soft_cold" else 0.0, cold_stop_steps=2)
-    return soft_decode(model, prompts, BUDGET, soft, t1, seed=seed, pad_id=PAD, stats=stats)
+    after = SamplingConfig(temperature=0.6, top_p=0.95) if cool else t1
+    return soft_decode(model, prompts, BUDGET, soft, after, seed=seed, pad_id=PAD, stats=stats)
 
 
-MODES = ("sample", "sample_t0.6", "soft", "soft_cold", "greedy")
+MODES = ("sample", "sample_t0.6", "soft", "soft_cold", "soft_t0.6", "greedy")
 
 
 def main(argv=None) -> int:
