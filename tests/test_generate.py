@@ -569,3 +569,38 @@ def test_a_penalty_flag_reaches_the_sampler(export_dir, flag, capsys):
                "--temperature", "0", "--no-progress", "--" + flag.replace("_", "-"), str(strength)])
     assert rc == 0
     assert capsys.readouterr().out == pen.value + "\n"
+
+
+def test_masked_decoding_through_bundle_and_cli(export_dir, tmp_path):
+    """`--decode masked` is maskgit_decode / recap_decode over the prompt, the segment and its end
+    marker + <eos>, in the modality's range (mechanics only: this tiny model is untrained)."""
+    from mmfm.generate.masked import maskgit_decode
+    from mmfm.generate.prompt import build_prompt
+
+    bundle = Bundle.load(export_dir)
+    vocab = bundle.vocab
+    s = bundle.generate(["a red circle", "the blue"], to="image", decoding="masked", steps=4, seed=3,
+                        sampling=SamplingConfig(top_k=20))
+    assert all(x.tokens.numel() == 16 and x.value.shape == (3, 16, 16) for x in s)
+    r = vocab.ranges["image"]
+    ref, _ = maskgit_decode(bundle.model, build_prompt(vocab, bundle.tokenizers, "a red circle", "image"), 16,
+                            mask_id=vocab.mask_id, steps=4, top_k=20, allowed_range=(r.start, r.stop),
+                            suffix_ids=[vocab.end_id("image"), vocab.eos_id], seed=3,
+                            modality_table=vocab.modality_table())
+    assert torch.equal(s[0].tokens, vocab.to_local("image", ref[0]))
+    rc = bundle.generate("a red circle", to="image", decoding="masked", steps=4, recap=True, seed=3)
+    assert rc[0].tokens.numel() == 16
+    t = bundle.generate("a small", to="text", decoding="masked", steps=3, max_new_tokens=6)
+    assert t[0].tokens.numel() == 6 and isinstance(t[0].value, str)
+    with pytest.raises(ValueError, match="'steps'"):
+        bundle.generate("x", to="image", decoding="masked", steps=17)
+    with pytest.raises(ValueError, match="'decoding'"):
+        bundle.generate("x", to="image", decoding="mask")
+    with pytest.raises(ValueError, match="cfg_scale"):
+        bundle.generate("x", to="image", decoding="masked", cfg_scale=2.0)
+    p = subprocess.run([sys.executable, "-m", "mmfm.cli", "generate", "--model", export_dir, "--prompt", "a red circle",
+                        "--to", "image", "--out", str(tmp_path / "m.png"), "--decode", "masked", "--steps", "4",
+                        "--recap", "--no-progress"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert read_output(str(tmp_path / "m.png"), "image").shape == (3, 16, 16)

@@ -13,7 +13,8 @@ sampling flags are SamplingConfig's fields). Pieces: bundle.py (Bundle, Sample),
 in the unified vocabulary), constraints.py (which ids each row may emit), decode.py (SamplingConfig
 and the loop), step.py (the lean dense decode step), outputs.py (file writers and readers);
 speculative.py + recycling.py (Token Recycling and draft-model speculative decoding,
-docs/speculative.md) and masked.py (MaskGIT / ReCAP parallel decoding).
+docs/speculative.md), masked.py (MaskGIT / ReCAP parallel decoding, editing, BAMM's cascade) and
+soft.py (Soft Thinking: concept tokens for the reasoning span).
 """
 from __future__ import annotations
 

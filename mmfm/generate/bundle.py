@@ -63,7 +63,8 @@ class Bundle:
                  inputs: dict | None = None, out: str | None = None, max_new_tokens: int = 64,
                  cfg_scale: float = 1.0, seed: int = 0, stop_ids=(), progress: bool = False,
                  speculative: str | None = None, draft_model=None, stats: dict | None = None,
-                 coprocessor=None, augment_every: int = 0) -> list[Sample]:
+                 coprocessor=None, augment_every: int = 0, decoding: str = "ar", steps: int = 8,
+                 recap: bool = False) -> list[Sample]:
         """Generate one `to` sample per prompt (a string or a list of strings: a batch).
 
         sampling: the sampler's settings (default SamplingConfig(): plain sampling at temperature 1).
@@ -78,6 +79,12 @@ class Bundle:
         sampling's (docs/speculative.md). Text only, one row at a time, no CFG and no penalties; the
         model's full vocabulary is sampled and the text segment is cut at the first non-text id, as
         with plain decoding. `stats`, when a dict, receives the acceptance figures per prompt.
+
+        decoding: "ar" (the decode loop) or "masked": MaskGIT parallel decoding of the whole segment in
+        `steps` bidirectional passes (recap=True: ReCAP, a full pass every second step and cheap
+        context-reusing ones between), for a model trained with the masked or hybrid objective; the
+        segment sits between the prompt and its end marker + <eos>; temperature, top_k and top_p apply
+        (masked.py). No CFG, speculative decoding or coprocessor with it.
 
         coprocessor: a trained cache-augmentation coprocessor (a folder from mmfm cacheaug train, or a
         mmfm.cacheaug.Coprocessor) for this model: the cache is augmented with its latents at the
@@ -110,6 +117,12 @@ class Bundle:
             from mmfm.cacheaug import load_coprocessor
 
             coprocessor = load_coprocessor(str(coprocessor), self.model)
+        if decoding not in ("ar", "masked"):
+            raise ValueError(f"argument 'decoding' must be 'ar' or 'masked', got {decoding!r}")
+        if decoding == "masked":
+            if speculative is not None or coprocessor is not None or cfg_scale != 1.0:
+                raise ValueError("decoding='masked' does not combine with speculative, coprocessor or cfg_scale")
+            return self._finish(to, prompts, self._masked(ids, to, length, steps, recap, sampling, seed), paths)
         if speculative is not None:
             new = self._speculative(ids, speculative, draft_model, length, seed, stats, to=to, cfg_scale=cfg_scale,
                                     sampling=sampling)
@@ -155,6 +168,27 @@ class Bundle:
                 if stats is not None:
                     stats.setdefault("rows", []).append(st.as_dict())
                 out.append(toks)
+        return out
+
+    def _masked(self, ids, to, length, steps, recap, sampling: SamplingConfig, seed) -> list[torch.Tensor]:
+        """Each row's segment by MaskGIT / ReCAP (one row at a time: prompts differ in length)."""
+        from mmfm.generate.masked import maskgit_decode, recap_decode
+
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= length:
+            raise ValueError(f"argument 'steps' must be an integer in [1, {length}] (the segment's length), got {steps!r}")
+        vocab = self.vocab
+        r = vocab.ranges[to]
+        suffix = torch.tensor([vocab.end_id(to), vocab.eos_id])
+        kw = dict(mask_id=vocab.mask_id, steps=steps, temperature=sampling.temperature, top_k=sampling.top_k,
+                  top_p=sampling.top_p, allowed_range=(r.start, r.stop), suffix_ids=suffix,
+                  modality_table=vocab.modality_table(self.device))
+        out = []
+        for i, row in enumerate(ids):
+            if recap:
+                block, _ = recap_decode(self.model, row, length, full_every=2, seed=seed + i, **kw)
+            else:
+                block, _ = maskgit_decode(self.model, row, length, seed=seed + i, **kw)
+            out.append(block[0].cpu())
         return out
 
     def _finish(self, to, prompts, new, paths) -> list[Sample]:

@@ -36,7 +36,8 @@ def cmd_generate(args) -> int:
                                   max_new_tokens=args.max_new_tokens, cfg_scale=args.cfg_scale, seed=args.seed,
                                   progress=not args.no_progress, speculative=args.speculative,
                                   draft_model=args.draft_model, stats=stats, coprocessor=args.coprocessor,
-                                  augment_every=args.augment_every)
+                                  augment_every=args.augment_every, decoding=args.decode, steps=args.steps,
+                                  recap=args.recap)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mmfm generate: {exc}", file=sys.stderr)
         return 2
@@ -87,5 +88,11 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--augment-every", type=int, default=0, metavar="M",
                    help="with --coprocessor: augment again before every M-th generated token (0 = prompt's end only)")
     p.add_argument("--draft-model", default=None, metavar="DIR", help="exported drafter for --speculative draft")
+    p.add_argument("--decode", choices=("ar", "masked"), default="ar",
+                   help="ar: token by token; masked: MaskGIT parallel decoding of the whole segment, for a model "
+                        "trained with the masked or hybrid objective (docs/generation.md)")
+    p.add_argument("--steps", type=int, default=8, help="with --decode masked: bidirectional passes (MaskGIT steps)")
+    p.add_argument("--recap", action="store_true",
+                   help="with --decode masked: ReCAP, a full pass every second step and cheap context-reusing ones")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -16,6 +16,9 @@ tokens or <mask>), attending to the stored context features instead of recomputi
 step right after a full pass therefore reproduces that pass's logits exactly; later cheap steps
 approximate them, since the context features do not see the newly decoded tokens.
 
+BAMM cascade (cascade_decode): a causal draft, then MaskGIT editing of its least confident tokens
+under the hybrid objective's attention (causal prefix, bidirectional block).
+
 Both return (tokens int64 [B, length], MaskedStats) with the number of full and cheap passes and
 the token evaluations (sum of query tokens over passes), the compute a pass costs.
 """
@@ -82,17 +85,51 @@ def _check(model, prefix_ids, length, steps, mask_id, suffix_ids):
     return pre, suf
 
 
+def _check_edit(block_ids, edit_mask, pre, length: int, steps: int, V: int):
+    """(block [B, length], edit mask [B, length]) for editing, or None without block_ids."""
+    if block_ids is None and edit_mask is None:
+        return None
+    if block_ids is None or edit_mask is None:
+        raise ValueError("block_ids and edit_mask: editing needs both (the tokens, and which of them to regenerate)")
+    B = pre.shape[0]
+    block = torch.as_tensor(block_ids, dtype=torch.long, device=pre.device)
+    where = torch.as_tensor(edit_mask, device=pre.device)
+    block = block[None].expand(B, -1) if block.dim() == 1 else block
+    where = where[None].expand(B, -1) if where.dim() == 1 else where
+    if tuple(block.shape) != (B, length) or tuple(where.shape) != (B, length):
+        raise ValueError(f"block_ids and edit_mask: expected [length={length}] or [B={B}, length={length}], got "
+                         f"{tuple(block.shape)} and {tuple(where.shape)}")
+    if where.dtype != torch.bool:
+        raise ValueError(f"edit_mask: expected a bool tensor (True = regenerate), got {where.dtype}")
+    if int(block.min()) < 0 or int(block.max()) >= V:
+        raise ValueError(f"block_ids: token ids must lie in [0, vocab_size={V})")
+    counts = where.sum(1)
+    if int(counts.min()) != int(counts.max()) or int(counts[0]) < 1:
+        raise ValueError(f"edit_mask: every row must regenerate the same number (>= 1) of positions, got "
+                         f"{counts.tolist()}")
+    if steps > int(counts[0]):
+        raise ValueError(f"steps: expected at most the {int(counts[0])} edited positions, got {steps}")
+    return block, where
+
+
 class _Decoder:
     """The per-step state shared by both decoders: current tokens of the generated block, which
     are still masked, the sampling settings and the randomness."""
 
-    def __init__(self, pre, suf, length, steps, mask_id, settings, allowed_range, choice_temperature, seed):
+    def __init__(self, pre, suf, length, steps, mask_id, settings, allowed_range, choice_temperature, seed,
+                 edit=None):
         self.pre, self.suf = pre, suf
         B, P = pre.shape
         self.B, self.P, self.n, self.steps = B, P, length, steps
         self.mask_id = mask_id
-        self.block = torch.full((B, length), mask_id, dtype=torch.long, device=pre.device)
-        self.masked = torch.ones(B, length, dtype=torch.bool, device=pre.device)
+        if edit is None:
+            self.block = torch.full((B, length), mask_id, dtype=torch.long, device=pre.device)
+            self.masked = torch.ones(B, length, dtype=torch.bool, device=pre.device)
+        else:   # editing: the given tokens stay (confidence inf below), the edited positions start masked
+            block, where = edit
+            self.block = torch.where(where, torch.full_like(block, mask_id), block)
+            self.masked = where.clone()
+        self.todo = int(self.masked[0].sum())   # positions the schedule decodes (the same in every row)
         self.settings, self.allowed_range = settings, allowed_range
         self.choice_temperature = choice_temperature
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
@@ -117,7 +154,7 @@ class _Decoder:
             score = score + scale * -torch.log(-torch.log(u))
         conf.scatter_(1, where, torch.where(was_masked, score, torch.full_like(score, math.inf)))
         cand.scatter_(1, where, torch.where(was_masked, tok, self.block.gather(1, where)))
-        keep_masked = masked_after(t, self.steps, self.n)
+        keep_masked = masked_after(t, self.steps, self.todo)
         # the keep_masked least confident positions stay masked; decoded ones have conf inf
         remask = torch.zeros_like(self.masked)
         if keep_masked:
@@ -130,16 +167,27 @@ class _Decoder:
 def maskgit_decode(model, prefix_ids, length: int, *, mask_id: int, steps: int = 10, temperature: float = 1.0,
                    top_k: int = 0, top_p: float = 1.0, allowed_range=None, suffix_ids=None,
                    choice_temperature: float = 4.5, seed: int | None = None,
-                   modality_table: torch.Tensor | None = None) -> tuple[torch.Tensor, MaskedStats]:
+                   modality_table: torch.Tensor | None = None, block_ids=None,
+                   edit_mask=None, hybrid: bool = False) -> tuple[torch.Tensor, MaskedStats]:
     """MaskGIT decoding of `length` tokens after prefix_ids ([P] or [B, P]; suffix_ids optional,
-    e.g. the modality's end marker); every step is a full bidirectional pass."""
+    e.g. the modality's end marker); every step is a full bidirectional pass.
+
+    Editing: with block_ids ([length] or [B, length], e.g. a given image's tokens) and edit_mask
+    (bool, same shape; the same number of True per row), only the True positions are regenerated,
+    starting from <mask>, with the schedule over their count; the others stay as given and are
+    seen as context from the first step.
+
+    hybrid: the attention a hybrid (BAMM) model was trained with, causal over the prefix and
+    bidirectional over the block and what follows it (hybrid_mask), instead of full attention."""
     pre, suf = _check(model, prefix_ids, length, steps, mask_id, suffix_ids)
+    edit = _check_edit(block_ids, edit_mask, pre, length, steps, model.cfg.vocab_size)
     dec = _Decoder(pre, suf, length, steps, mask_id, dict(temperature=temperature, top_k=top_k, top_p=top_p),
-                   allowed_range, choice_temperature, seed)
+                   allowed_range, choice_temperature, seed, edit)
     stats = MaskedStats(steps=steps)
     B, P = pre.shape
     L = P + length + suf.shape[1]
-    full = torch.ones(B, L, L, dtype=torch.bool, device=pre.device)
+    full = hybrid_mask(P, L, pre.device).expand(B, L, L) if hybrid else \
+        torch.ones(B, L, L, dtype=torch.bool, device=pre.device)
     block_pos = torch.arange(length, device=pre.device).expand(B, -1)
     for t in range(steps):
         seq = dec.sequence()
@@ -150,18 +198,71 @@ def maskgit_decode(model, prefix_ids, length: int, *, mask_id: int, steps: int =
     return dec.block, stats
 
 
+def hybrid_mask(P: int, L: int, device=None) -> torch.Tensor:
+    """[1, L, L] bool: the hybrid objective's attention with its masked block starting at P: causal
+    everywhere, and bidirectional among the positions >= P."""
+    pos = torch.arange(L, device=device)
+    block = pos >= P
+    return (torch.ones(L, L, dtype=torch.bool, device=device).tril() | (block[:, None] & block[None, :]))[None]
+
+
+@torch.no_grad()
+def cascade_decode(model, prefix_ids, length: int, *, mask_id: int, refine: float = 0.3, steps: int = 4,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, allowed_range=None,
+                   suffix_ids=None, choice_temperature: float = 4.5, seed: int | None = None,
+                   modality_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, MaskedStats]:
+    """BAMM's cascaded inference for a hybrid-trained model: a causal draft of the `length` tokens
+    (KV-cached, token by token), then the round(refine * length) draft tokens the causal pass was
+    least sure of (lowest probability of the drawn token) re-masked and regenerated by MaskGIT
+    editing under the hybrid attention, the other draft tokens kept as context. Returns (tokens
+    [B, length], the causal draft [B, length], stats: full_passes counts the refinement passes,
+    token_evals the draft's tokens too). refine = 0 returns the draft."""
+    pre, suf = _check(model, prefix_ids, length, 1, mask_id, suffix_ids)
+    if not isinstance(refine, (int, float)) or not 0 <= refine <= 1:
+        raise ValueError(f"refine: expected the share of draft tokens to regenerate, in [0, 1], got {refine!r}")
+    B, P = pre.shape
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
+    cache = KVCache.for_model(model, batch=B, capacity=P + length)
+    last = model(pre, modality_ids=modality_ids(model, pre, modality_table), cache=cache)[:, -1]
+    draft = torch.empty(B, length, dtype=torch.long, device=pre.device)
+    conf = torch.empty(B, length, device=pre.device)
+    for i in range(length):
+        tok, p = sampling.sample(last, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 allowed_range=allowed_range, seed=seed, offset=i, return_probs=True)
+        draft[:, i], conf[:, i] = tok, p
+        if i + 1 < length:
+            f = tok[:, None]
+            last = model(f, modality_ids=modality_ids(model, f, modality_table), cache=cache)[:, -1]
+    stats = MaskedStats(steps=0, token_evals=B * (P + length - 1))
+    k = int(round(refine * length))
+    if k == 0:
+        return draft, draft.clone(), stats
+    where = torch.zeros(B, length, dtype=torch.bool, device=pre.device)
+    where.scatter_(1, conf.topk(k, dim=1, largest=False).indices, True)
+    out, st = maskgit_decode(model, pre, length, mask_id=mask_id, steps=min(steps, k), temperature=temperature,
+                             top_k=top_k, top_p=top_p, allowed_range=allowed_range, suffix_ids=suf,
+                             choice_temperature=choice_temperature, seed=seed + 1, modality_table=modality_table,
+                             block_ids=draft, edit_mask=where, hybrid=True)
+    stats.steps, stats.full_passes = st.steps, st.full_passes
+    stats.token_evals += st.token_evals
+    return out, draft, stats
+
+
 @torch.no_grad()
 def recap_decode(model, prefix_ids, length: int, *, mask_id: int, steps: int = 16, full_every: int = 2,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, allowed_range=None, suffix_ids=None,
                  choice_temperature: float = 4.5, seed: int | None = None,
-                 modality_table: torch.Tensor | None = None) -> tuple[torch.Tensor, MaskedStats]:
+                 modality_table: torch.Tensor | None = None, block_ids=None,
+                 edit_mask=None) -> tuple[torch.Tensor, MaskedStats]:
     """ReCAP decoding: the MaskGIT schedule over `steps`, a full pass every full_every steps
-    (the first step is always full) and cheap context-reusing passes in between."""
+    (the first step is always full) and cheap context-reusing passes in between. block_ids and
+    edit_mask: editing, as in maskgit_decode (the kept tokens are context of every full pass)."""
     if not isinstance(full_every, int) or full_every < 1:
         raise ValueError(f"full_every: expected an int >= 1 (1 = every step is a full pass), got {full_every!r}")
     pre, suf = _check(model, prefix_ids, length, steps, mask_id, suffix_ids)
+    edit = _check_edit(block_ids, edit_mask, pre, length, steps, model.cfg.vocab_size)
     dec = _Decoder(pre, suf, length, steps, mask_id, dict(temperature=temperature, top_k=top_k, top_p=top_p),
-                   allowed_range, choice_temperature, seed)
+                   allowed_range, choice_temperature, seed, edit)
     stats = MaskedStats(steps=steps)
     B, P = pre.shape
     S = suf.shape[1]

@@ -38,6 +38,12 @@ class ObjectiveConfig:
     # and this share of the suffix is replaced by <mask> and predicted
     min_prefix: float = 0.25
     mask_ratio: float = 0.5
+    # masked and hybrid: "fixed" (the budgets / mask_ratio above) or "cosine" (MMM, MaskGIT): each
+    # sequence draws its own mask ratio r = cos(pi/2 * u), u ~ U(0, 1), so training sees every ratio
+    # that iterative decoding's cosine schedule passes through, from all-masked (its first step) to
+    # nearly none; masked: inputs are (1 - r) of the valid tokens and the targets are the masked ones,
+    # at most target_fraction of the valid tokens; hybrid: r replaces mask_ratio
+    mask_schedule: str = "fixed"
 
     def validate(self, names: list[str]) -> None:
         OBJECTIVES.get(self.kind)   # "kind: unknown objective ...; expected one of: ..."
@@ -57,6 +63,17 @@ class ObjectiveConfig:
             raise ValueError("target_fraction: input_fraction + target_fraction must be <= 1")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha}")
+        if self.mask_schedule not in MASK_SCHEDULES:
+            raise ValueError(f"mask_schedule: expected one of {', '.join(MASK_SCHEDULES)}, got {self.mask_schedule!r}")
+
+
+MASK_SCHEDULES = ("fixed", "cosine")
+
+
+def cosine_mask_ratio(n: int, generator=None) -> torch.Tensor:
+    """[n] mask ratios r = cos(pi/2 * u), u ~ U(0, 1) (MaskGIT / MMM training): the ratios the
+    cosine decoding schedule visits, each equally often; E[r] = 2/pi."""
+    return torch.cos(math.pi / 2 * torch.rand(n, generator=generator))
 
 
 @dataclass
@@ -150,11 +167,17 @@ class Masked(Objective):
         G = len(self.names)
         inp = torch.zeros(B, L, dtype=torch.bool)
         tgt = torch.zeros(B, L, dtype=torch.bool)
+        ratio = cosine_mask_ratio(B, generator) if self.cfg.mask_schedule == "cosine" else None
         for b in range(B):
             n = int(valid[b].sum())
             counts = torch.bincount(modality_ids[b][valid[b]], minlength=G)
-            n_in = self._split(max(1, int(self.cfg.input_fraction * n)), counts, generator)
-            n_tg = self._split(max(1, int(self.cfg.target_fraction * n)), counts, generator)
+            if ratio is None:
+                in_budget, tg_budget = max(1, int(self.cfg.input_fraction * n)), max(1, int(self.cfg.target_fraction * n))
+            else:   # at least one target; the rest of the masked share beyond target_fraction is unseen, unscored
+                in_budget = min(n - 1, int(round((1.0 - float(ratio[b])) * n)))
+                tg_budget = max(1, min(n - in_budget, int(self.cfg.target_fraction * n)))
+            n_in = self._split(in_budget, counts, generator)
+            n_tg = self._split(tg_budget, counts, generator)
             for m in range(G):
                 pos = torch.nonzero(valid[b] & (modality_ids[b] == m)).flatten()
                 if not len(pos):
@@ -183,7 +206,8 @@ class Hybrid(Objective):
         s = (n_valid.float() * (self.cfg.min_prefix + (1 - self.cfg.min_prefix) * u)).long().clamp(1, L - 1)
         pos = torch.arange(L)
         suffix = pos[None, :] >= s[:, None]                                        # [B, L]
-        masked = suffix & valid & (torch.rand(B, L, generator=generator) < self.cfg.mask_ratio)
+        ratio = cosine_mask_ratio(B, generator)[:, None] if self.cfg.mask_schedule == "cosine" else self.cfg.mask_ratio
+        masked = suffix & valid & (torch.rand(B, L, generator=generator) < ratio)
         input_ids = torch.where(masked, torch.full_like(ids, self.mask_id), ids)
         labels = torch.full_like(ids, IGNORE)
         nxt_ok = valid[:, 1:] & ~suffix[:, 1:] & ~suffix[:, :-1]
