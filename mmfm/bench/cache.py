@@ -142,15 +142,16 @@ def bench_gather(B, H, T, D, dtype, device, repeats, inner) -> list[dict]:
     return _run("gather_beams", dict(B=B, H=H, T=T, D=D, R=B), impls, cache, dtype, device, repeats, inner)
 
 
-def check_impls(what: str, impls: dict, cache: torch.Tensor) -> None:
-    """Every impl once from the same starting cache: its result (the returned tensor, or the cache
-    it wrote) must equal the reference's exactly; the mmfm impl must run the compiled op."""
+def check_impls(what: str, impls: dict, cache: torch.Tensor, returns: bool = False) -> None:
+    """Every impl once from the same starting cache: its result (returns: the tensor it returns;
+    otherwise the cache it wrote) must equal the reference's exactly; the mmfm impl must run the
+    compiled op."""
     start = cache.clone()
     outs = {}
     for name, fn in impls.items():
         cache.copy_(start)
         got = fn()
-        outs[name] = (got if isinstance(got, torch.Tensor) else cache).clone()
+        outs[name] = (got if returns else cache).clone()
     cache.copy_(start)
     check_agree(outs, what)
     require_compiled(impls["mmfm"], what)
@@ -161,7 +162,7 @@ def _run(op, shape, impls, cache, dtype, device, repeats, inner) -> list[dict]:
     if device != "cpu":
         case["device"] = device
     with torch.no_grad():
-        check_impls(f"cache {op} {case['dtype']}", impls, cache)
+        check_impls(f"cache {op} {case['dtype']}", impls, cache, returns=op == "gather_beams")
         times = interleaved(impls, device, repeats, inner)
     return [record("cache", case, name, **t) for name, t in times.items()]
 
