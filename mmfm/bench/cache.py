@@ -171,7 +171,9 @@ def summary(records: list[dict]) -> list[str]:
     """One line per case: for the ops the decode loop calls, the speed-up of mmfm (wrapper) and
     mmfm_op over the fastest torch baseline; the others are named as table-only."""
     lines = []
+    cpu = by_case(records, "cpu_ms")
     for key, t in by_case(records).items():
+        c = cpu[key]
         op = key.split()[0].split("=", 1)[1]
         base = min((n for n in TORCH_IMPLS if n in t), key=lambda n: t[n], default=None)
         if base is None or "mmfm" not in t:
@@ -180,7 +182,8 @@ def summary(records: list[dict]) -> list[str]:
             lines.append(f"{key}: not called by mmfm's decode loop; no headline (table only)")
             continue
         lines.append(f"{key}: mmfm {t[base] / t['mmfm']:.2f}x, mmfm_op {t[base] / t['mmfm_op']:.2f}x the fastest "
-                     f"torch baseline ({base}: {t[base] * 1e3:.1f} us vs mmfm {t['mmfm'] * 1e3:.1f} us per call); "
+                     f"torch baseline ({base}: {t[base] * 1e3:.1f} us vs mmfm {t['mmfm'] * 1e3:.1f} us per call; "
+                     f"CPU time: mmfm {c[base] / c['mmfm']:.2f}x, mmfm_op {c[base] / c['mmfm_op']:.2f}x); "
                      f"called by the decode loop: {CALLED_BY_DECODE[op]}")
     return lines
 
