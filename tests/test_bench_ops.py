@@ -151,7 +151,7 @@ def test_require_compiled_catches_a_wrapper_falling_back():
         except CompiledOpNotRun as exc:
             print("refused:", exc)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120,
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env=dict(os.environ, MMFM_DISABLE_EXTENSION="1"))
     assert "refused: kv_append: the mmfm impl ran no torch.ops.mmfm op" in out.stdout, out.stderr[-2000:]
     # and with the extension loaded the same call passes and names the op it ran

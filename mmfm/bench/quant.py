@@ -47,23 +47,27 @@ def _vqp_search():
     return lambda z, e: (-cdist(z[None], e[None])).argmax(-1)[0]
 
 
-def check_nearest(z: torch.Tensor, e: torch.Tensor, picks: dict[str, torch.Tensor], what: str) -> dict[str, float]:
-    """Each impl's pick is a nearest code within its dtype's rounding; returns {impl: same_index}."""
+def check_nearest(z: torch.Tensor, e: torch.Tensor, picks: dict[str, torch.Tensor], what: str,
+                  chunk: int = 1024) -> dict[str, float]:
+    """Each impl's pick is a nearest code within its dtype's rounding; returns {impl: same_index}.
+    Distances in fp64 on the same (rounded) inputs, `chunk` rows at a time."""
     z64, e64 = z.double().cpu(), e.double().cpu()
-    d = (z64 * z64).sum(1, keepdim=True) - 2 * z64 @ e64.t() + (e64 * e64).sum(1)
-    best = d.min(1).values
-    tol = ROUNDING[z.dtype] * ((z64 * z64).sum(1) + (e64 * e64).sum(1).max())
-    rows = torch.arange(z.shape[0])
-    same = {}
-    for name, idx in picks.items():
-        idx = idx.reshape(-1).long().cpu()
-        excess = d[rows, idx] - best
-        if not bool((excess <= tol).all()):
-            worst = int(excess.argmax())
-            raise AssertionError(f"{what}: impl {name} picked code {int(idx[worst])} for row {worst}, "
-                                 f"{float(excess[worst]):.3g} farther than the nearest (rounding allows {float(tol[worst]):.3g})")
-        same[name] = float((idx == picks["mmfm"].reshape(-1).long().cpu()).double().mean())
-    return same
+    e_sq = (e64 * e64).sum(1)
+    picks = {name: idx.reshape(-1).long().cpu() for name, idx in picks.items()}
+    for start in range(0, z64.shape[0], chunk):
+        zc = z64[start:start + chunk]
+        d = (zc * zc).sum(1, keepdim=True) - 2 * zc @ e64.t() + e_sq
+        best = d.min(1).values
+        tol = ROUNDING[z.dtype] * ((zc * zc).sum(1) + e_sq.max())
+        rows = torch.arange(zc.shape[0])
+        for name, idx in picks.items():
+            excess = d[rows, idx[start:start + chunk]] - best
+            if not bool((excess <= tol).all()):
+                worst = int(excess.argmax())
+                raise AssertionError(f"{what}: impl {name} picked code {int(idx[start + worst])} for row "
+                                     f"{start + worst}, {float(excess[worst]):.3g} farther than the nearest "
+                                     f"(rounding allows {float(tol[worst]):.3g})")
+    return {name: float((idx == picks["mmfm"]).double().mean()) for name, idx in picks.items()}
 
 
 def bench_nearest(N: int, K: int, D: int, dtype: torch.dtype, device: str, repeats: int) -> list[dict]:
@@ -147,12 +151,24 @@ def bench_elementwise(N: int, device: str, repeats: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(base_parser("quant", __doc__.split("\n\n")[0]), argv)
+    p = base_parser("quant", __doc__.split("\n\n")[0])
+    p.add_argument("--N", type=int, default=16384, help="rows searched (default 16384; 1024 with --quick)")
+    p.add_argument("--cases", default=None, help="nearest-code cases as K:D,K:D (default "
+                   + ",".join(f"{k}:{d}" for k, d in NEAREST_CASES) + "; bf16 runs K=16384, D=32)")
+    p.add_argument("--no-others", action="store_true", help="only the nearest-code search")
+    args = parse_args(p, argv)
     if args is None:
         return 2
     device = args.device
-    N = 1024 if args.quick else 16384
-    cases = [(64, 8), (256, 32)] if args.quick else NEAREST_CASES
+    N = 1024 if args.quick else args.N
+    if args.cases:
+        try:
+            cases = [tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")]
+            assert all(len(c) == 2 for c in cases)
+        except (ValueError, AssertionError):
+            p.error(f"--cases must be K:D pairs separated by commas, e.g. 16384:32,1024:256; got {args.cases!r}")
+    else:
+        cases = [(64, 8), (256, 32)] if args.quick else NEAREST_CASES
     repeats = 1 if args.quick else args.repeats
     print(f"# quant benchmark on {machine()}", file=sys.stderr)
     if _vqp_search() is None:
@@ -161,7 +177,8 @@ def main(argv=None) -> int:
     for K, D in cases:
         records += bench_nearest(N, K, D, torch.float32, device, repeats)
     records += bench_nearest(N, 256 if args.quick else 16384, 32, torch.bfloat16, device, repeats)
-    records += bench_elementwise(N, device, repeats)
+    if not args.no_others:
+        records += bench_elementwise(N, device, repeats)
     return report(records, args.json, figures=("ms", "cpu_ms", "peak_extra_mb", "same_index"),
                   ratio_to="torch_cdist")
 
