@@ -314,12 +314,12 @@ def test_bench_cache_quick_writes_records(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmfm.cli", "bench", "cache", "--quick", "--json", str(path)],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]   # non-zero also when an impl disagreed with the reference
     records = json.loads(path.read_text())
     ops_seen = {r["case"]["op"] for r in records}
     assert ops_seen == {"decode_append", "prefill_append", "insert", "gather_beams"}
     for op in ops_seen:
         impls = {r["impl"] for r in records if r["case"]["op"] == op}
-        assert {"mmfm", "mmfm_op", "torch", "reference"} <= impls, (op, impls)
+        assert {"mmfm", "mmfm_op", "reference"} <= impls and impls & {"torch", "torch_loop"}, (op, impls)
     assert all(r["bench"] == "cache" and r["ms"] > 0 for r in records)
-    assert "the torch path" in proc.stdout
+    assert "the fastest torch baseline" in proc.stdout

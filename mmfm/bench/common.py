@@ -1,8 +1,19 @@
-"""Shared pieces of the benchmarks in mmfm/bench: arguments, timing, memory, records, table, JSON.
+"""Shared pieces of the benchmarks in mmfm/bench: arguments, the compiled-op checks, timing,
+memory, agreement checks, records, table, JSON.
 
 Each benchmark module exposes `main(argv=None) -> int` and is run through `mmfm bench NAME` or
 `python -m mmfm.bench.NAME`. Records follow docs/records.md: flat dicts with `bench`, `case`,
-`impl`, a timing (`ms`, the median) and optionally `peak_extra_mb`.
+`impl`, a timing (`ms`, the median) and optionally `cpu_ms` and `peak_extra_mb`.
+
+Two rules every benchmark keeps, enforced here:
+- `--device` is honoured or refused: parse_args rejects a value that is not cpu / cuda / cuda:N,
+  a CUDA device without a visible GPU, and any device but the CPU for a benchmark that measures
+  only the CPU, each with an error that names --device.
+- an impl named `mmfm` is the compiled op: parse_args refuses to start when mmfm._C is not loaded
+  (or, for --device cuda, was built without CUDA kernels), and `require_compiled` runs the `mmfm`
+  impl once under torch's profiler and raises CompiledOpNotRun unless a torch.ops.mmfm op ran,
+  which catches a wrapper that falls back to the reference for some inputs. Without these the
+  benchmark would time the pure-torch reference under the mmfm name.
 """
 from __future__ import annotations
 
@@ -11,42 +22,107 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
-import threading
 import time
 from typing import Callable
 
 import torch
 
+from mmfm import _ext
 from mmfm.jsonio import write_records
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+class CompiledOpNotRun(RuntimeError):
+    """The `mmfm` impl of a benchmark did not call any torch.ops.mmfm op."""
 
 
 def base_parser(name: str, description: str, threads_help: str | None = None) -> argparse.ArgumentParser:
     """The options every benchmark takes; `--threads` too when threads_help is given."""
     p = argparse.ArgumentParser(prog=f"mmfm bench {name}", description=description)
     p.add_argument("--json", metavar="PATH", help="also write the records as a JSON list to PATH")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per case; the median is reported")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs (rounds) per case; the median is reported")
     p.add_argument("--quick", action="store_true", help="smaller cases, for smoke tests")
     if threads_help:
         p.add_argument("--threads", type=int, default=0, help=f"torch threads ({threads_help})")
     return p
 
 
-def parse_args(p: argparse.ArgumentParser, argv, cpu_only: str | None = None) -> argparse.Namespace | None:
-    """Parsed arguments with --threads applied, or None (the caller exits 2) after saying why
-    --device cannot run: `cpu_only` is the benchmark's reason to measure the CPU only."""
+def compiled_unavailable(device: str) -> str | None:
+    """Why the compiled ops cannot run on `device`, or None when they can."""
+    if not _ext.extension_loaded():
+        return (f"the compiled extension mmfm._C is not loaded ({_ext.load_error()}), so the mmfm impls "
+                f"would run the pure-torch references; {_ext.BUILD_HINT}")
+    if device.startswith("cuda") and not _ext.with_cuda():
+        return (f"--device {device}: mmfm._C was built without CUDA kernels, so the mmfm impls would run the "
+                f"pure-torch references on the GPU; rebuild with a CUDA torch and nvcc on PATH")
+    return None
+
+
+def parse_args(p: argparse.ArgumentParser, argv, cpu_only: str | None = None,
+               compiled: bool = True) -> argparse.Namespace | None:
+    """Parsed arguments with --threads applied, or None (the caller exits 2) after printing why
+    the benchmark cannot run as asked. `cpu_only`: the benchmark's reason to measure the CPU only
+    (any other --device is refused). `compiled`: whether its `mmfm` impls are compiled ops, which
+    must then be loadable for the device (see the module docstring)."""
     args = p.parse_args(argv)
+    if not _DEVICE.match(args.device):
+        print(f"{p.prog}: --device must be cpu, cuda or cuda:N, got {args.device!r}", file=sys.stderr)
+        return None
     if cpu_only and args.device != "cpu":
-        print(f"{p.prog}: only --device cpu is {cpu_only}", file=sys.stderr)
+        print(f"{p.prog}: --device {args.device} is not supported: only --device cpu is {cpu_only}", file=sys.stderr)
         return None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"{p.prog}: --device cuda needs a visible GPU", file=sys.stderr)
+        print(f"{p.prog}: --device {args.device} needs a visible GPU (torch.cuda.is_available() is False)",
+              file=sys.stderr)
         return None
+    if compiled:
+        why = compiled_unavailable(args.device)
+        if why:
+            print(f"{p.prog}: refusing to run: {why}", file=sys.stderr)
+            return None
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
+    if getattr(args, "repeats", 1) < 1:
+        print(f"{p.prog}: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
+        return None
     return args
+
+
+def mmfm_ops_run(fn: Callable[[], object]) -> set[str]:
+    """Names of the torch.ops.mmfm ops that one call of fn() dispatched (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("mmfm::")}
+
+
+def require_compiled(fn: Callable[[], object], what: str) -> set[str]:
+    """Run fn once and raise CompiledOpNotRun unless it called a compiled op; returns their names."""
+    ran = mmfm_ops_run(fn)
+    if not ran:
+        raise CompiledOpNotRun(f"{what}: the mmfm impl ran no torch.ops.mmfm op (it fell back to the pure-torch "
+                               f"reference); refusing to time it under the mmfm name. Extension: "
+                               f"{_ext.load_error() or 'loaded'}")
+    return ran
+
+
+def check_agree(outputs: dict[str, torch.Tensor], what: str, atol: float = 0.0, rtol: float = 0.0) -> None:
+    """Raise AssertionError unless every impl's output equals the first one's (within atol/rtol)."""
+    names = list(outputs)
+    ref = outputs[names[0]]
+    for name in names[1:]:
+        out = outputs[name]
+        if out.shape != ref.shape:
+            raise AssertionError(f"{what}: impl {name} returned shape {tuple(out.shape)}, {names[0]} {tuple(ref.shape)}")
+        if not torch.allclose(out.to(ref.dtype), ref, atol=atol, rtol=rtol, equal_nan=True):
+            diff = (out.double() - ref.double()).abs().max().item()
+            raise AssertionError(f"{what}: impl {name} disagrees with {names[0]} (max abs difference {diff:g})")
 
 
 def _sync(device: str) -> None:
@@ -68,16 +144,37 @@ def time_ms(fn: Callable[[], object], device: str = "cpu", repeats: int = 5, war
     return statistics.median(times)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def interleaved(impls: dict[str, Callable[[], object]], device: str, rounds: int, inner: int = 1,
+                warmup: int = 1) -> dict[str, dict[str, float]]:
+    """{impl: {"ms": ..., "cpu_ms": ...}}: per-call medians over `rounds`, each round timing every
+    impl once in turn (a, b, c, a, b, c, ...) as a loop of `inner` calls, so load from other
+    processes falls on every impl alike and the ratios stay meaningful on a busy machine.
+    cpu_ms is this process's CPU time per call (time.process_time, all threads): with one
+    thread it excludes the time spent waiting for a core, which wall time includes."""
+    for fn in impls.values():   # warm-up (allocator, first touch, thread pools)
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    wall: dict[str, list[float]] = {n: [] for n in impls}
+    cpu: dict[str, list[float]] = {n: [] for n in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            wall[name].append((time.perf_counter() - t0) * 1e3 / inner)
+            cpu[name].append((time.process_time() - c0) * 1e3 / inner)
+    return {n: {"ms": statistics.median(wall[n]), "cpu_ms": statistics.median(cpu[n])} for n in impls}
 
 
 def peak_extra_mb(fn: Callable[[], object], device: str = "cpu") -> float:
-    """Peak memory fn() allocates beyond what was in use before it, in MiB.
+    """Peak memory fn() allocates through torch's allocator beyond what was in use before it, MiB.
 
-    CUDA: torch's peak allocator statistic. CPU: resident set size sampled every 0.5 ms
-    while fn runs (Linux /proc), which catches a transient N x K buffer.
+    CUDA: the caching allocator's peak statistic. CPU: the running sum of the allocation and
+    free events torch's profiler records for the CPU allocator (profile_memory), so a transient
+    N x K buffer counts in full however briefly it lives. Memory a C++ kernel takes outside
+    torch's allocator (std::vector scratch) is not seen; the ops' docs state those bounds.
     """
     gc.collect()
     if device.startswith("cuda"):
@@ -87,39 +184,32 @@ def peak_extra_mb(fn: Callable[[], object], device: str = "cpu") -> float:
         fn()
         torch.cuda.synchronize()
         return max(0.0, (torch.cuda.max_memory_allocated() - before) / 2**20)
-    if not os.path.exists("/proc/self/statm"):
-        return float("nan")
-    before = _rss_bytes()
-    peak = [before]
-    done = threading.Event()
+    from torch.profiler import ProfilerActivity, profile
 
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    finally:
-        done.set()
-        t.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    return max(0.0, (peak[0] - before) / 2**20)
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak / 2**20
 
 
 def record(bench: str, case: dict, impl: str, **figures) -> dict:
     return {"bench": bench, "case": dict(case), "impl": impl, **figures}
 
 
-def time_impls(bench: str, case: dict, impls: dict, device: str, repeats: int, memory: bool = True) -> list[dict]:
-    """One record per impl (name -> zero-argument callable): median ms and, with memory, the peak
-    extra memory of one more call; impls run one after the other, without autograd."""
+def time_impls(bench: str, case: dict, impls: dict, device: str, repeats: int, memory: bool = True,
+               inner: int = 1) -> list[dict]:
+    """One record per impl (name -> zero-argument callable), without autograd: `ms` and `cpu_ms`
+    from interleaved rounds and, with memory, the peak extra memory of one more call."""
     out = []
     with torch.no_grad():
+        times = interleaved(impls, device, repeats, inner)
         for name, fn in impls.items():
-            figures = {"ms": time_ms(fn, device, repeats)}
+            figures = dict(times[name])
             if memory:
                 figures["peak_extra_mb"] = peak_extra_mb(fn, device)
             out.append(record(bench, case, name, **figures))
@@ -139,15 +229,17 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
-def print_table(records: list[dict], figures: tuple[str, ...] = ("ms", "peak_extra_mb"), ratio_to: str | None = None,
-                out=None) -> None:
-    """One row per record; with ratio_to, a column `x` = that impl's ms / this impl's ms (speed-up of this impl)."""
+def print_table(records: list[dict], figures: tuple[str, ...] = ("ms", "peak_extra_mb"),
+                ratio_to: str | tuple[str, ...] | None = None, out=None) -> None:
+    """One row per record; with ratio_to, a column = the baseline's ms / this impl's ms (speed-up of
+    this impl). ratio_to names the baseline impl, or several: the fastest of them in each case."""
     out = out if out is not None else sys.stdout   # looked up per call, not at import
-    base = {}
-    if ratio_to:
-        for r in records:
-            if r["impl"] == ratio_to and "ms" in r:
-                base[json.dumps(r["case"], sort_keys=True)] = r["ms"]
+    names = (ratio_to,) if isinstance(ratio_to, str) else tuple(ratio_to or ())
+    base: dict[str, float] = {}
+    for r in records:
+        if r["impl"] in names and r.get("ms"):
+            key = json.dumps(r["case"], sort_keys=True)
+            base[key] = min(base.get(key, float("inf")), r["ms"])
     rows = []
     for r in records:
         case = " ".join(f"{k}={v}" for k, v in r["case"].items())
@@ -155,11 +247,11 @@ def print_table(records: list[dict], figures: tuple[str, ...] = ("ms", "peak_ext
         for f in figures:
             v = r.get(f)
             cells.append("-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
-        if ratio_to:
+        if names:
             b = base.get(json.dumps(r["case"], sort_keys=True))
             cells.append(f"{b / r['ms']:.2f}x" if b and r.get("ms") else "-")
         rows.append(cells)
-    header = ["case", "impl", *figures] + ([f"{ratio_to}/impl"] if ratio_to else [])
+    header = ["case", "impl", *figures] + ([f"{'|'.join(names)}/impl"] if names else [])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     print(fmt.format(*header), file=out)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from mmfm.bench.common import base_parser, machine, record, report
+from mmfm.bench.common import base_parser, machine, parse_args, record, report
 
 MODALITIES = ("text", "image", "audio", "video", "shape3d", "physics")
 SIZES = {"text": 120, "image": 128, "audio": 320, "video": 32, "shape3d": 512, "physics": 32}  # synthetic_sample size
@@ -60,7 +60,10 @@ def main(argv=None) -> int:
     p.add_argument("--modalities", default=",".join(MODALITIES))
     p.add_argument("--formats", default="mp4,flac,mp3,hdf5,glb,webp",
                    help="input formats whose decode is timed against the plain library call ('' for none)")
-    args = p.parse_args(argv)
+    # the readers and decoders run on the CPU; no compiled op is timed
+    args = parse_args(p, argv, cpu_only="meaningful (shard reading and decoding run on the CPU)", compiled=False)
+    if args is None:
+        return 2
     from mmfm.data.synthetic import synthetic_sample
     from mmfm.data.writer import SampleShardWriter
 

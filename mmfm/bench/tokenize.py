@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 
-from mmfm.bench.common import base_parser, machine, record, report
+from mmfm.bench.common import base_parser, machine, parse_args, record, report
 
 MODALITIES = ("text", "image", "audio", "video")
 
@@ -60,7 +60,10 @@ def main(argv=None) -> int:
     p.add_argument("--workers", default="1,2")
     p.add_argument("--samples", type=int, default=None, help="samples per modality (default 256; 32 with --quick)")
     p.add_argument("--modalities", default=",".join(MODALITIES))
-    args = p.parse_args(argv)
+    # tokenizer workers run on the CPU; their quantizers call the compiled quant ops
+    args = parse_args(p, argv, cpu_only="supported (mmfm tokenize runs its workers on the CPU)")
+    if args is None:
+        return 2
     from mmfm.tokenizers.pretokenize import run_tokenize
 
     n = args.samples or (32 if args.quick else 256)
