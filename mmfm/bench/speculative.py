@@ -141,7 +141,7 @@ def byte_model(steps: int, seed: int = 0, cache: bool = True):
 
 
 # ------------------------------------------------------------------------------------ decoding
-def require_compiled() -> None:
+def require_extension() -> None:
     """The impls are named for mmfm's compiled ops: stop rather than time the references."""
     if not _ext.extension_loaded() or not _ext.compiled(torch.zeros(1)):
         raise SystemExit(f"bench: the compiled extension mmfm._C is not in use ({_ext.load_error()}); "
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
     args = parse_args(p, argv, cpu_only="wired up")
     if args is None:
         return 2
-    require_compiled()
+    require_extension()
     if args.quick:
         args.prompts, args.new_tokens, args.prompt_tokens, args.repeats = 1, 16, 32, 1
         args.masked_length, args.maskgit_steps, args.train_steps = 16, 4, min(args.train_steps, 5)
