@@ -80,10 +80,13 @@ def cuda_to_cpp(text: str, where: str = "source") -> str:
         pos = j + 1
 
 
-def build_emulator(sources: list[str], name: str, cuda_sources: tuple[str, ...] = ()) -> ctypes.CDLL:
+def build_emulator(sources: list[str], name: str, cuda_sources: tuple[str, ...] = (),
+                   defines: dict[str, int] | None = None) -> ctypes.CDLL:
     """sources: repo-relative paths, the first being the wrapper translation unit; cuda_sources:
-    .cu files compiled beside it after cuda_to_cpp; name: the library's stem."""
-    digest = hashlib.sha1()
+    .cu files compiled beside it after cuda_to_cpp; defines: -D macros (e.g. a smaller block
+    size than the production one); name: the library's stem."""
+    flags = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
+    digest = hashlib.sha1(" ".join(flags).encode())
     for f in list(sources) + list(cuda_sources) + _tree_files() + [os.path.relpath(__file__, ROOT)]:
         digest.update(f.encode())
         with open(os.path.join(ROOT, f), "rb") as fh:
@@ -103,7 +106,7 @@ def build_emulator(sources: list[str], name: str, cuda_sources: tuple[str, ...] 
             proc = subprocess.run([CXX, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
                                    "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # _longjmp between fiber stacks
                                    "-I", os.path.join(ROOT, "tests", "cuda_emu"), "-I", os.path.join(ROOT, "csrc"),
-                                   *units, "-o", tmp], capture_output=True, text=True)
+                                   *flags, *units, "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"emu_build: {CXX} could not build {sources[0]} (exit {proc.returncode}):\n"
                                f"{proc.stderr}")
