@@ -76,7 +76,8 @@ def cuda_to_cpp(text: str, where: str = "source") -> str:
                 break
             j += 1
         out.append(text[pos:m.start(1)])
-        out.append(f"::emu::launch(dim3({cfg[0]}), dim3({cfg[1]}), [&] {{ {m.group(1)}{text[i:j + 1]}; }})")
+        stream = f"(void)({cfg[3]}), " if len(cfg) > 3 else ""   # the stream: unused here, but read
+        out.append(f"{stream}::emu::launch(dim3({cfg[0]}), dim3({cfg[1]}), [&] {{ {m.group(1)}{text[i:j + 1]}; }})")
         pos = j + 1
 
 

@@ -113,9 +113,9 @@ def binding_command(cxx: str, src: str, cuda_include: str) -> list[str]:
     return cmd + [src]
 
 
-def check_bindings(nvcc: str, sources: list[str], cxx: str | None = None) -> list[tuple[str, str]]:
+def check_bindings(nvcc: str, sources: list[str], timeout: float = 600.0) -> list[tuple[str, str]]:
     """Syntax-only compile of each binding with MMFM_WITH_CUDA; returns (file, log) of each failure."""
-    cxx = cxx or shutil.which(os.environ.get("CXX", "g++")) or "g++"
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or "g++"
     inc = cuda_include_dir(nvcc)
     if inc is None:
         return [("(all bindings)", f"no CUDA include folder with cuda_runtime_api.h found for {nvcc} "
@@ -125,12 +125,16 @@ def check_bindings(nvcc: str, sources: list[str], cxx: str | None = None) -> lis
         rel = os.path.relpath(src, ROOT)
         cmd = binding_command(cxx, src, inc)
         t0 = time.monotonic()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-        ok = proc.returncode == 0 and " warning: " not in proc.stdout
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  timeout=timeout)
+            ok, out, code = proc.returncode == 0 and " warning: " not in proc.stdout, proc.stdout, proc.returncode
+        except subprocess.TimeoutExpired:
+            ok, out, code = False, f"timed out after {timeout:.0f} s\n", "timeout"
         print(f"  {'ok  ' if ok else 'FAIL'} {time.monotonic() - t0:6.1f} s  {rel} (-DMMFM_WITH_CUDA, syntax only)",
               flush=True)
         if not ok:
-            failed.append((rel, f"$ {' '.join(cmd)}\n{proc.stdout}(exit status {proc.returncode})\n"))
+            failed.append((rel, f"$ {' '.join(cmd)}\n{out}(exit status {code})\n"))
     return failed
 
 
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bindings_only:
         sources = [os.path.abspath(f) for f in args.files] if args.files else binding_sources()
         print(f"check_cuda: {len(sources)} binding(s), -DMMFM_WITH_CUDA, syntax only")
-        failed = check_bindings(nvcc, sources)
+        failed = check_bindings(nvcc, sources, args.timeout)
         for rel, log in failed:
             print(f"\n---- compiler output for {rel} ----\n{log.rstrip()}")
         print(f"check_cuda: {len(failed)} of {len(sources)} failed" if failed
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not ok:
                     failed.append((rel, log))
     if not args.files and not args.no_bindings:
-        failed += check_bindings(nvcc, binding_sources())
+        failed += check_bindings(nvcc, binding_sources(), args.timeout)
     for rel, log in failed:
         print(f"\n---- compiler output for {rel} ----\n{log.rstrip()}")
     status = f"{len(failed)} failed" if failed else f"all {len(sources)} compiled, and the bindings' CUDA blocks"

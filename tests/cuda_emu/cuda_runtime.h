@@ -22,10 +22,13 @@
 #include <functional>
 #include <vector>
 
+// __device__ functions defined in headers (sampling_cuda.cuh) are included by several .cu files;
+// nvcc keeps device code per translation unit, so here they must be inline to link as one
+// library (and __forceinline__, which always follows __device__, adds nothing).
 #define __global__
-#define __device__
+#define __device__ inline
 #define __host__
-#define __forceinline__ inline
+#define __forceinline__
 #define __launch_bounds__(...)
 #define __shared__ static
 
