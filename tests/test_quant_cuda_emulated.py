@@ -17,8 +17,8 @@ import os
 import pytest
 import torch
 from emu_build import CXX, ROOT, build_emulator
-from test_quant_cuda import _entropy_reference_and_grad, _near_rounding_boundary, assert_near_best, randint_like_float, \
-    with_duplicates
+from test_quant_cuda import (_entropy_reference_and_grad, _near_rounding_boundary, assert_near_best,
+                             randint_like_float, with_duplicates)
 
 from mmfm.ops import quant as Q
 
