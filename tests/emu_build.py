@@ -107,9 +107,12 @@ def build_emulator(sources: list[str], name: str, cuda_sources: tuple[str, ...] 
             proc = subprocess.run([CXX, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
                                    "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # _longjmp between fiber stacks
                                    "-I", os.path.join(ROOT, "tests", "cuda_emu"), "-I", os.path.join(ROOT, "csrc"),
-                                   # -Bsymbolic: two builds of the same kernels (e.g. 64 and 512
-                                   # threads) share symbol names; each library must call its own
-                                   "-Wl,-Bsymbolic", *flags, *units, "-o", tmp], capture_output=True, text=True)
+                                   # Two builds of the same kernels (64 and 512 threads) share symbol
+                                   # names, and `__shared__` arrays are static locals of inline
+                                   # functions, which GCC makes process-wide unique symbols: with
+                                   # both libraries loaded, one would use the other's (smaller)
+                                   # arrays. Each library keeps and calls its own.
+                                   "-fno-gnu-unique", "-Wl,-Bsymbolic", *flags, *units, "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"emu_build: {CXX} could not build {sources[0]} (exit {proc.returncode}):\n"
                                f"{proc.stderr}")
