@@ -1,9 +1,10 @@
 """The CUDA key-value cache kernels' logic, run on the CPU.
 
 tests/cuda_emu builds csrc/cache/kv_cuda_kernel.cuh as plain C++ against a stand-in for the CUDA
-runtime (each thread a fiber, barriers as yields; 64 threads per block), so the validation block,
-the grid-stride copies (with a few blocks, so every thread loops) and the insert's tiled backward
-shift with its barriers are checked bit for bit against plain slicing on machines without a GPU.
+runtime (each thread a fiber, barriers as yields; the production 256 threads per block, and 64),
+so the validation block, the grid-stride copies (with a few blocks, so every thread loops) and
+the insert's tiled backward shift with its barriers are checked bit for bit against plain
+slicing on machines without a GPU.
 Every access width the launcher can pick (16, 8, 4, 2 bytes) is exercised. It says nothing about
 timing or real concurrency: tests/test_cache_cuda.py does that on a GPU. Needs g++.
 """
@@ -23,9 +24,14 @@ SOURCES = ["tests/cuda_emu/emu_cache.cpp", "tests/cuda_emu/cuda_runtime.h", "csr
 P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-@pytest.fixture(scope="module")
-def emu():
-    lib = build_emulator(SOURCES, "mmfm_cache_emu")
+@pytest.fixture(scope="module", params=[256, 64], ids=["256-threads", "64-threads"])
+def emu(request):
+    """The production block (256 threads, kv_cuda_kernel.cuh) and a two-warp one, where an
+    insert tile is 256 units so the small shapes below already span several tiles."""
+    production = request.param == 256
+    lib = build_emulator(SOURCES, "mmfm_cache_emu",
+                         defines=None if production else {"MMFM_CACHE_CUDA_THREADS": request.param})
+    assert lib.emu_cache_threads() == request.param
     lib.emu_kv_append.argtypes = [P, I64, I64, I64, I64, P, I64, I64, I64, I64, P, P, I32, ctypes.c_uint, P]
     lib.emu_kv_insert.argtypes = [P, I64, I64, I64, I64, P, I64, I64, I64, I64, P, P, I32, P]
     lib.emu_kv_gather_rows.argtypes = [P, I64, I64, I64, I64, P, I64, P, I32, ctypes.c_uint, P]
@@ -90,7 +96,8 @@ def test_emulated_append(emu, dtype, D, vec):
 @pytest.mark.parametrize("dtype,D", [(torch.float32, 8), (torch.bfloat16, 64), (torch.float16, 3)])
 @pytest.mark.parametrize("N", [1, 5, 70])
 def test_emulated_insert_tiled_shift(emu, dtype, D, N):
-    """Moves of many tiles (a tile is 64 threads x 4 units), shifts smaller and larger than a tile."""
+    """Moves of many tiles (a tile is 4 units per thread: 1024 at 256 threads, 256 at 64), shifts
+    smaller and larger than a tile."""
     B, H, T = 3, 2, 400
     cache = rnd(B, H, T, D, dtype=dtype)
     entries = strided(rnd(B, H, N, D, dtype=dtype, seed=4))

@@ -26,14 +26,17 @@ def _tiny(vocab=200):
 def test_lora_merge_equals_unmerged_outputs():
     cfg, model = _tiny()
     f = FinetuneSection(method="lora", lora_rank=4, lora_alpha=8.0, lora_targets=["q_proj", "v_proj", "down_proj"])
+    ids = torch.randint(200, (2, 24))
+    with torch.no_grad():
+        base = model(ids)                    # the weights the update starts from
     apply_lora(model, f.lora_targets, f.lora_rank, f.scale, f.train_also)
     with torch.no_grad():
+        assert torch.equal(model(ids), base)  # B = 0: LoRA starts as the identity
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):
                 p.normal_(0, 0.5)            # a trained-looking update (B starts at zero)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    ids = torch.randint(200, (2, 24))
     with torch.no_grad():
         unmerged = model(ids)
     plain = Transformer(cfg)
@@ -41,7 +44,7 @@ def test_lora_merge_equals_unmerged_outputs():
     with torch.no_grad():
         merged = plain(ids)
     assert (merged - unmerged).abs().max() < 1e-5
-    assert (merged - Transformer(cfg)(ids)).abs().max() > 1e-3   # the update is not a no-op
+    assert (merged - base).abs().max() > 1e-3   # the merge carries the update, not the base weights alone
 
 
 def test_freezing_and_bad_sections():

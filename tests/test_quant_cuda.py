@@ -399,3 +399,18 @@ def test_cuda_sources_compile():
     assert proc.returncode == 0, proc.stdout
     assert "compiled" in proc.stdout
 
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_binding_cuda_blocks_are_compiled(tmp_path):
+    """tools/check_cuda.py compiles the bindings' #ifdef MMFM_WITH_CUDA blocks (syntax only,
+    CPU torch headers plus tools/cuda_syntax_include): a typo that only the CUDA build would
+    see fails it. (test_cuda_sources_compile runs the same check on the real bindings.)"""
+    src = open(os.path.join(ROOT, "csrc", "quant", "quant_binding.cpp")).read()
+    assert src.count("cuda_ok(nearest_code_cuda(") == 1
+    bad = tmp_path / "quant_binding.cpp"
+    bad.write_text(src.replace("cuda_ok(nearest_code_cuda(", "cuda_ok(nearest_code_cudaa("))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "check_cuda.py"), "--bindings-only", str(bad)],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout
+    assert "nearest_code_cudaa" in proc.stdout and "1 of 1 failed" in proc.stdout

@@ -15,11 +15,11 @@ import sys
 import pytest
 import torch
 
-from mmfm import _ext
 from mmfm.ops import sampling as S
 
-pytestmark = pytest.mark.skipif(not _ext.extension_loaded(),
-                                reason=f"mmfm._C is not built ({_ext.load_error()}); these tests compare it with the reference")
+# Like the quant and cache op tests: a missing extension fails (conftest.needs_extension), it is
+# never a silent skip, since these tests exist to compare the compiled kernels with the references.
+pytestmark = pytest.mark.usefixtures("needs_extension")
 
 INF = math.inf
 
@@ -31,15 +31,12 @@ def chi2_critical(df: int, z: float = 4.753) -> float:
     return df * (1.0 - a + z * math.sqrt(a)) ** 3
 
 
-def assert_distribution(tokens: torch.Tensor, probs: torch.Tensor, what: str = "") -> None:
-    """Chi-square goodness of fit of the drawn tokens to probs [V]; no draw outside the support."""
+def chi2_statistic(tokens: torch.Tensor, probs: torch.Tensor) -> tuple[float, float, int]:
+    """(statistic, critical value at 1e-6, df) of the draws against probs [V]; cells with an
+    expected count < 5 pooled. df = 0 when fewer than two cells remain."""
     probs = probs.double()
     n = tokens.numel()
-    V = probs.numel()
-    assert int(tokens.min()) >= 0 and int(tokens.max()) < V, f"{what}: token out of range"
-    counts = torch.bincount(tokens.flatten(), minlength=V).double()
-    outside = counts[probs == 0].sum()
-    assert outside == 0, f"{what}: {int(outside)} draws outside the support"
+    counts = torch.bincount(tokens.flatten(), minlength=probs.numel()).double()
     E = probs * n
     big = E >= 5
     obs, exp = counts[big].tolist(), E[big].tolist()
@@ -48,10 +45,42 @@ def assert_distribution(tokens: torch.Tensor, probs: torch.Tensor, what: str = "
         obs.append(rest_o)
         exp.append(rest_e)
     if len(obs) < 2:
-        return
+        return 0.0, math.inf, 0
     stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
-    crit = chi2_critical(len(obs) - 1)
-    assert stat < crit, f"{what}: chi-square {stat:.1f} >= {crit:.1f} (df {len(obs) - 1})"
+    return stat, chi2_critical(len(obs) - 1), len(obs) - 1
+
+
+def tempered(probs: torch.Tensor, factor: float = 1.3) -> torch.Tensor:
+    """probs with its temperature multiplied by `factor`, on the same support."""
+    p = probs.double()
+    keep = p > 0
+    out = torch.zeros_like(p)
+    out[keep] = torch.softmax(p[keep].log() / factor, -1)
+    return out
+
+
+def assert_distribution(tokens: torch.Tensor, probs: torch.Tensor, what: str = "", power: bool = True) -> None:
+    """Chi-square goodness of fit of the drawn tokens to probs [V]; no draw outside the support.
+
+    power: the same number of draws from `probs` at 1.3x its temperature must fail the same
+    test (three seeds), so a sampler off by that much could not pass: the test has the samples
+    to see it. Only a target with one token, or one where the caller says a 1.3x temperature
+    barely moves it (power=False), is exempt."""
+    V = probs.numel()
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < V, f"{what}: token out of range"
+    counts = torch.bincount(tokens.flatten(), minlength=V)
+    outside = int(counts[probs == 0].sum())
+    assert outside == 0, f"{what}: {outside} draws outside the support"
+    stat, crit, df = chi2_statistic(tokens, probs)
+    assert stat < crit, f"{what}: chi-square {stat:.1f} >= {crit:.1f} (df {df})"
+    if power and int((probs > 0).sum()) > 1:
+        wrong = tempered(probs)
+        for seed in range(3):
+            draws = torch.multinomial(wrong.float(), tokens.numel(), replacement=True,
+                                      generator=torch.Generator().manual_seed(seed))
+            w_stat, w_crit, _ = chi2_statistic(draws, probs)
+            assert w_stat >= w_crit, (f"{what}: {tokens.numel()} draws cannot tell a 1.3x temperature error "
+                                      f"(chi-square {w_stat:.1f} < {w_crit:.1f}); draw more")
 
 
 def assert_same_support(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
@@ -174,7 +203,9 @@ def test_sample_distribution(combo):
     x = logits_data(1, V, seed=7, scale=1.5)
     expected = S.processed_probs_reference(x, **combo)[0]
     tokens = S.sample(x.expand(N, V).contiguous(), seed=1234, **combo)
-    assert_distribution(tokens, expected, combo_id(combo))
+    # typical_p = 0.2 keeps two tokens of almost equal probability, which a 1.3x temperature
+    # moves by well under 1%: no affordable sample size sees that, so only fit is checked there
+    assert_distribution(tokens, expected, combo_id(combo), power=combo != {"typical_p": 0.2})
 
 
 def test_sample_distribution_with_ties_and_mask():
@@ -427,6 +458,30 @@ def test_reference_path_raises_the_same_errors(monkeypatch):
     assert_distribution(tok, S.processed_probs_reference(z, top_k=5)[0], "reference path")
 
 
+def test_wrong_temperature_is_rejected():
+    """The chi-square check has the power it claims: the real sampler at temperature 1.3, and the
+    verifiers given a target at 1.3x temperature, fail against the temperature-1 distribution
+    with the sample sizes the distribution tests use."""
+    V, N = 40, 20000
+    x = logits_data(1, V, seed=7, scale=1.5)
+    tokens = S.sample(x.expand(N, V).contiguous(), seed=1234, temperature=1.3)
+    with pytest.raises(AssertionError, match="chi-square"):
+        assert_distribution(tokens, S.processed_probs_reference(x)[0], power=False)
+    p = random_dists(2, 8, seed=1, sharp=1.5)
+    q = random_dists(1, 8, seed=2, sharp=1.5)
+    d = torch.multinomial(q[0], N, replacement=True, generator=torch.Generator().manual_seed(3))[:, None]
+    acc, nxt = S.verify_chain(tempered(p).float().expand(N, 2, 8).contiguous(), q[None].expand(N, 1, 8).contiguous(),
+                              d, seed=11)
+    with pytest.raises(AssertionError, match="chi-square"):
+        assert_distribution(torch.where(acc >= 1, d[:, 0], nxt), p[0], power=False)
+    p, q = random_dists(1, 7, seed=4, sharp=2.0)[0], random_dists(1, 7, seed=5, sharp=2.0)[0]
+    cand = torch.multinomial(q.expand(N, 7), 3, replacement=True, generator=torch.Generator().manual_seed(6))
+    tok, _ = S.verify_multi_draft(tempered(p).float().expand(N, 7).contiguous(), q.expand(N, 7).contiguous(), cand,
+                                  seed=8)
+    with pytest.raises(AssertionError, match="chi-square"):
+        assert_distribution(tok, p, power=False)
+
+
 # -------------------------------------------------------------------- chain verification
 def random_dists(n, V, seed, sharp=1.0):
     g = torch.Generator().manual_seed(seed)
@@ -434,7 +489,7 @@ def random_dists(n, V, seed, sharp=1.0):
 
 
 def test_chain_output_distribution_equals_target():
-    V, G, N = 8, 3, 20000
+    V, G, N = 8, 3, 40000  # position 3 is reached by ~11% of rows: ~4400 draws, enough to see a 1.3x temperature
     p = random_dists(G + 1, V, seed=1, sharp=1.5)  # target per position (independent of the prefix here)
     q = random_dists(G, V, seed=2, sharp=1.5)
     g = torch.Generator().manual_seed(3)

@@ -182,24 +182,32 @@ def _patterns(n, seed):
 def test_image_1d_heldout_psnr_rises_with_kept_tokens():
     """The issue's requirement for the 1D tokenizer: held-out PSNR against the number of kept tokens
     rises monotonically (nested dropout puts the largest components in the head tokens). One scalar
-    FSQ digit per token, so no single token can carry the whole image. 600 seeded steps, about 6 s
-    of CPU; deterministic. (Of inits 0-3, init 2 stays near the mean image for 600 steps: its curve
-    still rises, but by 0.2 dB, so the margin below is checked on init 0.)"""
+    FSQ digit per token, so no single token can carry the whole image. Not one seed: three inits
+    (weights and batch order), 600 steps each, about 7 s of CPU each. Every curve must rise at each
+    step, and the mean gain from 1 to 4 tokens, less 3 standard errors across the inits, must exceed
+    1 dB (measured: 2.4, 3.6 and 3.6 dB; 250 steps are too few, one init's curve then falls)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 600 tiny steps: two threads only add hand-offs (on shared cores, 40x slower)
     try:
-        _check_prefix_curve()
+        curves = [_prefix_curve(init) for init in range(3)]
     finally:
         torch.set_num_threads(threads)
+    for init, values in enumerate(curves):
+        for k, a, b in zip([2, 4], values, values[1:]):
+            assert b > a, f"init {init}: held-out PSNR fell from {a:.2f} to {b:.2f} dB at {k} tokens: {values}"
+    gains = torch.tensor([v[-1] - v[0] for v in curves])
+    bound = float(gains.mean() - 3 * gains.std() / len(curves) ** 0.5)
+    assert bound > 1.0, (gains.tolist(), bound)
 
 
-def _check_prefix_curve():
-    torch.manual_seed(0)
+def _prefix_curve(init, lengths=(1, 2, 4)):
+    """Held-out PSNR after keeping each number of tokens, for a tokenizer trained from init `init`."""
+    torch.manual_seed(init)
     cfg = Image1DConfig(image_size=8, patch_size=2, width=32, depth=1, heads=2, num_tokens=4, latent_dim=1,
                         fsq_levels=[15], token_mixing=True)
     tok = build_tokenizer("image_1d", cfg)
     train, held = _patterns(256, 0), _patterns(64, 1)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(init)
     opt = torch.optim.Adam(tok.parameters(), 3e-3)
     tok.train()
     for _ in range(600):
@@ -208,11 +216,7 @@ def _check_prefix_curve():
         out.loss.backward()
         opt.step()
     tok.eval()
-    lengths = [1, 2, 4]
-    values = tok.psnr_by_prefix(held, lengths)
-    for k, a, b in zip(lengths[1:], values, values[1:]):
-        assert b > a, f"held-out PSNR fell from {a:.2f} to {b:.2f} dB at {k} tokens: {values}"
-    assert values[-1] > values[0] + 1.0, values
+    return tok.psnr_by_prefix(held, list(lengths))
 
 
 def test_physics_roll_augmentation_shifts_whole_trajectories():

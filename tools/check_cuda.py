@@ -1,13 +1,23 @@
 #!/usr/bin/env python3
-"""Compiles every CUDA kernel (csrc/**/*.cu) with nvcc, without a GPU or a CUDA torch.
+"""Compiles every CUDA kernel (csrc/**/*.cu) with nvcc, and the CUDA side of every binding
+(csrc/*/*_binding.cpp under -DMMFM_WITH_CUDA) syntax-only, without a GPU or a CUDA torch.
 
 The .cu files are written against raw pointers and include no torch header (see
 docs/architecture.md), so nvcc alone can build them. This catches kernels that do not
 compile, for every target architecture, on a machine that has nvcc but no GPU (CI).
 
-    python3 tools/check_cuda.py                    # all csrc/**/*.cu, sm_80 and sm_90
+The bindings' `#ifdef MMFM_WITH_CUDA` blocks need torch's c10/cuda headers, which the CPU
+wheel ships except for one file a CUDA build of torch generates,
+c10/cuda/impl/cuda_cmake_macros.h; tools/cuda_syntax_include/ holds a stand-in for exactly
+that file. Each binding is then compiled by the host compiler with -fsyntax-only against the
+running Python's torch headers, the CUDA toolkit's include folder and that stand-in: a typo
+or a wrong call in a CUDA-only block fails here, not on the first GPU build. It needs the
+torch of the Python running this script (the project's venv).
+
+    python3 tools/check_cuda.py                    # all csrc/**/*.cu, sm_80 and sm_90, and the bindings
     python3 tools/check_cuda.py csrc/quant/fsq_cuda.cu --arch 90
     python3 tools/check_cuda.py --nvcc /usr/local/cuda/bin/nvcc --jobs 4
+    python3 tools/check_cuda.py --bindings-only    # only the bindings' CUDA blocks (seconds)
 
 Warnings are errors (host: -Wall -Werror, device: --Werror all-warnings). Object files go to
 a temporary directory that is removed afterwards. One line per file with its time; on
@@ -76,6 +86,58 @@ def compile_one(nvcc: str, src: str, outdir: str, archs: list[str], timeout: flo
     return rel, ok, time.monotonic() - t0, log
 
 
+def binding_sources() -> list[str]:
+    return sorted(os.path.join(CSRC, d, f) for d in os.listdir(CSRC) if os.path.isdir(os.path.join(CSRC, d))
+                  for f in os.listdir(os.path.join(CSRC, d)) if f.endswith("_binding.cpp"))
+
+
+def cuda_include_dir(nvcc: str) -> str | None:
+    """The CUDA toolkit's include folder (holding cuda_runtime_api.h) that goes with nvcc."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    for home in cands:
+        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return os.path.join(home, "include")
+    return None
+
+
+def binding_command(cxx: str, src: str, cuda_include: str) -> list[str]:
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-DMMFM_WITH_CUDA", "-I", CSRC,
+           "-I", os.path.join(ROOT, "tools", "cuda_syntax_include")]
+    for inc in include_paths() + [cuda_include, sysconfig.get_paths()["include"]]:
+        cmd += ["-isystem", inc]  # torch's own headers warn under -Wall; ours must not
+    return cmd + [src]
+
+
+def check_bindings(nvcc: str, sources: list[str], timeout: float = 600.0) -> list[tuple[str, str]]:
+    """Syntax-only compile of each binding with MMFM_WITH_CUDA; returns (file, log) of each failure."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or "g++"
+    inc = cuda_include_dir(nvcc)
+    if inc is None:
+        return [("(all bindings)", f"no CUDA include folder with cuda_runtime_api.h found for {nvcc} "
+                                   "(set CUDA_HOME)")]
+    failed = []
+    for src in sources:
+        rel = os.path.relpath(src, ROOT)
+        cmd = binding_command(cxx, src, inc)
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  timeout=timeout)
+            ok, out, code = proc.returncode == 0 and " warning: " not in proc.stdout, proc.stdout, proc.returncode
+        except subprocess.TimeoutExpired:
+            ok, out, code = False, f"timed out after {timeout:.0f} s\n", "timeout"
+        print(f"  {'ok  ' if ok else 'FAIL'} {time.monotonic() - t0:6.1f} s  {rel} (-DMMFM_WITH_CUDA, syntax only)",
+              flush=True)
+        if not ok:
+            failed.append((rel, f"$ {' '.join(cmd)}\n{out}(exit status {code})\n"))
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", help="the .cu files to compile (default: every csrc/**/*.cu)")
@@ -85,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="files compiled in parallel (default 2)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per file (default 600)")
     p.add_argument("--allow-missing", action="store_true", help="exit 0 when nvcc is not found")
+    p.add_argument("--bindings-only", action="store_true",
+                   help="only syntax-check the bindings' MMFM_WITH_CUDA blocks (files: the bindings to check)")
+    p.add_argument("--no-bindings", action="store_true", help="skip the bindings' syntax check")
     args = p.parse_args(argv)
 
     nvcc = find_nvcc(args.nvcc)
@@ -93,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check_cuda: nvcc not found {where}; CUDA kernels not compiled"
               + (" (--allow-missing: not an error)" if args.allow_missing else ""))
         return 0 if args.allow_missing else 1
+
+    if args.bindings_only:
+        sources = [os.path.abspath(f) for f in args.files] if args.files else binding_sources()
+        print(f"check_cuda: {len(sources)} binding(s), -DMMFM_WITH_CUDA, syntax only")
+        failed = check_bindings(nvcc, sources, args.timeout)
+        for rel, log in failed:
+            print(f"\n---- compiler output for {rel} ----\n{log.rstrip()}")
+        print(f"check_cuda: {len(failed)} of {len(sources)} failed" if failed
+              else f"check_cuda: all {len(sources)} bindings compiled (syntax only)")
+        return 1 if failed else 0
 
     sources = [os.path.abspath(f) for f in args.files] if args.files else cuda_sources()
     missing = [s for s in sources if not os.path.isfile(s)]
@@ -120,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {'ok  ' if ok else 'FAIL'} {secs:6.1f} s  {rel}", flush=True)
                 if not ok:
                     failed.append((rel, log))
+    if not args.files and not args.no_bindings:
+        failed += check_bindings(nvcc, binding_sources(), args.timeout)
     for rel, log in failed:
-        print(f"\n---- nvcc output for {rel} ----\n{log.rstrip()}")
-    status = f"{len(failed)} of {len(sources)} failed" if failed else f"all {len(sources)} compiled"
+        print(f"\n---- compiler output for {rel} ----\n{log.rstrip()}")
+    status = f"{len(failed)} failed" if failed else f"all {len(sources)} compiled, and the bindings' CUDA blocks"
     print(f"check_cuda: {status} in {time.monotonic() - t0:.1f} s")
     return 1 if failed else 0
 

@@ -1,12 +1,15 @@
-// A CPU stand-in for the small part of CUDA that the sampling and cache kernels use, so that
-// their block-level logic (reductions, scans, bisection, shared-memory sort, draws, tiled
-// shifts, barriers) can be tested on a machine without a GPU. Compiled as plain C++ instead of
-// the real <cuda_runtime.h> (tests/test_sampling_cuda_emulated.py and
-// tests/test_cache_cuda_emulated.py put this folder first on the include path). Not a
-// simulator of timing or memory: each thread of a block is a ucontext fiber, run
-// cooperatively; __syncthreads() and the warp shuffles are barriers at which fibers yield.
-// Blocks run one after another, so `__shared__` can be a function-local static. A barrier
-// that not every live thread of the block (or warp) reaches aborts with "deadlock".
+// A CPU stand-in for the small part of CUDA that the sampling, cache and quantization kernels
+// use, so that their block-level logic (reductions, scans, bisection, shared-memory sort,
+// draws, tiled shifts, tiled GEMMs, barriers) can be tested on a machine without a GPU.
+// Compiled as plain C++ instead of the real <cuda_runtime.h> (the tests/test_*_cuda_emulated.py
+// files put this folder first on the include path; tests/emu_build.py turns the .cu files'
+// `kernel<<<grid, block, ...>>>(args)` launches into emu::launch calls). Not a simulator of
+// timing or memory: each thread of a block is a ucontext fiber, run cooperatively;
+// __syncthreads() and the warp shuffles are barriers at which fibers yield. Blocks run one
+// after another (x fastest, then y), so `__shared__` can be a function-local static. A barrier
+// that not every live thread of the block (or warp) reaches aborts with "deadlock". A launch
+// configuration CUDA would refuse (an empty grid, a block not a multiple of 32 threads or
+// over 1024) runs nothing and leaves cudaErrorInvalidConfiguration for cudaGetLastError.
 #pragma once
 #include <setjmp.h>
 #include <ucontext.h>
@@ -19,10 +22,13 @@
 #include <functional>
 #include <vector>
 
+// __device__ functions defined in headers (sampling_cuda.cuh) are included by several .cu files;
+// nvcc keeps device code per translation unit, so here they must be inline to link as one
+// library (and __forceinline__, which always follows __device__, adds nothing).
 #define __global__
-#define __device__
+#define __device__ inline
 #define __host__
-#define __forceinline__ inline
+#define __forceinline__
 #define __launch_bounds__(...)
 #define __shared__ static
 
@@ -32,9 +38,39 @@ struct dim3 {
 };
 typedef struct CUstream_st* cudaStream_t;
 typedef int cudaError_t;
-enum : int { cudaSuccess = 0, cudaErrorNotSupported = 801 };
-inline cudaError_t cudaGetLastError() { return 0; }
+enum : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9,
+             cudaErrorNotSupported = 801 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+namespace emu {
+inline cudaError_t& last_error() {
+  static cudaError_t e = 0;
+  return e;
+}
+// The multiprocessor count the launchers see (launch heuristics such as nearest_code's
+// split-K read it); tests set it through emu_set_sms to reach both sides of a heuristic.
+inline int& sm_count() {
+  static int n = 132;
+  return n;
+}
+}  // namespace emu
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::last_error();
+  emu::last_error() = 0;
+  return e;
+}
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return 0;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrMultiProcessorCount ? emu::sm_count() : 0;
+  return 0;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
+  std::memset(p, v, n);
+  return 0;
+}
 // Host allocation stand-ins, so csrc/common/cuda_launch.cuh (Scratch) compiles here.
 inline cudaError_t cudaMalloc(void** p, size_t n) { return (*p = std::malloc(n)) != nullptr ? 0 : 2; }
 inline cudaError_t cudaFree(void* p) {
@@ -168,16 +204,22 @@ inline void run_block(int n, const std::function<void()>& body) {
   block() = nullptr;
 }
 
-// Runs kernel_call() for every block of the grid.
+// Runs kernel_call() for every block of the grid (1D blocks; 1D or 2D grids).
 template <class F>
 void launch(dim3 grid, dim3 threads, F&& kernel_call) {
+  if (grid.x == 0 || grid.y == 0 || grid.z != 1 || threads.y != 1 || threads.z != 1 || threads.x == 0 ||
+      threads.x % 32 != 0 || threads.x > 1024) {
+    last_error() = cudaErrorInvalidConfiguration;
+    return;
+  }
   const std::function<void()> body = kernel_call;
   coords().grid_dim = grid;
   coords().block_dim = threads;
-  for (unsigned x = 0; x < grid.x; ++x) {
-    coords().block_idx.x = x;
-    run_block(static_cast<int>(threads.x), body);
-  }
+  for (unsigned y = 0; y < grid.y; ++y)
+    for (unsigned x = 0; x < grid.x; ++x) {
+      coords().block_idx = dim3(x, y);
+      run_block(static_cast<int>(threads.x), body);
+    }
 }
 
 }  // namespace emu
@@ -237,6 +279,14 @@ inline unsigned __float_as_uint(float f) {
   std::memcpy(&u, &f, sizeof(u));
   return u;
 }
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, sizeof(f));
+  return f;
+}
+// IEEE-rounded division and square root: what the kernels ask for under --use_fast_math.
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));

@@ -1,10 +1,10 @@
 // The CUDA key-value cache kernels (csrc/cache/kv_cuda_kernel.cuh) built against the CPU
 // stand-in in cuda_runtime.h, behind a C interface for ctypes (tests/test_cache_cuda_emulated.py).
-// Blocks have 64 threads (two warps) instead of 256, so an insert tile is 256 units and small
-// test shapes already take several tiles; grid-stride kernels get `grid` blocks (the test
-// passes a few, so every thread loops). The launch sequence is kv_cuda.cu's: validation
+// The tests build it twice: with the production block size (256 threads, kv_cuda_kernel.cuh)
+// and with -DMMFM_CACHE_CUDA_THREADS=64 (two warps), where an insert tile is 256 units so small
+// shapes already take several tiles; grid-stride kernels get `grid` blocks (the test passes a
+// few, so every thread loops). The launch sequence is kv_cuda.cu's: validation
 // block, then the copy kernel reading the any-bad flag at status[n].
-#define MMFM_CACHE_CUDA_THREADS 64
 #include "cuda_runtime.h"
 #include "cache/kv_cuda_kernel.cuh"
 
