@@ -1,6 +1,7 @@
 """Training throughput: mmfm's Transformer vs transformers' LlamaForCausalLM of identical size.
 
     mmfm bench train [--quick] [--json PATH] [--configs tiny,small] [--batch 8] [--seq 256] [--vocab 4096]
+    mmfm bench train --scaling [...]     ranks, ZeRO memory, packing, compile, MFU: mmfm/bench/scaling.py
 
 For each model config, both models are built with the same weights (mmfm/models/hf.py adapter),
 the same batch of random ids (batch x seq), the same next-token loss (mean cross-entropy over the
@@ -107,6 +108,11 @@ class Runner:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--scaling" in argv:       # the scaling figures: their own options (mmfm/bench/scaling.py)
+        from mmfm.bench.scaling import main as scaling
+
+        return scaling([a for a in argv if a != "--scaling"])
     p = base_parser("train", __doc__.splitlines()[0])
     p.add_argument("--configs", default="tiny,small", help="model configs shipped with mmfm (configs/models/<name>.yaml), "
                    "comma separated")
