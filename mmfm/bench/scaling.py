@@ -22,6 +22,9 @@ Parts (records bench "train_scaling", case.part says which):
            --peak-n square fp32 matmul and then a few steps, MFU = flops_per_token x tokens/s /
            peak of that round, median over rounds (load from other processes hits both alike).
 
+The Trainer on a device (tools/gpu_check.sh's training stage; `trainer_run`):
+    python -m mmfm.bench.scaling --trainer-run --device cuda --config llama_1b --precision bf16 \
+        --seq 2048 --batch 4 --steps 50 --peak-n 8192 --json OUT.json    [under torchrun for 2 GPUs]
 A worker and its own JSON (internal; the `ranks` part starts it under torchrun):
     python -m mmfm.bench.scaling --worker SPEC_JSON OUT_JSON
 """
@@ -138,7 +141,8 @@ def worker(spec: dict, out: str) -> None:
         results[str(stage)] = {"tokens_per_s": batch * seq * world / statistics.median(times),
                                "step_ms": statistics.median(times) * 1e3,
                                "state_mb": [float(g[0]) for g in gathered], "rss_mb": [float(g[1]) for g in gathered]}
-        engine.destroy() if hasattr(engine, "destroy") else None
+        if hasattr(engine, "destroy"):     # frees DeepSpeed's hooks and buffers before the next stage's engine
+            engine.destroy()
         del engine, loss_fn
         gc.collect()
     if rank == 0:
@@ -220,11 +224,12 @@ def _random_batches(vocab: int, batch: int, seq: int, n: int = 4):
 
 
 def _token_samples(shards: str, limit: int) -> list:
-    from mmfm.data.shards import expand_shards
-    from mmfm.data.tario import iter_shard
     import io
 
     import numpy as np
+
+    from mmfm.data.shards import expand_shards
+    from mmfm.data.tario import iter_shard
 
     out = []
     for url in expand_shards(shards):
@@ -335,6 +340,84 @@ def part_mfu(args) -> list[dict]:
     return records
 
 
+# ----------------------------------------------------------------------------- the Trainer on a device
+def trainer_run(args) -> list[dict]:
+    """`--trainer-run`: the Trainer (mmfm pretrain's step: mmfm/train/loop.py ObjectiveStep, DeepSpeed,
+    concat packing into full rows) on synthetic token shards, no checkpoints, under torchrun or
+    alone; rank 0 returns one record: tokens/s and MFU (medians over the log windows after the
+    first, which holds the warm-up) against a matmul peak measured here, peak memory, first and
+    last loss. tools/gpu_check.sh's training stage runs it on CUDA (llama_1b, bf16, flash-attn when
+    importable); the tests run it on the CPU with the tiny config."""
+    from mmfm.data.dataset import ShardLoader
+    from mmfm.models import build_model, flash_attn_available
+    from mmfm.objectives import build_objective
+    from mmfm.train.config import load_run_config, resolve_vocab_size
+    from mmfm.train.engine import spec_of
+    from mmfm.train.loop import ObjectiveStep
+    from mmfm.train.tokens import synthetic_token_corpus, train_token_dataset
+    from mmfm.train.trainer import Trainer
+    from mmfm.vocab import Vocab
+
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("mmfm bench train --scaling --trainer-run: --device cuda, but torch sees no CUDA device")
+    out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="mmfm_trainer_run_"))
+    os.makedirs(out, exist_ok=True)
+    model_yaml = args.config if args.config.endswith(".yaml") else packaged_config(f"models/{args.config}.yaml")
+    ds_json = packaged_config(f"deepspeed/zero{args.zero}.json")
+    with open(os.path.join(out, "run.yaml"), "w") as f:
+        f.write(f"""model: {model_yaml}
+deepspeed: {ds_json}
+data: {{shards: {out}/shards, vocab: {out}/vocab.json, seq_len: {args.seq}, shuffle_buffer: 64, pack: concat}}
+optim: {{lr: 1.0e-4, warmup_steps: 2}}
+train: {{out: {out}, steps: {args.steps}, micro_batch: {args.batch}, precision: {args.precision},
+        log_every: {max(1, args.steps // 5)}, checkpoint_every: 0, progress: false, plot: false}}
+""")
+    cfg = load_run_config(os.path.join(out, "run.yaml"), list(args.set))
+    if cuda:       # before the first NCCL collective: each rank on its own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rows: dict[int, dict] = {}
+    trainer = Trainer(spec_of(cfg), name="trainer-run", checkpoint_dir=None, logger=lambda step, r: rows.update({step: r}))
+    if trainer.rank == 0 and not os.path.exists(os.path.join(out, "shards.done")):
+        v = Vocab(args.vocab // 2, {"image": args.vocab // 4, "audio": args.vocab // 4})
+        v.save(os.path.join(out, "vocab.json"))
+        synthetic_token_corpus(os.path.join(out, "shards"), v, n=args.samples)
+        open(os.path.join(out, "shards.done"), "w").close()
+    torch.distributed.barrier()
+    vocab = Vocab.load(cfg.data.vocab)
+    resolve_vocab_size(cfg, vocab)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    peak = matmul_peak(args.peak_n, dtype=dtype, device="cuda" if cuda else "cpu")
+    cfg.train.peak_flops = peak
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    params = sum(p.numel() for p in model.parameters())
+    objective = build_objective(cfg.objective, vocab)
+    step = ObjectiveStep(objective, vocab.modality_table(), list(vocab.modality_names), cfg.data.seq_len,
+                         cfg.model.flops_per_token(cfg.data.seq_len), "trainer-run")
+    loader = ShardLoader(train_token_dataset(cfg.data, vocab, batch_size=trainer.global_batch, seed=cfg.train.seed),
+                         num_workers=0)
+    t0 = time.perf_counter()
+    res = trainer.fit(model, step, loader)
+    wall = time.perf_counter() - t0
+    peak_mem = (torch.cuda.max_memory_allocated() if cuda else
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    if trainer.rank != 0:
+        return []
+    steady = [rows[k] for k in sorted(rows)][1:] or [rows[k] for k in sorted(rows)]
+    losses = [res.losses[k] for k in sorted(res.losses)]
+    case = {"part": "trainer", "config": args.config, "params_m": round(params / 1e6, 1), "ranks": trainer.world,
+            "micro_batch": args.batch, "seq": args.seq, "precision": cfg.train.precision, "zero": args.zero,
+            "steps": args.steps, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "attention": "flash-attn" if cuda and flash_attn_available() and cfg.model.attention in ("auto", "flash")
+            else "sdpa" if cfg.model.attention != "eager" else "eager"}
+    return [record(BENCH, case, "trainer", tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
+                   mfu=statistics.median(r["mfu"] for r in steady), peak_tflops=peak / 1e12,
+                   peak_mem_gib=peak_mem, loss_first=losses[0], loss_last=losses[-1], wall_s=wall)]
+
+
 PARTS = {"ranks": part_ranks, "pack": part_pack, "compile": part_compile, "mfu": part_mfu}
 
 
@@ -366,6 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", default="", help="token shards of the pack part (e.g. a demo's "
                    "runs/demo/tokens/train-*.tar); default: a synthetic corpus")
     p.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    t = p.add_argument_group("--trainer-run: the Trainer on a device (tools/gpu_check.sh's training stage)")
+    t.add_argument("--trainer-run", action="store_true", help="run the Trainer for --steps and report tokens/s, "
+                   "MFU and peak memory instead of the parts (under torchrun for several ranks)")
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--precision", default="fp32", help="fp32 or bf16")
+    t.add_argument("--zero", type=int, default=0, help="ZeRO stage (configs/deepspeed/zero<N>.json)")
+    t.add_argument("--samples", type=int, default=2000, help="samples of the synthetic token corpus")
+    t.add_argument("--out", default="", help="run folder (config, shards); default: a temporary folder")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="an override of the run config (repeatable), e.g. objective.document_mask=true")
     return p
 
 
@@ -373,6 +466,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         worker(json.load(open(args.worker[0])), args.worker[1])
+        return 0
+    if args.trainer_run:
+        args.steps = args.steps or 50
+        records = trainer_run(args)
+        _print(records)
+        if records:
+            write_records(records, args.json)
         return 0
     unknown = [p for p in args.parts.split(",") if p not in PARTS]
     if unknown:

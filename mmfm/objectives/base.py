@@ -232,6 +232,6 @@ def _finish(ce, weighted_sum, w, prep: Prepared, G: int, denominator):
     mods = prep.label_mod.reshape(-1)
     has = prep.labels.reshape(-1) != IGNORE
     with torch.no_grad():
-        sums = torch.zeros(G, dtype=torch.float64).index_add_(0, mods, ce.detach().double())
-        counts = torch.zeros(G, dtype=torch.float64).index_add_(0, mods, has.double())
+        sums = torch.zeros(G, dtype=torch.float64, device=ce.device).index_add_(0, mods, ce.detach().double())
+        counts = torch.zeros(G, dtype=torch.float64, device=ce.device).index_add_(0, mods, has.double())
     return loss, sums, counts

@@ -99,8 +99,10 @@ class ObjectiveStep(TrainStep):
     def micro(self, engine, prep, rows):
         from mmfm.objectives import model_loss_and_report
 
-        mask = None if prep.attn_mask is None else prep.attn_mask[rows]
-        sub = type(prep)(prep.input_ids[rows], prep.modality_ids[rows], prep.labels[rows], prep.label_mod[rows], mask)
+        dev = engine.device          # the global batch is prepared on the CPU; the rows go to the model's device
+        mask = None if prep.attn_mask is None else prep.attn_mask[rows].to(dev)
+        sub = type(prep)(prep.input_ids[rows].to(dev), prep.modality_ids[rows].to(dev), prep.labels[rows].to(dev),
+                         prep.label_mod[rows].to(dev), mask)
         local_sum, s, c = model_loss_and_report(engine, sub, self.objective.weights, denominator=1.0)
         return local_sum, torch.cat([s.to(torch.float64), c.to(torch.float64)])
 

@@ -309,7 +309,7 @@ class Trainer:
                 if evaluators and t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     self.evaluate(engine, step, evaluators)
                 self.hooks.on_step_end(step)
-                sig = torch.tensor([1.0 if stop["signal"] else 0.0])
+                sig = torch.tensor([1.0 if stop["signal"] else 0.0], device=engine.device)
                 if _allreduce(sig, torch.distributed.ReduceOp.MAX).item() > 0:
                     res.stopped_by = stop["signal"] or "signal on another rank"
                     self.say(f"[{self.name}] {res.stopped_by}: saving a checkpoint at step {step} and stopping")
@@ -332,7 +332,9 @@ class Trainer:
         t = self.spec.train
         world, rank, accum = self.world, self.rank, t.grad_accum
         den = step_fn.denominator(prep)
-        wsum = torch.zeros(1, dtype=torch.float64)
+        # collectives' tensors live on the engine's device: NCCL takes only CUDA tensors, gloo CPU ones
+        dev = engine.device
+        wsum = torch.zeros(1, dtype=torch.float64, device=dev)
         report = None
         finite_all = True
         engine.train()
@@ -341,7 +343,7 @@ class Trainer:
             numerator, rep = step_fn.micro(engine, prep, slice(r0, r0 + t.micro_batch))
             injected = self.hooks.on_loss(index + 1, numerator)
             loss = injected * (world * accum) / den
-            ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0])
+            ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0], device=dev)
             if _allreduce(ok, torch.distributed.ReduceOp.MIN).item() < 1:
                 finite_all = False
                 loss = numerator.nan_to_num(0.0) * 0.0      # zero gradients through the same graph
