@@ -9,9 +9,11 @@ Parts (records bench "train_scaling", case.part says which):
            (gloo on CPU), one torchrun per rank count running `--worker` below. The global batch is
            --batch x ranks (weak scaling: each rank keeps its micro-batch). state_mb: bytes of every
            live tensor in the rank's process after a step (parameters, gradients, ZeRO's flat
-           partitions, Adam's moments; counted once per storage), the memory that ZeRO shards; it
-           must fall with ranks at stage 3 (and at 1-2 for the optimizer part). rss_mb: the process'
-           peak resident set (includes torch, DeepSpeed and the model built whole before sharding).
+           partitions, Adam's moments, DeepSpeed's buckets; counted once per storage), the memory
+           that ZeRO shards; it must fall with ranks at stage 3 (and at 1-2 for the optimizer
+           part). Buckets are sized to the model and ZeRO-3 shards every parameter (ZERO_BENCH).
+           rss_mb: the process' peak resident set (torch, DeepSpeed and the model built whole
+           before sharding included).
   pack     real (non-pad) tokens/s of one model trained on token shards read two ways: packed
            (mmfm's concat packing, every row full) and padded (one sample per row, padded to
            --seq, the naive layout); the same step shape, so the ratio is the fill ratio in time.
@@ -48,6 +50,12 @@ from mmfm.jsonio import write_records
 from mmfm.typed_config import packaged_config
 
 BENCH = "train_scaling"
+# DeepSpeed's defaults are sized for billion-parameter models: a 5e8-element (2 GB fp32) gradient
+# bucket allocated up front, and ZeRO-3 keeps every parameter under 1e5 elements whole on every
+# rank (persistence threshold), i.e. all of a small model but its embeddings. Both would hide the
+# sharding this part measures, so the buckets are sized to a small model and everything is sharded.
+ZERO_BENCH = {"reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000,
+              "stage3_prefetch_bucket_size": 2_000_000, "stage3_param_persistence_threshold": 0}
 
 
 def _model_cfg(name: str, vocab: int, seq: int):
@@ -119,7 +127,7 @@ def worker(spec: dict, out: str) -> None:
         torch.manual_seed(0)
         model = Transformer(cfg)
         es = EngineSpec(OptimSection(lr=1e-4, warmup_steps=0), TrainSection(micro_batch=batch, grad_accum=1),
-                        {"zero_optimization": {"stage": int(stage)}})
+                        {"zero_optimization": {"stage": int(stage), **ZERO_BENCH}})
         engine, _ = build_engine(es, model)
         del model
         gen = torch.Generator().manual_seed(rank)
