@@ -150,12 +150,18 @@ def load(engine, root: str) -> dict | None:
             to_universal(folder)
         dist.barrier()
         cfg = engine._config       # DeepSpeed reads the switch from its config at load time, not at build
+        # ZeRO-3's universal load gives every param group group 0's settings (DeepSpeed 0.19: "the
+        # hyperparameters of each parameter should be the same"), so the no-decay group (norms,
+        # embeddings) would be decayed; the groups' settings come from the run's config, so put them back
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
         cfg.load_universal_checkpoint = True
         try:
             path, _ = engine.load_checkpoint(folder, tag=UNIVERSAL, load_optimizer_states=True,
                                              load_lr_scheduler_states=False)
         finally:
             cfg.load_universal_checkpoint = False
+        for g, saved in zip(engine.optimizer.param_groups, groups):
+            g.update(saved)
     else:
         path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
