@@ -160,8 +160,8 @@ def load(engine, root: str) -> dict | None:
                                              load_lr_scheduler_states=False)
         finally:
             cfg.load_universal_checkpoint = False
-        for g, saved in zip(engine.optimizer.param_groups, groups):
-            g.update(saved)
+        for g, settings in zip(engine.optimizer.param_groups, groups):
+            g.update(settings)
     else:
         path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
