@@ -285,6 +285,31 @@ for b in quant sampling cache; do
   [ $rc -ne 0 ] && FAILED=1
 done
 
+# ---- 6. training: the Trainer on the GPU (mmfm/bench/scaling.py --trainer-run) ------------
+# The llama_1b shape (1.1B) in bf16, flash-attn when importable (else SDPA), concat packing into
+# full 2048-token rows, ZeRO-0, 50 steps on synthetic token shards, no checkpoints; one JSON
+# record each: tokens/s and MFU (medians after the warm-up window; MFU against a bf16 8192^3
+# matmul measured in the same process), peak GPU memory, first/last loss. Then 2 ranks (torchrun)
+# when there are two GPUs. Writes train_1gpu.{log,json}, train_2gpu.{log,json}, train_run/.
+# A crash fails the check (it is the Trainer's only CUDA run); running out of time does not.
+# GPU_CHECK_TRAIN_CONFIG picks another model config (e.g. m100 when 1.1B does not fit).
+TRAIN_ARGS=(--trainer-run --device cuda --config "${GPU_CHECK_TRAIN_CONFIG:-llama_1b}" --precision bf16
+            --seq 2048 --batch 4 --steps 50 --peak-n 8192 --samples 4000 --vocab 32768)
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+step train-1gpu "$(limit 170 0)" "$OUTDIR/train_1gpu.log" \
+  "$PY" -m mmfm.bench.scaling "${TRAIN_ARGS[@]}" --out "$OUTDIR/train_run" --json "$OUTDIR/train_1gpu.json"
+rc=$?
+if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ]; then FAILED=1; fi
+if [ "${NGPU:-0}" -ge 2 ]; then
+  step train-2gpu "$(limit 150 0)" "$OUTDIR/train_2gpu.log" \
+    "$PY" -m torch.distributed.run --nproc_per_node=2 --master_port=29517 -m mmfm.bench.scaling \
+    "${TRAIN_ARGS[@]}" --out "$OUTDIR/train_run" --json "$OUTDIR/train_2gpu.json"
+  rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ]; then FAILED=1; fi
+else
+  log "train-2gpu: one GPU here; skipped"
+fi
+
 if [ $FAILED -ne 0 ]; then
   log "RESULT: FAILED (total $(($(date +%s) - START))s)"
   exit 1

@@ -2,6 +2,7 @@
 
     mmfm bench train [--quick] [--json PATH] [--configs tiny,small,medium] [--batch 8] [--seq 256] [--vocab 4096]
                      [--device cpu|cuda] [--hf-chunk-rows 512]
+    mmfm bench train --scaling [...]     ranks, ZeRO memory, packing, compile, MFU: mmfm/bench/scaling.py
 
 For each model config every side is built with the same weights (mmfm/models/hf.py adapter), fed
 the same batches of random ids (batch x seq) in the same order, with the same next-token loss
@@ -223,6 +224,11 @@ def run_config(name: str, batch: int, seq: int, vocab: int, steps: int, block: i
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--scaling" in argv:       # the scaling figures: their own options (mmfm/bench/scaling.py)
+        from mmfm.bench.scaling import main as scaling
+
+        return scaling([a for a in argv if a != "--scaling"])
     p = base_parser("train", __doc__.splitlines()[0])
     p.add_argument("--configs", default="tiny,small,medium",
                    help=f"model configs: those shipped with mmfm (configs/models/<name>.yaml) or "

@@ -87,10 +87,13 @@ class Prepared:
     # then attends within samples and restarts positions (mmfm/models/transformer.py); attn_mask None
     doc_ids: torch.Tensor | None = None
 
-    def rows(self, rows) -> "Prepared":
-        """These rows of the batch (a micro-batch)."""
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return Prepared(self.input_ids[rows], self.modality_ids[rows], self.labels[rows], self.label_mod[rows],
+    def rows(self, rows, device=None) -> "Prepared":
+        """These rows of the batch (a micro-batch), moved to `device` when given (the global batch is
+        prepared on the CPU; a micro-batch goes to the model's device)."""
+        def pick(t):
+            return None if t is None else t[rows] if device is None else t[rows].to(device)
+
+        return Prepared(pick(self.input_ids), pick(self.modality_ids), pick(self.labels), pick(self.label_mod),
                         pick(self.attn_mask), pick(self.doc_ids))
 
 
@@ -303,6 +306,6 @@ def _finish(ce, weighted_sum, w, prep: Prepared, G: int, denominator):
     mods = prep.label_mod.reshape(-1)
     has = prep.labels.reshape(-1) != IGNORE
     with torch.no_grad():
-        sums = torch.zeros(G, dtype=torch.float64).index_add_(0, mods, ce.detach().double())
-        counts = torch.zeros(G, dtype=torch.float64).index_add_(0, mods, has.double())
+        sums = torch.zeros(G, dtype=torch.float64, device=ce.device).index_add_(0, mods, ce.detach().double())
+        counts = torch.zeros(G, dtype=torch.float64, device=ce.device).index_add_(0, mods, has.double())
     return loss, sums, counts

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from typing import Callable
 
@@ -29,6 +30,7 @@ import torch
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"    # the elastic-resume conversion inside a tag folder (load)
 
 
 def tag_for(step: int) -> str:
@@ -91,21 +93,84 @@ def prune(root: str, keep_last: int, current: str) -> None:
             shutil.rmtree(os.path.join(root, t), ignore_errors=True)
 
 
+def saved_world_size(folder: str) -> int:
+    """The number of ranks that wrote a checkpoint folder: one mmfm_rank<r>.pt per rank."""
+    return len([f for f in os.listdir(folder) if re.fullmatch(r"mmfm_rank\d+\.pt", f)])
+
+
+def _sharded_optimizer(folder: str) -> bool:
+    """Whether the optimizer state is split over the saving ranks (ZeRO 1-3, or DeepSpeed's bf16
+    optimizer, which partitions its fp32 master even at stage 0); a plain stage-0 optimizer sits
+    whole in mp_rank_00_model_states.pt and loads at any number of ranks."""
+    return any(re.match(r"(bf16_)?zero_pp_rank_\d+_", f) for f in os.listdir(folder))
+
+
+def to_universal(folder: str) -> str:
+    """Converts a ZeRO checkpoint folder to DeepSpeed's universal layout (one fp32 tensor and one
+    file per optimizer state for every parameter, independent of the number of ranks) in
+    <folder>/universal; returns that path. Written to a temporary folder and renamed, so a crash
+    leaves no half-converted folder; an existing conversion is reused. Rank 0 only."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = os.path.join(folder, UNIVERSAL)
+    if os.path.isdir(out):
+        return out
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # inject_missing_state: mmfm's checkpoints carry no Megatron tensor-parallel patterns, and need none
+    args = argparse.Namespace(input_folder=folder, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal.main(args)
+    os.replace(tmp, out)
+    return out
+
+
 def load(engine, root: str) -> dict | None:
-    """Loads the newest complete checkpoint into the engine; returns this rank's extra state or None."""
+    """Loads the newest complete checkpoint into the engine; returns this rank's extra state or None.
+
+    At another number of ranks than the checkpoint was written with (elastic resume): a sharded
+    optimizer state is converted once to DeepSpeed's universal checkpoint (to_universal) and
+    re-partitioned over the current ranks as it loads; every rank then takes rank 0's mmfm state.
+    That is exact for the Trainer, whose step, counters, data position and generator are the same
+    on every rank (each rank reads the whole global stream and takes its rows of it)."""
     tag = latest_tag(root)
     if tag is None:
         return None
-    path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    dist = torch.distributed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    folder = os.path.join(root, tag)
+    saved = saved_world_size(folder)
+    if saved == 0:
+        raise RuntimeError(f"{folder} has no mmfm_rank0.pt: not a checkpoint written by mmfm's Trainer")
+    universal = saved != world and _sharded_optimizer(folder)
+    if universal:
+        if rank == 0:
+            to_universal(folder)
+        dist.barrier()
+        cfg = engine._config       # DeepSpeed reads the switch from its config at load time, not at build
+        # ZeRO-3's universal load gives every param group group 0's settings (DeepSpeed 0.19: "the
+        # hyperparameters of each parameter should be the same"), so the no-decay group (norms,
+        # embeddings) would be decayed; the groups' settings come from the run's config, so put them back
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+        cfg.load_universal_checkpoint = True
+        try:
+            path, _ = engine.load_checkpoint(folder, tag=UNIVERSAL, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+        finally:
+            cfg.load_universal_checkpoint = False
+        for g, settings in zip(engine.optimizer.param_groups, groups):
+            g.update(settings)
+    else:
+        path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
-    rank = torch.distributed.get_rank()
-    f = os.path.join(root, tag, f"mmfm_rank{rank}.pt")
-    if not os.path.exists(f):
-        raise RuntimeError(f"{f} is missing: the checkpoint was written by a run with fewer ranks")
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
+    f = os.path.join(folder, f"mmfm_rank{rank if saved == world else 0}.pt")
     state = torch.load(f, map_location="cpu", weights_only=False)  # our own file: RNG states hold numpy/tuples
     set_rng_state(state.pop("rng"))
     state["tag"] = tag
+    state["saved_world_size"] = saved
     return state
 
 

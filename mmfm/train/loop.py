@@ -111,7 +111,7 @@ class ObjectiveStep(TrainStep):
     def micro(self, engine, prep, rows):
         from mmfm.objectives import model_loss_and_report
 
-        sub = prep.rows(rows)
+        sub = prep.rows(rows, engine.device)   # the global batch is prepared on the CPU
         local_sum, s, c = model_loss_and_report(engine, sub, self.objective.weights, denominator=1.0)
         return local_sum, torch.cat([s.to(torch.float64), c.to(torch.float64)])
 

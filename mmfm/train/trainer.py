@@ -216,6 +216,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(t.seed + 1)
         res = TrainResult(step=0, engine=engine)
         bad_run = 0
+        rows_seen = 0           # global batch rows trained so far, over resumes (in the checkpoint, for the log)
         if self.checkpoint_dir:
             state = ckpt.load(engine, self.checkpoint_dir)
             if state is not None:
@@ -225,13 +226,25 @@ class Trainer:
                 gen.set_state(state["generator"])
                 step_fn.load_state_dict(state.get("step_state", {}))
                 res.resumed_from = state["tag"]
+                rows = rows_seen = state.get("rows", res.step * self.global_batch)
                 self.say(f"[{self.name}] resumed from step {res.step} "
-                         f"({os.path.join(self.checkpoint_dir, state['tag'])})")
+                         f"({os.path.join(self.checkpoint_dir, state['tag'])}), global row {rows}")
+                if state["saved_world_size"] != self.world:
+                    self.say(f"[{self.name}] elastic resume: the checkpoint was written by {state['saved_world_size']} "
+                             f"ranks, this run has {self.world}")
+                saved_batch = state.get("global_batch", self.global_batch)
+                if saved_batch != self.global_batch:
+                    # the data continues at the same sample either way (its position counts samples,
+                    # not batches); only the optimisation changes, so say it rather than refuse
+                    self.say(f"[{self.name}] warning: global batch {self.global_batch} (micro_batch x ranks x "
+                             f"grad_accum) differs from the checkpoint's {saved_batch}; set train.grad_accum to "
+                             "keep it, or the loss curve will not continue the saved run's")
 
         def save():
             if self.checkpoint_dir:
                 ckpt.save(engine, self.checkpoint_dir, res.step,
                           {"step": res.step, "skipped": res.skipped, "bad_run": bad_run, "data": data.state_dict(),
+                           "rows": rows_seen, "global_batch": self.global_batch,
                            "generator": gen.get_state(), "step_state": step_fn.state_dict()},
                           t.keep_last, after_shards=self.hooks.on_checkpoint_shards)
 
@@ -266,6 +279,7 @@ class Trainer:
                     freeze.begin_step(res.step, engine.optimizer, weight_decay)
                 loss_val, report, finite = self._step(engine, step_fn, prep, res.step, lr)
                 res.step += 1
+                rows_seen += self.global_batch
                 step = res.step
                 window["steps"] += 1
                 window["tokens"] += self.global_batch * step_fn.tokens_per_row
@@ -296,7 +310,7 @@ class Trainer:
                 if evaluators and t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     self.evaluate(engine, step, evaluators)
                 self.hooks.on_step_end(step)
-                sig = torch.tensor([1.0 if stop["signal"] else 0.0])
+                sig = torch.tensor([1.0 if stop["signal"] else 0.0], device=engine.device)
                 if _allreduce(sig, torch.distributed.ReduceOp.MAX).item() > 0:
                     res.stopped_by = stop["signal"] or "signal on another rank"
                     self.say(f"[{self.name}] {res.stopped_by}: saving a checkpoint at step {step} and stopping")
@@ -319,7 +333,9 @@ class Trainer:
         t = self.spec.train
         world, rank, accum = self.world, self.rank, t.grad_accum
         den = step_fn.denominator(prep)
-        wsum = torch.zeros(1, dtype=torch.float64)
+        # collectives' tensors live on the engine's device: NCCL takes only CUDA tensors, gloo CPU ones
+        dev = engine.device
+        wsum = torch.zeros(1, dtype=torch.float64, device=dev)
         report = None
         finite_all = True
         engine.train()
@@ -329,7 +345,7 @@ class Trainer:
                 numerator, rep = step_fn.micro(engine, prep, slice(r0, r0 + t.micro_batch))
             injected = self.hooks.on_loss(index + 1, numerator)
             loss = injected * (world * accum) / den
-            ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0])
+            ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0], device=dev)
             if _allreduce(ok, torch.distributed.ReduceOp.MIN).item() < 1:
                 finite_all = False
                 loss = numerator.nan_to_num(0.0) * 0.0      # zero gradients through the same graph
