@@ -151,9 +151,6 @@ def main(argv=None) -> int:
     args = parse_args(p, argv, cpu_only="measured here")
     if args is None:
         return 2
-    from mmfm.bench.speculative import require_extension
-
-    require_extension()
     new = args.new or (16 if args.quick else 128)
     batches = args.B or ((1,) if args.quick else (1, 8))
     repeats = 1 if args.quick else args.repeats
