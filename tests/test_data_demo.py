@@ -83,3 +83,23 @@ def test_demo_counts_set_sources_outright_and_name_a_bad_one(tmp_path):
         demo_plan(1.0, {"clips": -1})
     heat = build_demo(str(tmp_path / "heat"), scale=0.02, progress=False, counts={"physics": 3, "heat": 4})
     assert heat["physics"]["samples"] == 7   # 3 mixed runs (heat, burgers, navier_stokes) + 4 heat: no key clash
+
+
+def test_scene_object_weights_set_how_many_objects_a_scene_has():
+    import numpy as np
+    import pytest
+
+    from mmfm.data.demo_corpus.images import shape_scenes
+
+    def objects(caption: str) -> int:   # "a ... at the ..., a ... and a ... on a ... background"
+        return caption.split(" on ")[0].count(" at the ")
+
+    rng = np.random.default_rng(0)
+    assert {objects(s["txt"]) for s in shape_scenes(40, 32, rng, objects=(1, 0, 0))} == {1}
+    counts = np.bincount([objects(s["txt"]) for s in shape_scenes(600, 32, rng, objects=(0, 1, 3))], minlength=4)
+    assert counts[1] == 0 and abs(counts[3] / 600 - 0.75) < 0.06
+    # the default draws as the corpus always did: existing corpora stay bit-identical
+    a = [s["txt"] for s in shape_scenes(20, 32, np.random.default_rng(1))]
+    assert len({objects(c) for c in a}) == 3
+    with pytest.raises(ValueError, match="scene objects"):
+        next(shape_scenes(1, 32, rng, objects=(0, 0)))

@@ -34,7 +34,7 @@ def demo_plan(scale: float, counts: dict | None = None) -> dict:
     return plan
 
 
-def demo_sources(scale: float, seed: int, counts: dict | None = None):
+def demo_sources(scale: float, seed: int, counts: dict | None = None, scene_objects: tuple | None = None):
     from mmfm.data.demo_corpus import audio, images, physics, shapes3d, text, video
 
     plan = demo_plan(scale, counts)
@@ -42,7 +42,7 @@ def demo_sources(scale: float, seed: int, counts: dict | None = None):
     return {
         "text": text.text_samples(plan["text"]),
         "image": itertools.chain(images.bundled_photos(128),
-                                 images.digits(plan["digits"], 32), images.shape_scenes(plan["scenes"], 64, rng)),
+                                 images.digits(plan["digits"], 32), images.shape_scenes(plan["scenes"], 64, rng, scene_objects)),
         "audio": itertools.chain(audio.speech(plan["speech"]), audio.tones(plan["tones"], rng)),
         "video": video.clips(plan["clips"], 64, 16, rng),
         "shape3d": shapes3d.shapes(plan["shapes"], 1024, rng),
@@ -54,12 +54,12 @@ def demo_sources(scale: float, seed: int, counts: dict | None = None):
 
 
 def build_demo(out: str, scale: float = 1.0, seed: int = 0, shard_size: int = 100, progress: bool = True,
-               counts: dict | None = None) -> dict:
+               counts: dict | None = None, scene_objects: tuple | None = None) -> dict:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     summary = {}
-    for modality, samples in demo_sources(scale, seed, counts).items():
+    for modality, samples in demo_sources(scale, seed, counts, scene_objects).items():
         t = time.perf_counter()
         if modality == "physics":
             manifest = _physics_through_build(samples, out, shard_size, progress)

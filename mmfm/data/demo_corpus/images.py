@@ -92,14 +92,23 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon(pts, fill=color)
 
 
-def shape_scenes(count: int, side: int, rng: np.random.Generator):
+def shape_scenes(count: int, side: int, rng: np.random.Generator, objects: tuple[float, ...] | None = None):
+    """Scenes of 1-3 shapes. objects: relative weights of 1, 2, 3, ... objects per scene (None: uniform
+    over 1-3, drawn as the corpus always drew them, so existing corpora stay bit-identical)."""
     names = list(COLORS)
+    p = None
+    if objects is not None:
+        w = np.asarray(objects, np.float64)
+        if w.ndim != 1 or len(w) == 0 or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"scene objects: expected non-negative weights of 1, 2, ... objects, got {objects!r}")
+        p = w / w.sum()
     for i in range(count):
         bg = names[int(rng.integers(len(names)))]
         img = Image.new("RGB", (side, side), COLORS[bg])
         draw = ImageDraw.Draw(img)
         parts = []
-        for _ in range(int(rng.integers(1, 4))):
+        n_objects = int(rng.integers(1, 4)) if p is None else 1 + int(rng.choice(len(p), p=p))
+        for _ in range(n_objects):
             shape = SHAPES[int(rng.integers(3))]
             color = names[int(rng.integers(len(names)))]
             while color == bg:
