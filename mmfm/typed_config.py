@@ -29,6 +29,11 @@ def _check_value(value, tp, where: str):
     """value converted to type tp (int -> float allowed; nothing else coerced), or ConfigError."""
     origin = typing.get_origin(tp)
     if tp is float:
+        if isinstance(value, str):   # PyYAML (YAML 1.1) reads `1e-4` (no dot) as a string, not a float
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

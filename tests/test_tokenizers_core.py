@@ -42,6 +42,8 @@ def test_config_errors_name_the_file_and_field(tmp_path):
     p = write(tmp_path, "tokenizer: image_conv\noptim: {lr: fast}\n")
     with pytest.raises(ConfigError, match=r"t\.yaml: optim\.lr: expected a number"):
         load_config(p)
+    # YAML 1.1 reads 1e-4 (no dot) as a string; a float field takes it as the number it spells
+    assert load_config(write(tmp_path, "tokenizer: image_conv\noptim: {lr: 1e-4}\n")).optim.lr == 1e-4
     p = write(tmp_path, "tokenizer: image_conv\nmodel: {image_size: 32}\noptim: {lr: 1, warmup_steps: 4}\n"
                         "train: {steps: 3}\n")
     cfg = load_config(p)
