@@ -76,6 +76,10 @@ def image_metrics(x: torch.Tensor, recon: torch.Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- conv
+NORMS = ("group", "channel")
+PADDINGS = ("zeros", "replicate")
+
+
 @dataclass
 class ImageConvConfig:
     image_size: int = 32
@@ -85,17 +89,45 @@ class ImageConvConfig:
     latent_dim: int = 8
     codebook_size: int = 256        # vq only
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    # group: GroupNorm, zeros: zero padding (the VQGAN habit, and every tokenizer saved before these
+    # fields). channel + replicate: a local encoder, so a flat region gets one token wherever it is
+    # and whatever else the image holds; the AR model then learns far fewer background tokens
+    # (docs/training.md, "Fourth round").
+    norm: str = "group"             # group or channel
+    padding: str = "zeros"          # zeros or replicate
     seed: int = 0
 
     def validate(self) -> None:
         check_quantizer_fields(self.quantizer, self.latent_dim, self.codebook_size, self.fsq_levels)
+        if self.norm not in NORMS:
+            raise ValueError(f"norm: expected one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding: expected one of {', '.join(PADDINGS)}, got {self.padding!r}")
         if self.image_size % (2 ** self.downsamples):
             raise ValueError(f"image_size: {self.image_size} is not divisible by 2^downsamples = {2 ** self.downsamples}")
 
 
-def _res_block(c: int) -> nn.Module:
-    return nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
-                         nn.Conv2d(c, c, 3, padding=1))
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel on its own. GroupNorm's statistics span the whole
+    image, so a flat patch of background gets a different latent (and token) depending on what else
+    is in the image; with a per-pixel norm (and replicate padding) the encoder is local and
+    translation-equivariant: one background colour is one token wherever it is."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _norm(c: int, kind: str) -> nn.Module:
+    return nn.GroupNorm(8, c) if kind == "group" else ChannelNorm(c)
+
+
+def _res_block(c: int, norm: str = "group", padding: str = "zeros") -> nn.Module:
+    return nn.Sequential(_norm(c, norm), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1, padding_mode=padding),
+                         _norm(c, norm), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1, padding_mode=padding))
 
 
 class _Residual(nn.Module):
@@ -107,22 +139,26 @@ class _Residual(nn.Module):
         return x + self.block(x)
 
 
-def conv_encoder(in_ch: int, width: int, downsamples: int, out_dim: int) -> nn.Module:
-    layers, c = [nn.Conv2d(in_ch, width, 3, padding=1)], width
+def conv_encoder(in_ch: int, width: int, downsamples: int, out_dim: int, norm: str = "group",
+                 padding: str = "zeros") -> nn.Module:
+    layers, c = [nn.Conv2d(in_ch, width, 3, padding=1, padding_mode=padding)], width
     for _ in range(downsamples):
-        layers += [_Residual(_res_block(c)), nn.Conv2d(c, c * 2, 4, stride=2, padding=1)]
+        layers += [_Residual(_res_block(c, norm, padding)), nn.Conv2d(c, c * 2, 4, stride=2, padding=1,
+                                                                      padding_mode=padding)]
         c *= 2
-    layers += [_Residual(_res_block(c)), nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, out_dim, 1)]
+    layers += [_Residual(_res_block(c, norm, padding)), _norm(c, norm), nn.SiLU(), nn.Conv2d(c, out_dim, 1)]
     return nn.Sequential(*layers)
 
 
-def conv_decoder(out_ch: int, width: int, downsamples: int, in_dim: int) -> nn.Module:
+def conv_decoder(out_ch: int, width: int, downsamples: int, in_dim: int, norm: str = "group",
+                 padding: str = "zeros") -> nn.Module:
+    # the transposed convolutions keep zero padding (torch has no other mode for them)
     c = width * 2 ** downsamples
-    layers = [nn.Conv2d(in_dim, c, 3, padding=1), _Residual(_res_block(c))]
+    layers = [nn.Conv2d(in_dim, c, 3, padding=1, padding_mode=padding), _Residual(_res_block(c, norm, padding))]
     for _ in range(downsamples):
-        layers += [nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), _Residual(_res_block(c // 2))]
+        layers += [nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), _Residual(_res_block(c // 2, norm, padding))]
         c //= 2
-    layers += [nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, out_ch, 3, padding=1)]
+    layers += [_norm(c, norm), nn.SiLU(), nn.Conv2d(c, out_ch, 3, padding=1, padding_mode=padding)]
     return nn.Sequential(*layers)
 
 
@@ -135,8 +171,8 @@ class ImageConvTokenizer(NeuralTokenizer):
         super().__init__(config)
         config.validate()
         c = config
-        self.encoder = conv_encoder(3, c.channels, c.downsamples, c.latent_dim)
-        self.decoder = conv_decoder(3, c.channels, c.downsamples, c.latent_dim)
+        self.encoder = conv_encoder(3, c.channels, c.downsamples, c.latent_dim, c.norm, c.padding)
+        self.decoder = conv_decoder(3, c.channels, c.downsamples, c.latent_dim, c.norm, c.padding)
         self.quantizer = make_quantizer(c.quantizer, c.latent_dim, c.codebook_size, c.fsq_levels, c.seed)
         self.grid = c.image_size // 2 ** c.downsamples
 
