@@ -62,7 +62,11 @@ PRESETS = {
                                "heat": 400, "tones": 200},
              "tokenizer_steps": {**{m: 0 for m in MODALITIES}, "audio": 150, "image": 800, "shape3d": 280,
                                  "video": 1000, "physics": 900},
-             "tokenizer_overrides": {"text": {"model.vocab_size": 1000}, "image": {"data.max_samples": 4000}},
+             # the image tokenizer's local encoder (per-pixel norm, replicate padding): one background
+             # colour is one token everywhere, not 2-3 codes by position and image ("Fourth round")
+             "tokenizer_overrides": {"text": {"model.vocab_size": 1000},
+                                     "image": {"data.max_samples": 4000, "model.norm": "channel",
+                                               "model.padding": "replicate"}},
              "max_samples": 400,
              "pretrain_config": PRETRAIN_CONFIG, "pretrain_overrides": [],
              "eval_n": 50},
