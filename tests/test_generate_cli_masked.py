@@ -158,3 +158,31 @@ def test_bad_arguments_name_the_argument(bundle, tmp_path, capsys, words, named)
     rc = main(["generate", "--model", bundle.folder, "--prompt", "x", "--to", "image", "--no-progress"] + words)
     err = capsys.readouterr().err
     assert rc == 2 and named in err, err
+
+
+def test_eval_generate_tokens_masked_batches_rows_by_prompt_length(bundle):
+    """The prompt eval's masked path (mmfm/eval/gen.py): rows of equal prompt length decode in one
+    batch, each row the decoder's own output for that batch; rows come back in prompt order."""
+    from mmfm.eval.gen import Sampling, generate_tokens
+
+    v = bundle.vocab
+    def prompt(*text):
+        return torch.tensor([v.bos_id, v.begin_id("text"), *text, v.end_id("text"), v.begin_id("image")])
+
+    prompts = [prompt(5, 6, 7), prompt(8, 9, 10, 11, 12), prompt(13, 14, 15), prompt(16, 17, 18, 19, 20)]
+    s = Sampling(temperature=1.0, top_k=20, seed=5, batch_size=64, decode="masked", steps=3)
+    got = generate_tokens(bundle.model, v, prompts, "image", L, s)
+    assert got.shape == (4, L) and int(got.max()) < 32
+    kw = {**_ref_kw(bundle), "steps": 3}
+    first = maskgit_decode(bundle.model, torch.stack([prompts[0], prompts[2]]), L, seed=5, **kw)[0]
+    second = maskgit_decode(bundle.model, torch.stack([prompts[1], prompts[3]]), L, seed=6, **kw)[0]
+    assert torch.equal(got[[0, 2]], v.to_local("image", first))
+    assert torch.equal(got[[1, 3]], v.to_local("image", second))
+    with pytest.raises(ValueError, match="guidance"):
+        generate_tokens(bundle.model, v, prompts, "image", L, Sampling(decode="masked", cfg_scale=2.0))
+    with pytest.raises(ValueError, match="decode"):
+        generate_tokens(bundle.model, v, prompts, "image", L, Sampling(decode="mask"))
+    from mmfm.cli import build_parser
+
+    a = build_parser().parse_args(["eval", "prompts", "--model", "m", "--decode", "masked", "--steps", "4"])
+    assert (a.decode, a.steps) == ("masked", 4)

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="fitted scorers (default <corpus>/.scorers)")
     p.add_argument("--n", type=int, default=100, help="digit prompts")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--steps", type=int, nargs="*", default=[2, 4, 8, 16], help="MaskGIT step counts (none: only --ar)")
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--json", default=None)
