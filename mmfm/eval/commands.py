@@ -82,7 +82,8 @@ def cmd_eval(args) -> int:
         print(f"mmfm eval prompts: {exc}", file=sys.stderr)
         return 2
     cfg = EvalConfig(sampling=Sampling(temperature=args.temperature, top_k=args.top_k, cfg_scale=scale,
-                                       cfg_by_modality=per, seed=args.seed, batch_size=args.batch_size or 64))
+                                       cfg_by_modality=per, seed=args.seed, batch_size=args.batch_size or 64,
+                                       decode=args.decode, steps=args.steps))
     t0 = time.perf_counter()
     try:
         ev = evaluate(args.model, args.corpus, n=args.n, modalities=modalities, json=args.json,
@@ -118,6 +119,10 @@ def add_eval_parser(sub) -> None:
                    help="classifier-free guidance (1 = off); repeat with MODALITY=SCALE for one modality, "
                         "e.g. --cfg-scale 2 --cfg-scale audio=1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode", choices=("ar", "masked"), default="ar",
+                   help="prompts: ar (token by token) or masked (MaskGIT in --steps passes; a model trained with "
+                        "the masked or hybrid objective)")
+    p.add_argument("--steps", type=int, default=8, help="prompts with --decode masked: bidirectional passes")
     p.add_argument("--batch-size", type=int, default=None, help="rows per decode call (prompts: 64; lm: 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     lm = p.add_argument_group("lm (lm-evaluation-harness; the eval extra)")

@@ -25,6 +25,11 @@ class Sampling:
     # per generated modality, overriding cfg_scale: guidance is not good for every modality alike
     # (on the demo model guidance 2 doubles the digit score and cuts the tone score to a third)
     cfg_by_modality: dict = field(default_factory=dict)
+    # "ar": the decode loop, one token per forward pass; "masked": MaskGIT parallel decoding of the
+    # whole segment in `steps` bidirectional passes (mmfm/generate/masked.py), for a model trained
+    # with the masked or hybrid objective (the quality-vs-passes curve in docs/benchmarks.md)
+    decode: str = "ar"
+    steps: int = 8
 
     def guidance(self, modality: str) -> float:
         return float(self.cfg_by_modality.get(modality, self.cfg_scale))
@@ -111,6 +116,10 @@ def generate_tokens(model, vocab, prompts: list[torch.Tensor], to: str, length: 
     from mmfm.generate import Constraints, SamplingConfig, Target, decode
     from mmfm.generate.prompt import unconditional_prompt
 
+    if sampling.decode not in ("ar", "masked"):
+        raise ValueError(f"decode: expected 'ar' or 'masked', got {sampling.decode!r}")
+    if sampling.decode == "masked":
+        return _masked_tokens(model, vocab, prompts, to, length, sampling)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -131,6 +140,44 @@ def generate_tokens(model, vocab, prompts: list[torch.Tensor], to: str, length: 
                 if body.numel() != length:
                     raise RuntimeError(f"generate_tokens: a {to} row came back with {body.numel()} of {length} tokens")
                 out.append(vocab.to_local(to, body))
+    finally:
+        model.train(was_training)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def _masked_tokens(model, vocab, prompts: list[torch.Tensor], to: str, length: int,
+                   sampling: Sampling) -> torch.Tensor:
+    """generate_tokens by MaskGIT: rows are batched by prompt length (a row has no padding, so that
+    full attention needs no padding mask); the segment sits between the prompt and its end marker +
+    <eos>, as in Bundle.generate(decoding="masked"). The c-th chunk decoded gets seed + c."""
+    from mmfm.generate.masked import maskgit_decode
+
+    if sampling.guidance(to) != 1.0:
+        raise ValueError("decode 'masked' does not take classifier-free guidance (cfg_scale must be 1)")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    r = vocab.ranges[to]
+    suffix = torch.tensor([vocab.end_id(to), vocab.eos_id])
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(int(p.numel()), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    c = 0
+    try:
+        for rows in by_len.values():
+            for start in range(0, len(rows), sampling.batch_size):
+                chunk = rows[start:start + sampling.batch_size]
+                pre = torch.stack([prompts[i].reshape(-1).long() for i in chunk]).to(device)
+                block, _ = maskgit_decode(model, pre, length, mask_id=vocab.mask_id, steps=sampling.steps,
+                                          temperature=sampling.temperature, top_k=sampling.top_k,
+                                          top_p=sampling.top_p, allowed_range=(r.start, r.stop),
+                                          suffix_ids=suffix, seed=sampling.seed + c,
+                                          modality_table=vocab.modality_table(device))
+                c += 1
+                for j, i in enumerate(chunk):
+                    out[i] = vocab.to_local(to, block[j].cpu())
     finally:
         model.train(was_training)
     return torch.stack(out)

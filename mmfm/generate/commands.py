@@ -37,7 +37,7 @@ def cmd_generate(args) -> int:
                                   progress=not args.no_progress, speculative=args.speculative,
                                   draft_model=args.draft_model, stats=stats, coprocessor=args.coprocessor,
                                   augment_every=args.augment_every, decoding=args.decode, steps=args.steps,
-                                  recap=args.recap)
+                                  recap=args.recap, edit=args.edit, edit_mask=args.edit_mask, refine=args.refine)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mmfm generate: {exc}", file=sys.stderr)
         return 2
@@ -88,11 +88,23 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--augment-every", type=int, default=0, metavar="M",
                    help="with --coprocessor: augment again before every M-th generated token (0 = prompt's end only)")
     p.add_argument("--draft-model", default=None, metavar="DIR", help="exported drafter for --speculative draft")
-    p.add_argument("--decode", choices=("ar", "masked"), default="ar",
+    p.add_argument("--decode", choices=("ar", "masked", "cascade"), default="ar",
                    help="ar: token by token; masked: MaskGIT parallel decoding of the whole segment, for a model "
-                        "trained with the masked or hybrid objective (docs/generation.md)")
-    p.add_argument("--steps", type=int, default=8, help="with --decode masked: bidirectional passes (MaskGIT steps)")
+                        "trained with the masked or hybrid objective; cascade: BAMM's causal draft, then MaskGIT "
+                        "refinement of its least sure tokens, for a hybrid-trained model (docs/generation.md)")
+    p.add_argument("--steps", type=int, default=8,
+                   help="with --decode masked or cascade: bidirectional passes (MaskGIT steps; at most the number "
+                        "of positions regenerated)")
     p.add_argument("--recap", action="store_true",
                    help="with --decode masked: ReCAP, a full pass every second step and cheap context-reusing ones")
+    p.add_argument("--edit", default=None, metavar="INPUT",
+                   help="with --decode masked: regenerate the --edit-mask positions of this --to sample and keep "
+                        "the rest; a file of that modality (as --image etc. read it) or a token file (.json list "
+                        "or .npy array of the modality's tokenizer-local ids)")
+    p.add_argument("--edit-mask", default=None, metavar="SPEC",
+                   help="with --edit: token positions to regenerate, e.g. 0:16 or 3,5,40:48 or -8: (half-open "
+                        "spans; negative counts from the end)")
+    p.add_argument("--refine", type=float, default=0.3,
+                   help="with --decode cascade: share of the draft's tokens (the least sure) to regenerate")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
