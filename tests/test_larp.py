@@ -3,13 +3,13 @@ trained jointly, its gradient path into the encoder, save/load and config errors
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from mmfm.tokenizers.base import load_tokenizer
 from mmfm.tokenizers.config import load_config
-from mmfm.tokenizers.tokenbridge_prior import train_prior
 from mmfm.tokenizers.train import _generators
 from mmfm.tokenizers.video import VideoConfig, VideoTokenizer
 from mmfm.typed_config import ConfigError
@@ -81,26 +81,25 @@ def _train(cfg: VideoConfig, x: torch.Tensor, steps: int) -> VideoTokenizer:
     g = torch.Generator().manual_seed(cfg.seed)
     tok.train()
     for _ in range(steps):
-        out = tok(x[torch.randint(x.shape[0], (16,), generator=g)])
+        out = tok(x[torch.randint(x.shape[0], (8,), generator=g)])
         opt.zero_grad()
         out.loss.backward()
         opt.step()
     return tok.eval()
 
 
-def test_the_prior_lowers_the_ar_loss_of_the_tokens_against_no_prior():
-    """Trained the same way on the same clips, the tokenizer with the prior yields tokens that a fresh AR
-    prior (the same for both) predicts better on held-out clips; two seeds."""
-    train_x, held_x = clips(96, 0), clips(32, 1)
-    for seed in (0, 1):
-        bits = {}
-        for w in (0.0, 0.5):
-            tok = _train(dataclasses.replace(TINY, prior_weight=w, seed=seed), train_x, 60)
-            with torch.no_grad():
-                tr, he = tok.encode_tensor(train_x), tok.encode_tensor(held_x)
-            bits[w] = train_prior("flattened", tr, he, 1, tok.vocab_size, steps=60, width=32, depth=1,
-                                  seed=seed).bits_per_image / tok.tokens_per_sample
-        assert bits[0.5] < bits[0.0] - 0.3, bits
+def test_the_joint_prior_learns_to_predict_the_tokens():
+    """Trained jointly, the prior's held-out next-token loss on the tokenizer's (argmax) tokens falls
+    well below an untrained prior's on the same tokens."""
+    small = dataclasses.replace(TINY, width=16, num_queries=6, prior_width=16)
+    held = clips(16, 1)
+    untrained = VideoTokenizer(small)
+    tok = _train(small, clips(48, 0), 25)
+    with torch.no_grad():
+        z = tok.quantizer.decode(tok.encode_tensor(held))
+        before = float(untrained.prior.loss(z, tok.encode_tensor(held))) / math.log(2)
+    after = tok.prior_bits_per_token(held)
+    assert after < before - 1.0, (before, after)
 
 
 def test_save_load_keeps_the_prior_and_the_config(tmp_path):

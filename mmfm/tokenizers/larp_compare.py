@@ -91,7 +91,7 @@ def train_in_process(config_path: str, train_x) -> str:
             torch.nn.utils.clip_grad_norm_(tok.parameters(), o.clip)
         opt.step()
         if step % t.log_every == 0 or step == t.steps:
-            log.append({"step": step, "loss": float(out.loss), **out.metrics})
+            log.append({"step": step, "loss": float(out.loss.detach()), **out.metrics})
             print(f"{config_path} {log[-1]}", file=sys.stderr, flush=True)
     tok.eval()
     tok.save(os.path.join(t.out, "tokenizer"))
