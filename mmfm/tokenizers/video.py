@@ -11,6 +11,13 @@ Learned queries (num_queries = Q > 0, LARP, arXiv:2410.21264): Q holistic querie
 tokens; their quantized outputs are the Q tokens, and the decoder reads them with one learned
 mask token per patch position. Any Q; no causal order over time.
 
+LARP's other two pieces (mmfm/tokenizers/larp.py): `quantizer: svq` (the stochastic VQ:
+codebook_size l2-normalised codes of codebook_dim, indices drawn at svq_temperature in training),
+and `prior_weight > 0`, a small causal transformer prior over the tokens trained jointly, its
+next-token cross-entropy (x prior_weight) added to the reconstruction loss and backpropagated into
+the encoder through the prior's straight-through quantized inputs. The prior is saved with the
+tokenizer; it is not used to encode or decode.
+
 Input: frames float [T, 3, S, S] in [0, 1]; a shard sample's uint8 frames are resized and cut to T,
 and an encoded clip (.mp4, .webm, .mkv, .mov) is decoded by PyAV at `fps` (0: the clip's own rate),
 seeking rather than decoding what it skips (mmfm.data.video.sample_frames).
@@ -29,6 +36,7 @@ from mmfm.data.video import frames_of
 from mmfm.quantizers import FSQ
 from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, seeded_init
 from mmfm.tokenizers.image import transformer
+from mmfm.tokenizers.larp import ARPrior, StochasticVQ
 from mmfm.tokenizers.metrics import psnr_per_sample
 from mmfm.tokenizers.registry import register
 
@@ -46,6 +54,15 @@ class VideoConfig:
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     fps: float = 0.0                  # frames per second taken from an encoded clip (mp4, ...); 0: its own rate
     seed: int = 0
+    quantizer: str = "fsq"            # fsq (fsq_levels) or svq (LARP's stochastic VQ, the fields below)
+    codebook_size: int = 1000         # svq: codes (fsq: the product of fsq_levels)
+    codebook_dim: int = 16            # svq: size of a code (l2-normalised)
+    svq_temperature: float = 0.03     # svq: training draws from softmax(cosine / temperature); 0: argmax
+    svq_beta: float = 0.25            # svq: commitment weight
+    prior_weight: float = 0.0         # > 0: train LARP's AR prior jointly, this weight on its cross-entropy
+    prior_width: int = 64
+    prior_depth: int = 2
+    prior_heads: int = 4
 
     def validate(self) -> None:
         if (self.frames - 1) % self.temporal_patch:
@@ -53,6 +70,27 @@ class VideoConfig:
                              f"{self.temporal_patch} (first frame alone, then temporal patches)")
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size: {self.patch_size} does not divide image_size {self.image_size}")
+        if self.num_queries < 0:
+            raise ValueError(f"num_queries: must be >= 0 (0: patch tokens), got {self.num_queries}")
+        if self.quantizer not in ("fsq", "svq"):
+            raise ValueError(f"quantizer: expected 'fsq' or 'svq' (LARP's stochastic VQ), got {self.quantizer!r}")
+        if self.quantizer == "svq":
+            if self.codebook_size < 2:
+                raise ValueError(f"codebook_size: must be >= 2 for quantizer svq, got {self.codebook_size}")
+            if self.codebook_dim < 1:
+                raise ValueError(f"codebook_dim: must be >= 1, got {self.codebook_dim}")
+            if not (self.svq_temperature >= 0 and math.isfinite(self.svq_temperature)):
+                raise ValueError(f"svq_temperature: must be a finite number >= 0 (0: argmax), got {self.svq_temperature}")
+            if not self.svq_beta >= 0:
+                raise ValueError(f"svq_beta: must be >= 0, got {self.svq_beta}")
+        if not (self.prior_weight >= 0 and math.isfinite(self.prior_weight)):
+            raise ValueError(f"prior_weight: must be a finite number >= 0 (0: no prior), got {self.prior_weight}")
+        if self.prior_weight > 0:
+            if self.prior_depth < 1 or self.prior_width < 1 or self.prior_heads < 1:
+                raise ValueError(f"prior_depth, prior_width, prior_heads: must be >= 1, got {self.prior_depth}, "
+                                 f"{self.prior_width}, {self.prior_heads}")
+            if self.prior_width % self.prior_heads:
+                raise ValueError(f"prior_width: {self.prior_width} is not divisible by prior_heads {self.prior_heads}")
 
 
 @register("video", VideoConfig)
@@ -67,7 +105,7 @@ class VideoTokenizer(NeuralTokenizer):
         self.g = c.image_size // c.patch_size
         self.steps = 1 + (c.frames - 1) // c.temporal_patch
         self.num_patches = self.steps * self.g ** 2
-        d = len(c.fsq_levels)
+        d = c.codebook_dim if c.quantizer == "svq" else len(c.fsq_levels)
         first, tube = 3 * c.patch_size ** 2, 3 * c.temporal_patch * c.patch_size ** 2
         self.first_in, self.tube_in = nn.Linear(first, c.width), nn.Linear(tube, c.width)
         self.first_out = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, first))
@@ -77,7 +115,13 @@ class VideoTokenizer(NeuralTokenizer):
         self.decoder = transformer(c.width, c.depth, c.heads)
         self.to_latent = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, d))
         self.from_latent = nn.Linear(d, c.width)
-        self.quantizer = FSQ(c.fsq_levels)
+        if c.quantizer == "svq":
+            self.quantizer = StochasticVQ(d, c.codebook_size, c.svq_temperature, c.svq_beta, c.seed)
+        else:
+            self.quantizer = FSQ(c.fsq_levels)
+        if c.prior_weight > 0:
+            self.prior = ARPrior(d, self.vocab_size, c.num_queries or self.num_patches, c.prior_width, c.prior_depth,
+                                 c.prior_heads)
         if c.num_queries:
             self.queries = nn.Parameter(torch.randn(c.num_queries, c.width) * 0.02)
             self.query_pos = nn.Parameter(torch.randn(c.num_queries, c.width) * 0.02)
@@ -88,7 +132,8 @@ class VideoTokenizer(NeuralTokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return math.prod(self.config.fsq_levels)
+        c = self.config
+        return c.codebook_size if c.quantizer == "svq" else math.prod(c.fsq_levels)
 
     @property
     def tokens_per_sample(self) -> int:
@@ -156,11 +201,41 @@ class VideoTokenizer(NeuralTokenizer):
         n0 = self.g ** 2
         return (self._unpatchify(self.first_out(h[:, :n0]), self.tube_out(h[:, n0:])) + 1) / 2
 
+    def quantize(self, z):
+        """(quantized latents straight-through, indices, quantizer loss, usage fraction)."""
+        if self.config.quantizer == "svq":
+            zq, idx, qloss = self.quantizer(z)
+        else:
+            out = self.quantizer(z)
+            zq, idx, qloss = out.quantized, out.indices, out.loss
+        usage = torch.unique(idx).numel() / self.vocab_size
+        return zq, idx, qloss, usage
+
     def forward(self, x) -> StepOutput:
-        out = self.quantizer(self.latents(x))
-        recon = self.decode_latents(out.quantized)
+        zq, idx, qloss, usage = self.quantize(self.latents(x))
+        recon = self.decode_latents(zq)
         mse = F.mse_loss(recon, x)
-        return StepOutput(recon, mse, {"recon_mse": float(mse.detach()), "usage": float(out.metrics["usage"])})
+        metrics = {"recon_mse": float(mse.detach()), "usage": usage}
+        loss = mse + qloss
+        if self.config.prior_weight > 0:
+            ce = self.prior.loss(zq, idx)
+            loss = loss + self.config.prior_weight * ce
+            metrics["prior_bits_per_token"] = float(ce.detach()) / math.log(2)
+        return StepOutput(recon, loss, metrics)
+
+    @torch.no_grad()
+    def prior_bits_per_token(self, x) -> float:
+        """The jointly trained prior's mean next-token loss (bits per token) on the argmax tokens of x."""
+        if self.config.prior_weight <= 0:
+            raise ValueError("VideoTokenizer.prior_bits_per_token: this tokenizer has no prior (prior_weight is 0)")
+        was = self.training
+        self.eval()
+        try:
+            idx = self.encode_tensor(x)
+            ce = self.prior.loss(self.quantizer.decode(idx).to(x.dtype), idx)
+        finally:
+            self.train(was)
+        return float(ce) / math.log(2)
 
     def encode_tensor(self, x):
         return self.quantizer.encode(self.latents(x))

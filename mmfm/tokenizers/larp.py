@@ -1,0 +1,101 @@
+"""LARP's two training-time pieces for the video tokenizer (arXiv:2410.21264): the stochastic vector
+quantizer (SVQ) and the small autoregressive prior trained jointly with the tokenizer.
+
+SVQ: latents and codes are l2-normalised; in training the index of a token is drawn from
+softmax(cos(z, e_j) / temperature) instead of taken as the argmax (at eval it is the argmax, so
+encoding is deterministic). The quantized vector is z + sg(e_k - z) (straight-through); the loss is
+||e_k - sg(z)||^2 + beta ||z - sg(e_k)||^2, as for a plain VQ. Why stochastic: the prior is fitted
+to the drawn indices, so it learns a distribution over codes near each latent rather than one
+code, and the encoder is not rewarded for a hard, brittle assignment. Draws use the module's own
+CPU generator (Gumbel-max), so they do not touch the global random state and a checkpoint holds
+them (mmfm/tokenizers/train.py saves every torch.Generator a tokenizer owns).
+
+The prior (`ARPrior`): a causal transformer over the Q quantized query vectors. Position i reads the
+straight-through quantized vectors of tokens < i (a learned start vector at position 0) and
+predicts token i's index with a linear head; its loss is the next-token cross-entropy on the
+indices the quantizer chose in this step (LARP's `loss_latent_ce`). The gradient reaches the
+encoder through the prior's inputs: they are the straight-through quantized latents, so the
+encoder is pushed to make each token's latent informative about the tokens after it, and the
+prior's parameters learn to predict. The targets are indices and carry no gradient (LARP does the
+same). The tokenizer adds prior_weight x this loss to its reconstruction loss.
+
+Left out from the paper: its scheduled sampling (a second prior round fed with the prior's own
+draws) and its logits as a dot product with the detached codebook; the head here is a plain
+linear layer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StochasticVQ(nn.Module):
+    """LARP's SVQ over `codebook_size` l2-normalised codes of size `dim`."""
+
+    def __init__(self, dim: int, codebook_size: int, temperature: float, beta: float, seed: int):
+        super().__init__()
+        self.dim, self.size, self.temperature, self.beta = dim, codebook_size, temperature, beta
+        init = torch.randn(codebook_size, dim, generator=torch.Generator().manual_seed(seed))
+        self.codebook = nn.Parameter(F.normalize(init, dim=-1))
+        self._draws = torch.Generator().manual_seed(seed + 1)
+
+    def codes(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=-1)
+
+    def similarities(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z.float(), dim=-1) @ self.codes().float().t()
+
+    def forward(self, z: torch.Tensor):
+        """(quantized [.., dim] straight-through, indices [..], codebook + commitment loss)."""
+        zn = F.normalize(z.float(), dim=-1)
+        codes = self.codes().float()
+        sim = zn.detach() @ codes.detach().t()
+        if self.training and self.temperature > 0:
+            # Gumbel-max: argmax(logits + g) is a draw from softmax(logits); g from the module's generator
+            u = torch.rand(sim.shape, generator=self._draws).clamp_(1e-9, 1 - 1e-9).to(sim.device)
+            idx = (sim / self.temperature - torch.log(-torch.log(u))).argmax(-1)
+        else:
+            idx = sim.argmax(-1)
+        q = F.embedding(idx, codes)
+        loss = F.mse_loss(q, zn.detach()) + self.beta * F.mse_loss(zn, q.detach())
+        return zn + (q - zn).detach(), idx, loss
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.similarities(z).argmax(-1)
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        return F.embedding(indices, self.codes().float())
+
+
+class ARPrior(nn.Module):
+    """Causal transformer over `length` quantized vectors of size `dim`; logits over `vocab` codes."""
+
+    def __init__(self, dim: int, vocab: int, length: int, width: int, depth: int, heads: int):
+        super().__init__()
+        self.inp = nn.Linear(dim, width)
+        self.start = nn.Parameter(torch.randn(width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(length, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("mask", torch.triu(torch.full((length, length), float("-inf")), 1), persistent=False)
+
+    def logits(self, zq: torch.Tensor) -> torch.Tensor:
+        """zq [B, L, dim] -> logits [B, L, vocab]; position i depends on zq[:, :i] only."""
+        b = zq.shape[0]
+        x = torch.cat([self.start.expand(b, 1, -1), self.inp(zq[:, :-1])], 1) + self.pos
+        return self.head(self.norm(self.blocks(x, mask=self.mask, is_causal=True)))
+
+    def loss(self, zq: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (nats per token)."""
+        lg = self.logits(zq)
+        return F.cross_entropy(lg.flatten(0, 1).float(), indices.reshape(-1))
+
+
+def nats_to_bits(x: float) -> float:
+    return x / math.log(2)
