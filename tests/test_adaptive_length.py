@@ -107,6 +107,14 @@ def test_lengths_from_curves_is_the_first_crossing():
     assert got.tolist() == [[1, 2, 4, 4], [1, 1, 1, 4]]
 
 
+def test_saturation_and_slope_lengths():
+    from mmfm.tokenizers.length_head import saturated_lengths, slope_lengths
+
+    curves = torch.tensor([[10.0, 14.0, 14.3, 14.4], [10.0, 11.0, 12.0, 13.0]])
+    assert saturated_lengths(curves, 0.5).tolist() == [2, 4]
+    assert slope_lengths(curves, 0.5).tolist() == [2, 4] and slope_lengths(curves, 2.0).tolist() == [2, 1]
+
+
 def test_predicted_length_reaches_the_target_at_the_fitted_rate(trained):
     """On the training images the head was fitted and calibrated on, the predicted length reaches the target
     for about RATE of the reachable (image, target) pairs, with fewer tokens than the best length-blind rule
@@ -206,11 +214,14 @@ def test_cli_fits_the_head_and_compares_at_equal_psnr(trained, tmp_path, capsys)
     fit = json.loads((out / "length_head_fit.json").read_text())
     assert abs(fit["coverage_calibration"] - RATE) < 0.06 and fit["target_rate"] == RATE
     js = tmp_path / "adaptive.json"
-    assert main(["tokenizer", "adaptive", "--config", str(cfg), "--json", str(js)]) == 0
+    assert main(["tokenizer", "adaptive", "--config", str(cfg), "--json", str(js), "--slopes", "0.05,2"]) == 0
     recs = json.loads(js.read_text())
     fixed = [r for r in recs if r["impl"] == "fixed"]
     adaptive = [r for r in recs if r["impl"] == "adaptive"]
     assert [r["case"]["tokens"] for r in fixed] == [1, 2, 3, 4] and len(adaptive) == 8
+    slope = [r for r in recs if r["impl"] == "slope"]
+    assert [r["case"]["db_per_token"] for r in slope] == [0.05, 2.0]
+    assert slope[0]["mean_tokens"] >= slope[1]["mean_tokens"]      # a steeper slope stops sooner
     inside = [r for r in adaptive if r["fixed_bits_same_psnr"] is not None]
     assert inside, adaptive
     for r in inside:   # compared at the same mean PSNR: the saving is measured against that fixed point
@@ -226,6 +237,7 @@ def test_cli_fits_the_head_and_compares_at_equal_psnr(trained, tmp_path, capsys)
     ({"length_head": True, "length_coverage": 1.0}, "length_coverage: expected a share in (0, 1)"),
     ({"length_head": True, "length_calib_fraction": 0.0}, "length_calib_fraction: expected a share"),
     ({"length_head": True, "length_head_steps": 0}, "length_head_steps, length_head_width: expected >= 1"),
+    ({"length_head": True, "length_saturation_db": -0.5}, "length_saturation_db: expected dB >= 0"),
 ])
 def test_config_errors_name_the_field(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

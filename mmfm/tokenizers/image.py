@@ -222,6 +222,9 @@ class Image1DConfig:
     length_coverage: float = 0.9    # share of reachable (image, target) pairs the predicted length must reach
     length_calib_fraction: float = 0.25   # training images held back from the head's fit to calibrate its margin
     target_psnr: float = 0.0        # > 0: encode() keeps the tokens predicted for this PSNR (0: all num_tokens)
+    # > 0: also stop where the image's predicted curve is within this many dB of its own ceiling, so an image
+    # that cannot reach the target does not get every token (docs/benchmarks.md: what it saves, what it misses)
+    length_saturation_db: float = 0.0
 
     def validate(self) -> None:
         if self.quantizer == "none":
@@ -229,6 +232,8 @@ class Image1DConfig:
         if self.length_head and not self.nested_dropout:
             raise ValueError("length_head: needs nested_dropout: true (a shorter sequence only decodes when "
                              "training made every prefix decode)")
+        if self.length_saturation_db < 0:
+            raise ValueError(f"length_saturation_db: expected dB >= 0 (0: off), got {self.length_saturation_db}")
         if self.target_psnr < 0:
             raise ValueError(f"target_psnr: expected a PSNR in dB > 0, or 0 for fixed length; got {self.target_psnr}")
         if self.target_psnr > 0 and not self.length_head:
@@ -391,17 +396,28 @@ class Image1DTokenizer(NeuralTokenizer):
         finally:
             self.train(was)
 
-    def predict_lengths(self, x: torch.Tensor, target_psnr) -> torch.Tensor:
+    def predict_lengths(self, x: torch.Tensor, target_psnr, saturation_db: float | None = None) -> torch.Tensor:
         """Tokens [B] each image needs to reach target_psnr (dB: a number, or one per image), from one
-        encoder pass; num_tokens where the head expects no prefix to reach it."""
-        from mmfm.tokenizers.length_head import lengths_from_curves
+        encoder pass; num_tokens where the head expects no prefix to reach it. saturation_db (default: the
+        config's length_saturation_db; 0 = off) also stops where the predicted curve is that close to its end."""
+        from mmfm.tokenizers.length_head import lengths_from_curves, saturated_lengths
 
         t = torch.as_tensor(target_psnr, dtype=torch.float32).reshape(-1)
         if not bool(torch.isfinite(t).all()) or t.numel() not in (1, x.shape[0]):
             raise ValueError(f"Image1DTokenizer: target_psnr must be a finite dB value or one per image "
                              f"({x.shape[0]}), got {target_psnr!r}")
-        curves = self.predicted_curves(x) - float(self.length_margin)
-        return lengths_from_curves(curves, t.to(curves.device).expand(x.shape[0])[:, None])[:, 0]
+        pred = self.predicted_curves(x)
+        targets = t.to(pred.device).expand(x.shape[0])[:, None]
+        lengths = lengths_from_curves(pred - float(self.length_margin), targets)[:, 0]
+        sat = self.config.length_saturation_db if saturation_db is None else saturation_db
+        return torch.minimum(lengths, saturated_lengths(pred, sat)) if sat > 0 else lengths
+
+    def lengths_at_slope(self, x: torch.Tensor, db_per_token: float) -> torch.Tensor:
+        """Tokens [B] where each image's predicted curve gains less than db_per_token dB per further token
+        (length_head.slope_lengths): the allocation for the least mean bits at a mean PSNR."""
+        from mmfm.tokenizers.length_head import slope_lengths
+
+        return slope_lengths(self.predicted_curves(x), db_per_token)
 
     def _target(self, target_psnr):
         return self.config.target_psnr if target_psnr is None else target_psnr

@@ -66,6 +66,20 @@ def lengths_from_curves(curves: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return (first + 1).clamp_max(k_all)
 
 
+def saturated_lengths(curves: torch.Tensor, saturation_db: float) -> torch.Tensor:
+    """[B]: the first k whose curve value is within saturation_db of the curve's last (highest) value, where
+    the image's own curve has flattened out."""
+    return lengths_from_curves(curves, curves[:, -1:] - saturation_db)[:, 0]
+
+
+def slope_lengths(curves: torch.Tensor, db_per_token: float) -> torch.Tensor:
+    """[B]: argmax_k curves[b, k] - db_per_token * k, the rate-distortion allocation: every image stops where
+    one more token would buy less than db_per_token dB, which minimises the mean tokens at the mean PSNR
+    it reaches when the curves are right (a Lagrangian over images)."""
+    k = torch.arange(1, curves.shape[1] + 1, device=curves.device)
+    return (curves - db_per_token * k).argmax(1) + 1
+
+
 @torch.no_grad()
 def prefix_curves(tok, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Per-image PSNR of decoding the first k tokens, for k = 1..K: [N, K] (the tokenizer's eval mode)."""
@@ -187,7 +201,8 @@ def _interp_bits(points: list[tuple[float, float]], p: float) -> float | None:
     return None
 
 
-def equal_psnr_records(tok, x: torch.Tensor, targets, name: str) -> list[dict]:
+def equal_psnr_records(tok, x: torch.Tensor, targets, name: str, saturation_db: float = 0.0,
+                       slopes=()) -> list[dict]:
     """Records (bench "tokenizer_adaptive") on held-out images x: per target, the adaptive length's mean
     bits and mean PSNR, the bits fixed lengths and the oracle spend at that same mean PSNR, and the
     adaptive length's hit rate. Bits per image = tokens x log2(vocab), plus log2(K) for the length of a
@@ -205,6 +220,19 @@ def equal_psnr_records(tok, x: torch.Tensor, targets, name: str) -> list[dict]:
     recs = []
     t = torch.tensor([float(v) for v in targets])
     lengths = lengths_from_curves(pred - float(tok.length_margin), t)
+    if saturation_db > 0:
+        lengths = torch.minimum(lengths, saturated_lengths(pred, saturation_db)[:, None])
+    for lam in slopes:   # the rate-distortion rule: no target, one slope for every image
+        k = slope_lengths(pred, float(lam))
+        bits = float(k.float().mean()) * per_token + length_bits
+        p = float(curves.gather(1, (k - 1)[:, None]).mean())
+        bf, bo = _interp_bits(fixed, p), _interp_bits(oracle, p)
+        recs.append({"bench": "tokenizer_adaptive", "case": {"tokenizer": name, "db_per_token": float(lam)},
+                     "impl": "slope", "mean_psnr": round(p, 3), "bits": round(bits, 1),
+                     "mean_tokens": round(float(k.float().mean()), 3),
+                     "fixed_bits_same_psnr": None if bf is None else round(bf, 1),
+                     "oracle_bits_same_psnr": None if bo is None else round(bo, 1),
+                     "saving_vs_fixed": None if bf is None else round(1 - bits / bf, 4), "samples": x.shape[0]})
     for j, target in enumerate(t.tolist()):
         k = lengths[:, j]
         got = curves.gather(1, (k - 1)[:, None])[:, 0]
@@ -214,7 +242,8 @@ def equal_psnr_records(tok, x: torch.Tensor, targets, name: str) -> list[dict]:
         reachable = envelope[:, -1] >= target
         need = lengths_from_curves(envelope, torch.tensor([target]))[:, 0]
         recs.append({"bench": "tokenizer_adaptive", "case": {"tokenizer": name, "target_psnr": round(target, 2)},
-                     "impl": "adaptive", "mean_psnr": round(p, 3), "bits": round(bits, 1),
+                     "impl": "adaptive", "saturation_db": saturation_db, "mean_psnr": round(p, 3),
+                     "bits": round(bits, 1),
                      "mean_tokens": round(float(k.float().mean()), 3),
                      "fixed_bits_same_psnr": None if bf is None else round(bf, 1),
                      "oracle_bits_same_psnr": None if bo is None else round(bo, 1),
@@ -248,6 +277,11 @@ def add_length_parsers(tsub) -> None:
     ad.add_argument("--out", default=None, help="override train.out")
     ad.add_argument("--targets", default="", help="comma-separated target PSNRs in dB (default: 8 spread over "
                                                   "the fixed lengths' mean PSNR range)")
+    ad.add_argument("--saturation-db", type=float, default=None,
+                    help="also stop within this many dB of each image's predicted ceiling (default: the config's "
+                         "length_saturation_db)")
+    ad.add_argument("--slopes", default="", help="comma-separated dB-per-token slopes for the rate-distortion rule "
+                                                 "(lengths_at_slope), e.g. 0.05,0.1,0.2")
     ad.add_argument("--max-samples", type=int, default=0, help="held-out images (0 = all)")
     ad.add_argument("--json", metavar="PATH")
 
@@ -326,7 +360,14 @@ def adaptive_main(args) -> int:
     else:
         lo, hi = fixed[0]["mean_psnr"], fixed[-1]["mean_psnr"]
         targets = [round(lo + (hi - lo) * i / 7, 2) for i in range(8)]
-    recs = fixed + equal_psnr_records(tok, x, targets, name)
+    try:
+        slopes = [float(v) for v in args.slopes.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--slopes: expected comma-separated dB per token, got {args.slopes!r}") from None
+    sat = tok.config.length_saturation_db if args.saturation_db is None else args.saturation_db
+    if sat < 0:
+        raise ConfigError(f"--saturation-db: expected dB >= 0, got {sat}")
+    recs = fixed + equal_psnr_records(tok, x, targets, name, sat, slopes)
     print_records(recs, key=lambda r: r["impl"])
     write_records(recs, args.json)
     return 0
