@@ -161,6 +161,7 @@ def test_variable_length_round_trip_through_the_unified_vocabulary(trained, tmp_
     batch = tok.decode_variable(seqs)
     one_by_one = torch.stack([tok.decode(s) for s in seqs])
     assert torch.allclose(batch, one_by_one, atol=1e-5)
+    assert torch.equal(tok.decode(seqs), batch)        # decode takes the list encode_batch gave
 
     vocab = Vocab(50, {"image": tok.vocab_size, "audio": 7})
     rows = [vocab.encode_sample([("text", torch.tensor([3, 4])), ("image", s)])[0] for s in seqs]

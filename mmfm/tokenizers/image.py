@@ -451,6 +451,13 @@ class Image1DTokenizer(NeuralTokenizer):
         finally:
             self.train(was)
 
+    def decode(self, tokens):
+        """As NeuralTokenizer.decode, and a list of sequences of their own lengths (what encode_batch gives
+        with a target PSNR) decodes as one batch."""
+        if isinstance(tokens, (list, tuple)):
+            return self.decode_variable(tokens)
+        return super().decode(tokens)
+
     @torch.no_grad()
     def decode_variable(self, sequences) -> torch.Tensor:
         """Images [B, 3, S, S] from B token sequences of any lengths 1..num_tokens, in one batch: each row's
