@@ -227,7 +227,8 @@ def test_cli_fits_the_head_and_compares_at_equal_psnr(trained, tmp_path, capsys)
     inside = [r for r in adaptive if r["fixed_bits_same_psnr"] is not None]
     assert inside, adaptive
     for r in inside:   # compared at the same mean PSNR: the saving is measured against that fixed point
-        assert r["saving_vs_fixed"] == pytest.approx(1 - r["bits"] / r["fixed_bits_same_psnr"], abs=1e-3)
+        # (bits are rounded to 0.1 in the records; at these ~10-40 bits that moves the ratio by up to ~0.015)
+        assert r["saving_vs_fixed"] == pytest.approx(1 - r["bits"] / r["fixed_bits_same_psnr"], abs=0.02)
     assert main(["tokenizer", "adaptive", "--config", str(cfg), "--targets", "12,x"]) == 2
     assert "--targets" in capsys.readouterr().err
 
