@@ -56,6 +56,9 @@ def add_tokenizer_parser(sub) -> None:
     pr.add_argument("--max-train", type=int, default=2048, help="training images whose tokens fit the priors")
     pr.add_argument("--seeds", default="0", help="comma-separated seeds (one prior per head per seed)")
     pr.add_argument("--json", metavar="PATH")
+    from mmfm.tokenizers.length_head import add_length_parsers
+
+    add_length_parsers(tsub)
     i = tsub.add_parser("import-hf", help="an existing LLM's tokenizer (tokenizer.json or tokenizer.model) as the "
                                           "text tokenizer, for train.init_from=HF_FOLDER (docs/huggingface.md)")
     i.add_argument("folder", help="a Hugging Face model folder")
@@ -73,6 +76,11 @@ def run_tokenizer(args) -> int:
                 raise ConfigError(str(exc)) from None
         if args.tokenizer_command == "prior":
             return prior_main(args)
+        if args.tokenizer_command in ("length-head", "adaptive"):
+            from mmfm.tokenizers import length_head
+
+            return (length_head.length_head_main if args.tokenizer_command == "length-head"
+                    else length_head.adaptive_main)(args)
         return train_main(args) if args.tokenizer_command == "train" else eval_main(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"mmfm tokenizer {args.tokenizer_command}: {exc}", file=sys.stderr)

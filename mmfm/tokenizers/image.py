@@ -12,12 +12,17 @@ image_1d: a 1D tokenizer in the TiTok manner (Yu et al. 2024, arXiv:2406.07550):
     predicts the patches. Tail-token drop / nested dropout (One-D-Piece, FlexTok): in training
     each image keeps only its first k ~ U{1..K} tokens, the rest replaced by a learned
     "dropped" embedding, so information concentrates at the head and any prefix decodes.
+    Adaptive length (`length_head`, KARL-style; mmfm/tokenizers/length_head.py): a small head reads
+    the encoder's output once and predicts the image's PSNR after each prefix, hence how many tokens
+    reach a target PSNR; `encode(..., target_psnr=X)` (or `target_psnr` in the config) then returns
+    only those tokens, a variable-length sequence that the unified vocabulary closes with <end_image>.
 
 Both take images as float [3, S, S] in [0, 1]; `prepare` turns a shard sample (uint8 PNG, grey or
 RGB) into that, resizing with bicubic filtering.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -246,10 +251,36 @@ class Image1DConfig:
     nested_dropout: bool = True     # train with tail-token drop so any prefix decodes
     token_mixing: bool = False      # add a learned linear patch <-> token path (see Image1DTokenizer)
     seed: int = 0
+    # adaptive length (mmfm/tokenizers/length_head.py), fitted after training on the training images
+    length_head: bool = False       # predict each image's PSNR after every prefix, hence the tokens it needs
+    length_head_width: int = 128
+    length_head_steps: int = 600
+    length_coverage: float = 0.9    # share of reachable (image, target) pairs the predicted length must reach
+    length_calib_fraction: float = 0.25   # training images held back from the head's fit to calibrate its margin
+    target_psnr: float = 0.0        # > 0: encode() keeps the tokens predicted for this PSNR (0: all num_tokens)
+    # > 0: also stop where the image's predicted curve is within this many dB of its own ceiling, so an image
+    # that cannot reach the target does not get every token (docs/benchmarks.md: what it saves, what it misses)
+    length_saturation_db: float = 0.0
 
     def validate(self) -> None:
         if self.quantizer == "none":
             raise ValueError("quantizer: image_1d needs a quantizer (vq, fsq or lfq)")
+        if self.length_head and not self.nested_dropout:
+            raise ValueError("length_head: needs nested_dropout: true (a shorter sequence only decodes when "
+                             "training made every prefix decode)")
+        if self.length_saturation_db < 0:
+            raise ValueError(f"length_saturation_db: expected dB >= 0 (0: off), got {self.length_saturation_db}")
+        if self.target_psnr < 0:
+            raise ValueError(f"target_psnr: expected a PSNR in dB > 0, or 0 for fixed length; got {self.target_psnr}")
+        if self.target_psnr > 0 and not self.length_head:
+            raise ValueError("target_psnr: adaptive length needs length_head: true (the head predicts the length)")
+        if not 0 < self.length_coverage < 1:
+            raise ValueError(f"length_coverage: expected a share in (0, 1), got {self.length_coverage}")
+        if not 0 < self.length_calib_fraction < 1:
+            raise ValueError(f"length_calib_fraction: expected a share in (0, 1), got {self.length_calib_fraction}")
+        if self.length_head_steps < 1 or self.length_head_width < 1:
+            raise ValueError(f"length_head_steps, length_head_width: expected >= 1, got {self.length_head_steps}, "
+                             f"{self.length_head_width}")
         check_quantizer_fields(self.quantizer, self.latent_dim, self.codebook_size, self.fsq_levels)
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size: {self.patch_size} does not divide image_size {self.image_size}")
@@ -295,6 +326,12 @@ class Image1DTokenizer(NeuralTokenizer):
             self.enc_mix = nn.Parameter(torch.randn(c.num_tokens, self.num_patches) / self.num_patches ** 0.5)
             self.dec_mix = nn.Parameter(torch.randn(self.num_patches, c.num_tokens) / c.num_tokens ** 0.5)
         self._drop_gen = torch.Generator().manual_seed(c.seed)
+        if c.length_head:
+            from mmfm.tokenizers.length_head import LengthHead
+
+            self.length_head = LengthHead(c.num_tokens, c.latent_dim, c.length_head_width)
+            # NaN until fit_length_head calibrates it: a saved tokenizer carries it in its weights
+            self.register_buffer("length_margin", torch.tensor(float("nan")))
 
     @property
     def vocab_size(self) -> int:
@@ -303,9 +340,11 @@ class Image1DTokenizer(NeuralTokenizer):
 
     @property
     def tokens_per_sample(self) -> int:
+        """The most tokens an image gets (all of them unless target_psnr asks for fewer)."""
         return self.config.num_tokens
 
-    tokens_rule = "num_tokens per image; any prefix of them (1..num_tokens) decodes"
+    tokens_rule = ("num_tokens per image, or with target_psnr the length head's 1..num_tokens; "
+                   "any prefix of them (1..num_tokens) decodes")
 
     def prepare(self, sample) -> torch.Tensor:
         return image_to_tensor(sample, self.config.image_size, type(self).__name__)
@@ -367,6 +406,116 @@ class Image1DTokenizer(NeuralTokenizer):
             raise ValueError(f"Image1DTokenizer.decode: expected 1..{self.config.num_tokens} tokens per image, "
                              f"got {tokens.shape[1]}")
         return self.decode_latents(self.quantizer.decode(tokens)).clamp(0, 1)
+
+    # -- adaptive length -------------------------------------------------------------------
+    def after_training(self, train: torch.Tensor) -> None:
+        if self.config.length_head:
+            from mmfm.tokenizers.length_head import fit_length_head
+
+            self.length_fit = fit_length_head(self, train)
+
+    def _check_head(self) -> None:
+        if not self.config.length_head:
+            raise ValueError("Image1DTokenizer: adaptive length needs a length head (config length_head: true)")
+        if math.isnan(float(self.length_margin)):
+            raise ValueError("Image1DTokenizer: the length head is not fitted (mmfm tokenizer train fits it after "
+                             "training; or mmfm tokenizer length-head --config ...)")
+
+    @torch.no_grad()
+    def predicted_curves(self, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        """The head's PSNR after each prefix k = 1..K of each image x [B, 3, S, S]: [B, K], non-decreasing in k."""
+        self._check_head()
+        was = self.training
+        self.eval()
+        try:
+            return torch.cat([self.length_head(self.latents(b)) for b in x.split(batch)])
+        finally:
+            self.train(was)
+
+    def predict_lengths(self, x: torch.Tensor, target_psnr, saturation_db: float | None = None) -> torch.Tensor:
+        """Tokens [B] each image needs to reach target_psnr (dB: a number, or one per image), from one
+        encoder pass; num_tokens where the head expects no prefix to reach it. saturation_db (default: the
+        config's length_saturation_db; 0 = off) also stops where the predicted curve is that close to its end."""
+        from mmfm.tokenizers.length_head import lengths_from_curves, saturated_lengths
+
+        t = torch.as_tensor(target_psnr, dtype=torch.float32).reshape(-1)
+        if not bool(torch.isfinite(t).all()) or t.numel() not in (1, x.shape[0]):
+            raise ValueError(f"Image1DTokenizer: target_psnr must be a finite dB value or one per image "
+                             f"({x.shape[0]}), got {target_psnr!r}")
+        pred = self.predicted_curves(x)
+        targets = t.to(pred.device).expand(x.shape[0])[:, None]
+        lengths = lengths_from_curves(pred - float(self.length_margin), targets)[:, 0]
+        sat = self.config.length_saturation_db if saturation_db is None else saturation_db
+        return torch.minimum(lengths, saturated_lengths(pred, sat)) if sat > 0 else lengths
+
+    def lengths_at_slope(self, x: torch.Tensor, db_per_token: float) -> torch.Tensor:
+        """Tokens [B] where each image's predicted curve gains less than db_per_token dB per further token
+        (length_head.slope_lengths): the allocation for the least mean bits at a mean PSNR."""
+        from mmfm.tokenizers.length_head import slope_lengths
+
+        return slope_lengths(self.predicted_curves(x), db_per_token)
+
+    def _target(self, target_psnr):
+        return self.config.target_psnr if target_psnr is None else target_psnr
+
+    @torch.no_grad()
+    def encode(self, sample, target_psnr: float | None = None) -> torch.Tensor:
+        """Tokens of one image [k]: all num_tokens, or with a target PSNR (argument, else the config's
+        target_psnr when > 0) the first k the length head predicts for it."""
+        t = self._target(target_psnr)
+        if not t:
+            return super().encode(sample)
+        return self.encode_adaptive(self._as_batch(sample), t)[0]
+
+    @torch.no_grad()
+    def encode_batch(self, samples, target_psnr: float | None = None):
+        """[B, num_tokens] at fixed length; with a target PSNR a list of B sequences of their own lengths."""
+        t = self._target(target_psnr)
+        if not t:
+            return super().encode_batch(samples)
+        x = torch.stack([self.prepare(s) for s in samples]).to(self.device)
+        return self.encode_adaptive(x, t)
+
+    @torch.no_grad()
+    def encode_adaptive(self, x: torch.Tensor, target_psnr) -> list[torch.Tensor]:
+        was = self.training
+        self.eval()
+        try:
+            tokens = self.encode_tensor(x)
+            lengths = self.predict_lengths(x, target_psnr).tolist()
+            return [row[:k] for row, k in zip(tokens, lengths)]
+        finally:
+            self.train(was)
+
+    def decode(self, tokens):
+        """As NeuralTokenizer.decode, and a list of sequences of their own lengths (what encode_batch gives
+        with a target PSNR) decodes as one batch."""
+        if isinstance(tokens, (list, tuple)):
+            return self.decode_variable(tokens)
+        return super().decode(tokens)
+
+    @torch.no_grad()
+    def decode_variable(self, sequences) -> torch.Tensor:
+        """Images [B, 3, S, S] from B token sequences of any lengths 1..num_tokens, in one batch: each row's
+        missing tail counts as dropped, as in decode_tensor of its prefix."""
+        k_all = self.config.num_tokens
+        if not sequences:
+            raise ValueError("Image1DTokenizer.decode_variable: expected at least one token sequence")
+        seqs = [self.check_tokens(s) for s in sequences]
+        bad = [i for i, s in enumerate(seqs) if s.dim() != 1 or not 1 <= s.numel() <= k_all]
+        if bad:
+            raise ValueError(f"Image1DTokenizer.decode_variable: sequence {bad[0]} must be 1-D with 1..{k_all} "
+                             f"tokens, got shape {tuple(seqs[bad[0]].shape)}")
+        lengths = torch.tensor([s.numel() for s in seqs], device=self.device)
+        padded = torch.zeros(len(seqs), k_all, dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            padded[i, :s.numel()] = s
+        was = self.training
+        self.eval()
+        try:
+            return self.decode_latents(self.quantizer.decode(padded), lengths).clamp(0, 1)
+        finally:
+            self.train(was)
 
     def metrics(self, x, recon) -> dict:
         return image_metrics(x, recon)

@@ -124,7 +124,8 @@ def token_rows(samples: list[dict], modality: str, tok, text, vocab, *, batch_si
     rows = []
     for i in range(0, len(good), batch_size):
         chunk = good[i:i + batch_size]
-        codes = None if modality == "text" else tok.encode_batch(chunk).cpu()
+        # a list of rows: an adaptive-length image tokenizer (target_psnr) gives rows of their own lengths
+        codes = None if modality == "text" else [c.cpu() for c in tok.encode_batch(chunk)]
         for j, s in enumerate(chunk):
             segs = []
             caption = s.get("txt") if isinstance(s.get("txt"), str) else ""
