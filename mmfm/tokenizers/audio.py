@@ -1,7 +1,10 @@
 """Audio: a 1D convolutional codec over the waveform with residual VQ (SoundStream / EnCodec shape).
 
 Encoder: a conv stem, then per stride s a residual block and a stride-s conv (kernel = stride,
-so lengths divide exactly); the frame rate is sample_rate / prod(strides). Each frame's latent
+so lengths divide exactly); the frame rate is sample_rate / prod(strides) (`frame_rate_hz`, when
+given, declares it and is checked against the strides: 50 Hz = hop 320, 25 Hz = hop 640, 12.5 Hz =
+hop 1280 at 16 kHz; the lower-rate configs keep the same stages and widths and only lengthen the
+stride kernels, so a rate comparison is not a comparison of model sizes). Each frame's latent
 goes through ResidualVQ with quantizer dropout (a batch trains with only its first n levels,
 n random), so a prefix of levels decodes. Decoder: the mirror with transposed convs.
 Loss: L1 on the waveform + mel_weight * multi-scale mel distance + the RVQ loss.
@@ -38,14 +41,33 @@ class AudioConfig:
     num_levels: int = 4
     quantizer_dropout: float = 0.5
     mel_weight: float = 0.5
+    # frames per second the strides must give (0: not declared, whatever sample_rate / prod(strides)
+    # is); a config that names its rate fails loudly when someone edits the strides or the sample rate
+    frame_rate_hz: float = 0.0
     seed: int = 0
 
     def validate(self) -> None:
-        hop = math.prod(self.strides)
-        if self.clip_samples % hop:
-            raise ValueError(f"clip_samples: {self.clip_samples} is not a multiple of prod(strides) = {hop}")
         if self.sample_rate not in (16000, 24000):
             raise ValueError(f"sample_rate: must be 16000 or 24000, got {self.sample_rate}")
+        if not self.strides or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.strides):
+            raise ValueError(f"strides: expected a non-empty list of integers >= 1, got {self.strides!r}")
+        hop = math.prod(self.strides)
+        r = self.frame_rate_hz
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 0 or math.isinf(r):
+            raise ValueError(f"frame_rate_hz: expected frames per second > 0 (or 0 = not declared), got {r!r}")
+        if r:
+            want = self.sample_rate / r
+            if abs(want - round(want)) > 1e-9:
+                raise ValueError(f"frame_rate_hz: {r} Hz does not divide sample_rate {self.sample_rate} into a "
+                                 f"whole hop ({want:.4g} samples per frame); pick a rate with "
+                                 f"sample_rate / frame_rate_hz an integer, e.g. 50, 25 or 12.5 at 16000")
+            if round(want) != hop:
+                raise ValueError(f"frame_rate_hz: {r} Hz needs a hop of {round(want)} samples, but strides "
+                                 f"{self.strides} give prod(strides) = {hop} ({self.sample_rate / hop:g} Hz)")
+        if self.clip_samples % hop:
+            raise ValueError(f"clip_samples: {self.clip_samples} is not a multiple of prod(strides) = {hop} "
+                             f"(the hop at {self.sample_rate / hop:g} frames/s); a whole number of frames per clip "
+                             f"is needed, e.g. {max(1, round(self.clip_samples / hop)) * hop}")
 
 
 class _ResBlock1d(nn.Module):
