@@ -219,6 +219,35 @@ def test_switch_fields_are_typed_and_checked():
                        (["train.compile=3"], "train.compile"), (["train.precision=fp16"], "train.precision"),
                        (["train.offload_params=true"], "train.offload_params"),      # demo.yaml is ZeRO-2
                        (["objective.loss_on=caption"], "objective.loss_on"),
+                       (["train.peak_flops=-1e12"], "train.peak_flops"), (["train.peak_flops=.inf"], "train.peak_flops"),
+                       (["train.peak_flops=fast"], "train.peak_flops"),
                        (["objective.kind=masked", "objective.loss_on=generated"], "objective.loss_on")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             load_run_config("configs/pretrain/demo.yaml", bad)
+
+
+def test_a_peak_measured_too_low_is_reprobed_instead_of_giving_an_mfu_above_one():
+    """A probe slowed by other work reads low and every later MFU reads high: measured once (the old
+    trainer), a step running at twice that probe logged MFU 2. Here the first probe is a real but
+    overhead-bound 2 x 2 matmul (~1000x below the machine's rate, as a probe on a swamped core), the
+    re-probe the real 512 x 512 probe: the MFU comes back <= 1 and the row's source says reprobed."""
+    from mmfm.train.engine import PeakFlops, measure_peak_flops
+
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return measure_peak_flops(n=2, reps=1, probes=1) if len(calls) == 1 else measure_peak_flops()
+
+    peak = PeakFlops(0.0, probe=probe)
+    low = peak.value
+    assert peak.source == "measured" and len(calls) == 1
+    achieved = 2 * low                               # what the old trainer divided by `low`: MFU 2
+    mfu = peak.mfu(achieved)
+    assert mfu <= 1 and peak.value > achieved and peak.source == "reprobed" and len(calls) == 2
+    assert peak.mfu(achieved) == mfu and len(calls) == 2      # no probe while MFU <= 1
+    stuck = PeakFlops(0.0, probe=lambda: low, max_reprobes=3)  # a probe that cannot get faster:
+    assert stuck.mfu(achieved) == 2.0 and stuck.reprobes == 3  # a bounded number of tries, MFU reported as is
+    given = PeakFlops(1e9, probe=probe)              # train.peak_flops is the user's denominator: never probed
+    assert given.mfu(2e9) == 2.0 and given.source == "config" and len(calls) == 2
+    assert measure_peak_flops(probes=3) > 0
