@@ -36,7 +36,7 @@ def runs(tmp_path_factory):
               f"data.shards={d}/shards", "data.eval_shards=''", f"data.vocab={d}/vocab.json", "data.mix={}",
               "data.caption_dropout=0.0", "data.seq_len=64", "data.shuffle_buffer=8", "optim.lr=0.01",
               "optim.warmup_steps=1", "train.steps=3", "train.micro_batch=4", "train.log_every=1",
-              "train.checkpoint_every=0", "train.progress=false", "train.plot=false", "train.peak_flops=1e9"]
+              "train.checkpoint_every=0", "train.progress=false", "train.plot=false", "train.peak_flops=1000000000.0"]
     spec = [{"name": name, "config": f"{REPO}/configs/pretrain/demo.yaml",
              "overrides": common + extra + [f"train.out={d}/{name}"]} for name, extra in RUNS.items()]
     (d / "spec.json").write_text(json.dumps(spec))
