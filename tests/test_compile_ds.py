@@ -56,7 +56,7 @@ def test_compiled_training_in_the_deepspeed_engine_follows_eager(runs, arch):
     assert compiled["compiled"] and not eager["compiled"] and compiled["zero_stage"] == 2
     assert compiled["params"] == eager["params"]
     assert (runs["mot"]["params"] > runs["dense"]["params"]) if arch == "mot" else True   # MoT: weights per modality
-    assert compiled["head_calls"]["logits"] == 0 < compiled["head_calls"]["fused_loss"]
+    assert eager["head_calls"]["logits"] == 0 < eager["head_calls"]["fused_loss"]   # (compiled runs are not counted)
     assert len(_series(compiled, "loss")) == 3
     for key in ("loss", "grad_norm"):
         for a, b in zip(_series(compiled, key), _series(eager, key)):
