@@ -9,6 +9,8 @@ every global batch it trains on written down).
   ranks sum gradients in a different order).
   The first 2-rank phase is two torchrun agents on this host as two nodes (--nnodes 2, c10d
   rendezvous), one rank each: the multi-node launch, trained as one 2-rank job.
+- ZeRO-3's universal load (the elastic path) continues an uninterrupted run bit for bit at one
+  rank (tests/zero3_universal_run.py).
 Sized for 2 cores: the tiny model, 6 steps, 64-token rows."""
 import json
 import os
@@ -140,3 +142,15 @@ def test_a_resume_at_another_world_size_refuses_a_rank_sharded_data_state(refere
     now = ShardLoader(ShardDataset(str(d / "shards"), rank=0, world_size=1, batch_size=2), num_workers=0)
     with pytest.raises(ValueError, match="world_size was 2 when saved, is 1 now"):
         now.load_state_dict(state)
+
+
+def test_zero3_universal_resume_continues_bit_for_bit(tmp_path):
+    """The universal load an elastic ZeRO-3 resume takes (checkpoint.load_universal), at one rank so
+    no reduction order changes: the 2 steps after it give the uninterrupted losses bit for bit. It
+    failed before load_universal gave each param group its own Adam step: DeepSpeed 0.19 stores one
+    step tensor for all of them and AdamW increments it in place once per group, so the second
+    group's bias correction was a step ahead (the 5e-4 of the 2 -> 4 rank resume)."""
+    _run([sys.executable, "tests/zero3_universal_run.py", str(tmp_path / "ck"), str(tmp_path / "out.json")])
+    r = json.load(open(tmp_path / "out.json"))
+    assert r["groups"] == 2 and not r["shared_step"] and r["steps"] == [4.0, 4.0], r
+    assert r["resumed"] == r["uninterrupted"], r

@@ -10,6 +10,7 @@ import os
 import sys
 
 import torch
+from torch._dynamo.utils import counters
 
 from mmfm.models.transformer import LMHead
 from mmfm.train.config import load_run_config
@@ -26,12 +27,15 @@ def _counting_forward(self, x, labels=None, token_weights=None):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    LMHead.forward = _counting_forward
     spec, out = json.load(open(sys.argv[1])), sys.argv[2]
     results = {}
     for item in spec:
         cfg = load_run_config(item["config"], item["overrides"])
+        # a compiled run is not counted: Dynamo would trace the counter and guard on its value,
+        # recompiling the model every step
+        LMHead.forward = _head_forward if cfg.train.compile else _counting_forward
         HEAD_CALLS.update(logits=0, fused_loss=0)
+        counters.clear()
         res = run(cfg)
         engine = res.pop("engine")
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -43,7 +47,10 @@ if __name__ == "__main__":
             "param_dtype": str(next(engine.module.parameters()).dtype),
             "offload": bool(engine.zero_cpu_offload()), "zero_stage": int(engine.zero_optimization_stage()),
             "offload_param": bool(engine.zero_offload_param()),
-            "params": sum(p.numel() for p in engine.module.parameters()), "head_calls": dict(HEAD_CALLS)}
+            "params": sum(p.numel() for p in engine.module.parameters()), "head_calls": dict(HEAD_CALLS),
+            # train.compile: did the module run compiled, in how many graphs, with which breaks
+            "compiled": getattr(engine.module, "_compiled_call_impl", None) is not None,
+            "graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": sorted(counters["graph_break"])}
         del engine, res
     with open(out, "w") as f:
         json.dump(results, f)

@@ -168,6 +168,56 @@ def interleaved(impls: dict[str, Callable[[], object]], device: str, rounds: int
     return {n: {"ms": statistics.median(wall[n]), "cpu_ms": statistics.median(cpu[n])} for n in impls}
 
 
+class TrainSteps:
+    """AdamW training steps of one model, the runner of the training benchmarks: each step takes the
+    next of `batches` ((ids, tokens it counts) pairs, cycled), runs loss(ids).backward() and the
+    optimizer step, and with keep=True records its wall time and token count."""
+
+    def __init__(self, model, loss: Callable[[torch.Tensor], torch.Tensor], batches: list,
+                 lr: float = 1e-4, weight_decay: float = 0.01):
+        self.model, self.loss, self.batches = model, loss, batches
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+        self.i, self.times, self.tokens = 0, [], []
+
+    def step(self, keep: bool = True) -> float:
+        """One step; its wall time in seconds."""
+        ids, counted = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        t0 = time.perf_counter()
+        self.loss(ids).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        if keep:
+            self.times.append(dt)
+            self.tokens.append(counted)
+        return dt
+
+    def reset(self) -> None:
+        """Forget the recorded steps (a new measuring window)."""
+        self.times, self.tokens = [], []
+
+    def tokens_per_s(self) -> float:
+        return sum(self.tokens) / sum(self.times)
+
+
+def interleaved_blocks(steps: list[Callable[..., object]], n: int, block: int = 2, warmup: int = 1) -> None:
+    """Calls every step function `warmup` times untimed (step(keep=False)), then n times recorded
+    (step()) in alternating blocks of `block` (a a b b a a b b ...): `interleaved` for stateful
+    steps such as training, where each call must advance the runner and a block amortises the
+    cache and allocator state a switch between models disturbs."""
+    for step in steps:
+        for _ in range(warmup):
+            step(keep=False)
+    done = 0
+    while done < n:
+        k = min(block, n - done)
+        for step in steps:
+            for _ in range(k):
+                step()
+        done += k
+
+
 def peak_extra_mb(fn: Callable[[], object], device: str = "cpu") -> float:
     """Peak memory fn() allocates through torch's allocator beyond what was in use before it, MiB.
 

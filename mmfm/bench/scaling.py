@@ -45,7 +45,7 @@ import time
 
 import torch
 
-from mmfm.bench.common import machine, record
+from mmfm.bench.common import TrainSteps, interleaved_blocks, machine, record
 from mmfm.jsonio import write_records
 from mmfm.typed_config import packaged_config
 
@@ -189,41 +189,9 @@ def part_ranks(args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- plain-torch steps
-class _Steps:
-    """AdamW training steps of one model on a list of (ids, real-token count) batches."""
-
-    def __init__(self, model, batches):
-        self.model, self.batches, self.loss = model, batches, _loss_fn(model)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-        self.i, self.times, self.tokens = 0, [], []
-
-    def step(self, keep: bool = True) -> float:
-        ids, real = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        t0 = time.perf_counter()
-        self.loss(ids).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        if keep:
-            self.times.append(dt)
-            self.tokens.append(real)
-        return dt
-
-    def tokens_per_s(self) -> float:
-        return sum(self.tokens) / sum(self.times)
-
-
-def _interleave(runners: list[_Steps], steps: int, block: int = 2) -> None:
-    for r in runners:
-        r.step(keep=False)
-    done = 0
-    while done < steps:
-        k = min(block, steps - done)
-        for r in runners:
-            for _ in range(k):
-                r.step()
-        done += k
+def _steps(model, batches) -> TrainSteps:
+    """AdamW training steps of one model on (ids, real-token count) batches, the trainer's loss call."""
+    return TrainSteps(model, _loss_fn(model), batches)
 
 
 def _random_batches(vocab: int, batch: int, seq: int, n: int = 4):
@@ -286,8 +254,8 @@ def part_pack(args) -> list[dict]:
         tmp.cleanup()
     cfg = _model_cfg(args.config, args.vocab, args.seq)
     torch.manual_seed(0)
-    a, b = _Steps(Transformer(cfg), packed), _Steps(Transformer(cfg), padded)
-    _interleave([a, b], args.steps)
+    a, b = _steps(Transformer(cfg), packed), _steps(Transformer(cfg), padded)
+    interleaved_blocks([a.step, b.step], args.steps)
     case = {"part": "pack", "config": args.config, "batch": args.batch, "seq": args.seq, "shards": source}
     fill = [sum(r for _, r in bs) / (len(bs) * args.batch * args.seq) for bs in (packed, padded)]
     return [record(BENCH, case, "packed", real_tokens_per_s=a.tokens_per_s(), fill=fill[0]),
@@ -304,15 +272,15 @@ def part_compile(args) -> list[dict]:
     compiled_model = Transformer(cfg)
     batches = _random_batches(args.vocab, args.batch, args.seq)
     case = {"part": "compile", "config": args.config, "batch": args.batch, "seq": args.seq}
-    e = _Steps(eager, batches)
+    e = _steps(eager, batches)
     try:
-        c = _Steps(torch.compile(compiled_model), batches)
+        c = _steps(torch.compile(compiled_model), batches)
         compile_s = c.step(keep=False)
     except Exception as exc:  # noqa: BLE001 - no C++ compiler, an op inductor cannot trace: say so, keep going
-        _interleave([e], args.steps)
+        interleaved_blocks([e.step], args.steps)
         return [record(BENCH, case, "eager", tokens_per_s=e.tokens_per_s()),
                 record(BENCH, case, "compiled", tokens_per_s=float("nan"), error=f"{type(exc).__name__}: {exc}"[:300])]
-    _interleave([e, c], args.steps)
+    interleaved_blocks([e.step, c.step], args.steps)
     return [record(BENCH, case, "eager", tokens_per_s=e.tokens_per_s()),
             record(BENCH, case, "compiled", tokens_per_s=c.tokens_per_s(), compile_s=compile_s)]
 
@@ -328,12 +296,12 @@ def part_mfu(args) -> list[dict]:
         model = Transformer(cfg)
         params = sum(p.numel() for p in model.parameters())
         fpt = cfg.flops_per_token(args.seq)
-        runner = _Steps(model, _random_batches(args.vocab, args.mfu_batch, args.seq, n=2))
+        runner = _steps(model, _random_batches(args.vocab, args.mfu_batch, args.seq, n=2))
         runner.step(keep=False)
         mfus, peaks, tps = [], [], []
         for _ in range(rounds):
             peak = matmul_peak(args.peak_n)
-            runner.times, runner.tokens = [], []
+            runner.reset()
             for _ in range(2):
                 runner.step()
             peaks.append(peak)

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmfm.models.config import MODELS, ModelConfig
-from mmfm.ops.linear_cross_entropy import linear_cross_entropy
+from mmfm.ops.linear_cross_entropy import masked_linear_cross_entropy
 
 try:  # optional: the [cuda] extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -302,14 +302,14 @@ class Block(nn.Module):
 
 class LMHead(nn.Linear):
     """The output projection (an nn.Linear, so parameter names and loading are unchanged). Called with
-    labels, it returns the fused chunked loss instead of logits; the loss goes through this module's
-    own call so that DeepSpeed ZeRO-3 gathers the weight for it as it does for plain logits."""
+    labels (-100 = no loss), it returns the fused chunked loss instead of logits; the loss goes through
+    this module's own call so that DeepSpeed ZeRO-3 gathers the weight for it as it does for plain logits."""
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
                 token_weights: torch.Tensor | None = None):
         if labels is None:
             return super().forward(x)
-        return linear_cross_entropy(x, self.weight, labels, token_weights)
+        return masked_linear_cross_entropy(x, self.weight, labels, token_weights)
 
 
 @MODELS.register("transformer", ModelConfig)
@@ -412,23 +412,20 @@ class Transformer(nn.Module):
             return F.linear(x, self.embed_tokens.weight)
         return self.lm_head(x)
 
-    # torch.compile (train.compile): the decoder compiles as one graph; the fused loss head runs eagerly
-    # after it (its labelled-row selection and its chunk loop have data-dependent shapes), one break by design
-    @torch.compiler.disable
+    # torch.compile (train.compile) traces this with static shapes and no graph break: the selection
+    # of labelled rows (a data-dependent size) happens inside the fused loss op, an opaque custom op
+    # with a fake implementation (mmfm/ops/linear_cross_entropy.py: masked_linear_cross_entropy)
     def _loss_head(self, x: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor | None):
         if labels.shape != x.shape[:2]:
             raise ValueError(f"labels: expected [B, L] = {list(x.shape[:2])} like ids, got {list(labels.shape)}")
-        flat = labels.reshape(-1)
-        rows = torch.nonzero(flat != IGNORE_INDEX).squeeze(1)   # unlabelled positions need no logits
-        h = x.reshape(-1, x.shape[-1]).index_select(0, rows)
-        w = None if label_weights is None else label_weights.reshape(-1).index_select(0, rows)
-        lab = flat.index_select(0, rows)
+        h = x.reshape(-1, x.shape[-1])
+        lab = labels.reshape(-1)
+        w = None if label_weights is None else label_weights.reshape(-1)
         if self.lm_head is None:
-            loss, ce = linear_cross_entropy(h, self.embed_tokens.weight, lab, w)
+            loss, ce = masked_linear_cross_entropy(h, self.embed_tokens.weight, lab, w)
         else:
             loss, ce = self.lm_head(h, lab, w)
-        full = torch.zeros(flat.shape[0], dtype=ce.dtype, device=ce.device).index_copy_(0, rows, ce)
-        return loss, full.view(labels.shape)
+        return loss, ce.view(labels.shape)
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor | None = None,
              modality_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,

@@ -9,6 +9,11 @@ every op with fullgraph=True and compares it with eager.
 
 Registered once, when mmfm.ops is imported and the extension loaded (`register()`); without the
 extension there are no torch.ops.mmfm ops, and the references compile as plain torch.
+
+Ops written in Python as torch.library custom ops (namespace `mmfm_py`, present with or without
+the extension) carry their fake and autograd formula next to their definition instead:
+`mmfm_py::masked_linear_cross_entropy` (mmfm/ops/linear_cross_entropy.py), the training loss
+head, opaque to torch.compile so its data-dependent row selection is no graph break.
 """
 from __future__ import annotations
 

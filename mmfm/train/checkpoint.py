@@ -146,22 +146,7 @@ def load(engine, root: str) -> dict | None:
         raise RuntimeError(f"{folder} has no mmfm_rank0.pt: not a checkpoint written by mmfm's Trainer")
     universal = saved != world and _sharded_optimizer(folder)
     if universal:
-        if rank == 0:
-            to_universal(folder)
-        dist.barrier()
-        cfg = engine._config       # DeepSpeed reads the switch from its config at load time, not at build
-        # ZeRO-3's universal load gives every param group group 0's settings (DeepSpeed 0.19: "the
-        # hyperparameters of each parameter should be the same"), so the no-decay group (norms,
-        # embeddings) would be decayed; the groups' settings come from the run's config, so put them back
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-        cfg.load_universal_checkpoint = True
-        try:
-            path, _ = engine.load_checkpoint(folder, tag=UNIVERSAL, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
-        finally:
-            cfg.load_universal_checkpoint = False
-        for g, settings in zip(engine.optimizer.param_groups, groups):
-            g.update(settings)
+        path = load_universal(engine, folder)
     else:
         path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
@@ -172,6 +157,45 @@ def load(engine, root: str) -> dict | None:
     state["tag"] = tag
     state["saved_world_size"] = saved
     return state
+
+
+def load_universal(engine, folder: str):
+    """Loads checkpoint folder `folder` into the engine through DeepSpeed's universal checkpoint
+    (converted once, by rank 0), re-partitioning weights and optimizer state over this run's ranks.
+    Returns DeepSpeed's load path (None when it failed). Two repairs after DeepSpeed 0.19's ZeRO-3
+    universal load (load_hp_checkpoint_state_from_checkpoint_dir_stage3), without which a resumed
+    run drifts from the uninterrupted one from its second step on:
+    - it gives every param group group 0's settings ("the hyperparameters of each parameter should
+      be the same"), so the no-decay group (norms, embeddings) would be decayed: the groups'
+      settings come from the run's config, so they are put back;
+    - it stores ONE step tensor object as the Adam step of every sub-group (param group). torch's
+      AdamW increments its step in place, once per sub-group, so after the first resumed step the
+      shared counter had advanced once per group: the later groups took their update with a step
+      count 1, 2, ... too high, i.e. the wrong bias correction (5e-4 relative in the loss of the
+      second step after a 2 -> 4 rank resume). Each sub-group gets its own copy."""
+    dist = torch.distributed
+    if dist.get_rank() == 0:
+        to_universal(folder)
+    dist.barrier()
+    cfg = engine._config       # DeepSpeed reads the switch from its config at load time, not at build
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    cfg.load_universal_checkpoint = True
+    try:
+        path, _ = engine.load_checkpoint(folder, tag=UNIVERSAL, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+    finally:
+        cfg.load_universal_checkpoint = False
+    for g, settings in zip(engine.optimizer.param_groups, groups):
+        g.update(settings)
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)   # the torch optimizer inside ZeRO's
+    seen: set[int] = set()
+    for st in getattr(base, "state", {}).values():
+        step = st.get("step") if isinstance(st, dict) else None
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                st["step"] = step.clone()
+            seen.add(id(st["step"]))
+    return path
 
 
 # ------------------------------------------------------------------ consolidation (export, init_from)

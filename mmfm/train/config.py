@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -102,7 +103,7 @@ class TrainSection:
     max_bad_steps: int = 3      # consecutive non-finite steps before the run stops
     progress: bool = True
     threads: int = 0            # torch threads per process (0 = torch's default)
-    peak_flops: float = 0.0     # per process, for MFU; 0 = measured with a matmul at start
+    peak_flops: float = 0.0     # per process, for MFU; 0 = measured (best of matmul probes; re-probed if MFU > 1)
     offload_optimizer: bool = False  # ZeRO-Offload: DeepSpeedCPUAdam (JIT-compiles cpu_adam once)
     # memory and speed switches (docs/training.md, "Memory and speed switches"); each gives the plain
     # path's loss and gradients (tests/test_train_switches.py)
@@ -290,6 +291,8 @@ def switch_checks(t: TrainSection, deepspeed: dict) -> list[tuple[bool, str, str
         (t.activation_checkpointing in CHECKPOINTING, "train.activation_checkpointing",
          f"expected one of {', '.join(CHECKPOINTING)}, got {t.activation_checkpointing!r}"),
         (bool(t.compile_backend), "train.compile_backend", "expected a torch.compile backend name (e.g. inductor)"),
+        (math.isfinite(t.peak_flops) and t.peak_flops >= 0, "train.peak_flops",
+         f"expected the peak FLOP/s of one process, >= 0 (0 = measure a matmul at start), got {t.peak_flops!r}"),
         (not t.offload_params or stage == 3, "train.offload_params",
          f"parameter offload needs ZeRO stage 3, the deepspeed config has stage {stage} (use deepspeed/zero3.json)"),
     ]

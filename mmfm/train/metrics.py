@@ -4,8 +4,10 @@ MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, where
   achieved = ModelConfig.flops_per_token(seq_len) (6 x active matmul weights + attention, PaLM's
              formula; mmfm/models/config.py) x tokens processed per second (all ranks), and
   peak     = train.peak_flops per process x processes; when 0, it is measured at start as the
-             FLOP/s of a 512 x 512 matmul in the run's dtype in that process (so on CPU MFU says
-             how close the step comes to this machine's dense matmul speed, not to a datasheet).
+             best FLOP/s of a few 512 x 512 matmul probes in the run's dtype in that process (so on
+             CPU MFU says how close the step comes to this machine's dense matmul speed, not to a
+             datasheet), and re-probed when an MFU would exceed 1 (mmfm/train/engine.py: PeakFlops);
+             each row logs `peak_flops` and `peak_flops_source` (config, measured, reprobed).
 
 Peak memory (`peak_memory`, every log row, rank 0's process): on CUDA the caching allocator's
 peak of allocated bytes on the current device since the process started (torch.cuda.

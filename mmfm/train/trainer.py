@@ -50,7 +50,7 @@ import torch
 from mmfm.jsonio import write_json
 from mmfm.train import checkpoint as ckpt
 from mmfm.train.metrics import peak_memory
-from mmfm.train.engine import EngineSpec, autocast, build_engine, init_distributed, lr_at, measure_peak_flops
+from mmfm.train.engine import EngineSpec, PeakFlops, autocast, build_engine, init_distributed, lr_at
 
 Evaluator = Callable[[Any, int], dict]   # (engine, step) -> {metric name: number}
 
@@ -248,9 +248,9 @@ class Trainer:
                            "generator": gen.get_state(), "step_state": step_fn.state_dict()},
                           t.keep_last, after_shards=self.hooks.on_checkpoint_shards)
 
-        peak = 0.0
+        peak = None
         if step_fn.flops_per_token:
-            peak = t.peak_flops or measure_peak_flops(torch.float32 if t.precision == "fp32" else torch.bfloat16)
+            peak = PeakFlops(t.peak_flops, torch.float32 if t.precision == "fp32" else torch.bfloat16)
         if evaluators:
             res.eval_start = self.evaluate(engine, res.step, evaluators)
 
@@ -363,7 +363,7 @@ class Trainer:
             report = _allreduce(report)
         return (float(wsum / den) if finite_all else float("nan")), report, finite_all
 
-    def _row(self, engine, step_fn: TrainStep, window: dict, loss: float, lr: float, peak: float, skipped: int,
+    def _row(self, engine, step_fn: TrainStep, window: dict, loss: float, lr: float, peak, skipped: int,
              extra: dict) -> dict:
         gn = engine.get_global_grad_norm()
         secs = max(window["time"], 1e-9)
@@ -371,8 +371,9 @@ class Trainer:
         if window["tokens"]:
             tps = window["tokens"] / secs
             row["tokens_per_s"] = tps
-            if peak:
-                row["mfu"] = step_fn.flops_per_token * tps / (peak * self.world)
+            if peak is not None:
+                row["mfu"] = peak.mfu(step_fn.flops_per_token * tps / self.world)
+                row.update(peak_flops=peak.value, peak_flops_source=peak.source)
         row.update(data_wait_frac=window["data"] / secs, step_s=window["time"] / max(1, window["steps"]),
                    skipped_steps=skipped, **peak_memory(), **extra)
         return row
