@@ -76,7 +76,8 @@ class FlowHead(nn.Module):
     def set_scale(self, latents: torch.Tensor) -> None:
         """Standardise with the per-component mean and std of latents [N, latent_dim] (data scale)."""
         if latents.dim() != 2 or latents.shape[1] != self.latent_dim or latents.shape[0] < 2:
-            raise ValueError(f"FlowHead.set_scale: latents must be [N >= 2, {self.latent_dim}], got {tuple(latents.shape)}")
+            raise ValueError(f"FlowHead.set_scale: latents must be [N >= 2, {self.latent_dim}], "
+                             f"got {tuple(latents.shape)}")
         self.latent_mean.copy_(latents.float().mean(0))
         self.latent_std.copy_(latents.float().std(0).clamp_min(1e-6))
 

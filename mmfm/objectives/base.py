@@ -68,7 +68,8 @@ class ObjectiveConfig:
             raise ValueError("target_fraction: input_fraction + target_fraction must be <= 1")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha}")
-        if isinstance(self.flow_weight, bool) or not isinstance(self.flow_weight, (int, float)) or not self.flow_weight >= 0:
+        fw = self.flow_weight
+        if isinstance(fw, bool) or not isinstance(fw, (int, float)) or not fw >= 0:
             raise ValueError(f"flow_weight: expected a number >= 0, got {self.flow_weight!r}")
         if self.mask_schedule not in MASK_SCHEDULES:
             raise ValueError(f"mask_schedule: expected one of {', '.join(MASK_SCHEDULES)}, got {self.mask_schedule!r}")
