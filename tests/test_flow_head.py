@@ -280,4 +280,5 @@ train: {{out: {tmp_path}/run, steps: 12, micro_batch: 16, log_every: 1, eval_eve
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert len(out["flow"]) == 12 and out["moved"] > 0
-    assert sum(out["flow"][-3:]) / 3 < 0.7 * sum(out["flow"][:3]) / 3, out["flow"]
+    # v = 0 scores about 2 (standardised); learning at least the targets' spread brings it well below
+    assert sum(out["flow"][-3:]) / 3 < 0.8 * sum(out["flow"][:3]) / 3, out["flow"]
