@@ -35,7 +35,7 @@ def _fit(head, cond, target_fn, steps, lr=3e-3, batch=256, seed=0):
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
