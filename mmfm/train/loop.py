@@ -128,7 +128,8 @@ class ObjectiveStep(TrainStep):
         out = {f"loss_{n}": float(sums[i] / counts[i]) for i, n in enumerate(self.names) if counts[i] > 0}
         # the realised data mix (data.mix sets sampling weights): each modality's share of the labelled tokens
         out.update({f"mix_{n}": float(counts[i] / counts.sum()) for i, n in enumerate(self.names) if counts[i] > 0})
-        if report[2 * G + 1] > 0:        # the flow head's mean error per target (standardised units)
+        # the flow head's mean error per target (standardised units); absent from reports of 2G entries
+        if len(report) > 2 * G + 1 and report[2 * G + 1] > 0:
             out["loss_flow"] = float(report[2 * G] / report[2 * G + 1])
         out.update(self._source_share)
         return out
