@@ -7,6 +7,7 @@ weight x the flow sum otherwise; the head's weights and scale survive a state-di
 export-layout round trip; the generation loop's cached hidden states are the full forward's at
 the positions flow_positions names; bad configs and inputs name the field. The last test trains
 jointly through the Trainer (mmfm/train/loop.py) under the real DeepSpeed engine."""
+import contextlib
 import json
 import os
 import subprocess
@@ -21,6 +22,19 @@ from mmfm.objectives import ObjectiveConfig, Prepared, joint_loss_and_report, mo
 from mmfm.typed_config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Hundreds of tiny MLP steps gain nothing from a second OpenMP thread, and on a loaded machine
+    every op's barrier waits for a descheduled sibling (measured: 2 s alone, over 10 min beside other
+    work); the thread count is restored for the next test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _fit(head, cond, target_fn, steps, lr=3e-3, batch=256, seed=0):
@@ -39,6 +53,7 @@ def _fit(head, cond, target_fn, steps, lr=3e-3, batch=256, seed=0):
     return losses
 
 
+@one_thread()
 def test_flow_loss_on_a_deterministic_target_goes_to_zero_and_the_sampler_hits_it():
     torch.manual_seed(0)
     cond = torch.randn(8, 6)
@@ -53,6 +68,7 @@ def test_flow_loss_on_a_deterministic_target_goes_to_zero_and_the_sampler_hits_i
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@one_thread()
 def test_sampler_reproduces_a_conditional_two_gaussian_mixture(seed):
     torch.manual_seed(seed)
     # condition 0: 0.5 N((-2, 0), 0.3^2) + 0.5 N((2, 0), 0.3^2); condition 1: N((0, 2), 0.5^2)
