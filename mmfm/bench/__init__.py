@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("cache", "data", "generate", "quant", "sampling", "soft", "sparsity", "speculative", "tokenize", "train",
-              "typical")
+BENCHMARKS = ("cache", "data", "flow", "generate", "quant", "sampling", "soft", "sparsity", "speculative", "tokenize",
+              "train", "typical")
 
 
 def run(name: str, argv: list[str]) -> int:

@@ -9,6 +9,9 @@
       ffn_hidden: 688          # SwiGLU hidden width
       vocab_size: 0            # 0: taken from the unified vocabulary at build time
       modality_sparse: false   # Mixture-of-Transformers: per-modality projections, FFN and norms
+      flow_latent_dim: 0       # > 0: a flow-matching head predicting a continuous vector of this size
+                               # beside the token head (mmfm/models/flow_head.py); its loss weight is
+                               # the objective's flow_weight
 
 Unknown fields and wrong types fail with the file and the field named (the same checker as the
 tokenizer configs, mmfm.tokenizers.config.from_dict).
@@ -42,6 +45,11 @@ class ModelConfig:
     num_modalities: int = 0         # groups for modality_sparse: 0 = the vocabulary's (specials + modalities)
     attention: str = "auto"         # auto (flash-attn on CUDA when importable, else sdpa), sdpa, eager
     arch: str = "transformer"       # the architecture in MODELS that builds from this config
+    # continuous head (Flow-Omni / xAR, mmfm/models/flow_head.py): 0 = none; else the size of the
+    # vector it predicts (e.g. TokenBridge's latent_dim), and its MLP's width and number of blocks
+    flow_latent_dim: int = 0
+    flow_width: int = 256
+    flow_depth: int = 3
 
     @property
     def head_dim(self) -> int:
@@ -62,6 +70,11 @@ class ModelConfig:
             raise ValueError(f"vocab_size: must be >= 0, got {self.vocab_size}")
         if self.attention not in ("auto", "sdpa", "eager", "flash"):
             raise ValueError(f"attention: expected auto, sdpa, eager or flash, got {self.attention!r}")
+        if self.flow_latent_dim < 0:
+            raise ValueError(f"flow_latent_dim: must be >= 0 (0 = no flow head), got {self.flow_latent_dim}")
+        if self.flow_latent_dim and (self.flow_width < 1 or self.flow_depth < 1):
+            bad = "flow_width" if self.flow_width < 1 else "flow_depth"
+            raise ValueError(f"{bad}: must be >= 1 when flow_latent_dim > 0, got {getattr(self, bad)}")
         if self.modality_sparse and self.num_modalities == 1:
             raise ValueError("num_modalities: modality_sparse needs at least 2 groups")
 

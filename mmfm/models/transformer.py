@@ -324,7 +324,10 @@ class Transformer(nn.Module):
     return_hidden=True returns the final-norm hidden states [B, L, dim] instead of logits.
 
     Training goes through `loss` (forward with labels=): the output projection and cross-entropy
-    run fused in row chunks (mmfm/ops/linear_cross_entropy.py), only over labelled positions."""
+    run fused in row chunks (mmfm/ops/linear_cross_entropy.py), only over labelled positions. With
+    a flow head (cfg.flow_latent_dim > 0) and flow_latents= [B, L, D] / flow_mask= [B, L] beside
+    labels=, it also returns the head's per-target flow-matching errors (mmfm/models/flow_head.py):
+    (loss, ce, flow_errors [N]); the objective weighs and adds them (mmfm/objectives)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -339,11 +342,18 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.checkpointing = "none"
         self.reset_parameters()
+        self.flow_head = None
+        if cfg.flow_latent_dim:   # built after the decoder's draws, so those equal a model's without the head
+            from mmfm.models.flow_head import FlowHead
+
+            self.flow_head = FlowHead(cfg.dim, cfg.flow_latent_dim, cfg.flow_width, cfg.flow_depth)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            if name.startswith("flow_head."):   # its own init (zero-started modulation)
+                continue
             if p.dim() >= 2 and "layernorm" not in name and not name.startswith("norm"):
                 nn.init.normal_(p, 0.0, std)
             else:
@@ -371,7 +381,8 @@ class Transformer(nn.Module):
                 attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache=None, counts: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 return_hidden: bool = False, *, labels: torch.Tensor | None = None,
-                label_weights: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
+                label_weights: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                flow_latents: torch.Tensor | None = None, flow_mask: torch.Tensor | None = None):
         B, L = ids.shape if ids is not None else inputs_embeds.shape[:2]
         if L > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -407,6 +418,8 @@ class Transformer(nn.Module):
         if return_hidden:
             return x
         if labels is not None:
+            if flow_latents is not None:
+                return (*self._loss_head(x, labels, label_weights), self._flow_loss(x, flow_latents, flow_mask))
             return self._loss_head(x, labels, label_weights)
         if self.lm_head is None:
             return F.linear(x, self.embed_tokens.weight)
@@ -426,6 +439,20 @@ class Transformer(nn.Module):
         else:
             loss, ce = self.lm_head(h, lab, w)
         return loss, ce.view(labels.shape)
+
+    @torch.compiler.disable
+    def _flow_loss(self, x: torch.Tensor, latents: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The flow head's per-target errors [N] at the positions in mask [B, L] (targets latents
+        [B, L, D]), in row-major order of the mask (mmfm/models/flow_head.py)."""
+        if self.flow_head is None:
+            raise ValueError("flow_latents: this model has no flow head (model config flow_latent_dim is 0)")
+        if mask is None or mask.shape != x.shape[:2] or latents.shape != (*x.shape[:2], self.cfg.flow_latent_dim):
+            raise ValueError(f"flow_latents / flow_mask: expected [B, L, {self.cfg.flow_latent_dim}] and [B, L] with "
+                             f"[B, L] = {list(x.shape[:2])}, got {list(latents.shape)} and "
+                             f"{None if mask is None else list(mask.shape)}")
+        rows = torch.nonzero(mask.reshape(-1)).squeeze(1)
+        h = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        return self.flow_head(h, latents.reshape(-1, latents.shape[-1]).index_select(0, rows))
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor | None = None,
              modality_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,

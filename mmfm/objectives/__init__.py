@@ -13,11 +13,14 @@ per-modality report are shared:
     masked    4M-style: Dirichlet input/target budgets per modality, bidirectional attention
     hybrid    BAMM-style: a causal prefix and a masked suffix in one sequence and one mask
 
+A model with a flow head (Flow-Omni / xAR) trains it jointly through `joint_loss_and_report` when a
+batch carries continuous targets (`Prepared.with_latents`), weighted by `flow_weight`.
+
 Each is registered in `OBJECTIVES` under that name, the `kind` of a config's `objective:` section.
 """
-from mmfm.objectives.base import (ObjectiveConfig, Prepared, build_objective, loss_and_report,
+from mmfm.objectives.base import (ObjectiveConfig, Prepared, build_objective, joint_loss_and_report, loss_and_report,
                                   model_loss_and_report)
 from mmfm.objectives.base import OBJECTIVES, objective_config_from_dict
 
-__all__ = ["ObjectiveConfig", "Prepared", "build_objective", "loss_and_report",
+__all__ = ["ObjectiveConfig", "Prepared", "build_objective", "joint_loss_and_report", "loss_and_report",
            "model_loss_and_report", "OBJECTIVES", "objective_config_from_dict"]

@@ -1,6 +1,7 @@
 """Objectives (see the package docstring) and the shared loss with its per-modality report."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -44,6 +45,10 @@ class ObjectiveConfig:
     # nearly none; masked: inputs are (1 - r) of the valid tokens and the targets are the masked ones,
     # at most target_fraction of the valid tokens; hybrid: r replaces mask_ratio
     mask_schedule: str = "fixed"
+    # models with a flow head (model.flow_latent_dim > 0) and batches with latents: the weight of its
+    # flow-matching error against the token loss; both are sums divided by the same label count, so
+    # one flow target weighs flow_weight x one token's cross-entropy. 0: the head is not trained
+    flow_weight: float = 1.0
 
     def validate(self, names: list[str]) -> None:
         OBJECTIVES.get(self.kind)   # "kind: unknown objective ...; expected one of: ..."
@@ -63,6 +68,9 @@ class ObjectiveConfig:
             raise ValueError("target_fraction: input_fraction + target_fraction must be <= 1")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha}")
+        fw = self.flow_weight
+        if isinstance(fw, bool) or not isinstance(fw, (int, float)) or not fw >= 0:
+            raise ValueError(f"flow_weight: expected a number >= 0, got {self.flow_weight!r}")
         if self.mask_schedule not in MASK_SCHEDULES:
             raise ValueError(f"mask_schedule: expected one of {', '.join(MASK_SCHEDULES)}, got {self.mask_schedule!r}")
 
@@ -86,6 +94,10 @@ class Prepared:
     # [B, L] which packed sample of its row each token is (objective.document_mask): the model
     # then attends within samples and restarts positions (mmfm/models/transformer.py); attn_mask None
     doc_ids: torch.Tensor | None = None
+    # continuous targets for a flow head (mmfm/models/flow_head.py): latents [B, L, D] float, the
+    # vector the hidden state AT each position predicts (already shifted), where latent_mask [B, L]
+    latents: torch.Tensor | None = None
+    latent_mask: torch.Tensor | None = None
 
     def rows(self, rows, device=None) -> "Prepared":
         """These rows of the batch (a micro-batch), moved to `device` when given (the global batch is
@@ -94,7 +106,17 @@ class Prepared:
             return None if t is None else t[rows] if device is None else t[rows].to(device)
 
         return Prepared(pick(self.input_ids), pick(self.modality_ids), pick(self.labels), pick(self.label_mod),
-                        pick(self.attn_mask), pick(self.doc_ids))
+                        pick(self.attn_mask), pick(self.doc_ids), pick(self.latents), pick(self.latent_mask))
+
+    def with_latents(self, latents: torch.Tensor, latent_mask: torch.Tensor) -> "Prepared":
+        """This batch with flow-head targets (see the fields); checked against input_ids' [B, L]."""
+        B, L = self.input_ids.shape
+        if latents.dim() != 3 or latents.shape[:2] != (B, L) or latent_mask.shape != (B, L):
+            raise ValueError(f"latents / latent_mask: expected [B, L, D] and [B, L] with [B, L] = {[B, L]}, got "
+                             f"{list(latents.shape)} and {list(latent_mask.shape)}")
+        if not torch.isfinite(latents[latent_mask]).all():
+            raise ValueError("latents: non-finite values at positions latent_mask selects")
+        return dataclasses.replace(self, latents=latents.float(), latent_mask=latent_mask.bool())
 
 
 class Objective:
@@ -299,6 +321,25 @@ def model_loss_and_report(model, prep: Prepared, weights: torch.Tensor, denomina
     extra = {} if prep.doc_ids is None else {"doc_ids": prep.doc_ids}   # other models need not know doc_ids
     total, ce = model(prep.input_ids, prep.modality_ids, prep.attn_mask, labels=prep.labels, label_weights=w, **extra)
     return _finish(ce.reshape(-1), total, w.reshape(-1), prep, len(weights), denominator)
+
+
+def joint_loss_and_report(model, prep: Prepared, weights: torch.Tensor, flow_weight: float,
+                          denominator: float | None = None):
+    """The token loss (model_loss_and_report) plus flow_weight x the flow head's summed errors, over
+    the same denominator: (loss, sums [G], counts [G], flow error sum, flow target count), the last
+    two detached. Without latents in prep, or at flow_weight 0, the head is not run and the loss is
+    model_loss_and_report's, bit for bit."""
+    if prep.latents is None or flow_weight == 0:
+        loss, sums, counts = model_loss_and_report(model, prep, weights, denominator)
+        return loss, sums, counts, 0.0, 0.0
+    has = prep.labels != IGNORE
+    w = weights.to(prep.labels.device)[prep.label_mod] * has
+    extra = {} if prep.doc_ids is None else {"doc_ids": prep.doc_ids}
+    total, ce, flow = model(prep.input_ids, prep.modality_ids, prep.attn_mask, labels=prep.labels, label_weights=w,
+                            flow_latents=prep.latents, flow_mask=prep.latent_mask, **extra)
+    total = total + flow_weight * flow.sum().to(total.dtype)
+    loss, sums, counts = _finish(ce.reshape(-1), total, w.reshape(-1), prep, len(weights), denominator)
+    return loss, sums, counts, float(flow.detach().sum()), float(flow.numel())
 
 
 def _finish(ce, weighted_sum, w, prep: Prepared, G: int, denominator):

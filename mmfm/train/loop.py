@@ -94,7 +94,10 @@ class ObjectiveStep(TrainStep):
         ids, valid = batch["tokens"], batch["segment_ids"] >= 0
         if self.source_names and "source_ids" in batch:
             self._source_share = self.source_share(batch["source_ids"])
-        return self.objective.prepare(ids, self.table[ids], valid, generator)
+        prep = self.objective.prepare(ids, self.table[ids], valid, generator)
+        if "latents" in batch:           # continuous targets for a flow head (mmfm/models/flow_head.py)
+            prep = prep.with_latents(batch["latents"], batch["latent_mask"])
+        return prep
 
     def source_share(self, source_ids) -> dict:
         """The realised per-source mix of a global batch: mix_source_<set> = its share of the tokens."""
@@ -109,20 +112,25 @@ class ObjectiveStep(TrainStep):
         return max(float((self.objective.weights[prep.label_mod] * has).sum()), 1e-8)
 
     def micro(self, engine, prep, rows):
-        from mmfm.objectives import model_loss_and_report
+        from mmfm.objectives import joint_loss_and_report
 
         sub = prep.rows(rows, engine.device)   # the global batch is prepared on the CPU
-        local_sum, s, c = model_loss_and_report(engine, sub, self.objective.weights, denominator=1.0)
-        return local_sum, torch.cat([s.to(torch.float64), c.to(torch.float64)])
+        local_sum, s, c, fs, fc = joint_loss_and_report(engine, sub, self.objective.weights,
+                                                        self.objective.cfg.flow_weight, denominator=1.0)
+        flow = torch.tensor([fs, fc], dtype=torch.float64, device=s.device)
+        return local_sum, torch.cat([s.to(torch.float64), c.to(torch.float64), flow])
 
     def metrics(self, prep, loss, report) -> dict:
         if report is None:
             return {}
         G = len(self.names)
-        sums, counts = report[:G], report[G:]
+        sums, counts = report[:G], report[G:2 * G]
         out = {f"loss_{n}": float(sums[i] / counts[i]) for i, n in enumerate(self.names) if counts[i] > 0}
         # the realised data mix (data.mix sets sampling weights): each modality's share of the labelled tokens
         out.update({f"mix_{n}": float(counts[i] / counts.sum()) for i, n in enumerate(self.names) if counts[i] > 0})
+        # the flow head's mean error per target (standardised units); absent from reports of 2G entries
+        if len(report) > 2 * G + 1 and report[2 * G + 1] > 0:
+            out["loss_flow"] = float(report[2 * G] / report[2 * G + 1])
         out.update(self._source_share)
         return out
 
