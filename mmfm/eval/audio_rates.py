@@ -10,7 +10,7 @@ on audio + text token shards made with each codec (50 / 25 / 12.5 frames/s, all 
 residual level (a frame-major segment's k-th audio token is level k mod num_levels), which is
 where a lower frame rate moves the work: fewer, deeper frames.
 
-    python -m mmfm.tokenizers.audio_rates --run RUN_DIR --tokens 'TOKENS/eval-*.tar' \
+    python -m mmfm.eval.audio_rates --run RUN_DIR --tokens 'TOKENS/eval-*.tar' \
         --levels 16 --token-rate 200
 """
 from __future__ import annotations
