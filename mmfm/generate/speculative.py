@@ -250,6 +250,9 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
                     stats.gated_passes += 1
             else:
                 dt = build_tree(matrix, out[-1], tree_template(n, matrix.k, max_depth))
+                if chooser is not None and len(dt.parent) == 1:   # every draft unknown: a plain step is cheaper
+                    dt = None
+                    stats.plain_passes += 1
         elif tree_size > 1:
             stats.plain_passes += 1
         if dt is None:   # a plain one-token step (the same draw as a one-node tree)

@@ -17,8 +17,8 @@ template of n nodes is the first n nodes that best-first growth added (TreeTempl
 a node is always added after its parent, so a path's accepted drafts under budget n are the path
 nodes of order < n (a bisection). The chooser keeps one running mean per candidate budget and
 picks the budget of highest (1 + expected accepted drafts) / cost, where a pass's cost, in plain
-steps, is 1 + pass_cost + node_cost * (n - 1); below 1 (a plain step's tokens per cost) the pass
-is a plain DenseStep step. So a losing tree first shrinks, then stops; a winning one grows back.
+steps, is 1 + pass_cost + node_cost * (n - 1); unless that beats a plain step's 1 token per step
+by a margin (10%), the pass is a plain DenseStep step. So a losing tree first shrinks, then stops; a winning one grows back.
 
 The walks read the matrix rows *before* the pass that emitted the tokens updates them (a row
 refreshed from the very position being scored would make every greedy draft match). Which pass
@@ -67,7 +67,7 @@ class TreeChooser:
     kept on the RecyclingMatrix), used when it was made for the same budgets."""
 
     def __init__(self, tree_size: int, k: int, max_depth: int, cost: TreeCost, alpha: float = 0.3,
-                 state: dict[int, float] | None = None, last_token: int | None = None):
+                 state: dict[int, float] | None = None, last_token: int | None = None, margin: float = 0.1):
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha: expected a number in (0, 1], got {alpha!r}")
         self.template = tree_template(tree_size, k, max_depth)
@@ -76,6 +76,7 @@ class TreeChooser:
         self.sizes = [n for n in BUDGETS if n < size] + [size]
         self.cost = [cost(n) for n in self.sizes]
         self.alpha = alpha
+        self.margin = margin
         self.ema = dict(state) if state and sorted(state) == self.sizes else {n: 0.0 for n in self.sizes}
         self.walks: list[tuple[int, list[int]]] = []     # open walks: (template node, orders along the path)
         self.last = last_token
@@ -83,7 +84,10 @@ class TreeChooser:
             self.walks.append((0, []))
 
     def choose(self) -> int:
-        best, speed = 1, 1.0
+        """The budget of highest expected tokens per cost; 1 (a plain step) unless that beats a
+        plain step by `margin` (0.1): the cost model is a fixed estimate and the running mean a
+        noisy one, and a marginal tree risks more than it can gain."""
+        best, speed = 1, 1.0 + self.margin
         for n, c in zip(self.sizes, self.cost):
             s = (1.0 + self.ema[n]) / c
             if s > speed:
