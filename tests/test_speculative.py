@@ -369,6 +369,10 @@ def test_never_matching_drafts_switch_to_plain_steps_within_8_passes():
     depth), at most 8 passes are tree passes, all of them first; then plain steps only."""
     model = _model(vocab=512, std=0.001)
     matrix = RecyclingMatrix(512, k=8)
+    # every row known (arbitrary candidates: under a near-uniform model any 8 are as good), so
+    # trees have drafts to offer and only the back-off can stop them
+    matrix.table[:] = torch.randint(0, 512, matrix.table.shape, generator=torch.Generator().manual_seed(0),
+                                    dtype=torch.int32)
     matrix.backoff = _optimistic(TreeChooser(20, 8, 8, TreeCost()))
     got, stats = token_recycling_generate(model, [1, 2, 3], max_new_tokens=60, temperature=1.0, seed=0,
                                           matrix=matrix, tree_size=20)
