@@ -10,6 +10,7 @@ from mmfm.generate.decode import SamplingConfig, decode
 from mmfm.generate.recycling import RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
 from mmfm.generate.step import DenseStep
 from mmfm.generate.speculative import draft_model_generate, layer_drafter, token_recycling_generate
+from mmfm.generate.speculative_backoff import TreeChooser, TreeCost
 from mmfm.models import KVCache, ModelConfig, Transformer
 from mmfm.ops import sampling
 
@@ -115,21 +116,22 @@ def test_matrix_update_keeps_topk_of_logits():
         m.update(torch.tensor([0]), torch.zeros(1, 7))
 
 
-@pytest.mark.parametrize("tree_size,tree,min_accepted", [(1, "static", 0), (12, "static", 0), (40, "static", 0),
-                                                          (12, "dynamic", 0), (12, "static", 1.5)])
-def test_token_recycling_greedy_equals_plain_greedy(tree_size, tree, min_accepted):
-    """min_accepted 0: a tree every pass; 1.5: the back-off mixes in plain passes."""
+@pytest.mark.parametrize("tree_size,tree,adaptive", [(1, "static", False), (12, "static", False),
+                                                     (40, "static", False), (12, "dynamic", False),
+                                                     (12, "static", True), (12, "dynamic", True)])
+def test_token_recycling_greedy_equals_plain_greedy(tree_size, tree, adaptive):
+    """adaptive False: a tree every pass; True: the back-off mixes in plain passes."""
     model = _model(std=0.2)   # a peaked random model: greedy falls into loops, so drafts get accepted
     matrix = RecyclingMatrix(64, k=8)
     total_passes = total_tokens = 0
     for s, prompt in enumerate(([1, 2, 3], [7, 7, 9, 11, 7, 7], list(range(20, 40)))):
         want = plain_generate(model, prompt, 40, temperature=0)
         got, stats = token_recycling_generate(model, prompt, max_new_tokens=40, temperature=0, seed=s,
-                                              matrix=matrix, tree_size=tree_size, tree=tree, min_accepted=min_accepted)
+                                              matrix=matrix, tree_size=tree_size, tree=tree, adaptive=adaptive)
         assert got.tolist() == want
         total_passes += stats.target_passes
         total_tokens += stats.new_tokens
-    if tree_size > 1 and min_accepted == 0:   # the trees did get verified and accepted (not only the root path)
+    if tree_size > 1 and not adaptive:   # the trees did get verified and accepted (not only the root path)
         assert total_passes < 0.8 * (total_tokens - 3)
 
 
@@ -167,7 +169,7 @@ def test_dynamic_tree_gate_runs_plain_passes_with_the_plain_tokens():
     model = _model(std=0.2)
     want = plain_generate(model, [4, 5, 6], 24, temperature=0)
     got, stats = token_recycling_generate(model, [4, 5, 6], max_new_tokens=24, temperature=0, tree="dynamic",
-                                          min_expected=1e9)
+                                          min_expected=1e9, adaptive=False)
     assert got.tolist() == want
     assert stats.gated_passes == stats.target_passes == 23 and not stats.tree_nodes
 
@@ -234,24 +236,34 @@ def _counts(tokens_list) -> torch.Tensor:
 SETTINGS = [dict(temperature=1.0), dict(temperature=0.8, top_k=4, top_p=0.9)]
 
 
-@pytest.mark.parametrize("settings,min_accepted,tree", [(SETTINGS[0], 0.0, "static"), (SETTINGS[1], 0.0, "static"),
-                                                       (SETTINGS[0], 1.0, "static"), (SETTINGS[1], 0.0, "dynamic")])
-def test_token_recycling_sampling_distribution_equals_plain(settings, min_accepted, tree):
-    """min_accepted 0: a tree every pass; 1.0: the adaptive back-off mixes tree and plain passes;
-    dynamic: DySpec trees (pruned at node value 0.2)."""
+# costs that put the break-even near this tiny model's acceptance, so the back-off mixes both kinds of pass
+MIXING = TreeCost(pass_cost=0.4, node_cost=0.1)
+
+
+@pytest.mark.parametrize("settings,adaptive,tree", [(SETTINGS[0], False, "static"), (SETTINGS[1], False, "static"),
+                                                   (SETTINGS[0], True, "static"), (SETTINGS[1], True, "static"),
+                                                   (SETTINGS[1], False, "dynamic"), (SETTINGS[0], True, "dynamic")])
+def test_token_recycling_sampling_distribution_equals_plain(settings, adaptive, tree):
+    """adaptive False: a tree every pass; True: the back-off (at costs where it mixes tree and
+    plain passes) chooses each pass's kind and budget from the tokens so far; dynamic: DySpec
+    trees (pruned at node value 0.2). The runs share one matrix, so the back-off state carries
+    from call to call as well."""
     model = _model(vocab=V, std=0.5)
     exact = exact_joint(model, settings)
     matrix = RecyclingMatrix(V, k=3)   # shared across calls: hot trees from the first call on
-    n, got, passes, plain = 800, [], 0, 0
+    n, got, passes, plain, sizes = 800, [], 0, 0, set()
     for s in range(n):
         toks, stats = token_recycling_generate(model, PROMPT, max_new_tokens=N_NEW, seed=s, matrix=matrix,
-                                               tree_size=10, k=3, min_accepted=min_accepted, backoff=1,
+                                               tree_size=10, k=3, adaptive=adaptive, cost=MIXING,
                                                tree=tree, min_value=0.2, **settings)
         got.append(toks.tolist())
         passes += stats.target_passes
         plain += stats.plain_passes
+        sizes.update(stats.tree_nodes)
     assert passes < n * (N_NEW - 1)         # drafts were accepted, so verification mattered
-    assert (plain > 0) == (min_accepted > 0)   # the back-off path ran exactly when enabled
+    assert (plain > 0) == adaptive          # the back-off path ran exactly when enabled
+    if adaptive:                            # and it mixed tree passes in
+        assert sizes
 
     assert chi2_pvalue(_counts(got), exact) > 1e-3
     # power check: the same statistic rejects samples from a slightly different distribution
@@ -300,3 +312,75 @@ def test_bench_speculative_quick_writes_records(tmp_path):
             assert abs(r["acceptance"] - r["rrs_exact"]) < 5 * r["stderr"] + 1e-3
             assert r["rrs_exact"] <= r["optimal"] + 1e-9
     assert {r["case"]["mode"] for r in records} >= {"greedy", "sample", "tree_compare", "multidraft", "masked"}
+
+
+# ------------------------------------------------------------------------------- the back-off
+def _optimistic(chooser: TreeChooser) -> dict[int, float]:
+    """Every budget's running mean at the most its template can accept (its depth)."""
+    t = chooser.template
+    return {n: float(max(d for d, o in zip(t.depth, t.order) if o < n)) for n in chooser.sizes}
+
+
+def test_chooser_scores_every_budget_from_the_emitted_tokens():
+    """A table that predicts a periodic sequence perfectly drives the chooser to the largest
+    budget; then tokens the table never predicts bring it to plain steps within 8 tokens, from
+    the most optimistic state; the predicted sequence brings it back."""
+    V, k = 32, 4
+    table = torch.full((V, k), -1, dtype=torch.int32)
+    cycle = [3, 7, 11, 5, 9, 2]
+    for a, b in zip(cycle, cycle[1:] + cycle[:1]):
+        table[a, 0] = b                     # rank 0: the next token of the cycle
+    ch = TreeChooser(20, k, 8, TreeCost(), last_token=cycle[0])
+    assert ch.choose() == 1                 # no evidence yet: plain
+    for t in (cycle * 4)[1:]:
+        ch.observe(table, t)
+    assert ch.choose() == ch.sizes[-1] == 20
+    ch.ema = _optimistic(ch)
+    steps = 0
+    for t in [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 20, 21]:
+        ch.observe(table, t)
+        steps += 1
+        if ch.choose() == 1:
+            break
+    assert ch.choose() == 1 and steps <= 8
+    for t in cycle * 3:
+        ch.observe(table, t)
+    assert ch.choose() > 1
+
+
+def test_chooser_shrinks_the_tree_before_giving_up():
+    """When only the rank-0 child is ever right, the deep spine pays but the wide levels do not:
+    at a node cost where 20 nodes lose to 8, the chooser picks a budget below 20, not plain."""
+    V, k = 16, 4
+    table = torch.randint(0, V, (V, k), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    seq = [1]
+    for _ in range(60):                     # a walk along rank 0 of whatever the table says
+        seq.append(int(table[seq[-1], 0]))
+    ch = TreeChooser(40, k, 8, TreeCost(pass_cost=0.2, node_cost=0.1), last_token=seq[0])
+    for t in seq[1:]:
+        ch.observe(table, t)
+    n = ch.choose()
+    assert 1 < n < 40
+
+
+def test_never_matching_drafts_switch_to_plain_steps_within_8_passes():
+    """A near-uniform model over 512 tokens: sampled tokens are almost never among the 8 recycled
+    candidates. From the most optimistic back-off state (every budget expecting its template's
+    depth), at most 8 passes are tree passes, all of them first; then plain steps only."""
+    model = _model(vocab=512, std=0.001)
+    matrix = RecyclingMatrix(512, k=8)
+    # every row known (arbitrary candidates: under a near-uniform model any 8 are as good), so
+    # trees have drafts to offer and only the back-off can stop them
+    matrix.table[:] = torch.randint(0, 512, matrix.table.shape, generator=torch.Generator().manual_seed(0),
+                                    dtype=torch.int32)
+    matrix.backoff = _optimistic(TreeChooser(20, 8, 8, TreeCost()))
+    got, stats = token_recycling_generate(model, [1, 2, 3], max_new_tokens=60, temperature=1.0, seed=0,
+                                          matrix=matrix, tree_size=20)
+    trees = len(stats.tree_nodes)
+    assert 1 <= trees <= 8 and stats.plain_passes == stats.target_passes - trees
+    assert stats.accepted <= 1
+    assert max(matrix.backoff.values()) < 0.2   # the state handed to the next call says: plain
+    # the next call sharing the matrix starts plain and stays plain
+    _, again = token_recycling_generate(model, [4, 5], max_new_tokens=30, temperature=1.0, seed=1, matrix=matrix,
+                                        tree_size=20)
+    assert not again.tree_nodes and again.plain_passes == again.target_passes

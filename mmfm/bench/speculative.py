@@ -159,14 +159,15 @@ def run_impl(name, model, drafter, prompts, args, settings, **extra):
     t0, c0 = time.perf_counter(), time.process_time()
     for i, p in enumerate(prompts):
         if name == "mmfm":
-            o, s = plain_generate(model, p, args.new_tokens, i, **settings)
+            o, s = plain_generate(model, p, args.new_tokens, args.seed * 1000 + i, **settings)
         elif name.startswith("mmfm_token_recycling"):
             tree = "dynamic" if name.endswith("dynamic") else "static"
-            o, s = token_recycling_generate(model, p, max_new_tokens=args.new_tokens, seed=i, matrix=matrix,
+            o, s = token_recycling_generate(model, p, max_new_tokens=args.new_tokens, seed=args.seed * 1000 + i,
+                                            matrix=matrix,
                                             tree_size=args.tree_size, tree=tree, **settings, **extra)
             o = o.tolist()
         else:
-            o, s = draft_model_generate(model, drafter, p, max_new_tokens=args.new_tokens, seed=i,
+            o, s = draft_model_generate(model, drafter, p, max_new_tokens=args.new_tokens, seed=args.seed * 1000 + i,
                                         num_draft=args.num_draft, **settings)
             o = o.tolist()
         outs.append(o)
@@ -187,7 +188,7 @@ def bench_decoding(model, encode, desc, args) -> list[dict]:
     for mode in args.modes:
         settings = MODES[mode]
         case = {"mode": mode, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
-                "new_tokens": args.new_tokens, "model": desc}
+                "new_tokens": args.new_tokens, "seed": args.seed, "model": desc}
         wall = {name: [] for name in impls}
         cpu = {name: [] for name in impls}
         results = {}
@@ -238,7 +239,7 @@ def bench_tree_compare(model, encode, desc, args) -> list[dict]:
             for tree in ("static", "dynamic"):
                 matrix = RecyclingMatrix(model.cfg.vocab_size, k=args.k)
                 stats = [token_recycling_generate(model, p, max_new_tokens=args.new_tokens, seed=i, matrix=matrix,
-                                                  tree_size=size, tree=tree, min_accepted=0, min_value=0.0,
+                                                  tree_size=size, tree=tree, adaptive=False, min_value=0.0,
                                                   min_expected=0.0, **MODES[mode])[1] for i, p in enumerate(prompts)]
                 passes = sum(s.target_passes for s in stats)
                 nodes = [n for s in stats for n in s.tree_nodes]
@@ -318,6 +319,7 @@ def main(argv=None) -> int:
                    choices=["decode", "tree_compare", "multidraft", "masked"])
     p.add_argument("--prompts", type=int, default=3, help=f"stdlib modules used as prompts (of {PROMPT_MODULES})")
     p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="sampling seeds: prompt i uses SEED * 1000 + i")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--tree-size", type=int, default=20, help="draft-tree nodes (20 suits a small model on CPU)")
     p.add_argument("--compare-sizes", type=int, nargs="*", default=[10, 20], help="tree sizes of case tree_compare")

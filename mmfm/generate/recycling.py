@@ -42,9 +42,10 @@ class RecyclingMatrix:
         self.table = torch.full((vocab_size, k), -1, dtype=torch.int32, device=device)
         # the target's probability of each candidate when it was recycled (dynamic trees' values)
         self.probs = torch.zeros((vocab_size, k), dtype=torch.float32, device=device)
-        # the adaptive back-off's state (plain passes left, next pause; speculative.py): it travels
-        # with the matrix, so a hot start also remembers that trees were losing on this kind of text
-        self.backoff: tuple[int, int] | None = None
+        # the adaptive back-off's state (node budget -> running mean of accepted drafts;
+        # speculative_backoff.py): it travels with the matrix, so a hot start also remembers
+        # whether trees were winning on this kind of text
+        self.backoff: dict[int, float] | None = None
 
     @property
     def k(self) -> int:
@@ -87,9 +88,17 @@ class TreeTemplate:
     parent: tuple[int, ...]      # -1 for the root
     rank: tuple[int, ...]        # which matrix column fills the node (root: -1)
     depth: tuple[int, ...]
+    # when best-first growth added each node (root 0): the template of size n is exactly the
+    # nodes of order < n, so one walk along a big template also scores every smaller one
+    order: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.parent)
+
+    @functools.cached_property
+    def child(self) -> dict[tuple[int, int], int]:
+        """(node, rank) -> child node."""
+        return {(p, r): i for i, (p, r) in enumerate(zip(self.parent, self.rank)) if p >= 0}
 
 
 @functools.lru_cache(maxsize=32)
@@ -113,12 +122,13 @@ def tree_template(size: int = 40, k: int = 8, max_depth: int = 8) -> TreeTemplat
             for r in range(k):
                 tie += 1
                 heapq.heappush(heap, (neg * prior[r], tie, path + (r,)))
+    added = {p: i for i, p in enumerate(chosen)}
     chosen.sort(key=lambda p: (len(p), p))          # BFS order: by depth, then by ranks
     index = {p: i for i, p in enumerate(chosen)}
     parent = tuple(-1 if not p else index[p[:-1]] for p in chosen)
     rank = tuple(-1 if not p else p[-1] for p in chosen)
     depth = tuple(len(p) for p in chosen)
-    return TreeTemplate(parent, rank, depth)
+    return TreeTemplate(parent, rank, depth, tuple(added[p] for p in chosen))
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch
 
 from mmfm.generate.decode import modality_ids
 from mmfm.generate.recycling import RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
+from mmfm.generate.speculative_backoff import TreeChooser, TreeCost
 from mmfm.generate.step import DenseStep
 from mmfm.models.kv_cache import KVCache
 from mmfm.ops import sampling
@@ -39,7 +40,7 @@ class SpecStats:
     drafted: int = 0             # draft tokens offered to the target
     accepted: int = 0            # draft tokens the target accepted
     tree_nodes: list[int] = field(default_factory=list, repr=False)   # nodes per pass (recycling)
-    plain_passes: int = 0        # recycling passes run without drafts by the adaptive back-off
+    plain_passes: int = 0        # recycling passes the adaptive back-off ran without drafts
     gated_passes: int = 0        # dynamic trees: passes run without drafts as too few were expected to pass
 
     @property
@@ -162,8 +163,8 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
                              eos_id: int | None = None, matrix: RecyclingMatrix | None = None, tree_size: int = 40,
                              k: int = 8, max_depth: int = 8, warm_from_prompt: bool = True,
                              modality_table: torch.Tensor | None = None,
-                             allowed_mask: torch.Tensor | None = None, min_accepted: float = 1.5,
-                             backoff: int = 8, max_backoff: int = 512,
+                             allowed_mask: torch.Tensor | None = None, adaptive: bool = True,
+                             cost: TreeCost | None = None,
                              tree: str = "static", min_value: float = 0.0,
                              min_expected: float = 0.0) -> tuple[torch.Tensor, SpecStats]:
     """Generate up to max_new_tokens after prompt_ids with Token Recycling; returns (int64 [n]
@@ -174,8 +175,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     recycling.build_dynamic_tree; min_value stops its growth at nodes whose estimated chance of
     acceptance is below it, so a dynamic tree may use fewer than tree_size nodes; when the
     tree's expected accepted drafts, the sum of its node values, is below min_expected, the pass
-    is a plain one-token step: a tree pass has a fixed extra cost, worth paying only for about
-    half a token or more).
+    is a plain one-token step).
 
     Verification: the drafts are deterministic (one-hot draft distributions), and recursive
     rejection sampling over one-hot drafts x_1..x_K accepts x_i with probability p(x_i) and
@@ -185,18 +185,15 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     a child. A node's draw is used only if the walk reaches it, and draws are independent, so the
     emitted tokens are distributed exactly as plain sampling (tests/test_speculative.py).
 
-    Adaptive back-off: a tree pass costs more than a one-token pass, so when the running mean of
-    accepted drafts per tree pass falls below min_accepted, the next passes feed the last token
-    alone (a plain DenseStep step; the matrix still learns from its logits) before a tree is
-    tried again. The pause starts at `backoff` passes and grows after each losing probe (2x in
-    greedy decoding, 4x when sampling), up to max_backoff; a winning probe resets it. A probe that accepts nothing ends the tree run at
-    once, so a losing tree costs one pass. The back-off state is kept on the matrix
-    (matrix.backoff), so calls sharing a matrix share it too. The default min_accepted = 1.5 is for a small
-    model on a CPU, where a 20-node tree pass costs about 2.5 one-token passes. Which draft is offered never changes the output
-    distribution (it depends only on the past), so this stays lossless. min_accepted=0 disables it."""
+    Adaptive back-off (adaptive=True; mmfm/generate/speculative_backoff.py): before each pass a
+    TreeChooser picks a plain DenseStep step or a tree of some budget up to tree_size, from
+    running means of how many drafts a tree rooted at each emitted token would have accepted
+    (scored against the emitted tokens themselves, so plain stretches keep measuring at no model
+    cost) against `cost` (a TreeCost: a tree pass's cost in plain steps). A losing tree shrinks,
+    then stops; a winning one returns within a few tokens. The running means travel with the
+    matrix (matrix.backoff). adaptive=False: a tree of tree_size every pass."""
     _check_common(max_new_tokens, seed)
     settings = sampling_settings(temperature, top_k, top_p, min_p, typical_p, allowed_mask)
-    greedy = temperature == 0
     V = model.cfg.vocab_size
     device = next(model.parameters()).device
     ids = prompt_tensor(prompt_ids, V, device)
@@ -208,19 +205,13 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         raise ValueError(f"tree: expected one of {', '.join(TREES)}, got {tree!r}")
     if not isinstance(tree_size, int) or tree_size < 1:
         raise ValueError(f"tree_size: expected an int >= 1, got {tree_size!r}")
-    template = tree_template(tree_size, matrix.k, max_depth) if tree == "static" else None
-    for name, val in (("backoff", backoff), ("max_backoff", max_backoff)):
-        if not isinstance(val, int) or val < 0:
-            raise ValueError(f"{name}: expected an int >= 0, got {val!r}")
-    if not min_accepted >= 0:
-        raise ValueError(f"min_accepted: expected a number >= 0, got {min_accepted!r}")
-    # running mean per tree pass; plain passes left; the next pause (carried over on the matrix)
-    accepted_ema = None
-    # greedy: a losing stretch is usually transient (the output leaves a repetitive loop and
-    # re-enters one), so the pause doubles; sampling: acceptance follows the entropy of the
-    # distribution, which persists, so it grows 4x and losing probes stay rare
-    growth = 2 if greedy else 4
-    skip, pause = (0, backoff) if matrix.backoff is None or min_accepted == 0 else matrix.backoff
+    if cost is not None and not isinstance(cost, TreeCost):
+        raise TypeError(f"cost: expected a TreeCost or None, got {type(cost).__name__}")
+    dynamic = tree == "dynamic"
+    chooser = None
+    if adaptive and tree_size > 1:
+        chooser = TreeChooser(tree_size, matrix.k, max_depth, cost or TreeCost(), state=matrix.backoff,
+                              last_token=int(ids[0, -1]))
     rng = _Rng(seed)
     stats = SpecStats()
     cache = KVCache.for_model(model, batch=1, capacity=ids.shape[1] + max_new_tokens + tree_size + 1)
@@ -228,12 +219,14 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     logits = target.prefill(ids)
     # probabilities only where a tree uses them; greedy accepts a draft iff it is the argmax, which
     # sharpened probabilities estimate better than the temperature-1 ones
-    T = (float(temperature) or GREEDY_VALUE_TEMPERATURE) if tree == "dynamic" else None
+    T = (float(temperature) or GREEDY_VALUE_TEMPERATURE) if dynamic else None
     if warm_from_prompt:
         matrix.update(ids[0, 1:], logits[:-1], T)   # logits[i] predicts the token after ids[i]
     matrix.update(ids[0, -1:], logits[-1:], T)
     first = sampling.sample(logits[-1:], **settings, **rng.next())
     out = [int(first[0])]
+    if chooser is not None:
+        chooser.observe(matrix.table, out[0])
     stop = len(out) >= max_new_tokens or out[-1] == eos_id
     last = first
     # plain passes' logits wait here and enter the matrix 16 at a time (one topk instead of 16)
@@ -246,31 +239,36 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             pend_tokens.clear()
 
     while not stop:
-        dt = gated = None
-        if skip == 0:
+        n = tree_size if chooser is None else chooser.choose()
+        dt = None
+        if n > 1:
             flush()
-        if skip == 0 and template is None:
-            dt = build_dynamic_tree(matrix, out[-1], tree_size, max_depth, min_value)
-            gated = dt.expected < min_expected
-        if skip > 0 or gated:   # a plain one-token step (the same draw as a one-node tree)
-            if gated:
-                stats.gated_passes += 1
+            if dynamic:
+                dt = build_dynamic_tree(matrix, out[-1], n, max_depth, min_value)
+                if dt.expected < min_expected:
+                    dt = None
+                    stats.gated_passes += 1
             else:
-                skip -= 1
-                stats.plain_passes += 1
+                dt = build_tree(matrix, out[-1], tree_template(n, matrix.k, max_depth))
+                if chooser is not None and len(dt.parent) == 1:   # every draft unknown: a plain step is cheaper
+                    dt = None
+                    stats.plain_passes += 1
+        elif tree_size > 1:
+            stats.plain_passes += 1
+        if dt is None:   # a plain one-token step (the same draw as a one-node tree)
             lg = target.one(last)
             stats.target_passes += 1
+            last = sampling.sample(lg, **settings, **rng.next())
+            t = int(last[0])
+            if chooser is not None:   # before the matrix learns from this step's logits
+                chooser.observe(matrix.table, t)
             pend_logits[len(pend_tokens)].copy_(lg[0])
             pend_tokens.append(out[-1])
             if len(pend_tokens) == len(pend_logits):
                 flush()
-            last = sampling.sample(lg, **settings, **rng.next())
-            t = int(last[0])
             out.append(t)
             stop = len(out) >= max_new_tokens or t == eos_id
             continue
-        if template is not None:
-            dt = build_tree(matrix, out[-1], template)
         n = len(dt.parent)
         logits = target.tree(dt)
         stats.target_passes += 1
@@ -279,6 +277,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         draws = sampling.sample(logits, **settings, **rng.next()).tolist()
         tokens = dt.tokens.tolist()
         cur, path = 0, [0]
+        emitted = len(out)
         while True:
             t = draws[cur]
             out.append(t)
@@ -290,19 +289,15 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
                 break
             path.append(cur)
         stats.accepted += len(path) - 1
+        if chooser is not None:
+            for t in out[emitted:]:
+                chooser.observe(matrix.table, t)
         matrix.update(dt.tokens, logits, T)
         target.keep(path)
         last = torch.tensor([out[-1]], dtype=torch.long, device=device)
-        if n > 1 and min_accepted > 0:
-            a = float(len(path) - 1)
-            accepted_ema = a if accepted_ema is None else 0.7 * accepted_ema + 0.3 * a
-            if accepted_ema < min_accepted:
-                skip, accepted_ema = pause, None   # the next probe starts a fresh mean
-                pause = min(pause * growth, max(max_backoff, backoff))
-            else:
-                pause = backoff
     flush()
-    matrix.backoff = (skip, pause)
+    if chooser is not None:
+        matrix.backoff = chooser.state()
     if eos_id is not None and eos_id in out:
         out = out[:out.index(eos_id) + 1]
     out = out[:max_new_tokens]

@@ -1,0 +1,121 @@
+"""Token Recycling's adaptive back-off: before each pass, a plain one-token step or a draft tree
+of some node budget, whichever is expected to emit more tokens per unit of time.
+
+Why not probe with real trees: when trees lose (high-temperature sampling from a weak model),
+every probe is a tree pass paid for nothing, and a probe schedule that is rare enough to be cheap
+is too slow to notice when trees start winning again. Instead every emitted token, whatever
+pass made it, is scored against the tree that *would* have been rooted there ("shadow walks"):
+a tree rooted at position i accepts exactly the longest run of the following emitted tokens
+that lies on one of its paths. That is not only an estimate of the same quantity - it has the
+same distribution: the real tree's walk draws, at each node it reaches, one token from the
+target's distribution after that node's prefix, which is how the plain sequence's next token is
+drawn too. So a running mean of the shadow walks' accepted drafts is the expected accepted
+drafts per tree pass, at no model cost, in plain stretches as in tree stretches.
+
+One walk along the static template of tree_size nodes scores every smaller budget as well: the
+template of n nodes is the first n nodes that best-first growth added (TreeTemplate.order), and
+a node is always added after its parent, so a path's accepted drafts under budget n are the path
+nodes of order < n (a bisection). The chooser keeps one running mean per candidate budget and
+picks the budget of highest (1 + expected accepted drafts) / cost, where a pass's cost, in plain
+steps, is 1 + pass_cost + node_cost * (n - 1); unless that beats a plain step's 1 token per step
+by a margin (10%), the pass is a plain DenseStep step. So a losing tree first shrinks, then stops; a winning one grows back.
+
+The walks read the matrix rows *before* the pass that emitted the tokens updates them (a row
+refreshed from the very position being scored would make every greedy draft match). Which pass
+runs depends only on tokens already emitted, so the output stays distributed exactly as plain
+sampling (tests/test_speculative.py).
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+from mmfm.generate.recycling import tree_template
+
+BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # candidate node budgets (the full tree_size is added)
+
+
+@dataclass
+class TreeCost:
+    """A tree pass of n nodes costs 1 + pass_cost + node_cost * (n - 1) plain decode steps.
+
+    The defaults were measured on the demo export (dim 128, 4 layers, vocabulary 3784) on a CPU,
+    through the whole Token Recycling loop against plain DenseStep steps (building the tree,
+    the additive mask, sampling every node, the matrix update, the cache compaction): a 1-node
+    tree cost 1.15-1.29 steps, a 20-node one 1.6-2.1 (docs/benchmarks.md, ## speculative). On a
+    GPU a tree pass of tens of nodes costs about one step: pass_cost and node_cost near 0 there."""
+    pass_cost: float = 0.2
+    node_cost: float = 0.03
+
+    def __post_init__(self):
+        for name in ("pass_cost", "node_cost"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+
+    def __call__(self, n: int) -> float:
+        return 1.0 + self.pass_cost + self.node_cost * (n - 1)
+
+
+class TreeChooser:
+    """choose() -> node budget of the next pass (1 = a plain step); observe(table, token) after
+    each emitted token, before the matrix learns from the pass that emitted it.
+
+    alpha: weight of the newest walk in the running means (0.3: a run of losing walks brings the
+    most optimistic state, every budget's mean at max_depth, under any break-even in ~8 walks;
+    one walk closes per emitted token). state: the running means of an earlier call (hot start;
+    kept on the RecyclingMatrix), used when it was made for the same budgets."""
+
+    def __init__(self, tree_size: int, k: int, max_depth: int, cost: TreeCost, alpha: float = 0.3,
+                 state: dict[int, float] | None = None, last_token: int | None = None, margin: float = 0.1):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha: expected a number in (0, 1], got {alpha!r}")
+        self.template = tree_template(tree_size, k, max_depth)
+        self.child, self.order = self.template.child, self.template.order
+        size = len(self.template)    # fewer than tree_size when k ** depth is smaller
+        self.sizes = [n for n in BUDGETS if n < size] + [size]
+        self.cost = [cost(n) for n in self.sizes]
+        self.alpha = alpha
+        self.margin = margin
+        self.ema = dict(state) if state and sorted(state) == self.sizes else {n: 0.0 for n in self.sizes}
+        self.walks: list[tuple[int, list[int]]] = []     # open walks: (template node, orders along the path)
+        self.last = last_token
+        if last_token is not None:
+            self.walks.append((0, []))
+
+    def choose(self) -> int:
+        """The budget of highest expected tokens per cost; 1 (a plain step) unless that beats a
+        plain step by `margin` (0.1): the cost model is a fixed estimate and the running mean a
+        noisy one, and a marginal tree risks more than it can gain."""
+        best, speed = 1, 1.0 + self.margin
+        for n, c in zip(self.sizes, self.cost):
+            s = (1.0 + self.ema[n]) / c
+            if s > speed:
+                best, speed = n, s
+        return best
+
+    def observe(self, table, token: int) -> None:
+        """table: the matrix's int [V, k] candidate table (the rows as they were when the pass
+        that emitted `token` was chosen)."""
+        prev, self.last = self.last, token
+        if prev is not None and self.walks:
+            row = table[prev].tolist()
+            r = row.index(token) if token in row else -1
+            still = []
+            for node, orders in self.walks:
+                c = self.child.get((node, r)) if r >= 0 else None
+                if c is None:
+                    self._close(orders)
+                else:
+                    orders.append(self.order[c])
+                    still.append((c, orders))
+            self.walks = still
+        self.walks.append((0, []))
+
+    def _close(self, orders: list[int]) -> None:
+        a, ema = self.alpha, self.ema
+        for n in self.sizes:
+            ema[n] += a * (bisect_left(orders, n) - ema[n])
+
+    def state(self) -> dict[int, float]:
+        return dict(self.ema)
