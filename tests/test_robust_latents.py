@@ -127,11 +127,11 @@ def _train(tok, x, steps, seed):
     return tok.eval()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_training_with_perturbation_improves_perturbed_psnr(seed):
+def test_training_with_perturbation_improves_perturbed_psnr(seed=0):
     """Flat palette images: the baseline decoder paints a wrong token's patch in a wrong colour, the
-    perturbation-trained one outvotes it. Measured (3 seeds, 150 steps): 20%-perturbed PSNR 17 dB
-    without, 25-26 dB with; clean PSNR 33-37 dB without, 27-29 dB with."""
+    perturbation-trained one outvotes it. Measured (seeds 0, 1, 2; 150 steps): 20%-perturbed PSNR
+    17.2 / 16.7 / 17.0 dB without, 25.4 / 25.0 / 26.3 dB with; clean PSNR 33-37 dB without, 27-29 dB
+    with. The effect (8 dB) is far above the 4 dB asserted, so one seed keeps the test cheap."""
     torch.manual_seed(seed)
     x, held = _palette_images(256, 100 + seed), _palette_images(64, 999)
     base = perturbed_psnr(_train(_tiny(seed=seed), x, 150, seed), held, [0, 0.2])
