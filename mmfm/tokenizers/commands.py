@@ -47,6 +47,11 @@ def add_tokenizer_parser(sub) -> None:
                    help="also a rate-distortion curve (several bit budgets) for the tokenizers that allow one "
                         "(image_tokenbridge, image_1d, audio_codec) against their baselines (mmfm/tokenizers/rd.py)")
     e.add_argument("--plot-dir", default=None, help="with --rd: write rd_image.png / rd_audio.png here")
+    e.add_argument("--perturb", default="0.05,0.1,0.2", metavar="FRACTIONS",
+                   help="image tokenizers: also PSNR with these shares of the tokens replaced (psnr_p5, ...; "
+                        "RobustTok's perturbed reconstruction, mmfm/tokenizers/robust.py); '' = off")
+    e.add_argument("--perturb-neighbours", type=int, default=0, metavar="K",
+                   help="with --perturb: a replaced token becomes one of its K nearest codes (0 = any other code)")
     pr = tsub.add_parser("prior", help="TokenBridge: a small AR prior over the saved tokenizer's tokens with "
                                         "independent channels, the per-dimension AR head, or flattened channels")
     pr.add_argument("--config", required=True, help="an image_tokenbridge config (its train.out holds the tokenizer)")
@@ -292,7 +297,23 @@ def _default_configs() -> list[str]:
     return found
 
 
-def eval_records(cfg, name: str, tok, max_samples: int) -> list[dict]:
+def parse_fractions(text: str) -> list[float]:
+    """'0.05,0.1' -> [0.05, 0.1] for --perturb; an error naming the argument otherwise."""
+    from mmfm.tokenizers.config import ConfigError
+
+    try:
+        out = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--perturb: expected comma-separated fractions in (0, 1], got {text!r}") from None
+    bad = [f for f in out if not 0 < f <= 1]
+    if bad:
+        raise ConfigError(f"--perturb: every fraction must be in (0, 1], got {bad[0]}")
+    return out
+
+
+def eval_records(cfg, name: str, tok, max_samples: int, perturb=(), perturb_neighbours: int = 0) -> list[dict]:
+    """perturb: for an image tokenizer, fractions of tokens replaced; each adds psnr_p<percent> (the
+    perturbed reconstruction, mmfm/tokenizers/robust.py) to the mmfm record, beside its clean psnr."""
     import torch
 
     from mmfm.tokenizers import baselines as B
@@ -322,6 +343,11 @@ def eval_records(cfg, name: str, tok, max_samples: int) -> list[dict]:
     case = {"tokenizer": name, "tokens": tok.tokens_per_sample}
     common = {"samples": x.shape[0], "bits": round(bits, 1)}
     recs = [{"bench": "tokenizer", "case": case, "impl": "mmfm", **m, **common}]
+    if perturb and tok.modality == "image":
+        from mmfm.tokenizers.robust import perturbed_psnr
+
+        recs[0].update(perturbed_psnr(tok, x, list(perturb), neighbours=perturb_neighbours))
+        recs[0]["perturb_neighbours"] = perturb_neighbours
     if tok.registry_name == "image_tokenbridge":   # the float autoencoder, before post-training quantization
         with torch.no_grad():
             r = torch.cat([tok.continuous_reconstruction(b) for b in x.split(16)])
@@ -415,8 +441,11 @@ def beats_baseline(records: list[dict], modality: str) -> dict[str, bool]:
 
 def eval_main(args) -> int:
     from mmfm.tokenizers.base import load_tokenizer
-    from mmfm.tokenizers.config import load_config
+    from mmfm.tokenizers.config import ConfigError, load_config
 
+    perturb = parse_fractions(getattr(args, "perturb", "") or "")
+    if getattr(args, "perturb_neighbours", 0) < 0:
+        raise ConfigError(f"--perturb-neighbours: must be >= 0 (0 = any other code), got {args.perturb_neighbours}")
     paths = args.config or _default_configs()
     if not paths:
         print("mmfm tokenizer eval: no trained tokenizer found (train one with mmfm tokenizer train --config ...)",
@@ -427,7 +456,8 @@ def eval_main(args) -> int:
         cfg = load_config(p)
         out = args.out if args.out and len(paths) == 1 else cfg.train.out
         tok = load_tokenizer(os.path.join(out, "tokenizer"))
-        recs = eval_records(cfg, _config_name(p), tok, args.max_samples)
+        recs = eval_records(cfg, _config_name(p), tok, args.max_samples, perturb,
+                            getattr(args, "perturb_neighbours", 0))
         records += recs
         verdicts.append((_config_name(p), tok.modality, beats_baseline(recs, tok.modality)))
         if getattr(args, "rd", False):

@@ -34,6 +34,7 @@ from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, check_finite, seed
 from mmfm.tokenizers.metrics import psnr, ssim
 from mmfm.tokenizers.quantizer_choice import check_quantizer_fields, codebook_size_of, make_quantizer
 from mmfm.tokenizers.registry import register
+from mmfm.tokenizers.robust import LatentPerturbation, check_perturbation_fields
 
 
 def image_to_tensor(sample, size: int, owner: str) -> torch.Tensor:
@@ -100,6 +101,12 @@ class ImageConvConfig:
     # (docs/training.md, "Fourth round").
     norm: str = "group"             # group or channel
     padding: str = "zeros"          # zeros or replicate
+    # latent perturbation in training (RobustTok; mmfm/tokenizers/robust.py): each token's code is
+    # replaced with probability perturb_rate by one of its perturb_neighbours nearest codes (0 = any
+    # other code), on a share perturb_images of each batch's images. Off at eval and by default.
+    perturb_rate: float = 0.0
+    perturb_neighbours: int = 0
+    perturb_images: float = 1.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -108,6 +115,10 @@ class ImageConvConfig:
             raise ValueError(f"norm: expected one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.padding not in PADDINGS:
             raise ValueError(f"padding: expected one of {', '.join(PADDINGS)}, got {self.padding!r}")
+        vocab = (None if self.quantizer == "none"
+                 else codebook_size_of(self.quantizer, self.latent_dim, self.codebook_size, self.fsq_levels))
+        check_perturbation_fields(self.perturb_rate, self.perturb_neighbours, self.perturb_images, vocab,
+                                  self.quantizer)
         if self.image_size % (2 ** self.downsamples):
             raise ValueError(f"image_size: {self.image_size} is not divisible by 2^downsamples = {2 ** self.downsamples}")
 
@@ -180,6 +191,10 @@ class ImageConvTokenizer(NeuralTokenizer):
         self.decoder = conv_decoder(3, c.channels, c.downsamples, c.latent_dim, c.norm, c.padding)
         self.quantizer = make_quantizer(c.quantizer, c.latent_dim, c.codebook_size, c.fsq_levels, c.seed)
         self.grid = c.image_size // 2 ** c.downsamples
+        self.perturbation = (LatentPerturbation(c.perturb_rate, c.perturb_neighbours, c.perturb_images,
+                                                self.vocab_size, c.seed) if c.perturb_rate > 0 else None)
+        if self.perturbation is not None:   # an attribute of a module, so the Trainer saves its state
+            self._perturb_gen = self.perturbation.generator
 
     @property
     def vocab_size(self) -> int:
@@ -213,6 +228,8 @@ class ImageConvTokenizer(NeuralTokenizer):
         else:
             out = self.quantizer(z)
             q, qloss, metrics = out.quantized, out.loss, {k: float(v) for k, v in out.metrics.items()}
+            if self.training and self.perturbation is not None:
+                q, metrics["perturbed"] = self.perturbation.perturb(self.quantizer, z, q, out.indices)
         recon = self.decode_latents(q)
         rec = F.mse_loss(recon, x)
         metrics["recon_mse"] = float(rec.detach())
