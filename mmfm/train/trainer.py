@@ -367,9 +367,7 @@ class Trainer:
              extra: dict) -> dict:
         gn = engine.get_global_grad_norm()
         secs = max(window["time"], 1e-9)
-        row = {"loss": loss, "lr": lr}
-        if gn is not None:   # DeepSpeed computes the norm only when it clips (optim.clip > 0); no NaN in the JSONL
-            row["grad_norm"] = float(gn)
+        row = {"loss": loss, "lr": lr, "grad_norm": float(gn) if gn is not None else float("nan")}
         if window["tokens"]:
             tps = window["tokens"] / secs
             row["tokens_per_s"] = tps
