@@ -5,18 +5,8 @@ aot_eager (Dynamo + AOTAutograd, as inductor traces, without its C++ code genera
 minutes on this CPU), against the same runs eager. The losses and gradient norms agree to 1e-5
 relative; the dense model compiles to one graph with no break; Mixture-of-Transformers breaks only
 in its token routing (make_plan: per-modality row counts are data), never in the loss head."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-       "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions"))}
-for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(k, None)
+from ds_tiny_runs import series as _series, tiny_runs
 
 RUNS = {"dense": [], "dense_compiled": ["train.compile=true", "train.compile_backend=aot_eager"],
         "mot": ["model.modality_sparse=true"],
@@ -25,29 +15,7 @@ RUNS = {"dense": [], "dense_compiled": ["train.compile=true", "train.compile_bac
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from mmfm.train.tokens import synthetic_token_corpus
-    from mmfm.vocab import Vocab
-
-    d = tmp_path_factory.mktemp("compile_ds")
-    v = Vocab(64, {"image": 32, "audio": 32})
-    v.save(d / "vocab.json")
-    synthetic_token_corpus(str(d / "shards"), v, n=40)
-    common = [f"model={REPO}/configs/models/tiny.yaml", f"deepspeed={REPO}/configs/deepspeed/zero2.json",
-              f"data.shards={d}/shards", "data.eval_shards=''", f"data.vocab={d}/vocab.json", "data.mix={}",
-              "data.caption_dropout=0.0", "data.seq_len=64", "data.shuffle_buffer=8", "optim.lr=0.01",
-              "optim.warmup_steps=1", "train.steps=3", "train.micro_batch=4", "train.log_every=1",
-              "train.checkpoint_every=0", "train.progress=false", "train.plot=false", "train.peak_flops=1000000000.0"]
-    spec = [{"name": name, "config": f"{REPO}/configs/pretrain/demo.yaml",
-             "overrides": common + extra + [f"train.out={d}/{name}"]} for name, extra in RUNS.items()]
-    (d / "spec.json").write_text(json.dumps(spec))
-    p = subprocess.run([sys.executable, "tests/train_modes_run.py", str(d / "spec.json"), str(d / "out.json")],
-                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1500)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads((d / "out.json").read_text())
-
-
-def _series(run, key):
-    return [r[key] for r in run["rows"] if "loss" in r]
+    return tiny_runs(tmp_path_factory.mktemp("compile_ds"), RUNS, "zero2.json", samples=40, timeout=1500)
 
 
 @pytest.mark.parametrize("arch", ["dense", "mot"])

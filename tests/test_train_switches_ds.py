@@ -3,47 +3,16 @@ process, tests/train_modes_run.py, 3 steps each on the tiny model with packed, d
 rows): ZeRO-3 parameter offload and full activation checkpointing give the plain ZeRO-3 run's
 losses and gradient norms; bf16 autocast keeps DeepSpeed's bf16 off and the weights fp32, and its
 losses follow fp32's to bf16 precision; every log row carries the peak memory."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from ds_tiny_runs import series as _series, tiny_runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-       "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions"))}
-for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(k, None)
 SWITCHES = {"plain": [], "offload_params": ["train.offload_params=true"],
             "checkpointing": ["train.activation_checkpointing=full"], "autocast": ["train.precision=bf16_autocast"]}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from mmfm.train.tokens import synthetic_token_corpus
-    from mmfm.vocab import Vocab
-
-    d = tmp_path_factory.mktemp("switches")
-    v = Vocab(64, {"image": 32, "audio": 32})
-    v.save(d / "vocab.json")
-    synthetic_token_corpus(str(d / "shards"), v, n=60)
-    common = [f"model={REPO}/configs/models/tiny.yaml", f"deepspeed={REPO}/configs/deepspeed/zero3.json",
-              f"data.shards={d}/shards", "data.eval_shards=''", f"data.vocab={d}/vocab.json", "data.mix={}",
-              "data.caption_dropout=0.0", "data.seq_len=64", "data.shuffle_buffer=8", "optim.lr=0.01",
-              "optim.warmup_steps=1", "train.steps=3", "train.micro_batch=4", "train.log_every=1",
-              "train.checkpoint_every=0", "train.progress=false", "train.plot=false", "train.peak_flops=1000000000.0"]
-    spec = [{"name": name, "config": f"{REPO}/configs/pretrain/demo.yaml",
-             "overrides": common + extra + [f"train.out={d}/{name}"]} for name, extra in SWITCHES.items()]
-    (d / "spec.json").write_text(json.dumps(spec))
-    p = subprocess.run([sys.executable, "tests/train_modes_run.py", str(d / "spec.json"), str(d / "out.json")],
-                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads((d / "out.json").read_text())
-
-
-def _series(run, key):
-    return [r[key] for r in run["rows"] if "loss" in r]
+    return tiny_runs(tmp_path_factory.mktemp("switches"), SWITCHES, "zero3.json", samples=60, timeout=900)
 
 
 @pytest.mark.parametrize("name", ["offload_params", "checkpointing"])
