@@ -31,7 +31,7 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 1 << 23
 
 
-def _check(hidden, weight, labels, token_weights):
+def _check_shapes(hidden, weight, labels, token_weights):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden: expected [N, D] with weight [V, D], got hidden {tuple(hidden.shape)} "
                          f"and weight {tuple(weight.shape)}")
@@ -39,6 +39,10 @@ def _check(hidden, weight, labels, token_weights):
         raise ValueError(f"labels: expected integer [N] = [{hidden.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
     if token_weights.shape != hidden.shape[:1]:
         raise ValueError(f"token_weights: expected [N] = [{hidden.shape[0]}], got {tuple(token_weights.shape)}")
+
+
+def _check(hidden, weight, labels, token_weights):
+    _check_shapes(hidden, weight, labels, token_weights)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= weight.shape[0]):
         raise ValueError(f"labels: every label must lie in [0, {weight.shape[0]}) (drop ignored rows first), "
                          f"got [{int(labels.min())}, {int(labels.max())}]")
@@ -183,13 +187,7 @@ def masked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labe
     torch.compile(fullgraph=True) with static shapes (see above)."""
     if token_weights is None:
         token_weights = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden: expected [N, D] with weight [V, D], got hidden {tuple(hidden.shape)} "
-                         f"and weight {tuple(weight.shape)}")
-    if labels.shape != hidden.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels: expected integer [N] = [{hidden.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
-    if token_weights.shape != hidden.shape[:1]:
-        raise ValueError(f"token_weights: expected [N] = [{hidden.shape[0]}], got {tuple(token_weights.shape)}")
+    _check_shapes(hidden, weight, labels, token_weights)   # no label range check: -100 is allowed
     if chunk is None:
         chunk = max(1, CHUNK_ELEMENTS // max(1, weight.shape[0]))
     if chunk < 1:
