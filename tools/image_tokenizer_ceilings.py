@@ -26,7 +26,7 @@ def ceilings(corpus_folder: str, tokenizer_folder: str, n: int = 100) -> dict:
     out = {}
     for name in ("digits", "scenes"):
         ps = build_set(corpus, name, n)
-        scorer = cache.scorer(name, ps.train, corpus.folder, "", None)
+        scorer = cache.scorer(name, ps.train, corpus.folder, "", tok)   # fitted as the eval fits it
         x = torch.stack([tok.prepare(it.sample) for it in ps.items]).float()
         with torch.no_grad():
             rt = torch.cat([tok.decode(tok.encode_batch(x[i:i + 32])) for i in range(0, len(x), 32)])
