@@ -47,10 +47,11 @@ class DigitScorer:
 
 def scene_parts(img: torch.Tensor) -> tuple[str, str, np.ndarray]:
     """(object colour, position phrase, mask features) of a one-object scene."""
-    mask = palette.object_mask(img, palette.background_colour(img))
+    bg = palette.background_colour(img)
+    mask = palette.object_mask(img, bg)
     c = palette.centroid(mask)
     where = _where(*c) if c is not None else "none"
-    return palette.object_colour(img, mask), where, palette.mask_features(mask)
+    return palette.object_colour(img, mask, bg), where, palette.mask_features(mask)
 
 
 class SceneScorer:

@@ -17,6 +17,7 @@ from mmfm.data.demo_corpus.images import COLORS
 NAMES = tuple(COLORS)
 RGB = torch.tensor([COLORS[n] for n in NAMES], dtype=torch.float32) / 255.0   # [8, 3]
 FOREGROUND = 0.25   # RGB distance (0-1 units) from the background colour that counts as object
+CORE = 0.25        # of the object pixels, the farthest from the background, that name its colour
 MARGIN = 2          # pixels at each border left out (of a 32-pixel image)
 
 
@@ -43,11 +44,18 @@ def colour_name(rgb: torch.Tensor) -> str:
     return NAMES[int(torch.cdist(rgb.float()[None], RGB).argmin())]
 
 
-def object_colour(img: torch.Tensor, mask: torch.Tensor) -> str:
-    """The palette name nearest to the median object pixel ('none' without object pixels)."""
+def object_colour(img: torch.Tensor, mask: torch.Tensor, bg: torch.Tensor) -> str:
+    """The palette name nearest to the median pixel of the object's core ('none' without object
+    pixels): the CORE fraction of its pixels farthest from the background colour. A decoder blurs a
+    small object into a rim of object-background mixtures (a yellow disc on black gets an orange
+    rim, a red one on white a pink rim) that can outnumber its inner pixels; the median over the
+    whole mask then names the mixture. On a sharp render every object pixel is the core."""
     if not bool(mask.any()):
         return "none"
-    return colour_name(img.float().clamp(0, 1).permute(1, 2, 0)[mask].median(0).values)
+    px = img.float().clamp(0, 1).permute(1, 2, 0)[mask]
+    k = max(1, int(round(CORE * len(px))))
+    px = px[(px - bg).norm(dim=-1).topk(k).indices]
+    return colour_name(px.median(0).values)
 
 
 def centroid(mask: torch.Tensor) -> tuple[float, float] | None:

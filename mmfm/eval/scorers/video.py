@@ -42,6 +42,6 @@ class ClipScorer:
         colours, dirs = [], []
         for v in videos:
             bg = palette.background_colour(v)
-            colours.append(palette.object_colour(v[0], palette.object_mask(v[0], bg)))
+            colours.append(palette.object_colour(v[0], palette.object_mask(v[0], bg), bg))
             dirs.append(direction(v, bg))
         return {"colour": colours, "direction": dirs}
