@@ -33,6 +33,7 @@ from torch import nn
 from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, check_finite, seeded_init
 from mmfm.tokenizers.metrics import psnr, ssim
 from mmfm.tokenizers.quantizer_choice import check_quantizer_fields, codebook_size_of, make_quantizer
+from mmfm.tokenizers.pixel_loss import check_recon_fields, reconstruction_loss
 from mmfm.tokenizers.registry import register
 from mmfm.tokenizers.robust import LatentPerturbation, check_perturbation_fields
 
@@ -84,8 +85,6 @@ def image_metrics(x: torch.Tensor, recon: torch.Tensor) -> dict:
 # ---------------------------------------------------------------------------------------- conv
 NORMS = ("group", "channel")
 PADDINGS = ("zeros", "replicate")
-RECON_LOSSES = ("mse", "l1")
-FOREGROUND = 0.25   # RGB distance (0-1 units) from the image's median colour that object_weight weighs
 
 
 @dataclass
@@ -103,11 +102,9 @@ class ImageConvConfig:
     # (docs/training.md, "Fourth round").
     norm: str = "group"             # group or channel
     padding: str = "zeros"          # zeros or replicate
-    # the reconstruction loss: mse (every tokenizer saved before this field) or l1 (VQGAN's pixel
-    # term: sharper edges, so a small object keeps its colour instead of fading into its background);
-    # object_weight w > 0 weighs each pixel far from the image's median colour (FOREGROUND) 1 + w
-    # times: a small object covers ~3% of a scene's pixels, and an unweighted loss spends the codes on
-    # the background it shares with every other scene
+    # the pixel loss (mmfm/tokenizers/pixel_loss.py): mse (every tokenizer saved before these fields)
+    # or l1 (VQGAN's pixel term); object_weight w > 0 weighs each pixel far from the image's median
+    # colour 1 + w times, so a small object keeps its colour instead of fading into its background
     recon_loss: str = "mse"         # mse or l1
     object_weight: float = 0.0
     # latent perturbation in training (RobustTok; mmfm/tokenizers/robust.py): each token's code is
@@ -124,32 +121,13 @@ class ImageConvConfig:
             raise ValueError(f"norm: expected one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.padding not in PADDINGS:
             raise ValueError(f"padding: expected one of {', '.join(PADDINGS)}, got {self.padding!r}")
-        if self.recon_loss not in RECON_LOSSES:
-            raise ValueError(f"recon_loss: expected one of {', '.join(RECON_LOSSES)}, got {self.recon_loss!r}")
-        if not self.object_weight >= 0:
-            raise ValueError(f"object_weight: expected a number >= 0, got {self.object_weight!r}")
+        check_recon_fields(self.recon_loss, self.object_weight)
         vocab = (None if self.quantizer == "none"
                  else codebook_size_of(self.quantizer, self.latent_dim, self.codebook_size, self.fsq_levels))
         check_perturbation_fields(self.perturb_rate, self.perturb_neighbours, self.perturb_images, vocab,
                                   self.quantizer)
         if self.image_size % (2 ** self.downsamples):
             raise ValueError(f"image_size: {self.image_size} is not divisible by 2^downsamples = {2 ** self.downsamples}")
-
-
-def object_pixels(x: torch.Tensor) -> torch.Tensor:
-    """float [B, 1, H, W]: 1 where a pixel is far (> FOREGROUND) from its image's median colour."""
-    bg = x.flatten(2).median(dim=2).values[:, :, None, None]
-    return ((x - bg).norm(dim=1, keepdim=True) > FOREGROUND).float()
-
-
-def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, kind: str = "mse", object_weight: float = 0.0):
-    """The pixel loss (mse or l1), each pixel far from its image's median colour weighed 1 + object_weight
-    times; normalised by the weights' sum, so object_weight = 0 is the plain mean."""
-    err = (recon - x) ** 2 if kind == "mse" else (recon - x).abs()
-    if object_weight <= 0:
-        return err.mean()
-    w = 1 + object_weight * object_pixels(x)
-    return (err * w).sum() / (w.sum() * x.shape[1])
 
 
 class ChannelNorm(nn.Module):

@@ -38,6 +38,7 @@ from mmfm.tokenizers.base import NeuralTokenizer, StepOutput, seeded_init
 from mmfm.tokenizers.image import transformer
 from mmfm.tokenizers.larp import ARPrior, StochasticVQ
 from mmfm.tokenizers.metrics import psnr_per_sample
+from mmfm.tokenizers.pixel_loss import check_recon_fields, reconstruction_loss
 from mmfm.tokenizers.registry import register
 
 
@@ -63,8 +64,13 @@ class VideoConfig:
     prior_width: int = 64
     prior_depth: int = 2
     prior_heads: int = 4
+    # the pixel loss (mmfm/tokenizers/pixel_loss.py; the image tokenizer's fields): mse or l1, and the
+    # weight on pixels far from the clip's median colour (the moving object's)
+    recon_loss: str = "mse"
+    object_weight: float = 0.0
 
     def validate(self) -> None:
+        check_recon_fields(self.recon_loss, self.object_weight)
         if (self.frames - 1) % self.temporal_patch:
             raise ValueError(f"frames: frames - 1 = {self.frames - 1} must be a multiple of temporal_patch "
                              f"{self.temporal_patch} (first frame alone, then temporal patches)")
@@ -214,9 +220,9 @@ class VideoTokenizer(NeuralTokenizer):
     def forward(self, x) -> StepOutput:
         zq, idx, qloss, usage = self.quantize(self.latents(x))
         recon = self.decode_latents(zq)
-        mse = F.mse_loss(recon, x)
-        metrics = {"recon_mse": float(mse.detach()), "usage": usage}
-        loss = mse + qloss
+        mse = F.mse_loss(recon.detach(), x)
+        metrics = {"recon_mse": float(mse), "usage": usage}
+        loss = reconstruction_loss(recon, x, self.config.recon_loss, self.config.object_weight) + qloss
         if self.config.prior_weight > 0:
             ce = self.prior.loss(zq, idx)
             loss = loss + self.config.prior_weight * ce
