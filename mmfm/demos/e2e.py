@@ -58,22 +58,24 @@ PRESETS = {
     # video 1,000; physics 900 (round trip 0.09 rel L2 instead of 0.14); the audio codec 150 (audio is
     # no prompt-following target: the time goes to pretraining instead).
     "demo": {"scale": 0.5,
-             "corpus_counts": {"digits": 1500, "scenes": 2000, "clips": 1000, "shapes": 800, "physics": 240,
+             # 1,250 digits and 2,250 scenes: at this compute the two trade against each other (1,500 /
+             # 2,000: digits 0.79, scene colour 0.53; 1,000 / 2,500: 0.44, 0.60; "Fifth round")
+             "corpus_counts": {"digits": 1250, "scenes": 2250, "clips": 1000, "shapes": 800, "physics": 240,
                                "heat": 400, "tones": 200},
              "tokenizer_steps": {**{m: 0 for m in MODALITIES}, "audio": 150, "image": 800, "shape3d": 280,
                                  "video": 1000, "physics": 900},
              # the image tokenizer's local encoder (per-pixel norm, replicate padding): one background
              # colour is one token everywhere, not 2-3 codes by position and image ("Fourth round");
              # image and video weigh object pixels 5x in the loss, so a small object keeps its colour
-             # through the round trip (scene colour 0.84 -> 0.89/0.92, clip colour 0.18 -> 0.90,
-             # clip direction 0.80 -> 1.00; "Fifth round")
+             # through the round trip (clip colour 0.18 -> 0.80, direction 0.80 -> 1.00; for images
+             # within seed noise); video at 125 FSQ codes, not 1,000 ("Fifth round")
              "tokenizer_overrides": {"text": {"model.vocab_size": 1000},
                                      "image": {"data.max_samples": 4000, "model.norm": "channel",
                                                "model.padding": "replicate", "model.object_weight": 4.0},
-                                     "video": {"model.object_weight": 4.0}},
+                                     "video": {"model.object_weight": 4.0, "model.fsq_levels": [5, 5, 5]}},
              "max_samples": 400, "tokenizer_workers": 2,
              "pretrain_config": PRETRAIN_CONFIG, "pretrain_overrides": [],
-             "eval_n": 50},
+             "eval_n": 100},   # one standard error ~0.05 (0.07 at 50): the targets sit near the scores
     # about an hour on 2 cores: twice the demo's corpus, longer tokenizer schedules, a wider and deeper
     # model for ~3x the demo's steps (configs/pretrain/demo_long.yaml); the prompt-following scorers
     # run every train.eval_every steps (train_eval_n prompts per task), so metrics.jsonl holds quality
