@@ -62,7 +62,7 @@ class RecyclingMatrix:
 
     @torch.no_grad()
     def update(self, tokens, logits: torch.Tensor, temperature: float | None = None,
-               top=None, rows: "HostRows | None" = None) -> None:
+               top=None, rows: HostRows | None = None) -> None:
         """Row tokens[i] <- the k highest-logit tokens of logits[i] (tokens: [N] ids as a tensor or
         a list, logits [N, V]), and, when temperature is given, their probabilities
         softmax(logits[i] / temperature) (0 counts as 1) for dynamic trees; the static tree needs
