@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmfm.generate.decode import SamplingConfig, decode
-from mmfm.generate.recycling import RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
+from mmfm.generate.recycling import HostRows, RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
 from mmfm.generate.step import DenseStep
 from mmfm.generate.speculative import draft_model_generate, layer_drafter, token_recycling_generate
 from mmfm.generate.speculative_backoff import TreeChooser, TreeCost
@@ -133,6 +133,40 @@ def test_token_recycling_greedy_equals_plain_greedy(tree_size, tree, adaptive):
         total_tokens += stats.new_tokens
     if tree_size > 1 and not adaptive:   # the trees did get verified and accepted (not only the root path)
         assert total_passes < 0.8 * (total_tokens - 3)
+
+
+def test_matrix_update_keeps_the_last_row_of_a_repeated_token_and_host_rows_follow():
+    """A token twice in one update keeps the row of its last occurrence, in the table and in the
+    host copies (HostRows) the loop reads instead of the table."""
+    m = RecyclingMatrix(6, k=2)
+    rows = HostRows(m)
+    assert rows(3) == [-1, -1]
+    logits = torch.tensor([[0., 5, 1, 4, 2, 3], [9., 0, 0, 0, 0, 8], [0., 0, 7, 6, 0, 0]])
+    m.update([3, 1, 3], logits, rows=rows)
+    assert m.table[3].tolist() == rows(3) == [2, 3]
+    assert m.table[1].tolist() == rows(1) == [0, 5]
+    # greedy hands over its own topk: same rows, and the probabilities when asked for
+    m2 = RecyclingMatrix(6, k=2)
+    m2.update([3, 1, 3], logits, 0.5, top=logits.topk(2, dim=-1))
+    m.update([3, 1, 3], logits, 0.5)
+    assert torch.equal(m2.table, m.table) and torch.allclose(m2.probs, m.probs)
+
+
+@torch.no_grad()
+def test_token_recycling_greedy_with_tied_maxima_equals_plain_greedy():
+    """Every token's logit equals its pair's (the head's rows come in identical pairs), so every
+    maximum is tied: greedy verification must fall back to sample's tie rule (the first index),
+    not take topk's first column."""
+    model = _model(std=0.2)
+    w = model.lm_head.weight
+    w[1::2] = w[0::2]
+    matrix = RecyclingMatrix(64, k=8)
+    for s, prompt in enumerate(([1, 2, 3], [7, 7, 9, 11, 7, 7])):
+        want = plain_generate(model, prompt, 30, temperature=0)
+        assert all(t % 2 == 0 for t in want)
+        got, _ = token_recycling_generate(model, prompt, max_new_tokens=30, temperature=0, seed=s, matrix=matrix,
+                                          tree_size=12, adaptive=False)
+        assert got.tolist() == want
 
 
 def test_draft_model_greedy_equals_plain_greedy():

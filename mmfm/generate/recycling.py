@@ -61,25 +61,70 @@ class RecyclingMatrix:
         return self.table.numel() * self.table.element_size()
 
     @torch.no_grad()
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor, temperature: float | None = None) -> None:
-        """Row tokens[i] <- the k highest-logit tokens of logits[i] ([N] ids, [N, V] logits), and,
-        when temperature is given, their probabilities softmax(logits[i] / temperature) (0 counts
-        as 1) for dynamic trees; the static tree needs no probabilities, so it skips their cost.
-        A token occurring twice keeps one of its rows; both are fresh candidates, so either is fine."""
+    def update(self, tokens, logits: torch.Tensor, temperature: float | None = None,
+               top=None, rows: HostRows | None = None) -> None:
+        """Row tokens[i] <- the k highest-logit tokens of logits[i] (tokens: [N] ids as a tensor or
+        a list, logits [N, V]), and, when temperature is given, their probabilities
+        softmax(logits[i] / temperature) (0 counts as 1) for dynamic trees; the static tree needs
+        no probabilities, so it skips their cost. A token occurring more than once keeps the row
+        of its last occurrence (the most recent context), and only those rows are ranked: topk
+        costs ~7 us per row of a 3784-token vocabulary on a CPU, so a 256-token prompt whose
+        tokens repeat skips a good part of it. top: logits.topk(k) when the caller already has
+        it (greedy verification reads its draws from it). rows: a HostRows mirror to keep in
+        step with the written rows (one host read of the [N, k] indices)."""
         if logits.shape[-1] != self.vocab_size:
             raise ValueError(f"RecyclingMatrix.update: logits have {logits.shape[-1]} columns, the matrix "
                              f"was built for vocab_size={self.vocab_size}")
         z = logits.reshape(-1, logits.shape[-1])
-        rows = tokens.reshape(-1).to(self.table.device, torch.long)
+        toks = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        last = {t: i for i, t in enumerate(toks)}
+        if len(last) < len(toks):
+            sel = list(last.values())
+            z = z[sel]
+            toks = list(last)
+            if top is not None:
+                top = (top[0][sel], top[1][sel])
+        index = torch.tensor(toks, dtype=torch.long, device=self.table.device)
         if temperature is None:
-            self.table[rows] = z.topk(self.k, dim=-1).indices.to(self.table.device, torch.int32)
-            return
-        z = z.float()
-        if temperature and temperature != 1.0:
-            z = z / temperature
-        top = z.topk(self.k, dim=-1)
-        self.table[rows] = top.indices.to(self.table.device, torch.int32)
-        self.probs[rows] = (top.values - z.logsumexp(-1, keepdim=True)).exp_().to(self.probs.device)
+            idx = (z.topk(self.k, dim=-1) if top is None else top)[1].to(self.table.device, torch.int32)
+        else:
+            z = z.float()
+            if temperature and temperature != 1.0:
+                z = z / temperature
+            if top is None:
+                values, idx = z.topk(self.k, dim=-1)
+            else:
+                values, idx = top[0].float(), top[1]
+                if temperature and temperature != 1.0:
+                    values = values / temperature
+            idx = idx.to(self.table.device, torch.int32)
+            self.probs[index] = (values - z.logsumexp(-1, keepdim=True)).exp_().to(self.probs.device)
+        self.table[index] = idx
+        if rows is not None:
+            rows.written(toks, idx.tolist())
+
+
+class HostRows:
+    """Host copies of matrix rows for one generate call: row(t) -> list of k ints.
+
+    The loop reads a row per emitted token (the back-off's shadow walks) and per distinct tree
+    parent, and a tensor read plus .tolist() per row costs more than the Python around it; the
+    copies are read once, and RecyclingMatrix.update(rows=...) writes every changed row through
+    with one host read per update. Build a new one per call: writes to matrix.table by other
+    means are not seen."""
+
+    def __init__(self, matrix: RecyclingMatrix):
+        self.table = matrix.table
+        self.rows: dict[int, list[int]] = {}
+
+    def __call__(self, t: int) -> list[int]:
+        r = self.rows.get(t)
+        if r is None:
+            r = self.rows[t] = self.table[t].tolist()
+        return r
+
+    def written(self, tokens: list[int], rows: list[list[int]]) -> None:
+        self.rows.update(zip(tokens, rows))
 
 
 @dataclass(frozen=True)
@@ -139,6 +184,7 @@ class DraftTree:
     mask: torch.Tensor          # bool [n, n]: node i sees node j iff j is i or an ancestor of i
     children: list[list[int]]   # child node indices of each node, in rank order
     expected: float = 0.0       # dynamic trees: sum of the drafts' path values (estimated accepted drafts)
+    tokens_list: list[int] | None = None   # `tokens` as a host list (the walk reads it)
 
 
 def ancestor_mask(parent: list[int]) -> torch.Tensor:
@@ -152,6 +198,12 @@ def ancestor_mask(parent: list[int]) -> torch.Tensor:
 @functools.lru_cache(maxsize=32)
 def _template_mask(template: TreeTemplate) -> torch.Tensor:
     return ancestor_mask(list(template.parent))
+
+
+@functools.lru_cache(maxsize=32)
+def _template_tensors(template: TreeTemplate) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ancestor mask, int64 depths) of the whole template, shared read-only by its trees."""
+    return _template_mask(template), torch.tensor(template.depth)
 
 
 def _mask_from_parents(parent: list[int]) -> torch.Tensor:
@@ -170,7 +222,7 @@ def _mask_from_parents(parent: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def build_dynamic_tree(matrix: RecyclingMatrix, root: int, size: int, max_depth: int = 8,
-                       min_value: float = 0.0) -> DraftTree:
+                       min_value: float = 0.0, rows: HostRows | None = None) -> DraftTree:
     """DySpec's greedy expansion over the recycled candidates: up to `size` nodes (root
     included), each added node being the frontier candidate of highest path value (product of
     the recycled probabilities from the root); parents come before their children, so the
@@ -180,8 +232,9 @@ def build_dynamic_tree(matrix: RecyclingMatrix, root: int, size: int, max_depth:
     probabilities are never drafted; the matrix must have been updated with a temperature."""
     if size < 1 or max_depth < 1:
         raise ValueError(f"build_dynamic_tree: size and max_depth must be >= 1, got {size}, {max_depth}")
-    table, probs = matrix.table, matrix.probs
-    rows: dict[int, tuple[list[int], list[float]]] = {}
+    probs = matrix.probs
+    row_of = rows or HostRows(matrix)
+    cand: dict[int, tuple[list[int], list[float]]] = {}
     tok, parent, depth, value = [root], [-1], [0], [1.0]
     heap: list = []
     tie = 0
@@ -191,9 +244,9 @@ def build_dynamic_tree(matrix: RecyclingMatrix, root: int, size: int, max_depth:
         if depth[i] >= max_depth:
             return
         t = tok[i]
-        row = rows.get(t)
+        row = cand.get(t)
         if row is None:
-            row = rows[t] = (table[t].tolist(), probs[t].tolist())
+            row = cand[t] = (row_of(t), probs[t].tolist())
         for c, pc in zip(*row):
             if c >= 0 and pc > 0:
                 tie += 1
@@ -211,16 +264,16 @@ def build_dynamic_tree(matrix: RecyclingMatrix, root: int, size: int, max_depth:
     for i, p in enumerate(parent[1:], start=1):
         children[p].append(i)
     return DraftTree(torch.tensor(tok), parent, torch.tensor(depth), _mask_from_parents(parent), children,
-                     sum(value[1:]))
+                     sum(value[1:]), tok)
 
 
 @torch.no_grad()
-def build_tree(matrix: RecyclingMatrix, root: int, template: TreeTemplate) -> DraftTree:
+def build_tree(matrix: RecyclingMatrix, root: int, template: TreeTemplate, rows: HostRows | None = None) -> DraftTree:
     """BFS over the matrix along the template; unknown entries prune their subtree. Plain Python
-    over the (small) template: one matrix row read per distinct parent token, no per-node tensor
-    ops, since this runs once per generated block and must stay cheap next to a forward pass."""
-    table = matrix.table
-    rows: dict[int, list[int]] = {}
+    over the (small) template: one matrix row read per distinct parent token (from `rows`, the
+    call's HostRows, when given), no per-node tensor ops, since this runs once per generated
+    block and must stay cheap next to a forward pass."""
+    row_of = rows or HostRows(matrix)
     tok = [root]
     keep = [0]
     new_index = {0: 0}
@@ -229,11 +282,7 @@ def build_tree(matrix: RecyclingMatrix, root: int, template: TreeTemplate) -> Dr
         p = template.parent[i]
         if p not in new_index:
             continue                            # the parent was pruned
-        pt = tok[new_index[p]]
-        row = rows.get(pt)
-        if row is None:
-            row = rows[pt] = table[pt].tolist()
-        t = row[template.rank[i]]
+        t = row_of(tok[new_index[p]])[template.rank[i]]
         if t < 0:
             continue
         new_index[i] = len(keep)
@@ -243,7 +292,8 @@ def build_tree(matrix: RecyclingMatrix, root: int, template: TreeTemplate) -> Dr
     children: list[list[int]] = [[] for _ in keep]
     for i, p in enumerate(parent[1:], start=1):
         children[p].append(i)
-    idx = torch.tensor(keep)
-    mask = _template_mask(template)
-    depth = torch.tensor([template.depth[i] for i in keep])
-    return DraftTree(torch.tensor(tok), parent, depth, mask[idx][:, idx], children)
+    mask, depth = _template_tensors(template)
+    if len(keep) < len(template):     # some subtrees pruned
+        idx = torch.tensor(keep)
+        mask, depth = mask[idx][:, idx], depth[idx]
+    return DraftTree(torch.tensor(tok), parent, depth, mask, children, tokens_list=tok)

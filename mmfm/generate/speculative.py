@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmfm.generate.decode import modality_ids
-from mmfm.generate.recycling import RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
+from mmfm.generate.recycling import HostRows, RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
 from mmfm.generate.speculative_backoff import TreeChooser, TreeCost
 from mmfm.generate.step import DenseStep
 from mmfm.models.kv_cache import KVCache
@@ -84,6 +84,9 @@ def _check_common(max_new_tokens: int, seed) -> None:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     if seed is not None and not isinstance(seed, int):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+
+
+_INF = float("inf")
 
 
 class _Rng:
@@ -217,26 +220,42 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     cache = KVCache.for_model(model, batch=1, capacity=ids.shape[1] + max_new_tokens + tree_size + 1)
     target = _Target(model, cache, modality_table)
     logits = target.prefill(ids)
+    rows = HostRows(matrix)      # host copies of the rows this call reads (no tensor read per token)
     # probabilities only where a tree uses them; greedy accepts a draft iff it is the argmax, which
     # sharpened probabilities estimate better than the temperature-1 ones
     T = (float(temperature) or GREEDY_VALUE_TEMPERATURE) if dynamic else None
-    if warm_from_prompt:
-        matrix.update(ids[0, 1:], logits[:-1], T)   # logits[i] predicts the token after ids[i]
-    matrix.update(ids[0, -1:], logits[-1:], T)
+    # logits[i] predicts the token after ids[i]: row ids[i] <- its top-k
+    warm = slice(None) if warm_from_prompt else slice(-1, None)
+    matrix.update(ids[0, warm], logits[warm], T, rows=rows)
     first = sampling.sample(logits[-1:], **settings, **rng.next())
     out = [int(first[0])]
     if chooser is not None:
-        chooser.observe(matrix.table, out[0])
+        chooser.observe(rows, out[0])
     stop = len(out) >= max_new_tokens or out[-1] == eos_id
     last = first
-    # plain passes' logits wait here and enter the matrix 16 at a time (one topk instead of 16)
+    # greedy without a mask: one topk per pass gives the draws (its first column: the argmax,
+    # the plain loop's token unless tied) and the matrix rows, instead of a sample call and a topk
+    fast_greedy = temperature == 0 and allowed_mask is None and matrix.k >= 2
+    # sampled plain passes' logits wait here and enter the matrix 16 at a time (one topk instead of 16)
     pend_logits = torch.empty(16, V, dtype=logits.dtype, device=device)
     pend_tokens: list[int] = []
 
     def flush() -> None:
         if pend_tokens:
-            matrix.update(torch.tensor(pend_tokens), pend_logits[:len(pend_tokens)], T)
+            matrix.update(pend_tokens, pend_logits[:len(pend_tokens)], T, rows=rows)
             pend_tokens.clear()
+
+    def draw(lg: torch.Tensor):
+        """(int64 [n] tokens, the same as a list, the topk for matrix.update or None): one token
+        per row of lg, one host read."""
+        if fast_greedy:
+            top = lg.topk(matrix.k, dim=-1)
+            v = top.values[:, :2].tolist()
+            if all(a > b and a < _INF for a, b in v):   # a unique, finite maximum in every row
+                tok = top.indices[:, 0]
+                return tok, tok.tolist(), top
+        tok = sampling.sample(lg, **settings, **rng.next())
+        return tok, tok.tolist(), None
 
     while not stop:
         n = tree_size if chooser is None else chooser.choose()
@@ -244,12 +263,12 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         if n > 1:
             flush()
             if dynamic:
-                dt = build_dynamic_tree(matrix, out[-1], n, max_depth, min_value)
+                dt = build_dynamic_tree(matrix, out[-1], n, max_depth, min_value, rows=rows)
                 if dt.expected < min_expected:
                     dt = None
                     stats.gated_passes += 1
             else:
-                dt = build_tree(matrix, out[-1], tree_template(n, matrix.k, max_depth))
+                dt = build_tree(matrix, out[-1], tree_template(n, matrix.k, max_depth), rows=rows)
                 if chooser is not None and len(dt.parent) == 1:   # every draft unknown: a plain step is cheaper
                     dt = None
                     stats.plain_passes += 1
@@ -258,14 +277,17 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         if dt is None:   # a plain one-token step (the same draw as a one-node tree)
             lg = target.one(last)
             stats.target_passes += 1
-            last = sampling.sample(lg, **settings, **rng.next())
-            t = int(last[0])
+            last, toks, top = draw(lg)
+            t = toks[0]
             if chooser is not None:   # before the matrix learns from this step's logits
-                chooser.observe(matrix.table, t)
-            pend_logits[len(pend_tokens)].copy_(lg[0])
-            pend_tokens.append(out[-1])
-            if len(pend_tokens) == len(pend_logits):
-                flush()
+                chooser.observe(rows, t)
+            if top is not None:
+                matrix.update([out[-1]], lg, T, top=top, rows=rows)
+            else:
+                pend_logits[len(pend_tokens)].copy_(lg[0])
+                pend_tokens.append(out[-1])
+                if len(pend_tokens) == len(pend_logits):
+                    flush()
             out.append(t)
             stop = len(out) >= max_new_tokens or t == eos_id
             continue
@@ -274,8 +296,8 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         stats.target_passes += 1
         stats.tree_nodes.append(n)
         stats.drafted += n - 1
-        draws = sampling.sample(logits, **settings, **rng.next()).tolist()
-        tokens = dt.tokens.tolist()
+        _, draws, top = draw(logits)
+        tokens, children = dt.tokens_list, dt.children
         cur, path = 0, [0]
         emitted = len(out)
         while True:
@@ -284,15 +306,15 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             if t == eos_id or len(out) >= max_new_tokens:
                 stop = True
                 break
-            cur = next((c for c in dt.children[cur] if tokens[c] == t), -1)
+            cur = next((c for c in children[cur] if tokens[c] == t), -1)
             if cur < 0:
                 break
             path.append(cur)
         stats.accepted += len(path) - 1
         if chooser is not None:
             for t in out[emitted:]:
-                chooser.observe(matrix.table, t)
-        matrix.update(dt.tokens, logits, T)
+                chooser.observe(rows, t)
+        matrix.update(tokens, logits, T, top=top, rows=rows)
         target.keep(path)
         last = torch.tensor([out[-1]], dtype=torch.long, device=device)
     flush()

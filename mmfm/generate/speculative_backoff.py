@@ -95,25 +95,37 @@ class TreeChooser:
         return best
 
     def observe(self, table, token: int) -> None:
-        """table: the matrix's int [V, k] candidate table (the rows as they were when the pass
-        that emitted `token` was chosen)."""
+        """table: the matrix's candidate rows as they were when the pass that emitted `token` was
+        chosen: a callable t -> list of k ints (recycling.HostRows, what the loop passes: no
+        tensor read per token) or the int [V, k] table itself."""
         prev, self.last = self.last, token
         if prev is not None and self.walks:
-            row = table[prev].tolist()
+            row = table(prev) if callable(table) else table[prev].tolist()
             r = row.index(token) if token in row else -1
+            if r < 0:                       # no walk goes on: all close here
+                for _, orders in self.walks:
+                    self._close(orders)
+                self.walks = [(0, [])]
+                return
             still = []
+            child, order = self.child, self.order
             for node, orders in self.walks:
-                c = self.child.get((node, r)) if r >= 0 else None
+                c = child.get((node, r))
                 if c is None:
                     self._close(orders)
                 else:
-                    orders.append(self.order[c])
+                    orders.append(order[c])
                     still.append((c, orders))
             self.walks = still
         self.walks.append((0, []))
 
     def _close(self, orders: list[int]) -> None:
         a, ema = self.alpha, self.ema
+        if not orders:                      # nothing accepted (most walks in plain stretches)
+            keep = 1.0 - a
+            for n in self.sizes:
+                ema[n] *= keep
+            return
         for n in self.sizes:
             ema[n] += a * (bisect_left(orders, n) - ema[n])
 
