@@ -43,14 +43,23 @@ DEMO_VOCAB = 3784
 
 
 def random_export(folder: str, vocab_size: int = DEMO_VOCAB) -> str:
+    """A random small model exported as a real export is: with a unified vocabulary (1,000 text ids,
+    the rest one image range), so its generation_config.json suppresses the non-text ids as a demo
+    export's does."""
     from mmfm.export import write_folder
     from mmfm.models import Transformer, load_model_config
+    from mmfm.vocab import Vocab
 
     cfg = load_model_config(packaged_config("models/small.yaml"))
-    cfg.vocab_size = vocab_size
+    specials = Vocab(1000, {"image": 1}).size - 1001
+    vocab = Vocab(1000, {"image": vocab_size - 1000 - specials})
+    cfg.vocab_size = vocab.size
+    os.makedirs(folder, exist_ok=True)
+    vocab_path = os.path.join(folder, "vocab-source.json")
+    vocab.save(vocab_path)
     torch.manual_seed(0)
     model = Transformer(cfg)
-    return write_folder(model.state_dict(), cfg, folder)
+    return write_folder(model.state_dict(), cfg, folder, vocab_path=vocab_path)
 
 
 def run_mmfm(model, prompts: torch.Tensor, new: int, seed: int, settings: dict) -> torch.Tensor:
@@ -86,6 +95,9 @@ def _load_hf(folder: str):
     hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None    # every impl runs exactly --new steps
     hf.generation_config.pad_token_id = 0
+    # an export's generation_config.json suppresses every non-text id (what `mmfm generate --to text`
+    # does); mmfm's loop here draws from the whole vocabulary, so HF must too: same tokens, same work
+    hf.generation_config.suppress_tokens = None
     return hf
 
 
