@@ -1,6 +1,7 @@
 """Held-out bits per byte (mmfm/eval/bits_per_byte.py): the strided windows score each token once with
 the context they claim, the totals convert nats per token to bits per byte, a lossy tokenizer is
 counted as such, and an export folder gives the figure its in-memory model gives."""
+import json
 import math
 import random
 
@@ -88,6 +89,27 @@ def test_export_folder_matches_the_model_it_holds(tmp_path, superbpe):
     want = text_bits_per_byte(model, vocab, superbpe, texts, window=16)
     assert got.bits_per_byte == pytest.approx(want.bits_per_byte, rel=1e-6)
     assert 0 < got.bits_per_byte and got.tokens == want.tokens
+
+    # mmfm eval bpb: the held-out documents of real text shards (split by key hash)
+    from mmfm.cli import main
+    from mmfm.data.synthetic import synthetic_sample
+    from mmfm.data.writer import SampleShardWriter
+    from mmfm.tokenizers.data import is_held_out
+
+    docs = documents(60, 4)
+    with SampleShardWriter(str(tmp_path / "corpus"), prefix="text", shard_size=30) as w:
+        for i, d in enumerate(docs):
+            w.write({"__key__": f"d{i:04d}", "txt": d, "json": synthetic_sample("text", i)["json"]})
+    held = [d for i, d in enumerate(docs) if is_held_out(f"d{i:04d}", 0.1)]
+    assert held
+    js = tmp_path / "bpb.json"
+    assert main(["eval", "bpb", "--model", folder, "--corpus", str(tmp_path / "corpus"), "--window", "16",
+                 "--json", str(js)]) == 0
+    rec = json.loads(js.read_text())
+    assert rec["documents"] == len(held) and rec["window"] == 16
+    assert rec["bits_per_byte"] == pytest.approx(text_bits_per_byte(model, vocab, superbpe, held, 16).bits_per_byte,
+                                                 rel=1e-6)
+    assert main(["eval", "bpb", "--model", folder, "--corpus", str(tmp_path)]) == 2   # no text-*.tar there
 
 
 def test_bad_arguments_name_themselves(superbpe):

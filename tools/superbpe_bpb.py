@@ -93,10 +93,9 @@ def train_one(arm: str, seed: int, args) -> None:
     import torch
 
     from mmfm.demos.e2e import pretrain_config
-    from mmfm.eval.bits_per_byte import export_bits_per_byte
+    from mmfm.eval.bits_per_byte import export_bits_per_byte, held_out_documents
     from mmfm.export import export
     from mmfm.jsonio import write_json
-    from mmfm.tokenizers.data import read_samples
     from mmfm.train.loop import run
 
     torch.set_num_threads(args.threads)
@@ -112,8 +111,7 @@ def train_one(arm: str, seed: int, args) -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     out = export(res["out"], os.path.join(root, f"export-s{seed}"), os.path.join(root, "export-tokenizers"))
-    texts = [s["txt"] for s in read_samples(os.path.join(args.corpus, "text-*.tar"), "text", "eval", 0.1)]
-    bpb = export_bits_per_byte(out, texts, window=args.seq_len)
+    bpb = export_bits_per_byte(out, held_out_documents(args.corpus), window=args.seq_len)
     with open(os.path.join(res["out"], "metrics.jsonl")) as f:
         evals = [{k: v for k, v in r.items() if k in ("step", "eval_loss")} for r in map(json.loads, f)
                  if "eval_loss" in r]

@@ -37,6 +37,8 @@ class BitsPerByte:
     bits_per_byte: float
     bits_per_token: float
     tokens_per_byte: float
+    window: int
+    stride: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,13 +91,34 @@ def text_bits_per_byte(model, vocab, tokenizer, texts: list[str], window: int, s
         n_bytes += len(text.encode("utf-8"))
     return BitsPerByte(documents=len(texts), lossless_documents=lossless, bytes=n_bytes, tokens=n_tokens, nats=nats,
                        bits_per_byte=nats / math.log(2) / n_bytes, bits_per_token=nats / math.log(2) / n_tokens,
-                       tokens_per_byte=n_tokens / n_bytes)
+                       tokens_per_byte=n_tokens / n_bytes, window=window, stride=stride)
 
 
-def export_bits_per_byte(folder: str, texts: list[str], window: int, stride: int | None = None,
+def held_out_documents(corpus: str, holdout_fraction: float = 0.1) -> list[str]:
+    """The held-out text documents of a demo corpus (text-*.tar; held out by key hash, as the
+    tokenizers and the token shards split them)."""
+    import glob
+    import os
+
+    from mmfm.tokenizers.data import read_samples
+
+    pattern = os.path.join(corpus, "text-*.tar")
+    if not glob.glob(pattern):
+        raise FileNotFoundError(f"--corpus {corpus!r}: no text-*.tar shards (a demo corpus: mmfm data demo)")
+    texts = [s["txt"] for s in read_samples(pattern, "text", "eval", holdout_fraction) if isinstance(s.get("txt"), str)]
+    if not texts:
+        raise ValueError(f"--corpus {corpus!r}: no held-out text document (holdout_fraction {holdout_fraction})")
+    return texts
+
+
+def export_bits_per_byte(folder: str, texts: list[str], window: int | None = None, stride: int | None = None,
                          device: str = "cpu") -> BitsPerByte:
-    """text_bits_per_byte of an `mmfm export` folder (its model, vocab.json and tokenizers/text)."""
+    """text_bits_per_byte of an `mmfm export` folder (its model, vocab.json and tokenizers/text);
+    window defaults to the model's max_seq_len."""
     from mmfm.generate import Bundle
 
     bundle = Bundle.load(folder)
+    if "text" not in bundle.vocab.ranges:
+        raise ValueError(f"--model {folder!r}: its vocabulary has no text range")
+    window = bundle.model.cfg.max_seq_len if window is None else window
     return text_bits_per_byte(bundle.model, bundle.vocab, bundle.tokenizers["text"], texts, window, stride, device)
