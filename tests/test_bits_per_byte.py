@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mmfm.eval.bits_per_byte import PREFIX, export_bits_per_byte, sequence_nats, text_bits_per_byte
 from mmfm.models import ModelConfig, Transformer
 from mmfm.tokenizers import build_tokenizer
+from mmfm.tokenizers.data import is_held_out
 from mmfm.tokenizers.superbpe import SuperBPEConfig
 from mmfm.vocab import Vocab
 
@@ -75,7 +76,47 @@ def test_lossy_tokenizer_is_counted():
     assert r.lossless_documents == 1   # sentencepiece turns the newlines into spaces
 
 
-def test_export_folder_matches_the_model_it_holds(tmp_path, superbpe):
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A text-only demo-style corpus: (folder, [(key, document)]) in real shards."""
+    from mmfm.data.synthetic import synthetic_sample
+    from mmfm.data.writer import SampleShardWriter
+
+    root = str(tmp_path_factory.mktemp("corpus"))
+    docs = [(f"d{i:04d}", d) for i, d in enumerate(documents(60, 4))]
+    with SampleShardWriter(root, prefix="text", shard_size=30) as w:
+        for i, (key, d) in enumerate(docs):
+            w.write({"__key__": key, "txt": d, "json": synthetic_sample("text", i)["json"]})
+    return root, docs
+
+
+def test_demo_token_stage_takes_text_alone(tmp_path, superbpe, corpus):
+    """e2e.tokenize_corpus with only a text tokenizer (tools/superbpe_bpb.py): a text-only vocabulary
+    and every document uncut, in the layout the eval scores."""
+    import glob
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from mmfm.demos.e2e import tokenize_corpus
+
+    superbpe.save(str(tmp_path / "text"))
+    rep = tokenize_corpus(corpus[0], {"text": str(tmp_path / "text")}, str(tmp_path / "tokens"), max_text_tokens=1 << 30)
+    assert set(rep["modalities"]) == {"text"} and rep["train_samples"] + rep["eval_samples"] == len(corpus[1])
+    vocab = Vocab.load(str(tmp_path / "tokens" / "vocab.json"))
+    assert list(vocab.ranges) == ["text"] and vocab.size == Vocab(superbpe.vocab_size, {}).size
+    written = {}
+    for shard in glob.glob(str(tmp_path / "tokens" / "*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".npy"):
+                    written[m.name[:-4]] = np.load(io.BytesIO(tar.extractfile(m).read())).tolist()
+    for key, d in corpus[1]:
+        assert written[key] == vocab.encode_sample([("text", superbpe.encode(d))])[0].tolist()
+
+
+def test_export_folder_matches_the_model_it_holds(tmp_path, superbpe, corpus):
     from mmfm.export import write_folder
 
     vocab = Vocab(superbpe.vocab_size, {})
@@ -92,18 +133,11 @@ def test_export_folder_matches_the_model_it_holds(tmp_path, superbpe):
 
     # mmfm eval bpb: the held-out documents of real text shards (split by key hash)
     from mmfm.cli import main
-    from mmfm.data.synthetic import synthetic_sample
-    from mmfm.data.writer import SampleShardWriter
-    from mmfm.tokenizers.data import is_held_out
 
-    docs = documents(60, 4)
-    with SampleShardWriter(str(tmp_path / "corpus"), prefix="text", shard_size=30) as w:
-        for i, d in enumerate(docs):
-            w.write({"__key__": f"d{i:04d}", "txt": d, "json": synthetic_sample("text", i)["json"]})
-    held = [d for i, d in enumerate(docs) if is_held_out(f"d{i:04d}", 0.1)]
+    held = [d for key, d in corpus[1] if is_held_out(key, 0.1)]
     assert held
     js = tmp_path / "bpb.json"
-    assert main(["eval", "bpb", "--model", folder, "--corpus", str(tmp_path / "corpus"), "--window", "16",
+    assert main(["eval", "bpb", "--model", folder, "--corpus", corpus[0], "--window", "16",
                  "--json", str(js)]) == 0
     rec = json.loads(js.read_text())
     assert rec["documents"] == len(held) and rec["window"] == 16
