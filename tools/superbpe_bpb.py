@@ -135,7 +135,8 @@ def summarize(args) -> dict:
         mean = sum(v) / len(v)
         sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
         arms[arm] = {"bits_per_byte": v, "mean": mean, "sd": sd, "min": min(v), "max": max(v),
-                     "tokens_per_byte": runs[0]["tokens_per_byte"], "bits_per_token": [r["bits_per_token"] for r in runs],
+                     "tokens_per_byte": runs[0]["tokens_per_byte"],
+                     "bits_per_token": [r["bits_per_token"] for r in runs],
                      "lossless_documents": runs[0]["lossless_documents"], "documents": runs[0]["documents"],
                      "train_seconds": [r["train_seconds"] for r in runs],
                      "eval_loss_per_token": {r["seed"]: r["eval_loss_per_token"] for r in runs}}

@@ -82,7 +82,8 @@ def cmd_eval_bpb(args) -> int:
         print(f"mmfm eval bpb: {exc}", file=sys.stderr)
         return 2
     print(f"held-out bits/byte {r.bits_per_byte:.4f} ({r.documents} documents, {r.bytes} bytes, {r.tokens} tokens: "
-          f"{r.bits_per_token:.4f} bits/token, {r.tokens_per_byte:.4f} tokens/byte; window {r.window}, stride {r.stride})")
+          f"{r.bits_per_token:.4f} bits/token, {r.tokens_per_byte:.4f} tokens/byte; window {r.window}, "
+          f"stride {r.stride})")
     if r.lossless_documents < r.documents:
         print(f"note: the text tokenizer does not reproduce {r.documents - r.lossless_documents} of the documents "
               "(e.g. sentencepiece's normalization): the figure counts bytes it does not model")
@@ -133,8 +134,8 @@ def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate an exported model: prompts (does generation follow the prompt?), "
                                     "lm (lm-evaluation-harness tasks on its text side)")
     p.add_argument("eval_command", choices=("prompts", "lm", "bpb"),
-                   help="prompts: generate from held-out demo prompts and score; lm: lm_eval tasks through its hf model; "
-                        "bpb: held-out bits per byte of the text side on the corpus' held-out documents")
+                   help="prompts: generate from held-out demo prompts and score; lm: lm_eval tasks through its hf "
+                        "model; bpb: held-out bits per byte of the text side on the corpus' held-out documents")
     p.add_argument("--model", required=True, help="exported model folder (mmfm export / mmfm demo e2e's <out>/export)")
     p.add_argument("--corpus", default=None, help="the demo corpus (default: the export's sibling folder 'corpus')")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the bench records as a JSON list")
