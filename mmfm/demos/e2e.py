@@ -227,7 +227,7 @@ def build_vocab(tokenizers: dict):
     from mmfm.vocab import Vocab
 
     toks = {m: load_tokenizer(p) for m, p in tokenizers.items()}
-    vocab = Vocab(toks["text"].vocab_size, {m: toks[m].vocab_size for m in MODALITIES if m != "text"})
+    vocab = Vocab(toks["text"].vocab_size, {m: toks[m].vocab_size for m in MODALITIES if m != "text" and m in toks})
     return vocab, toks
 
 
@@ -237,7 +237,9 @@ def tokenize_corpus(corpus: str, tokenizers: dict, out_dir: str, holdout_fractio
     the rows of `mmfm tokenize` (mmfm.tokenizers.pretokenize.token_rows: the caption or transcript
     first, so the model learns to continue text into the modality), held out by key hash and
     interleaved across modalities in one pass. Samples a tokenizer cannot take (e.g. 1D Burgers
-    trajectories for the 2D physics tokenizer) are counted and skipped. Returns a report."""
+    trajectories for the 2D physics tokenizer) are counted and skipped. Only the modalities of
+    `tokenizers` are read (text is required): {"text": folder} gives a text-only token set
+    (tools/superbpe_bpb.py). Returns a report."""
     import torch
 
     from mmfm.tokenizers.data import is_held_out, read_samples
@@ -251,8 +253,9 @@ def tokenize_corpus(corpus: str, tokenizers: dict, out_dir: str, holdout_fractio
             return json.load(f)
     vocab, toks = build_vocab(tokenizers)
     rows = {"train": [], "eval": []}
-    report = {m: {"samples": 0, "skipped": 0, "tokens": 0} for m in MODALITIES}
-    for m in MODALITIES:
+    modalities = [m for m in MODALITIES if m in toks]
+    report = {m: {"samples": 0, "skipped": 0, "tokens": 0} for m in modalities}
+    for m in modalities:
         samples = read_samples(os.path.join(corpus, f"{m}-*.tar"), m, "all")
 
         def skip(_why: str, m=m) -> None:

@@ -1,7 +1,9 @@
 """`mmfm eval prompts --model EXPORT [--corpus DIR] [--json PATH] [--n N] [--modalities M ...]`:
 the prompt-following eval (mmfm.eval.evaluate) and its table.
 `mmfm eval lm --model EXPORT --tasks T ... [--include-path DIR] [--json PATH]`: lm-evaluation-harness
-on the export's text side (mmfm/eval/lm.py)."""
+on the export's text side (mmfm/eval/lm.py).
+`mmfm eval bpb --model EXPORT [--corpus DIR] [--window N] [--json PATH]`: held-out bits per byte of
+the export's text side on the demo corpus' held-out documents (mmfm/eval/bits_per_byte.py)."""
 from __future__ import annotations
 
 import sys
@@ -64,11 +66,39 @@ def cmd_eval_lm(args) -> int:
     return 0
 
 
+def cmd_eval_bpb(args) -> int:
+    from mmfm.eval import default_corpus
+    from mmfm.eval.bits_per_byte import export_bits_per_byte, held_out_documents
+    from mmfm.jsonio import write_json
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        texts = held_out_documents(args.corpus or default_corpus(args.model))
+        r = export_bits_per_byte(args.model, texts, window=args.window, device=args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mmfm eval bpb: {exc}", file=sys.stderr)
+        return 2
+    print(f"held-out bits/byte {r.bits_per_byte:.4f} ({r.documents} documents, {r.bytes} bytes, {r.tokens} tokens: "
+          f"{r.bits_per_token:.4f} bits/token, {r.tokens_per_byte:.4f} tokens/byte; window {r.window}, "
+          f"stride {r.stride})")
+    if r.lossless_documents < r.documents:
+        print(f"note: the text tokenizer does not reproduce {r.documents - r.lossless_documents} of the documents "
+              "(e.g. sentencepiece's normalization): the figure counts bytes it does not model")
+    if args.json:
+        write_json(args.json, {"model": args.model, **r.to_dict()})
+    return 0
+
+
 def cmd_eval(args) -> int:
     if args.eval_command == "lm":
         return cmd_eval_lm(args)
+    if args.eval_command == "bpb":
+        return cmd_eval_bpb(args)
     if args.eval_command != "prompts":
-        print(f"mmfm eval: unknown eval {args.eval_command!r}; available: prompts, lm", file=sys.stderr)
+        print(f"mmfm eval: unknown eval {args.eval_command!r}; available: prompts, lm, bpb", file=sys.stderr)
         return 2
     import time
 
@@ -103,8 +133,9 @@ def cmd_eval(args) -> int:
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate an exported model: prompts (does generation follow the prompt?), "
                                     "lm (lm-evaluation-harness tasks on its text side)")
-    p.add_argument("eval_command", choices=("prompts", "lm"),
-                   help="prompts: generate from held-out demo prompts and score; lm: lm_eval tasks through its hf model")
+    p.add_argument("eval_command", choices=("prompts", "lm", "bpb"),
+                   help="prompts: generate from held-out demo prompts and score; lm: lm_eval tasks through its hf "
+                        "model; bpb: held-out bits per byte of the text side on the corpus' held-out documents")
     p.add_argument("--model", required=True, help="exported model folder (mmfm export / mmfm demo e2e's <out>/export)")
     p.add_argument("--corpus", default=None, help="the demo corpus (default: the export's sibling folder 'corpus')")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the bench records as a JSON list")
@@ -125,6 +156,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=8, help="prompts with --decode masked: bidirectional passes")
     p.add_argument("--batch-size", type=int, default=None, help="rows per decode call (prompts: 64; lm: 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--window", type=int, default=None,
+                   help="bpb: tokens per scoring window, stride half of it (default: the model's max_seq_len; "
+                        "use the sequence length it was trained at)")
     lm = p.add_argument_group("lm (lm-evaluation-harness; the eval extra)")
     lm.add_argument("--tasks", nargs="+", default=None, metavar="T", help="lm_eval task names (lm: required)")
     lm.add_argument("--include-path", default=None, metavar="DIR", help="a folder of lm_eval task YAML files")
