@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from mmfm.jsonio import write_json
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,8 +71,7 @@ def main(argv=None) -> int:
     ref = {r["impl"]: r["accuracy"] for r in ev.reference if r["case"]["task"] == "digit"}
     print(json.dumps({"chance": ref.get("chance"), "ceiling": ref.get("ceiling")}))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "reference": ref, "args": vars(args)}, f, indent=1)
+        write_json(args.json, {"rows": rows, "reference": ref, "args": vars(args)})
     if args.plot:
         from mmfm.tokenizers.render import multi_line_plot
 

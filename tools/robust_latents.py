@@ -13,8 +13,9 @@ eval measures.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from mmfm.jsonio import write_records
 
 
 def main(argv=None) -> int:
@@ -62,9 +63,7 @@ def main(argv=None) -> int:
     print("tokenizer  replaced  psnr    digit_accuracy")
     for r in records:
         print(f"{r['case']['tokenizer']:<10} {r['case']['replaced']:<9} {r['psnr']:<7.2f} {r['digit_accuracy']:.3f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(records, f, indent=1)
+    write_records(records, a.json)
     return 0
 
 
