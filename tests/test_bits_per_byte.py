@@ -152,3 +152,21 @@ def test_bad_arguments_name_themselves(superbpe):
         sequence_nats(model, torch.arange(10), PREFIX, window=8, stride=8)
     with pytest.raises(ValueError, match="'texts'"):
         text_bits_per_byte(model, Vocab(superbpe.vocab_size, {}), superbpe, ["", None], window=8)
+
+
+def test_modality_sparse_model_is_scored_with_its_modality_ids(superbpe):
+    """A modality-sparse model (groups > 1) routes each token by its modality: it gets the vocabulary's
+    modality table beside the ids, and scores the text as the same model does on a full forward pass."""
+    vocab = Vocab(superbpe.vocab_size, {"image": 16})
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                                    vocab_size=vocab.size, max_seq_len=64, modality_sparse=True,
+                                    num_modalities=len(vocab.ranges) + 1)).eval()
+    text = documents(1, 3)[0]
+    r = text_bits_per_byte(model, vocab, superbpe, [text], window=64)
+    ids, _ = vocab.encode_sample([("text", superbpe.encode(text))])
+    assert ids.numel() <= 64
+    with torch.no_grad():
+        logits = model(ids[None], modality_ids=vocab.modality_table()[ids][None])[0]
+    want = float(F.cross_entropy(logits[PREFIX - 1:-1], ids[PREFIX:], reduction="sum"))
+    assert r.nats == pytest.approx(want, rel=1e-5)

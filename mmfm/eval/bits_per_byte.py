@@ -45,10 +45,12 @@ class BitsPerByte:
 
 
 @torch.no_grad()
-def sequence_nats(model, ids: torch.Tensor, start: int, window: int, stride: int) -> float:
+def sequence_nats(model, ids: torch.Tensor, start: int, window: int, stride: int,
+                  modality_table: torch.Tensor | None = None) -> float:
     """Sum of -ln p(ids[t] | ids[b:t]) over t in [start, len(ids)), where b is the start of the
     window that scores t: windows [b, b + window) at b = 0, stride, 2 * stride, ... each score the
-    tokens the previous windows did not."""
+    tokens the previous windows did not. modality_table (Vocab.modality_table): id -> modality index,
+    which a modality-sparse model (cfg.groups > 1) needs beside the ids."""
     if ids.dim() != 1:
         raise ValueError(f"sequence_nats: argument 'ids' must be 1-D, got shape {tuple(ids.shape)}")
     if not 1 <= start:
@@ -61,7 +63,9 @@ def sequence_nats(model, ids: torch.Tensor, start: int, window: int, stride: int
     while done < n:
         e = min(b + window, n)
         if e > done:
-            logits = model(ids[b:e].unsqueeze(0))[0].float()          # logits[i] predicts ids[b + i + 1]
+            win = ids[b:e].unsqueeze(0)
+            mods = modality_table[win] if modality_table is not None else None
+            logits = model(win, modality_ids=mods)[0].float()          # logits[i] predicts ids[b + i + 1]
             targets = ids[done:e]
             rows = logits[done - b - 1:e - b - 1]
             total += float(F.cross_entropy(rows, targets, reduction="sum"))
@@ -81,12 +85,13 @@ def text_bits_per_byte(model, vocab, tokenizer, texts: list[str], window: int, s
         raise ValueError(f"text_bits_per_byte: argument 'window' must be >= 2, got {window}")
     stride = window // 2 if stride is None else stride
     model = model.to(device).eval()
+    table = vocab.modality_table(device) if model.cfg.groups > 1 else None
     nats, n_bytes, n_tokens, lossless = 0.0, 0, 0, 0
     for text in texts:
         local = tokenizer.encode(text)
         lossless += int(tokenizer.decode(local) == text)
         ids, _ = vocab.encode_sample([("text", local)])
-        nats += sequence_nats(model, ids.to(device), PREFIX, window, stride)
+        nats += sequence_nats(model, ids.to(device), PREFIX, window, stride, table)
         n_tokens += ids.numel() - PREFIX
         n_bytes += len(text.encode("utf-8"))
     return BitsPerByte(documents=len(texts), lossless_documents=lossless, bytes=n_bytes, tokens=n_tokens, nats=nats,
