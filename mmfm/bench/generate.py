@@ -51,7 +51,7 @@ def random_export(folder: str, vocab_size: int = DEMO_VOCAB) -> str:
     from mmfm.vocab import Vocab
 
     cfg = load_model_config(packaged_config("models/small.yaml"))
-    specials = Vocab(1000, {"image": 1}).size - 1001
+    specials = len(Vocab(1000, {"image": 1}).special_tokens)
     vocab = Vocab(1000, {"image": vocab_size - 1000 - specials})
     cfg.vocab_size = vocab.size
     os.makedirs(folder, exist_ok=True)

@@ -169,8 +169,8 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train_one(modality: str, corpus: str, out: str, preset: dict) -> tuple[str, float]:
-    """Train one tokenizer (in this process or a worker); returns (saved folder, seconds)."""
+def _train_one(modality: str, corpus: str, out: str, preset: dict) -> None:
+    """Train one tokenizer (in this process or a worker) into <out>/tokenizers/<modality>."""
     from mmfm.tokenizers.commands import _train_neural, _train_text, is_text_tokenizer
 
     cfg = tokenizer_config(modality, corpus, out, preset)
@@ -182,18 +182,17 @@ def _train_one(modality: str, corpus: str, out: str, preset: dict) -> tuple[str,
     rc = _train_text(cfg) if is_text_tokenizer(cfg.tokenizer) else _train_neural(cfg, progress=False)
     if rc != 0:
         raise RuntimeError(f"demo: training the {modality} tokenizer failed (status {rc})")
-    took = time.perf_counter() - t0
-    _say(f"[demo] tokenizer {modality}: {took:.0f} s")
-    return folder, took
+    _say(f"[demo] tokenizer {modality}: {time.perf_counter() - t0:.0f} s")
 
 
 def train_tokenizers(corpus: str, out: str, preset: dict, workers: int | None = None) -> dict:
     """{modality: saved tokenizer folder}; trains those not saved yet.
 
     workers > 1 trains the neural tokenizers in that many processes at once, the torch threads split
-    between them: these small models use a second thread poorly (an image tokenizer step at 2 threads
-    takes ~0.75x the time of one at 1 thread), so two one-thread workers finish the stage sooner than
-    one two-thread loop. Each worker is a fresh (spawned) process with its own one-rank gloo group."""
+    between them: most of these small models use a second thread poorly (the image tokenizer: 106 s at
+    2 threads, 136-160 s at 1), so on 2 cores the demo's stage took 241-257 s in two one-thread
+    workers against 326 s in one two-thread loop. Each worker is a fresh (spawned) process with its
+    own one-rank gloo group."""
     import torch
 
     workers = preset.get("tokenizer_workers", 1) if workers is None else workers
