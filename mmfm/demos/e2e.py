@@ -53,16 +53,19 @@ PRESETS = {
     # cost seconds to render or solve): on the scale-0.5 corpus (760 images, 100 clips, 100 shapes,
     # 4 usable physics runs) the model memorised its samples (held-out image loss rose from step 400
     # on). Tokenizers: the image tokenizer reads every image (a scene's colour must survive its round
-    # trip) for 800 steps; shape3d 280 steps (400 kept the primitive in ~85% of round trips; cut to keep
-    # the fresh-clone demo under 15 minutes after it measured 921 s);
+    # trip) for 800 steps; shape3d 400 steps with its encoder on 256 of the 512 points (the encoder
+    # attends over every point: 61 s and a primitive ceiling of 0.85 against 95 s and 0.84 for 280
+    # steps on 512; "Sixth round");
     # video 1,000; physics 900 (round trip 0.09 rel L2 instead of 0.14); the audio codec 150 (audio is
     # no prompt-following target: the time goes to pretraining instead).
     "demo": {"scale": 0.5,
-             # 1,250 digits and 2,250 scenes: at this compute the two trade against each other (1,500 /
-             # 2,000: digits 0.79, scene colour 0.53; 1,000 / 2,500: 0.44, 0.60; "Fifth round")
-             "corpus_counts": {"digits": 1250, "scenes": 2250, "clips": 1000, "shapes": 800, "physics": 240,
+             # 4,000 scenes: the held-out image loss sat 0.45 nats above the training loss with 2,250
+             # (memorised scenes), and scene colour stayed at 0.42-0.54 whatever the steps, mix or
+             # guidance; with 4,000 it read 0.78 (ceiling 0.89). 1,500 digits keep the digits' share of
+             # the image samples up (with 1,250 among 4,000 scenes digits fell to 0.55; "Sixth round")
+             "corpus_counts": {"digits": 1500, "scenes": 4000, "clips": 1000, "shapes": 800, "physics": 240,
                                "heat": 400, "tones": 200},
-             "tokenizer_steps": {**{m: 0 for m in MODALITIES}, "audio": 150, "image": 800, "shape3d": 280,
+             "tokenizer_steps": {**{m: 0 for m in MODALITIES}, "audio": 150, "image": 800, "shape3d": 400,
                                  "video": 1000, "physics": 900},
              # the image tokenizer's local encoder (per-pixel norm, replicate padding): one background
              # colour is one token everywhere, not 2-3 codes by position and image ("Fourth round");
@@ -75,7 +78,8 @@ PRESETS = {
              "tokenizer_overrides": {"text": {"model.vocab_size": 1000, "data.max_samples": 0},
                                      "image": {"data.max_samples": 4000, "model.norm": "channel",
                                                "model.padding": "replicate", "model.object_weight": 4.0},
-                                     "video": {"model.object_weight": 4.0, "model.fsq_levels": [5, 5, 5]}},
+                                     "video": {"model.object_weight": 4.0, "model.fsq_levels": [5, 5, 5]},
+                                     "shape3d": {"model.num_points": 256}},
              "max_samples": 400, "tokenizer_workers": 2,
              "pretrain_config": PRETRAIN_CONFIG, "pretrain_overrides": [],
              "eval_n": 100},   # one standard error ~0.05 (0.07 at 50): the targets sit near the scores
@@ -154,9 +158,10 @@ def tokenizer_config(modality: str, corpus: str, out: str, preset: dict):
     return cfg
 
 
-# the neural tokenizers, longest first (seconds on the 2-core machine at the demo preset: image 106,
-# shape3d 75, video 52, physics 49, audio 41), so the workers' queues end close together
-TRAIN_ORDER = ("image", "shape3d", "video", "physics", "audio")
+# the neural tokenizers, longest first (seconds in a one-thread worker beside the other on the 2-core
+# machine at the demo preset: image 154, physics 76, shape3d ~60, audio 63, video 61), so the workers'
+# queues end close together
+TRAIN_ORDER = ("image", "physics", "shape3d", "audio", "video")
 
 
 def _worker_init(threads: int) -> None:
@@ -315,9 +320,12 @@ TEXT_PROMPT = "The"
 # scale-0.5 corpus it lowered every score; on the demo's corpus now, guidance 2 doubled the digit score
 # (0.36 -> 0.72) and raised video direction and the 3D primitive (docs/training.md). Tones are the
 # exception: every step of guidance lowered the tone score (E3 export, n = 100: 0.32 at 1, 0.21 at 2,
-# 0.12 at 3), so audio is sampled unguided.
+# 0.12 at 3), so audio is sampled unguided. Video and 3D now do better with less: on three exports
+# of the recipe (n = 100, two sampling seeds each) video direction was 0.55-0.73 at guidance 2 and
+# 0.77-0.90 unguided, the 3D primitive 0.50 at 2 and 0.56 at 1.5 on average (docs/training.md,
+# "Sixth round").
 CFG_SCALE = 2.0
-CFG_BY_MODALITY = {"audio": 1.0}
+CFG_BY_MODALITY = {"audio": 1.0, "video": 1.0, "shape3d": 1.5}
 
 
 def guidance(modality: str) -> float:
