@@ -56,8 +56,8 @@ PRESETS = {
     # trip) for 800 steps; shape3d 400 steps with its encoder on 256 of the 512 points (the encoder
     # attends over every point: 61 s and a primitive ceiling of 0.85 against 95 s and 0.84 for 280
     # steps on 512; "Sixth round");
-    # video 1,000; physics 900 (round trip 0.09 rel L2 instead of 0.14); the audio codec 150 (audio is
-    # no prompt-following target: the time goes to pretraining instead).
+    # video 800 (direction ceiling ~0.92); physics 900 (round trip 0.09 rel L2 instead of 0.14); the
+    # audio codec 100 (audio is no prompt-following target: the time goes to pretraining instead).
     "demo": {"scale": 0.5,
              # 4,000 scenes: the held-out image loss sat 0.45 nats above the training loss with 2,250
              # (memorised scenes), and scene colour stayed at 0.42-0.54 whatever the steps, mix or
@@ -65,8 +65,8 @@ PRESETS = {
              # the image samples up (with 1,250 among 4,000 scenes digits fell to 0.55; "Sixth round")
              "corpus_counts": {"digits": 1500, "scenes": 4000, "clips": 1000, "shapes": 800, "physics": 240,
                                "heat": 400, "tones": 200},
-             "tokenizer_steps": {**{m: 0 for m in MODALITIES}, "audio": 150, "image": 800, "shape3d": 400,
-                                 "video": 1000, "physics": 900},
+             "tokenizer_steps": {**{m: 0 for m in MODALITIES}, "audio": 100, "image": 800, "shape3d": 400,
+                                 "video": 800, "physics": 900},
              # the image tokenizer's local encoder (per-pixel norm, replicate padding): one background
              # colour is one token everywhere, not 2-3 codes by position and image ("Fourth round");
              # image and video weigh object pixels 5x in the loss, so a small object keeps its colour
