@@ -53,10 +53,10 @@ PRESETS = {
     # cost seconds to render or solve): on the scale-0.5 corpus (760 images, 100 clips, 100 shapes,
     # 4 usable physics runs) the model memorised its samples (held-out image loss rose from step 400
     # on). Tokenizers: the image tokenizer reads every image (a scene's colour must survive its round
-    # trip) for 800 steps; shape3d 400 steps with its encoder on 256 of the 512 points (the encoder
+    # trip) for 600 steps (its scene-colour ceiling read 0.97 at 800); shape3d 400 steps with its encoder on 256 of the 512 points (the encoder
     # attends over every point: 61 s and a primitive ceiling of 0.85 against 95 s and 0.84 for 280
     # steps on 512; "Sixth round");
-    # video 800 (direction ceiling ~0.92); physics 900 (round trip 0.09 rel L2 instead of 0.14); the
+    # video 800 (direction ceiling ~0.92); physics 700 (round trip ~0.08 rel L2 at 900); the
     # audio codec 100 (audio is no prompt-following target: the time goes to pretraining instead).
     "demo": {"scale": 0.5,
              # 4,000 scenes: the held-out image loss sat 0.45 nats above the training loss with 2,250
@@ -65,8 +65,8 @@ PRESETS = {
              # the image samples up (with 1,250 among 4,000 scenes digits fell to 0.55; "Sixth round")
              "corpus_counts": {"digits": 1500, "scenes": 4000, "clips": 1000, "shapes": 800, "physics": 240,
                                "heat": 400, "tones": 200},
-             "tokenizer_steps": {**{m: 0 for m in MODALITIES}, "audio": 100, "image": 800, "shape3d": 400,
-                                 "video": 800, "physics": 900},
+             "tokenizer_steps": {**{m: 0 for m in MODALITIES}, "audio": 100, "image": 600, "shape3d": 400,
+                                 "video": 800, "physics": 700},
              # the image tokenizer's local encoder (per-pixel norm, replicate padding): one background
              # colour is one token everywhere, not 2-3 codes by position and image ("Fourth round");
              # image and video weigh object pixels 5x in the loss, so a small object keeps its colour

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import torch
 
@@ -116,6 +117,8 @@ def write_folder(state: dict, cfg: ModelConfig, out: str, vocab_path: str | None
     given, feed the model card (training config, data, held-out losses)."""
     from mmfm.export.card import model_card
 
+    tok_folders = export_tokenizers(tokenizers) if tokenizers else {}   # checked before anything is written
+
     os.makedirs(out, exist_ok=True)
     dense = cfg.groups == 1
     tensors = to_hf(state, cfg) if dense else dict(state)
@@ -141,7 +144,8 @@ def write_folder(state: dict, cfg: ModelConfig, out: str, vocab_path: str | None
     write_json(os.path.join(out, "config.json"), config)
     write_json(os.path.join(out, "mmfm_model.json"), mcfg)
     if tokenizers:
-        shutil.copytree(tokenizers, os.path.join(out, "tokenizers"), dirs_exist_ok=True)
+        for m, folder in tok_folders.items():
+            shutil.copytree(folder, os.path.join(out, "tokenizers", m), dirs_exist_ok=True)
     text_dir = os.path.join(out, "tokenizers", "text")
     if vocab is not None:
         write_json(os.path.join(out, "generation_config.json"), generation_config(vocab))
@@ -152,6 +156,24 @@ def write_folder(state: dict, cfg: ModelConfig, out: str, vocab_path: str | None
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write(model_card(cfg, vocab, run_cfg, run_dir, has_tokenizer=os.path.exists(os.path.join(out, "tokenizer.json"))))
     return out
+
+
+def export_tokenizers(tokenizers: str) -> dict[str, str]:
+    """{modality: saved tokenizer folder} of a --tokenizers folder, laid out as an export's
+    tokenizers/<m>/ or as `mmfm demo`'s tokenizers/<m>/tokenizer/ (a training run's folder, whose
+    checkpoints and logs are not copied). A modality folder with neither is an error naming it:
+    copied as it is, it would load nowhere."""
+    from mmfm.tokenizers.base import tokenizer_folders
+
+    if not os.path.isdir(tokenizers):
+        raise FileNotFoundError(f"--tokenizers: {tokenizers} is not a folder")
+    subdirs = sorted(m for m in os.listdir(tokenizers) if os.path.isdir(os.path.join(tokenizers, m)))
+    found = tokenizer_folders(tokenizers, subdirs)
+    bad = [os.path.join(tokenizers, m) for m in subdirs if m not in found]
+    if bad or not found:
+        raise ValueError(f"--tokenizers: expected <modality>/tokenizer.yaml or <modality>/tokenizer/tokenizer.yaml "
+                         f"in {tokenizers}; " + (f"neither in {', '.join(bad)}" if bad else "it has no modality folder"))
+    return found
 
 
 def export(run_dir: str, out: str, tokenizers: str | None = None, shard_mb: float = 2000.0) -> str:
@@ -167,7 +189,11 @@ def export(run_dir: str, out: str, tokenizers: str | None = None, shard_mb: floa
 
 
 def cmd_export(args) -> int:
-    out = export(args.run, args.out, args.tokenizers, args.shard_mb)
+    try:
+        out = export(args.run, args.out, args.tokenizers, args.shard_mb)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mmfm export: {exc}", file=sys.stderr)
+        return 2
     hf_tok = os.path.exists(os.path.join(out, "tokenizer.json"))
     print(f"export: {out} (safetensors, config.json, vocab.json{', tokenizers' if args.tokenizers else ''}"
           f"{', tokenizer.json' if hf_tok else ''}, README.md)")
