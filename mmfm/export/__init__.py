@@ -167,7 +167,8 @@ def export_tokenizers(tokenizers: str) -> dict[str, str]:
 
     if not os.path.isdir(tokenizers):
         raise FileNotFoundError(f"--tokenizers: {tokenizers} is not a folder")
-    subdirs = sorted(m for m in os.listdir(tokenizers) if os.path.isdir(os.path.join(tokenizers, m)))
+    subdirs = sorted(m for m in os.listdir(tokenizers)
+                     if not m.startswith(".") and os.path.isdir(os.path.join(tokenizers, m)))
     found = tokenizer_folders(tokenizers, subdirs)
     bad = [os.path.join(tokenizers, m) for m in subdirs if m not in found]
     if bad or not found:
