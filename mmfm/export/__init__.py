@@ -162,14 +162,18 @@ def export_tokenizers(tokenizers: str) -> dict[str, str]:
     """{modality: saved tokenizer folder} of a --tokenizers folder, laid out as an export's
     tokenizers/<m>/ or as `mmfm demo`'s tokenizers/<m>/tokenizer/ (a training run's folder, whose
     checkpoints and logs are not copied). A modality folder with neither is an error naming it:
-    copied as it is, it would load nowhere."""
-    from mmfm.tokenizers.base import tokenizer_folders
-
+    copied as it is, it would load nowhere. (The layouts are those of
+    mmfm.tokenizers.base.tokenizer_folders, which export may not import: docs/architecture.md.)"""
     if not os.path.isdir(tokenizers):
         raise FileNotFoundError(f"--tokenizers: {tokenizers} is not a folder")
     subdirs = sorted(m for m in os.listdir(tokenizers)
                      if not m.startswith(".") and os.path.isdir(os.path.join(tokenizers, m)))
-    found = tokenizer_folders(tokenizers, subdirs)
+    found = {}
+    for m in subdirs:
+        for folder in (os.path.join(tokenizers, m), os.path.join(tokenizers, m, "tokenizer")):
+            if os.path.isfile(os.path.join(folder, "tokenizer.yaml")):
+                found[m] = folder
+                break
     bad = [os.path.join(tokenizers, m) for m in subdirs if m not in found]
     if bad or not found:
         raise ValueError(f"--tokenizers: expected <modality>/tokenizer.yaml or <modality>/tokenizer/tokenizer.yaml "
