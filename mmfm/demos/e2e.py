@@ -53,9 +53,9 @@ PRESETS = {
     # cost seconds to render or solve): on the scale-0.5 corpus (760 images, 100 clips, 100 shapes,
     # 4 usable physics runs) the model memorised its samples (held-out image loss rose from step 400
     # on). Tokenizers: the image tokenizer reads every image (a scene's colour must survive its round
-    # trip) for 600 steps (its scene-colour ceiling read 0.97 at 800); shape3d 400 steps with its encoder on 256 of the 512 points (the encoder
-    # attends over every point: 61 s and a primitive ceiling of 0.85 against 95 s and 0.84 for 280
-    # steps on 512; "Sixth round");
+    # trip) for 600 steps (its scene-colour ceiling read 0.97 at 800); shape3d 400 steps with its
+    # encoder on 256 of the 512 points (the encoder attends over every point: 61 s and a primitive
+    # ceiling of 0.85 against 95 s and 0.84 for 280 steps on 512; "Sixth round");
     # video 800 (direction ceiling ~0.92); physics 700 (round trip ~0.08 rel L2 at 900); the
     # audio codec 100 (audio is no prompt-following target: the time goes to pretraining instead).
     "demo": {"scale": 0.5,
@@ -159,9 +159,9 @@ def tokenizer_config(modality: str, corpus: str, out: str, preset: dict):
 
 
 # the neural tokenizers, longest first (seconds in a one-thread worker beside the other on the 2-core
-# machine at the demo preset: image 154, physics 76, shape3d ~60, audio 63, video 61), so the workers'
-# queues end close together
-TRAIN_ORDER = ("image", "physics", "shape3d", "audio", "video")
+# machine at the demo preset: image 123-185, physics 80-106, shape3d 57-68, video 51-62, audio 45-46),
+# so the workers' queues end close together
+TRAIN_ORDER = ("image", "physics", "shape3d", "video", "audio")
 
 
 def _worker_init(threads: int) -> None:
@@ -433,13 +433,8 @@ def main(args) -> int:
     from mmfm.export import export, load
 
     t = time.perf_counter()
-    tok_root = os.path.join(out, "export-tokenizers")
-    os.makedirs(tok_root, exist_ok=True)
-    import shutil
-
-    for m, folder in tokenizers.items():
-        shutil.copytree(folder, os.path.join(tok_root, m), dirs_exist_ok=True)
-    export_dir = export(res["out"], os.path.join(out, "export"), tok_root)
+    # <out>/tokenizers/<m>/tokenizer/: export copies the saved tokenizers, not the training runs around them
+    export_dir = export(res["out"], os.path.join(out, "export"), os.path.join(out, "tokenizers"))
     model = load(export_dir)
     times["export"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -143,9 +143,8 @@ def write_folder(state: dict, cfg: ModelConfig, out: str, vocab_path: str | None
     config["mmfm"] = {"model": mcfg, "layout": "llama" if dense else "mmfm"}
     write_json(os.path.join(out, "config.json"), config)
     write_json(os.path.join(out, "mmfm_model.json"), mcfg)
-    if tokenizers:
-        for m, folder in tok_folders.items():
-            shutil.copytree(folder, os.path.join(out, "tokenizers", m), dirs_exist_ok=True)
+    for m, folder in tok_folders.items():
+        shutil.copytree(folder, os.path.join(out, "tokenizers", m), dirs_exist_ok=True)
     text_dir = os.path.join(out, "tokenizers", "text")
     if vocab is not None:
         write_json(os.path.join(out, "generation_config.json"), generation_config(vocab))
