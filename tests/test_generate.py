@@ -382,7 +382,8 @@ def test_speculative_api_greedy_equals_plain_greedy(export_dir):
     from mmfm.generate import generate
 
     plain = generate(export_dir, ["a red", "the"], "text", max_new_tokens=12, temperature=0.0)
-    for method, extra in (("token_recycling", {}), ("draft", {"draft_model": export_dir})):
+    for method, extra in (("token_recycling", {}), ("draft", {"draft_model": export_dir}),
+                          ("draft", {"draft_model": export_dir, "draft_tree": "dynamic"})):
         stats = {}
         spec = generate(export_dir, ["a red", "the"], "text", max_new_tokens=12, temperature=0.0,
                         speculative=method, stats=stats, **extra)
@@ -392,6 +393,8 @@ def test_speculative_api_greedy_equals_plain_greedy(export_dir):
         generate(export_dir, "x", "image", speculative="token_recycling")
     with pytest.raises(ValueError, match="draft_model"):
         generate(export_dir, "x", "text", speculative="draft")
+    with pytest.raises(ValueError, match="draft_tree"):
+        generate(export_dir, "x", "text", speculative="draft", draft_model=export_dir, draft_tree="bushy")
 
 
 def test_coprocessor_decoding_equals_the_cache_reference_loop(tmp_path):

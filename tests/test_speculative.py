@@ -182,6 +182,55 @@ def test_draft_model_greedy_equals_plain_greedy():
     assert stats.accepted == stats.drafted and stats.acceptance_length > 3.5
 
 
+@pytest.mark.parametrize("tree", ["static", "dynamic"])
+def test_draft_model_trees_greedy_equal_plain_greedy(tree):
+    """Trees of the drafter's top-k tokens, verified in one target pass: the plain greedy tokens,
+    with a weak drafter and with the target drafting for itself (then the rank-0 spine always
+    holds, so each pass accepts up to the tree's depth); the drafter's cache follows the emitted
+    tokens (it would draft from a wrong prefix otherwise, and the target as its own drafter
+    would stop matching)."""
+    model = _model(std=0.2)
+    other = _model(seed=1, dim=16, layers=1, std=0.2)
+    prompt = [5, 6, 7, 8]
+    want = plain_generate(model, prompt, 40, temperature=0)
+    got, stats = draft_model_generate(model, other, prompt, max_new_tokens=40, temperature=0, tree=tree,
+                                      tree_size=8, k=3, max_depth=4)
+    assert got.tolist() == want and max(stats.tree_nodes) <= 8
+    got, stats = draft_model_generate(model, model, prompt, max_new_tokens=40, temperature=0, tree=tree,
+                                      tree_size=8, k=3, max_depth=4)
+    assert got.tolist() == want
+    assert stats.acceptance_length > 2.5
+
+
+def test_dynamic_draft_tree_follows_the_drafter_probabilities():
+    """DySpec's growth: where the drafter is sure, the tree is a deep chain; where it is unsure,
+    the budget goes wide near the root; the static template has one shape for both."""
+    from mmfm.generate.speculative import draft_tree
+
+    V_ = 16
+
+    def sharp(dt):    # the drafter always puts 0.97 on token (last + 1)
+        lg = torch.full((len(dt.parent), V_), -10.0)
+        for i, t in enumerate(dt.tokens_list):
+            lg[i, (t + 1) % V_] = 0.0
+            lg[i] += torch.linspace(0, 1e-3, V_)
+        return lg
+
+    def flat(dt):
+        return torch.linspace(0, 1e-3, V_).expand(len(dt.parent), V_).clone()
+
+    def probs(lg):
+        return torch.softmax(lg, -1)
+
+    deep, _ = draft_tree(sharp, 0, "dynamic", 8, 4, 7, probs)
+    assert max(deep.depth) == 7 and deep.tok[:8] == [0, 1, 2, 3, 4, 5, 6, 7]
+    wide, _ = draft_tree(flat, 0, "dynamic", 8, 4, 7, probs)
+    assert max(wide.depth) <= 2 and sum(d == 1 for d in wide.depth) == 4
+    static_sharp, _ = draft_tree(sharp, 0, "static", 8, 4, 7, probs)
+    static_flat, _ = draft_tree(flat, 0, "static", 8, 4, 7, probs)
+    assert static_sharp.depth == static_flat.depth == list(tree_template(8, 4, 7).depth)
+
+
 @torch.no_grad()
 def test_layer_drafter_is_the_first_layers_with_shared_weights():
     model = _model(layers=3, std=0.2)
@@ -306,13 +355,23 @@ def test_token_recycling_sampling_distribution_equals_plain(settings, adaptive, 
     assert chi2_pvalue(torch.bincount(wrong, minlength=V ** N_NEW), exact) < 1e-3
 
 
-def test_draft_model_sampling_distribution_equals_plain():
+@pytest.mark.parametrize("tree", ["chain", "static", "dynamic"])
+def test_draft_model_sampling_distribution_equals_plain(tree):
+    """Chain: drafts sampled from a small drafter. Trees: the drafter's top-2 tokens (here the
+    target's own first layer: a small random drafter's top tokens were never the target's), so
+    drafts are accepted often and rejected often."""
     model = _model(vocab=V, std=0.5)
-    drafter = _model(vocab=V, seed=3, dim=16, layers=1, std=0.5)
-    settings = SETTINGS[1]
+    drafter = _model(vocab=V, seed=3, dim=16, layers=1, std=0.5) if tree == "chain" else layer_drafter(model, 1)
+    settings = SETTINGS[1] if tree != "dynamic" else SETTINGS[0]
     exact = exact_joint(model, settings)
-    got = [draft_model_generate(model, drafter, PROMPT, max_new_tokens=N_NEW, num_draft=2, seed=s,
-                                **settings)[0].tolist() for s in range(600)]
+    got, accepted, drafted = [], 0, 0
+    for s in range(600):
+        toks, stats = draft_model_generate(model, drafter, PROMPT, max_new_tokens=N_NEW, num_draft=2, seed=s,
+                                           tree=tree, tree_size=5, k=2, max_depth=2, **settings)
+        got.append(toks.tolist())
+        accepted += stats.accepted
+        drafted += stats.drafted
+    assert 0 < accepted < drafted           # drafts were accepted and rejected: verification mattered
     assert chi2_pvalue(_counts(got), exact) > 1e-3
 
 
@@ -382,6 +441,36 @@ def test_chooser_scores_every_budget_from_the_emitted_tokens():
     assert ch.choose() > 1
 
 
+def test_chooser_judges_a_budget_by_a_lower_bound_not_a_lucky_mean():
+    """Sampling-like walks (nothing accepted, then two walks of one draft among three) lift the
+    2-node budget's mean past break-even: judged by its mean (z = 0) the chooser buys a tree,
+    judged by the mean less half a standard error (the default) it stays plain. Walks that accept
+    the same 3 drafts every time have no spread: the bound is the mean, and a tree is chosen
+    after as few walks as the mean alone needs."""
+    def after(walks, z=None):
+        ch = TreeChooser(20, 4, 8, TreeCost(), **({} if z is None else {"z": z}))
+        for w in walks:
+            ch._close(w)
+        return ch
+
+    lucky = [[]] * 20 + [[1], [], [1]]      # a walk's orders: the accepted nodes' template order
+    assert after(lucky, 0.0).choose() == 2
+    ch = after(lucky)
+    assert ch.choose() == 1
+    assert 0 < ch.expected(2) < ch.ema[2] - 0.08
+    steady = [[1, 2, 3]] * 4
+    for z in (0.0, None):
+        ch = after(steady, z)
+        assert ch.choose() > 1
+        assert ch.expected(ch.choose()) >= ch.ema[ch.choose()] - 0.8
+    # the state travels: a chooser started from it judges alike; an old-style {budget: mean} state
+    # is read as walks without spread
+    ch = after(lucky)
+    again = TreeChooser(20, 4, 8, TreeCost(), state=ch.state())
+    assert again.choose() == 1 and again.expected(2) == ch.expected(2)
+    assert TreeChooser(20, 4, 8, TreeCost(), state={n: 3.0 for n in ch.sizes}).choose() > 1
+
+
 def test_chooser_shrinks_the_tree_before_giving_up():
     """When only the rank-0 child is ever right, the deep spine pays but the wide levels do not:
     at a node cost where 20 nodes lose to 8, the chooser picks a budget below 20, not plain."""
@@ -413,7 +502,7 @@ def test_never_matching_drafts_switch_to_plain_steps_within_8_passes():
     trees = len(stats.tree_nodes)
     assert 1 <= trees <= 8 and stats.plain_passes == stats.target_passes - trees
     assert stats.accepted <= 1
-    assert max(matrix.backoff.values()) < 0.2   # the state handed to the next call says: plain
+    assert max(m for m, _ in matrix.backoff.values()) < 0.2   # the state handed to the next call says: plain
     # the next call sharing the matrix starts plain and stays plain
     _, again = token_recycling_generate(model, [4, 5], max_new_tokens=30, temperature=1.0, seed=1, matrix=matrix,
                                         tree_size=20)

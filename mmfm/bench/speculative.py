@@ -12,7 +12,10 @@ model, settings and seeds; prefill included everywhere; no stop token, --new-tok
                                   paper's hot start), fresh for every timed run
     mmfm_token_recycling_dynamic  the same with DySpec dynamic trees (tree="dynamic")
     mmfm_draft_model              draft_model_generate, the drafter being the target's first
-                                  --drafter-layers blocks (layer_drafter)
+                                  --drafter-layers blocks (layer_drafter), drafting a chain of
+                                  --num-draft sampled tokens
+    mmfm_draft_model_dynamic      the same drafter growing a DySpec tree of its top --draft-k
+                                  tokens per node (--tree-size nodes), one target pass per tree
 Each case is a sampling mode: greedy (temperature 0; every impl must emit the plain loop's
 tokens, checked and recorded as `same_as_plain`) and sample (temperature 1; lossless by
 construction and by tests/test_speculative.py). Figures: wall ms and process CPU ms (median of
@@ -20,7 +23,9 @@ construction and by tests/test_speculative.py). Figures: wall ms and process CPU
 steadier of the two), tokens/s and the acceptance length (tokens per target pass).
 
 Case `tree_compare` (DySpec's claim): static template vs dynamic tree at the same node budget,
-back-off and gate off (a tree every pass), tokens per target pass in greedy and sample mode.
+back-off and gate off (a tree every pass), tokens per target pass in greedy and sample mode, for
+Token Recycling's trees and for draft-model trees (the layer drafter's top --draft-k tokens per
+node, grown level by level; also the drafter passes per target pass).
 Case `multidraft`: the optimal multi-draft acceptance rate (mmfm.generate.multidraft) for target
 and draft distributions taken from the model (target: the model's next-token distribution over
 its top --md-vocab tokens at a prompt position; draft: the layer drafter's over the same tokens),
@@ -148,7 +153,7 @@ def plain_generate(model, prompt, max_new_tokens, seed, **settings):
     return rows[0].tolist(), None
 
 
-IMPLS = ("mmfm", "mmfm_token_recycling", "mmfm_token_recycling_dynamic", "mmfm_draft_model")
+IMPLS = ("mmfm", "mmfm_token_recycling", "mmfm_token_recycling_dynamic", "mmfm_draft_model", "mmfm_draft_model_dynamic")
 
 
 def run_impl(name, model, drafter, prompts, args, settings, **extra):
@@ -167,8 +172,10 @@ def run_impl(name, model, drafter, prompts, args, settings, **extra):
                                             tree_size=args.tree_size, tree=tree, **settings, **extra)
             o = o.tolist()
         else:
+            tree = {"tree": "dynamic", "tree_size": args.tree_size, "k": args.draft_k,
+                    "max_depth": args.draft_depth} if name.endswith("dynamic") else {}
             o, s = draft_model_generate(model, drafter, p, max_new_tokens=args.new_tokens, seed=args.seed * 1000 + i,
-                                        num_draft=args.num_draft, **settings)
+                                        num_draft=args.num_draft, **tree, **settings)
             o = o.tolist()
         outs.append(o)
         stats.append(s)
@@ -218,9 +225,12 @@ def bench_decoding(model, encode, desc, args) -> list[dict]:
             if name.startswith("mmfm_token_recycling"):
                 fig["matrix_bytes"] = matrix.nbytes
                 fig["tree_size"] = args.tree_size
-            if name == "mmfm_draft_model":
-                fig["num_draft"] = args.num_draft
+            if name.startswith("mmfm_draft_model"):
                 fig["drafter_layers"] = args.drafter_layers
+                if name.endswith("dynamic"):
+                    fig["tree_size"], fig["k"] = args.tree_size, args.draft_k
+                else:
+                    fig["num_draft"] = args.num_draft
             if mode == "greedy":
                 fig["same_as_plain"] = outs == plain_outs
             records.append(record("speculative", case, name, **fig))
@@ -229,9 +239,27 @@ def bench_decoding(model, encode, desc, args) -> list[dict]:
 
 def bench_tree_compare(model, encode, desc, args) -> list[dict]:
     """Tokens per target pass, static template vs dynamic tree at the same node budget, with a
-    tree every pass (back-off and gate off), on the same prompts, one matrix per run."""
+    tree every pass (back-off and gate off), on the same prompts, one matrix per run; and the
+    same for draft-model trees (the drafter's top --k tokens per node; drafter = the target's
+    first --drafter-layers blocks), with the drafter passes each tree took."""
     prompts = [encode(s)[:args.prompt_tokens] for s in stdlib_sources(args.prompts)]
     out = []
+    drafter = layer_drafter(model, args.drafter_layers)
+    for mode in args.modes:
+        for size in args.compare_sizes:
+            case = {"mode": "tree_compare", "sampling": mode, "tree_size": size, "prompts": len(prompts),
+                    "new_tokens": args.new_tokens, "model": desc, "drafter_layers": args.drafter_layers,
+                    "k": args.draft_k, "max_depth": args.draft_depth}
+            for tree in ("static", "dynamic"):
+                stats = [draft_model_generate(model, drafter, p, max_new_tokens=args.new_tokens, seed=i, tree=tree,
+                                              tree_size=size, k=args.draft_k, max_depth=args.draft_depth,
+                                              **MODES[mode])[1] for i, p in enumerate(prompts)]
+                passes = sum(s.target_passes for s in stats)
+                nodes = [n for s in stats for n in s.tree_nodes]
+                out.append(record("speculative", case, f"mmfm_draft_model_{tree}",
+                                  acceptance_length=round(sum(s.new_tokens - 1 for s in stats) / passes, 3),
+                                  target_passes=passes, mean_tree_nodes=round(sum(nodes) / len(nodes), 2),
+                                  draft_passes_per_target_pass=round(sum(s.draft_passes for s in stats) / passes, 2)))
     for mode in args.modes:
         for size in args.compare_sizes:
             case = {"mode": "tree_compare", "sampling": mode, "tree_size": size, "prompts": len(prompts),
@@ -326,6 +354,8 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=8, help="candidates per matrix row")
     p.add_argument("--num-draft", type=int, default=4)
     p.add_argument("--drafter-layers", type=int, default=1)
+    p.add_argument("--draft-k", type=int, default=4, help="draft-model trees: children per node (the drafter's top k)")
+    p.add_argument("--draft-depth", type=int, default=6, help="draft-model trees: maximum depth")
     p.add_argument("--md-vocab", type=int, default=6, help="multidraft: tokens kept of each distribution")
     p.add_argument("--md-positions", type=int, nargs="*", default=[40, 120, 200])
     p.add_argument("--md-samples", type=int, default=40000)

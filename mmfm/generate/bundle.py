@@ -64,8 +64,8 @@ class Bundle:
     def generate(self, prompt: str | list[str] = "", to: str = "text", *, sampling: SamplingConfig | None = None,
                  inputs: dict | None = None, out: str | None = None, max_new_tokens: int = 64,
                  cfg_scale: float = 1.0, seed: int = 0, stop_ids=(), progress: bool = False,
-                 speculative: str | None = None, draft_model=None, stats: dict | None = None,
-                 coprocessor=None, augment_every: int = 0, decoding: str = "ar", steps: int = 8,
+                 speculative: str | None = None, draft_model=None, draft_tree: str = "chain",
+                 stats: dict | None = None, coprocessor=None, augment_every: int = 0, decoding: str = "ar", steps: int = 8,
                  recap: bool = False, edit=None, edit_mask=None, refine: float = 0.3) -> list[Sample]:
         """Generate one `to` sample per prompt (a string or a list of strings: a batch).
 
@@ -77,7 +77,8 @@ class Bundle:
         seed: the sampler's Philox seed (a run repeats exactly).
 
         speculative: None, "token_recycling" or "draft" (draft_model: an exported folder or a Bundle of
-        a smaller model over the same vocabulary). Lossless: the output distribution is plain
+        a smaller model over the same vocabulary; draft_tree: "chain" of sampled drafts, or a
+        "static" / "dynamic" (DySpec) tree of the drafter's top tokens). Lossless: the output distribution is plain
         sampling's (docs/speculative.md). Text only, one row at a time, no CFG and no penalties; the
         model's full vocabulary is sampled and the text segment is cut at the first non-text id, as
         with plain decoding. `stats`, when a dict, receives the acceptance figures per prompt.
@@ -144,7 +145,7 @@ class Bundle:
             return self._finish(to, prompts, new, paths)
         if speculative is not None:
             new = self._speculative(ids, speculative, draft_model, length, seed, stats, to=to, cfg_scale=cfg_scale,
-                                    sampling=sampling)
+                                    sampling=sampling, draft_tree=draft_tree)
             return self._finish(to, prompts, new, paths)
         uncond = [unconditional_prompt(vocab, to, p) for p in ids] if cfg_scale != 1.0 else None
         cons = Constraints(vocab, [Target(to, length)] * len(prompts), device=self.device, stop_ids=stop_ids)
@@ -154,11 +155,13 @@ class Bundle:
         return self._finish(to, prompts, new, paths)
 
     def _speculative(self, ids, method, draft_model, length, seed, stats, *, to, cfg_scale,
-                     sampling: SamplingConfig) -> list[torch.Tensor]:
+                     sampling: SamplingConfig, draft_tree: str = "chain") -> list[torch.Tensor]:
         from mmfm.generate.speculative import draft_model_generate, token_recycling_generate
 
         if method not in ("token_recycling", "draft"):
             raise ValueError(f"argument 'speculative' must be 'token_recycling' or 'draft', got {method!r}")
+        if draft_tree not in ("chain", "static", "dynamic"):
+            raise ValueError(f"argument 'draft_tree' must be 'chain', 'static' or 'dynamic', got {draft_tree!r}")
         if to != "text":
             raise ValueError(f"argument 'speculative' decodes text only (got to={to!r}); "
                              "modality segments use the constrained plain loop")
@@ -183,7 +186,7 @@ class Bundle:
                 if method == "token_recycling":
                     toks, st = token_recycling_generate(self.model, row, **kw)
                 else:
-                    toks, st = draft_model_generate(self.model, drafter, row, **kw)
+                    toks, st = draft_model_generate(self.model, drafter, row, tree=draft_tree, **kw)
                 if stats is not None:
                     stats.setdefault("rows", []).append(st.as_dict())
                 out.append(toks)

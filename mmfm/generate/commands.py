@@ -35,7 +35,7 @@ def cmd_generate(args) -> int:
         samples = bundle.generate(prompts, to, sampling=sampling_from_args(args), inputs=inputs, out=args.out,
                                   max_new_tokens=args.max_new_tokens, cfg_scale=args.cfg_scale, seed=args.seed,
                                   progress=not args.no_progress, speculative=args.speculative,
-                                  draft_model=args.draft_model, stats=stats, coprocessor=args.coprocessor,
+                                  draft_model=args.draft_model, draft_tree=args.draft_tree, stats=stats, coprocessor=args.coprocessor,
                                   augment_every=args.augment_every, decoding=args.decode, steps=args.steps,
                                   recap=args.recap, edit=args.edit, edit_mask=args.edit_mask, refine=args.refine)
     except (ValueError, FileNotFoundError) as exc:
@@ -88,6 +88,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--augment-every", type=int, default=0, metavar="M",
                    help="with --coprocessor: augment again before every M-th generated token (0 = prompt's end only)")
     p.add_argument("--draft-model", default=None, metavar="DIR", help="exported drafter for --speculative draft")
+    p.add_argument("--draft-tree", choices=("chain", "static", "dynamic"), default="chain",
+                   help="--speculative draft: a chain of sampled drafts, or a static / dynamic (DySpec) tree of the "
+                        "drafter's top tokens verified in one pass")
     p.add_argument("--decode", choices=("ar", "masked", "cascade"), default="ar",
                    help="ar: token by token; masked: MaskGIT parallel decoding of the whole segment, for a model "
                         "trained with the masked or hybrid objective; cascade: BAMM's causal draft, then MaskGIT "

@@ -42,10 +42,10 @@ class RecyclingMatrix:
         self.table = torch.full((vocab_size, k), -1, dtype=torch.int32, device=device)
         # the target's probability of each candidate when it was recycled (dynamic trees' values)
         self.probs = torch.zeros((vocab_size, k), dtype=torch.float32, device=device)
-        # the adaptive back-off's state (node budget -> running mean of accepted drafts;
+        # the adaptive back-off's state (node budget -> running means of accepted drafts and their squares;
         # speculative_backoff.py): it travels with the matrix, so a hot start also remembers
         # whether trees were winning on this kind of text
-        self.backoff: dict[int, float] | None = None
+        self.backoff: dict | None = None
 
     @property
     def k(self) -> int:

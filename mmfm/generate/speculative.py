@@ -20,6 +20,7 @@ target verification pass) so speed-ups can be read off independently of timing.
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import torch
@@ -154,6 +155,24 @@ class _Target:
             self.cache.keep(0, start, torch.tensor(path))
         self.length = start + len(path)
         self.cache.lengths.fill_(self.length)
+
+
+def _walk(dt, draws: list[int], out: list[int], max_new_tokens: int, eos_id: int | None) -> tuple[list[int], bool]:
+    """Verify a tree of deterministic drafts: from the root, emit the draw at each node reached and
+    descend while the draw is one of its children (one draw t ~ p per node, accepted as the child
+    holding t: recursive rejection sampling over one-hot drafts). Appends to `out`; returns (the
+    accepted path as node indices, root first; whether generation stops)."""
+    tokens, children = dt.tokens_list, dt.children
+    cur, path = 0, [0]
+    while True:
+        t = draws[cur]
+        out.append(t)
+        if t == eos_id or len(out) >= max_new_tokens:
+            return path, True
+        cur = next((c for c in children[cur] if tokens[c] == t), -1)
+        if cur < 0:
+            return path, False
+        path.append(cur)
 
 
 TREES = ("static", "dynamic")
@@ -297,19 +316,9 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         stats.tree_nodes.append(n)
         stats.drafted += n - 1
         _, draws, top = draw(logits)
-        tokens, children = dt.tokens_list, dt.children
-        cur, path = 0, [0]
+        tokens = dt.tokens_list
         emitted = len(out)
-        while True:
-            t = draws[cur]
-            out.append(t)
-            if t == eos_id or len(out) >= max_new_tokens:
-                stop = True
-                break
-            cur = next((c for c in children[cur] if tokens[c] == t), -1)
-            if cur < 0:
-                break
-            path.append(cur)
+        path, stop = _walk(dt, draws, out, max_new_tokens, eos_id)
         stats.accepted += len(path) - 1
         if chooser is not None:
             for t in out[emitted:]:
@@ -333,10 +342,19 @@ def draft_model_generate(model, drafter, prompt_ids, *, max_new_tokens: int, num
                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                          typical_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
                          modality_table: torch.Tensor | None = None,
-                             allowed_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, SpecStats]:
-    """Generate with a smaller mmfm model (same vocabulary) drafting num_draft tokens per target
-    pass, verified by verify_chain; returns (int64 [n] new tokens, SpecStats)."""
+                         allowed_mask: torch.Tensor | None = None, tree: str = "chain", tree_size: int = 16,
+                         k: int = 4, max_depth: int = 6) -> tuple[torch.Tensor, SpecStats]:
+    """Generate with a smaller mmfm model (same vocabulary) drafting for the target; returns
+    (int64 [n] new tokens, SpecStats).
+
+    tree = "chain": num_draft tokens sampled from the drafter per target pass, verified by
+    verify_chain. tree = "static" / "dynamic": a tree of deterministic drafts (the drafter's top-k
+    tokens at each node) of up to tree_size nodes, verified in one target pass as Token Recycling's
+    trees are (_walk); "static" fills the template of tree_template(tree_size, k, max_depth)
+    level by level, "dynamic" grows it by DySpec's rule (draft_tree)."""
     _check_common(max_new_tokens, seed)
+    if tree not in ("chain", *TREES):
+        raise ValueError(f"tree: expected one of chain, {', '.join(TREES)}, got {tree!r}")
     if not isinstance(num_draft, int) or num_draft < 1:
         raise ValueError(f"num_draft: expected an int >= 1, got {num_draft!r}")
     V = model.cfg.vocab_size
@@ -344,6 +362,12 @@ def draft_model_generate(model, drafter, prompt_ids, *, max_new_tokens: int, num
         raise ValueError(f"drafter: vocab_size {drafter.cfg.vocab_size} differs from the target's {V}; the drafter "
                          "must share the unified vocabulary")
     settings = sampling_settings(temperature, top_k, top_p, min_p, typical_p, allowed_mask)
+    if tree != "chain":
+        for name, v, lo in (("tree_size", tree_size, 2), ("k", k, 1), ("max_depth", max_depth, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        return _draft_tree_generate(model, drafter, prompt_ids, settings, max_new_tokens, seed, eos_id,
+                                    modality_table, tree, tree_size, k, max_depth)
     greedy = temperature == 0
     device = next(model.parameters()).device
     ids = prompt_tensor(prompt_ids, V, device)
@@ -393,6 +417,158 @@ def draft_model_generate(model, drafter, prompt_ids, *, max_new_tokens: int, num
         dcache.truncate(dlen + min(a, G - 1))
         pending = torch.tensor([drafts[G - 1:a] + [nxt]], dtype=torch.long, device=device)
         out, stop = _finish(out + drafts[:a] + [nxt], max_new_tokens, eos_id)
+    stats.new_tokens = len(out)
+    return torch.tensor(out, dtype=torch.long), stats
+
+
+class _Nodes:
+    """A draft tree under construction: tokens, parents, depths and path values, parents first."""
+
+    def __init__(self, root: int):
+        self.tok, self.parent, self.depth, self.value = [root], [-1], [0], [1.0]
+
+    def add(self, parent: int, token: int, value: float) -> int:
+        self.tok.append(token)
+        self.parent.append(parent)
+        self.depth.append(self.depth[parent] + 1)
+        self.value.append(value)
+        return len(self.tok) - 1
+
+    def tree(self, n: int | None = None):
+        from mmfm.generate.recycling import DraftTree, _mask_from_parents
+
+        n = len(self.tok) if n is None else n
+        parent = self.parent[:n]
+        children: list[list[int]] = [[] for _ in range(n)]
+        for i, p in enumerate(parent[1:], start=1):
+            children[p].append(i)
+        return DraftTree(torch.tensor(self.tok[:n]), parent, torch.tensor(self.depth[:n]), _mask_from_parents(parent),
+                         children, sum(self.value[1:n]), self.tok[:n])
+
+
+def draft_tree(drafter_pass, root: int, kind: str, size: int, k: int, max_depth: int, value_probs):
+    """Grow a tree of deterministic drafts from the drafter; returns (_Nodes, nodes the drafter
+    has evaluated: their keys/values sit in its cache at the tree's slots, the rest were added
+    after its last pass).
+
+    drafter_pass(DraftTree) -> the drafter's logits [n, V] for all n nodes (one tree pass; the
+    whole tree again every round, as only it knows which nodes see which); value_probs(logits)
+    -> the probabilities that rank and value the children. One drafter pass per round, a round
+    adding one level:
+      static   the template's nodes of the next depth, child of rank r = the parent's r-th most
+               likely token (tree_template: wide near the root, deep along rank 0);
+      dynamic  DySpec: a node's value is the product of the drafter's probabilities along its
+               path (under one-hot drafts, its chance of lying on the accepted path if the
+               drafter is right), and the tree grows best-first by value. Children are known
+               only after their parent's pass, so a round adds, best first, the candidates worth
+               at least `best value added this round * mean top-1 probability`, the most a
+               child of this round's nodes is expected to be worth; the rest wait for the next
+               round, where those children compete with them."""
+    nodes = _Nodes(root)
+    template = tree_template(size, k, max_depth) if kind == "static" else None
+    t_index = {0: 0}                 # static: template node -> tree node
+    heap: list = []                  # dynamic: (-value, tie, parent node, token)
+    tie, done, top1 = 0, 0, []
+    while True:
+        n = len(nodes.tok)
+        if n >= size or done == n:
+            return nodes, done
+        logits = drafter_pass(nodes.tree())
+        top = value_probs(logits[done:n]).topk(min(k, logits.shape[-1]), dim=-1)
+        vals, toks = top.values.tolist(), top.indices.tolist()
+        fresh = range(done, n)
+        done = n
+        if template is not None:
+            d = nodes.depth[n - 1] + 1
+            for ti in range(1, len(template)):
+                if template.depth[ti] != d or ti in t_index:
+                    continue
+                par = t_index.get(template.parent[ti])
+                if par is None or par < fresh.start:
+                    continue
+                j = par - fresh.start
+                r = template.rank[ti]
+                if r < len(toks[j]) and len(nodes.tok) < size:
+                    t_index[ti] = nodes.add(par, toks[j][r], 0.0)
+            if len(nodes.tok) == n:
+                return nodes, done
+            continue
+        for j, i in enumerate(fresh):
+            top1.append(vals[j][0])
+            if nodes.depth[i] < max_depth:
+                for t, p in zip(toks[j], vals[j]):
+                    if p > 0:
+                        tie += 1
+                        heapq.heappush(heap, (-nodes.value[i] * p, tie, i, t))
+        pbar = sum(top1) / len(top1)
+        best = None
+        while heap and len(nodes.tok) < size and (best is None or -heap[0][0] >= best * pbar):
+            neg, _, par, t = heapq.heappop(heap)
+            nodes.add(par, t, -neg)
+            best = -neg if best is None else best
+        if len(nodes.tok) == n:
+            return nodes, done
+
+
+# draft-model trees in greedy decoding: the drafter's probabilities at this temperature value the
+# nodes. Unlike the recycled probabilities (the target's own, which sharpened at 0.25 rank its
+# argmax well), a small drafter is often wrong about the target's argmax and its temperature-1
+# uncertainty says where: on the byte-level bench model, tokens per target pass at 10 / 20 nodes
+# were 1.69 / 2.00 at temperature 1 against 1.26 / 1.57 at 0.5, 1.21 / 1.55 at 0.25 and the static
+# template's 1.57 / 1.61 (docs/benchmarks.md, ## speculative)
+DRAFT_GREEDY_VALUE_TEMPERATURE = 1.0
+
+
+def _draft_tree_generate(model, drafter, prompt_ids, settings, max_new_tokens, seed, eos_id, modality_table,
+                         kind, tree_size, k, max_depth):
+    """draft_model_generate with a tree of deterministic drafts (tree = "static" / "dynamic")."""
+    V = model.cfg.vocab_size
+    device = next(model.parameters()).device
+    ids = prompt_tensor(prompt_ids, V, device)
+    rng = _Rng(seed)
+    stats = SpecStats()
+    cap = ids.shape[1] + max_new_tokens + tree_size + 2
+    target = _Target(model, KVCache.for_model(model, batch=1, capacity=cap), modality_table)
+    draft = _Target(drafter, KVCache.for_model(drafter, batch=1, capacity=cap), modality_table)
+    logits = target.prefill(ids)
+    draft.prefill(ids)                 # the drafter's cache: every emitted token but the last (the root)
+    first = sampling.sample(logits[-1:], **settings, **rng.next())
+    out = [int(first[0])]
+    stop = len(out) >= max_new_tokens or out[-1] == eos_id
+    greedy = settings["temperature"] == 0
+    # the probabilities the children are ranked and valued by: the sampling distribution (a node's
+    # chance of being drawn), in greedy the drafter's at DRAFT_GREEDY_VALUE_TEMPERATURE
+    value_settings = dict(settings, temperature=DRAFT_GREEDY_VALUE_TEMPERATURE) if greedy else settings
+
+    def value_probs(lg):
+        return sampling.processed_probs(lg, **value_settings)
+
+    def drafter_pass(dt):
+        stats.draft_passes += 1
+        return draft.tree(dt)
+
+    while not stop:
+        nodes, evaluated = draft_tree(drafter_pass, out[-1], kind, tree_size, k, max_depth, value_probs)
+        dt = nodes.tree()
+        n = len(dt.parent)
+        tl = target.tree(dt)
+        stats.target_passes += 1
+        stats.tree_nodes.append(n)
+        stats.drafted += n - 1
+        draws = sampling.sample(tl, **settings, **rng.next()).tolist()
+        path, stop = _walk(dt, draws, out, max_new_tokens, eos_id)
+        stats.accepted += len(path) - 1
+        target.keep(path)
+        # the drafter keeps the accepted nodes it has read; one it has not (added after its last
+        # pass: a leaf) is fed as a plain step; the last emitted token is the next root
+        seen = [i for i in path if i < evaluated]
+        draft.keep(seen)
+        for i in path[len(seen):]:
+            draft.one(torch.tensor([dt.tokens_list[i]], device=device))
+            stats.draft_passes += 1
+    if eos_id is not None and eos_id in out:
+        out = out[:out.index(eos_id) + 1]
+    out = out[:max_new_tokens]
     stats.new_tokens = len(out)
     return torch.tensor(out, dtype=torch.long), stats
 

@@ -20,6 +20,17 @@ picks the budget of highest (1 + expected accepted drafts) / cost, where a pass'
 steps, is 1 + pass_cost + node_cost * (n - 1); unless that beats a plain step's 1 token per step
 by a margin (10%), the pass is a plain DenseStep step. So a losing tree first shrinks, then stops; a winning one grows back.
 
+The expected drafts a budget is judged by are a lower confidence bound, the running mean less z
+(0.5) standard errors of it (from a running mean of the squared walks: the variance of an
+exponential mean of independent draws is var * alpha / (2 - alpha)), not the mean itself. The
+running mean is a noisy estimate and the choice picks whichever budget it overrates most: in
+sampling from a model whose drafts rarely hold (walks of 0 with a rare 1 or 2), two lucky walks in
+a row lifted a small budget's mean past break-even and bought a tree pass that then accepted its
+usual ~0.1 drafts (docs/benchmarks.md, ## speculative: 21-40 such passes of ~375). Greedy walks on
+repetitive text are long and alike, so their bound stays close to their mean. z = 0.5 was picked
+on the byte-level bench model among 0 / 0.5 / 1: sampling's tree passes 42 / 15 / 14 of ~384,
+greedy's tokens per second unchanged at 0.5 and ~5% lower at 1 (trees return later after a miss).
+
 The walks read the matrix rows *before* the pass that emitted the tokens updates them (a row
 refreshed from the very position being scored would make every greedy draft match). Which pass
 runs depends only on tokens already emitted, so the output stays distributed exactly as plain
@@ -64,12 +75,17 @@ class TreeChooser:
     alpha: weight of the newest walk in the running means (0.3: a run of losing walks brings the
     most optimistic state, every budget's mean at max_depth, under any break-even in ~8 walks;
     one walk closes per emitted token). state: the running means of an earlier call (hot start;
-    kept on the RecyclingMatrix), used when it was made for the same budgets."""
+    kept on the RecyclingMatrix: {budget: (mean, mean of squares)}, or {budget: mean}, read as a
+    mean of identical walks), used when it was made for the same budgets. z: standard errors
+    below the running mean at which a budget is judged (0: the mean itself; 0.5 by default)."""
 
     def __init__(self, tree_size: int, k: int, max_depth: int, cost: TreeCost, alpha: float = 0.3,
-                 state: dict[int, float] | None = None, last_token: int | None = None, margin: float = 0.1):
+                 state: dict | None = None, last_token: int | None = None, margin: float = 0.1,
+                 z: float = 0.5):
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha: expected a number in (0, 1], got {alpha!r}")
+        if not isinstance(z, (int, float)) or not z >= 0:
+            raise ValueError(f"z: expected a number >= 0, got {z!r}")
         self.template = tree_template(tree_size, k, max_depth)
         self.child, self.order = self.template.child, self.template.order
         size = len(self.template)    # fewer than tree_size when k ** depth is smaller
@@ -77,7 +93,13 @@ class TreeChooser:
         self.cost = [cost(n) for n in self.sizes]
         self.alpha = alpha
         self.margin = margin
-        self.ema = dict(state) if state and sorted(state) == self.sizes else {n: 0.0 for n in self.sizes}
+        self.z, self.se_scale = float(z), (alpha / (2.0 - alpha)) ** 0.5
+        self.ema = {n: 0.0 for n in self.sizes}
+        self.sq = {n: 0.0 for n in self.sizes}      # running mean of the squared walks
+        if state and sorted(state) == self.sizes:
+            for n, v in state.items():
+                m, q = (v, v * v) if isinstance(v, (int, float)) else v
+                self.ema[n], self.sq[n] = float(m), float(q)
         self.walks: list[tuple[int, list[int]]] = []     # open walks: (template node, orders along the path)
         self.last = last_token
         if last_token is not None:
@@ -88,11 +110,22 @@ class TreeChooser:
         plain step by `margin` (0.1): the cost model is a fixed estimate and the running mean a
         noisy one, and a marginal tree risks more than it can gain."""
         best, speed = 1, 1.0 + self.margin
+        z, scale = self.z, self.se_scale
         for n, c in zip(self.sizes, self.cost):
-            s = (1.0 + self.ema[n]) / c
+            m = self.ema[n]
+            if (1.0 + m) / c <= speed:      # not even the mean wins: no need for the bound
+                continue
+            if z:
+                m -= z * scale * max(self.sq[n] - m * m, 0.0) ** 0.5
+            s = (1.0 + m) / c
             if s > speed:
                 best, speed = n, s
         return best
+
+    def expected(self, n: int) -> float:
+        """The lower bound on budget n's accepted drafts per pass that choose() judges it by."""
+        m = self.ema[n]
+        return m - self.z * self.se_scale * max(self.sq[n] - m * m, 0.0) ** 0.5
 
     def observe(self, table, token: int) -> None:
         """table: the matrix's candidate rows as they were when the pass that emitted `token` was
@@ -120,14 +153,18 @@ class TreeChooser:
         self.walks.append((0, []))
 
     def _close(self, orders: list[int]) -> None:
-        a, ema = self.alpha, self.ema
+        a, ema, sq = self.alpha, self.ema, self.sq
         if not orders:                      # nothing accepted (most walks in plain stretches)
             keep = 1.0 - a
             for n in self.sizes:
                 ema[n] *= keep
+                sq[n] *= keep
             return
         for n in self.sizes:
-            ema[n] += a * (bisect_left(orders, n) - ema[n])
+            x = bisect_left(orders, n)
+            ema[n] += a * (x - ema[n])
+            sq[n] += a * (x * x - sq[n])
 
-    def state(self) -> dict[int, float]:
-        return dict(self.ema)
+    def state(self) -> dict[int, tuple[float, float]]:
+        """{budget: (running mean, running mean of squares)}: the hot start of the next call."""
+        return {n: (self.ema[n], self.sq[n]) for n in self.sizes}
