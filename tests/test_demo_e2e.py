@@ -70,3 +70,38 @@ def test_demo_e2e_test_preset_loss_falls_and_export_loads(tmp_path):
         assert all(os.path.getsize(p) > 0 for p in r["paths"]), r
         read_output(r["paths"][0], r["modality"])
     assert "samples" in p.stdout
+
+
+def test_every_preset_builds_its_configs(tmp_path):
+    """Each preset's corpus plan, six tokenizer configs (with its overrides: an unknown field is an
+    error) and pretraining config load; the long preset carries the demo's tokenizer model settings
+    (it fell behind them once: docs/benchmarks.md, "Quality against compute")."""
+    import pytest
+
+    from mmfm.data.demo_corpus import demo_plan
+    from mmfm.demos.e2e import MODALITIES, PRESETS, tokenizer_config
+    from mmfm.train.config import load_run_config
+    from mmfm.typed_config import packaged_config
+
+    for name, preset in PRESETS.items():
+        plan = demo_plan(preset["scale"], preset.get("corpus_counts"))
+        assert all(v >= 0 for v in plan.values())
+        for m in MODALITIES:
+            cfg = tokenizer_config(m, str(tmp_path / "corpus"), str(tmp_path / name), preset)
+            for k, v in preset["tokenizer_overrides"].get(m, {}).items():
+                section, field = k.split(".", 1)
+                assert getattr(getattr(cfg, section), field) == v, (name, m, k)
+            if preset["tokenizer_steps"][m]:
+                assert cfg.train.steps == preset["tokenizer_steps"][m]
+        cfg = load_run_config(packaged_config(preset["pretrain_config"]), list(preset["pretrain_overrides"]))
+        assert cfg.train.steps > 0
+    demo, long = PRESETS["demo"]["tokenizer_overrides"], PRESETS["long"]["tokenizer_overrides"]
+    for m, over in demo.items():
+        for k, v in over.items():
+            if k.startswith("model.") or k == "data.max_samples" and m == "text":
+                assert long.get(m, {}).get(k) == v, f"long preset: {m} {k} differs from the demo's {v!r}"
+    long_cfg = load_run_config(packaged_config(PRESETS["long"]["pretrain_config"]), [])
+    assert long_cfg.data.caption_dropout > 0 and long_cfg.data.pack == "whole" and long_cfg.data.mix
+    with pytest.raises(ValueError, match="no such field"):
+        tokenizer_config("image", str(tmp_path), str(tmp_path), {**PRESETS["demo"], "tokenizer_overrides":
+                                                                 {"image": {"model.colour": 3}}})
