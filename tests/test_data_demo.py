@@ -85,6 +85,38 @@ def test_demo_counts_set_sources_outright_and_name_a_bad_one(tmp_path):
     assert heat["physics"]["samples"] == 7   # 3 mixed runs (heat, burgers, navier_stokes) + 4 heat: no key clash
 
 
+def test_code_documents_are_stdlib_source_cut_at_lines(tmp_path):
+    """counts={"code": N}: N text documents of standard-library source, each a run of whole lines
+    of one file (every line of the document is a line of that file, in order), at most MAX_CHARS,
+    distinct; 0 by default, so the demo's corpus does not change."""
+    import os
+    import sysconfig
+    import tarfile
+
+    from mmfm.data.demo_corpus import demo_plan
+    from mmfm.data.demo_corpus.text import MAX_CHARS, MIN_CHARS, code_samples
+
+    assert demo_plan(1.0)["code"] == 0
+    docs = list(code_samples(40))
+    assert len(docs) == 40 and len({d["txt"] for d in docs}) == 40
+    root = sysconfig.get_paths()["stdlib"]
+    for d in docs:
+        assert MIN_CHARS <= len(d["txt"]) <= MAX_CHARS and d["json"]["license"] == "PSF-2.0"
+        rel = d["json"]["source"].split(": ", 1)[1]
+        with open(os.path.join(root, rel), encoding="utf-8") as fh:
+            src = fh.read()
+        assert d["txt"] in src                   # a contiguous piece of the file
+        start = src.index(d["txt"])
+        assert start == 0 or src[start - 1] in "\n \t"   # cut at a line boundary (pieces are stripped)
+    s = build_demo(str(tmp_path), scale=0.02, progress=False, counts={"code": 5})
+    assert s["text"]["samples"] == demo_plan(0.02)["text"] + 5
+    keys = []
+    for shard in sorted(f for f in os.listdir(tmp_path) if f.startswith("text-") and f.endswith(".tar")):
+        with tarfile.open(os.path.join(tmp_path, shard)) as tar:
+            keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".txt")]
+    assert sum(k.startswith("code_") for k in keys) == 5
+
+
 def test_scene_object_weights_set_how_many_objects_a_scene_has():
     import numpy as np
     import pytest

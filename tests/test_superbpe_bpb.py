@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "superbpe_bpb.py")
 WORDS = ["value", "object", "module", "parser", "string", "the", "of", "returns", "a", "list"]
 ARGS = ["--arms", "bpe,superbpe", "--seeds", "0", "--vocab-size", "400", "--transition", "310", "--steps", "4",
-        "--micro-batch", "2", "--seq-len", "32"]
+        "--micro-batch", "2", "--seq-len", "32", "--override", "model.n_layers=1"]
 
 
 def _corpus(root: str) -> list[tuple[str, str]]:
@@ -52,6 +52,8 @@ def test_superbpe_bpb_runs_both_arms_and_reports_what_eval_bpb_measures(tmp_path
     for arm, a in summary["arms"].items():
         run = json.load(open(os.path.join(out, arm, "bpb-s0.json")))
         assert run["steps"] == 4 and run["tokens_per_step"] == 2 * 32   # equal training compute per arm
+        exported = json.load(open(os.path.join(run["export"], "config.json")))
+        assert exported["num_hidden_layers"] == 1                         # --override reached the model
         assert a["documents"] == len(held) and a["lossless_documents"] == len(held)   # byte-level: lossless
         assert 0 < a["mean"] < 16 and a["bits_per_byte"] == [run["bits_per_byte"]]
         # the table's figure is what `mmfm eval bpb` gives on the arm's export and the corpus

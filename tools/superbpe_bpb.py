@@ -85,7 +85,8 @@ def pretrain_overrides(args, seed: int) -> list[str]:
             f"data.seq_len={args.seq_len}", f"train.micro_batch={args.micro_batch}", "train.grad_accum=1",
             f"train.steps={args.steps}", f"train.eval_every={max(1, args.steps // 4)}",
             f"train.checkpoint_every={args.steps}", "train.keep_last=1", f"train.seed={seed}",
-            f"optim.warmup_steps={min(50, args.steps // 10)}", "train.progress=false", "train.plot=false"]
+            f"optim.warmup_steps={min(50, args.steps // 10)}", "train.progress=false", "train.plot=false",
+            *args.override]
 
 
 def train_one(arm: str, seed: int, args) -> None:
@@ -166,6 +167,9 @@ def parse(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a pretraining config override for every run (e.g. model.dim=256), after the tool's own; "
+                        "repeatable")
     p.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)   # internal: one run
     args = p.parse_args(argv)
     args.arms = [a for a in args.arms.split(",") if a]

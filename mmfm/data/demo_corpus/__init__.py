@@ -21,10 +21,11 @@ from mmfm.jsonio import write_json
 def demo_plan(scale: float, counts: dict | None = None) -> dict:
     """Samples per source at `scale`; `counts` sets some sources' numbers outright (the demo's preset
     asks for many more scenes, clips and shapes than documents: docs/training.md says why). "heat"
-    (0 unless counted) adds 2D heat runs to the mixed physics runs."""
+    (0 unless counted) adds 2D heat runs to the mixed physics runs; "code" (0 unless counted) adds
+    standard-library Python source as text documents (text.code_samples)."""
     n = lambda base: max(1, int(round(base * scale)))  # noqa: E731
     plan = {"text": n(1000), "digits": n(500), "scenes": n(1000), "speech": n(48), "tones": n(100),
-            "clips": n(200), "shapes": n(200), "physics": n(24), "heat": 0}
+            "clips": n(200), "shapes": n(200), "physics": n(24), "heat": 0, "code": 0}
     for k, v in (counts or {}).items():
         if k not in plan:
             raise ValueError(f"demo corpus counts: unknown source {k!r} (expected one of {', '.join(plan)})")
@@ -40,7 +41,7 @@ def demo_sources(scale: float, seed: int, counts: dict | None = None, scene_obje
     plan = demo_plan(scale, counts)
     rng = np.random.default_rng(seed)
     return {
-        "text": text.text_samples(plan["text"]),
+        "text": itertools.chain(text.text_samples(plan["text"]), text.code_samples(plan["code"])),
         "image": itertools.chain(images.bundled_photos(128),
                                  images.digits(plan["digits"], 32), images.shape_scenes(plan["scenes"], 64, rng, scene_objects)),
         "audio": itertools.chain(audio.speech(plan["speech"]), audio.tones(plan["tones"], rng)),

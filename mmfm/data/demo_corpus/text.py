@@ -2,7 +2,9 @@
 
 Sources: docstrings of standard-library modules (PSF-2.0), and the long descriptions (READMEs)
 and license texts in installed packages' dist-info folders, each with the package's license as
-its metadata declares it.
+its metadata declares it. code_samples: the standard library's own Python source (PSF-2.0), cut
+into documents at line boundaries: ~30 MB that ship with every interpreter, for text-only runs
+larger than the ~500 documents above allow (counts={"code": N} in build_demo; 0 by default).
 """
 from __future__ import annotations
 
@@ -91,3 +93,48 @@ def text_samples(count: int):
             n += 1
             if n >= count:
                 return
+
+
+def code_samples(count: int):
+    """Up to `count` documents of standard-library Python source: every .py file under the
+    interpreter's stdlib folder (tests, idle and tkinter demos left out), in sorted path order, cut
+    at line boundaries into pieces of at most MAX_CHARS; deduplicated like text_samples."""
+    import os
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages", "ensurepip",
+            "pydoc_data", "__pycache__"}
+    seen: set[str] = set()
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        for fname in sorted(filenames):
+            if not fname.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, fname)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    lines = fh.read().replace("\r\n", "\n").split("\n")
+            except (OSError, UnicodeDecodeError):
+                continue
+            rel = os.path.relpath(path, root)
+            piece: list[str] = []
+            size = 0
+            for line in lines + [None]:
+                if line is not None and size + len(line) + 1 <= MAX_CHARS:
+                    piece.append(line)
+                    size += len(line) + 1
+                    continue
+                text = "\n".join(piece).strip()
+                piece, size = ([line[:MAX_CHARS]], len(line) + 1) if line is not None else ([], 0)
+                digest = hashlib.sha1(text.encode()).hexdigest()
+                if len(text) < MIN_CHARS or digest in seen:
+                    continue
+                seen.add(digest)
+                yield {"__key__": f"code_{n:06d}", "txt": text,
+                       "json": {"modality": "text", "source": f"python stdlib source: {rel}", "license": "PSF-2.0",
+                                "chars": len(text)}}
+                n += 1
+                if n >= count:
+                    return
