@@ -237,6 +237,16 @@ def bench_decoding(model, encode, desc, args) -> list[dict]:
     return records
 
 
+def _tree_record(case: dict, impl: str, stats: list, drafter: bool = False) -> dict:
+    """tree_compare's figures over one impl's runs: tokens per target pass, mean tree size and,
+    for draft-model trees, drafter passes per target pass."""
+    passes = sum(s.target_passes for s in stats)
+    nodes = [n for s in stats for n in s.tree_nodes]
+    extra = {"draft_passes_per_target_pass": round(sum(s.draft_passes for s in stats) / passes, 2)} if drafter else {}
+    return record("speculative", case, impl, acceptance_length=round(sum(s.new_tokens - 1 for s in stats) / passes, 3),
+                  target_passes=passes, mean_tree_nodes=round(sum(nodes) / len(nodes), 2), **extra)
+
+
 def bench_tree_compare(model, encode, desc, args) -> list[dict]:
     """Tokens per target pass, static template vs dynamic tree at the same node budget, with a
     tree every pass (back-off and gate off), on the same prompts, one matrix per run; and the
@@ -254,12 +264,7 @@ def bench_tree_compare(model, encode, desc, args) -> list[dict]:
                 stats = [draft_model_generate(model, drafter, p, max_new_tokens=args.new_tokens, seed=i, tree=tree,
                                               tree_size=size, k=args.draft_k, max_depth=args.draft_depth,
                                               **MODES[mode])[1] for i, p in enumerate(prompts)]
-                passes = sum(s.target_passes for s in stats)
-                nodes = [n for s in stats for n in s.tree_nodes]
-                out.append(record("speculative", case, f"mmfm_draft_model_{tree}",
-                                  acceptance_length=round(sum(s.new_tokens - 1 for s in stats) / passes, 3),
-                                  target_passes=passes, mean_tree_nodes=round(sum(nodes) / len(nodes), 2),
-                                  draft_passes_per_target_pass=round(sum(s.draft_passes for s in stats) / passes, 2)))
+                out.append(_tree_record(case, f"mmfm_draft_model_{tree}", stats, drafter=True))
     for mode in args.modes:
         for size in args.compare_sizes:
             case = {"mode": "tree_compare", "sampling": mode, "tree_size": size, "prompts": len(prompts),
@@ -269,11 +274,7 @@ def bench_tree_compare(model, encode, desc, args) -> list[dict]:
                 stats = [token_recycling_generate(model, p, max_new_tokens=args.new_tokens, seed=i, matrix=matrix,
                                                   tree_size=size, tree=tree, adaptive=False, min_value=0.0,
                                                   min_expected=0.0, **MODES[mode])[1] for i, p in enumerate(prompts)]
-                passes = sum(s.target_passes for s in stats)
-                nodes = [n for s in stats for n in s.tree_nodes]
-                out.append(record("speculative", case, f"mmfm_token_recycling_{tree}",
-                                  acceptance_length=round(sum(s.new_tokens - 1 for s in stats) / passes, 3),
-                                  target_passes=passes, mean_tree_nodes=round(sum(nodes) / len(nodes), 2)))
+                out.append(_tree_record(case, f"mmfm_token_recycling_{tree}", stats))
     return out
 
 

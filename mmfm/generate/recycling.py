@@ -260,11 +260,17 @@ def build_dynamic_tree(matrix: RecyclingMatrix, root: int, size: int, max_depth:
         depth.append(depth[par] + 1)
         value.append(-neg)
         push(len(tok) - 1)
+    return tree_from_parents(tok, parent, depth, sum(value[1:]))
+
+
+def tree_from_parents(tok: list[int], parent: list[int], depth: list[int], expected: float = 0.0) -> DraftTree:
+    """A DraftTree from host lists of tokens, parents (-1 for the root; parents before children)
+    and depths: the form trees grown node by node are built in (dynamic trees, draft-model trees)."""
     children: list[list[int]] = [[] for _ in tok]
     for i, p in enumerate(parent[1:], start=1):
         children[p].append(i)
     return DraftTree(torch.tensor(tok), parent, torch.tensor(depth), _mask_from_parents(parent), children,
-                     sum(value[1:]), tok)
+                     expected, tok)
 
 
 @torch.no_grad()

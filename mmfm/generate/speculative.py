@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mmfm.generate.decode import modality_ids
-from mmfm.generate.recycling import HostRows, RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
+from mmfm.generate.recycling import (HostRows, RecyclingMatrix, build_dynamic_tree, build_tree, tree_from_parents,
+                                    tree_template)
 from mmfm.generate.speculative_backoff import TreeChooser, TreeCost
 from mmfm.generate.step import DenseStep
 from mmfm.models.kv_cache import KVCache
@@ -434,16 +435,9 @@ class _Nodes:
         self.value.append(value)
         return len(self.tok) - 1
 
-    def tree(self, n: int | None = None):
-        from mmfm.generate.recycling import DraftTree, _mask_from_parents
-
-        n = len(self.tok) if n is None else n
-        parent = self.parent[:n]
-        children: list[list[int]] = [[] for _ in range(n)]
-        for i, p in enumerate(parent[1:], start=1):
-            children[p].append(i)
-        return DraftTree(torch.tensor(self.tok[:n]), parent, torch.tensor(self.depth[:n]), _mask_from_parents(parent),
-                         children, sum(self.value[1:n]), self.tok[:n])
+    def tree(self):
+        # copies: the tree keeps growing after a drafter pass has read this one
+        return tree_from_parents(list(self.tok), list(self.parent), list(self.depth), sum(self.value[1:]))
 
 
 def draft_tree(drafter_pass, root: int, kind: str, size: int, k: int, max_depth: int, value_probs):

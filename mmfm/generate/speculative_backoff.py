@@ -110,14 +110,10 @@ class TreeChooser:
         plain step by `margin` (0.1): the cost model is a fixed estimate and the running mean a
         noisy one, and a marginal tree risks more than it can gain."""
         best, speed = 1, 1.0 + self.margin
-        z, scale = self.z, self.se_scale
         for n, c in zip(self.sizes, self.cost):
-            m = self.ema[n]
-            if (1.0 + m) / c <= speed:      # not even the mean wins: no need for the bound
+            if (1.0 + self.ema[n]) / c <= speed:   # not even the mean wins: no need for the bound
                 continue
-            if z:
-                m -= z * scale * max(self.sq[n] - m * m, 0.0) ** 0.5
-            s = (1.0 + m) / c
+            s = (1.0 + self.expected(n)) / c
             if s > speed:
                 best, speed = n, s
         return best
