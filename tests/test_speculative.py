@@ -279,6 +279,10 @@ def test_bad_arguments_name_the_argument():
         draft_model_generate(model, _model(vocab=32), [1], max_new_tokens=2)
     with pytest.raises(ValueError, match="num_draft"):
         draft_model_generate(model, model, [1], max_new_tokens=2, num_draft=0)
+    with pytest.raises(ValueError, match="tree: expected one of chain"):
+        draft_model_generate(model, model, [1], max_new_tokens=2, tree="bushy")
+    with pytest.raises(ValueError, match="tree_size: expected an int >= 2"):
+        draft_model_generate(model, model, [1], max_new_tokens=2, tree="dynamic", tree_size=1)
 
 
 # ------------------------------------------------------------------------- distribution tests
