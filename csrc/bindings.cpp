@@ -24,7 +24,7 @@ TORCH_LIBRARY(mmfm, m) {
   // repetition_penalty, presence_penalty, frequency_penalty); see docs/ops_sampling.md
   m.def(
       "sample(Tensor logits, Tensor params, Tensor? allowed_range, Tensor? allowed_mask, Tensor? history, int seed, "
-      "int offset) -> (Tensor tokens, Tensor probs)");
+      "int offset, Tensor? row_offsets=None) -> (Tensor tokens, Tensor probs)");
   m.def(
       "processed_probs(Tensor logits, Tensor params, Tensor? allowed_range, Tensor? allowed_mask, Tensor? history) "
       "-> Tensor");

@@ -323,6 +323,29 @@ def test_seeded_runs_repeat():
     assert torch.equal(S.sample(x, seed=42, **combo)[:8], S.sample(x[:8], seed=42, **combo))
 
 
+def test_per_row_offsets_draw_what_one_row_calls_draw(monkeypatch):
+    """offset as a tensor [B]: row r draws exactly what a one-row call with offset=offset[r]
+    draws (the stream of a sequence position, wherever the row sits), on the compiled op and on
+    the reference; a wrong shape or dtype is named."""
+    x = logits_data(12, 3000, seed=4)
+    offs = torch.tensor([5, 0, 7, 7, 2, 9, 1, 3, 3, 8, 4, 6])
+    for combo in ({}, {"top_k": 50, "top_p": 0.9}, {"typical_p": 0.8}):
+        tok, p = S.sample(x, seed=13, offset=offs, return_probs=True, **combo)
+        for r in range(12):
+            t1, p1 = S.sample(x[r:r + 1], seed=13, offset=int(offs[r]), return_probs=True, **combo)
+            assert int(tok[r]) == int(t1[0]) and float(p[r]) == float(p1[0]), (combo, r)
+        # the row index no longer keys the stream: a permuted batch draws the permuted tokens
+        perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(S.sample(x[perm], seed=13, offset=offs[perm], **combo), tok[perm])
+    with pytest.raises(ValueError, match=r"'offset'.*\[B=12\]"):
+        S.sample(x, seed=0, offset=offs[:5])
+    with pytest.raises(TypeError, match="'offset'.*integer"):
+        S.sample(x, seed=0, offset=offs.float())
+    monkeypatch.setattr(S, "compiled", lambda t: False)     # the pure-torch reference keeps the contract
+    ref = S.sample(x, seed=13, offset=offs, top_k=50)
+    assert all(int(ref[r]) == int(S.sample(x[r:r + 1], seed=13, offset=int(offs[r]), top_k=50)[0]) for r in range(12))
+
+
 def test_thread_count_does_not_change_draws():
     code = ("import torch; from mmfm.ops import sampling as S; g = torch.Generator().manual_seed(0); "
             "x = 2 * torch.randn(16, 20000, generator=g); "

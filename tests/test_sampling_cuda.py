@@ -104,6 +104,19 @@ def test_cuda_draws_match_cpu_draws():
     assert torch.equal(c, S.sample(x.to(DEV), seed=11, top_p=0.9))
 
 
+def test_cuda_per_row_offsets_match_cpu_draws():
+    """offset as a tensor (per-row streams, a draft tree's nodes keyed by position): the device
+    draws what the CPU kernel draws, and what one-row calls with each offset draw."""
+    x = data(256, 32000, seed=5)
+    offs = torch.arange(256) % 37
+    for combo in ({}, {"top_k": 50, "top_p": 0.9}):
+        a = S.sample(x, seed=3, offset=offs, **combo)
+        b = S.sample(x.to(DEV), seed=3, offset=offs.to(DEV), **combo).cpu()
+        assert float((a == b).double().mean()) > 0.98, combo
+        one = torch.cat([S.sample(x[i:i + 1].to(DEV), seed=3, offset=int(offs[i]), **combo) for i in range(16)]).cpu()
+        assert torch.equal(one, b[:16]), combo
+
+
 def test_cuda_edges_and_errors():
     assert S.sample(torch.randn(3, 1, device=DEV), seed=0).tolist() == [0, 0, 0]
     assert S.sample(torch.empty(0, 5, device=DEV)).shape == (0,)

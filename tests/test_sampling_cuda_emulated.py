@@ -35,7 +35,7 @@ def _load(threads):
     lib = build_emulator(SOURCES, "mmfm_cuda_emu", CUDA_SOURCES,
                          defines=None if threads is None else {"MMFM_SAMPLING_CUDA_THREADS": threads})
     lib.emu_sample.argtypes = [P, ctypes.c_int, I64, I64, P, P, P, P, I64, ctypes.c_uint64, ctypes.c_uint64,
-                               ctypes.c_int, P, P, P, P]
+                               ctypes.c_int, P, P, P, P, P]
     lib.emu_verify_chain.argtypes = [P, P, ctypes.c_int, P, I64, I64, I64, ctypes.c_uint64, ctypes.c_uint64, P, P, P]
     lib.emu_verify_multi_draft.argtypes = [P, P, ctypes.c_int, ctypes.c_int, P, I64, I64, I64, ctypes.c_int,
                                            ctypes.c_uint64, ctypes.c_uint64, P, P, P]
@@ -68,7 +68,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def emu_run(lib, logits, write_probs, seed=0, offset=0, allowed_range=None, allowed_mask=None, history=None,
-            **params):
+            row_offsets=None, **params):
     B, V = logits.shape
     P_ = S.pack_params(B, V, "cpu", **params).contiguous()
     rng = S._range_arg(allowed_range, B, V, "cpu", "emu")
@@ -82,7 +82,7 @@ def emu_run(lib, logits, write_probs, seed=0, offset=0, allowed_range=None, allo
     status = torch.empty(B, dtype=torch.int32)
     rc = lib.emu_sample(ptr(logits), DTYPES[logits.dtype], B, V, ptr(P_), ptr(rng), ptr(mk), ptr(h),
                         0 if h is None else h.shape[1], seed, offset, int(write_probs), ptr(tokens), ptr(probs),
-                        ptr(out), ptr(status))
+                        ptr(out), ptr(status), ptr(None if row_offsets is None else row_offsets.contiguous()))
     assert rc == 0, f"launch failed: {rc}"
     return (out if write_probs else (tokens, probs)), status
 
@@ -164,11 +164,13 @@ def assert_at_cdf_boundary(weights, u, a, b, what):
                                               f"{gap:.2e} from a boundary between them")
 
 
-def check_draws(lib, x, seed, offset, combo):
+def check_draws(lib, x, seed, offset, combo, row_offsets=None):
     """Emulated draws against the CPU kernel's: the same Philox numbers and inverse-CDF order,
-    so each differing token must sit at a CDF boundary within rounding of the uniform."""
-    (tok, p), st = emu_run(lib, x, False, seed=seed, offset=offset, **combo)
-    cpu_tok, cpu_p = S.sample(x, seed=seed, offset=offset, return_probs=True, **combo)
+    so each differing token must sit at a CDF boundary within rounding of the uniform.
+    row_offsets (int64 [B]): per-row streams, (seed, row_offsets[r], row 0), in both."""
+    (tok, p), st = emu_run(lib, x, False, seed=seed, offset=offset, row_offsets=row_offsets, **combo)
+    cpu_tok, cpu_p = S.sample(x, seed=seed, offset=offset if row_offsets is None else row_offsets,
+                              return_probs=True, **combo)
     assert bool((st == 0).all())
     same = tok == cpu_tok
     if combo.get("temperature") == 0.0:
@@ -176,7 +178,8 @@ def check_draws(lib, x, seed, offset, combo):
     torch.testing.assert_close(p[same], cpu_p[same], atol=1e-6, rtol=1e-4)
     for row in (~same).nonzero().flatten().tolist():
         w = S.processed_probs_reference(x[row:row + 1].float(), **combo)[0]
-        u = lib.emu_uniform(seed, offset, row, 0, 0)
+        u = (lib.emu_uniform(seed, offset, row, 0, 0) if row_offsets is None
+             else lib.emu_uniform(seed, int(row_offsets[row]), 0, 0, 0))
         assert_at_cdf_boundary(w, u, int(tok[row]), int(cpu_tok[row]), f"row {row} {combo}")
     return int((~same).sum())
 
@@ -198,6 +201,23 @@ def test_emulated_draws_production_block(emu512, dtype):
     x = data(8, 3000, seed=13, dtype=dtype)
     for combo in ({}, {"top_k": 50, "top_p": 0.9}, {"temperature": 0.0}):
         check_draws(emu512, x, 5, 1, combo)
+
+
+@pytest.mark.usefixtures("needs_extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_per_row_offsets(emu, emu512, dtype):
+    """offset as a tensor (a draft tree's nodes keyed by position, speculative.py): each row
+    draws from (seed, offset[r], row 0) in the CUDA kernel as in the CPU kernel. Repeated
+    offsets make rows with the same logits draw the same token; the row index no longer matters."""
+    x = data(40, 700, seed=5, dtype=dtype)
+    x[20:] = x[:20]
+    offs = torch.tensor([3, 4, 4, 5, 9] * 4 + [3, 4, 4, 5, 9] * 4, dtype=torch.int64)
+    for combo in DRAW_COMBOS:
+        check_draws(emu, x, 11, 0, combo, row_offsets=offs)
+        (tok, _), _ = emu_run(emu, x, False, seed=11, row_offsets=offs, **combo)
+        assert torch.equal(tok[:20], tok[20:]), combo
+    check_draws(emu512, data(4, 3000, seed=6, dtype=dtype), 2, 0, {"top_p": 0.9},
+                row_offsets=torch.tensor([7, 1, 7, 2], dtype=torch.int64))
 
 
 def test_boundary_check_rejects_a_wrong_token():

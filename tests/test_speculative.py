@@ -10,7 +10,7 @@ from mmfm.generate.decode import SamplingConfig, decode
 from mmfm.generate.recycling import HostRows, RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
 from mmfm.generate.step import DenseStep
 from mmfm.generate.speculative import draft_model_generate, layer_drafter, token_recycling_generate
-from mmfm.generate.speculative_backoff import TreeChooser, TreeCost
+from mmfm.generate.speculative_backoff import MeasuredCost, TreeChooser, TreeCost
 from mmfm.models import KVCache, ModelConfig, Transformer
 from mmfm.ops import sampling
 
@@ -342,7 +342,7 @@ def test_token_recycling_sampling_distribution_equals_plain(settings, adaptive, 
     for s in range(n):
         toks, stats = token_recycling_generate(model, PROMPT, max_new_tokens=N_NEW, seed=s, matrix=matrix,
                                                tree_size=10, k=3, adaptive=adaptive, cost=MIXING,
-                                               tree=tree, min_value=0.2, **settings)
+                                               tree=tree, min_value=0.2, measure_cost=False, **settings)
         got.append(toks.tolist())
         passes += stats.target_passes
         plain += stats.plain_passes
@@ -357,6 +357,31 @@ def test_token_recycling_sampling_distribution_equals_plain(settings, adaptive, 
     other = exact_joint(model, {**settings, "temperature": settings["temperature"] * 1.3})
     wrong = torch.multinomial(other.float(), n, replacement=True, generator=torch.Generator().manual_seed(0))
     assert chi2_pvalue(torch.bincount(wrong, minlength=V ** N_NEW), exact) < 1e-3
+
+
+@pytest.mark.parametrize("tree,adaptive", [("static", False), ("static", True), ("dynamic", True)])
+def test_token_recycling_sampled_tokens_are_the_plain_loops(tree, adaptive):
+    """Draws are keyed by position (speculative._Rng.at): with the same seed, Token Recycling
+    samples token for token what the plain decode loop samples, whatever mix of plain steps and
+    trees ran, and the draft-model trees do too. So a seeded run repeats even when the back-off
+    decides by measured time."""
+    model = _model(vocab=V, std=0.5)
+    matrix = RecyclingMatrix(V, k=3)
+    drafter = layer_drafter(model, 1)
+    passes = tokens = 0
+    for s in range(40):
+        for settings in SETTINGS:
+            want = plain_generate(model, [1, 2, 3, 1, 2], 24, seed=s, **settings)
+            got, stats = token_recycling_generate(model, [1, 2, 3, 1, 2], max_new_tokens=24, seed=s, matrix=matrix,
+                                                  tree_size=10, k=3, adaptive=adaptive, cost=MIXING, tree=tree,
+                                                  **settings)
+            assert got.tolist() == want, (s, settings)
+            passes += stats.target_passes
+            tokens += stats.new_tokens
+            got, _ = draft_model_generate(model, drafter, [1, 2, 3, 1, 2], max_new_tokens=24, seed=s, tree=tree,
+                                          tree_size=5, k=2, max_depth=2, **settings)
+            assert got.tolist() == want, (s, settings, "draft-model tree")
+    assert passes < 0.9 * (tokens - 80)     # drafts were accepted: the trees' draws were used
 
 
 @pytest.mark.parametrize("tree", ["chain", "static", "dynamic"])
@@ -403,6 +428,8 @@ def test_bench_speculative_quick_writes_records(tmp_path):
             assert r["tokens_per_s"] > 0
         if mode == "greedy":   # every impl computed the plain loop's tokens
             assert r["same_as_plain"] is True
+        if mode == "sample" and r["impl"] != "mmfm":   # the trees sample the plain loop's tokens
+            assert r.get("same_as_plain") is (None if r["impl"] == "mmfm_draft_model" else True), r["impl"]
         if r["impl"] == "mmfm_token_recycling":
             assert r["matrix_bytes"] == 256 * 8 * 4
         if mode == "multidraft":   # measured RRS acceptance matches its exact rate, below the optimum
@@ -473,6 +500,44 @@ def test_chooser_judges_a_budget_by_a_lower_bound_not_a_lucky_mean():
     again = TreeChooser(20, 4, 8, TreeCost(), state=ch.state())
     assert again.choose() == 1 and again.expected(2) == ch.expected(2)
     assert TreeChooser(20, 4, 8, TreeCost(), state={n: 3.0 for n in ch.sizes}).choose() > 1
+
+
+def test_measured_cost_stops_a_tree_that_loses_in_time_within_a_few_passes():
+    """Walks that accept 0.6 drafts per tree win under the default cost (a 2-node tree costs
+    1.23 plain steps); when tree passes are measured at 2.2 plain steps, the chooser turns to plain steps
+    within 5 measured passes. One outlier (a 50-step pass) moves the estimate by a bounded
+    amount; plain steps relax it back toward the prior, so a tree is tried again later; and tree
+    passes measured as cheap bring the estimate down to what they cost."""
+    ch = TreeChooser(8, 4, 8, TreeCost(), z=0.0)
+    ch.ema = {n: 0.6 for n in ch.sizes}     # every budget: one draft accepted in 60% of the walks
+    ch.sq = dict(ch.ema)
+    meter = MeasuredCost(TreeCost())
+    ch.set_cost(meter)
+    assert ch.choose() > 1
+    for _ in range(20):
+        meter.plain(1e-3)
+    passes = 0
+    while ch.choose() > 1:
+        meter.tree(ch.choose(), 2.2e-3)
+        ch.set_cost(meter)
+        passes += 1
+        assert passes <= 5
+    assert passes >= 1 and meter.tree_passes == passes
+    assert ch.choose() == 1
+    before = meter.pass_cost
+    meter.tree(8, 50e-3)                    # one wild pass: clipped to 2 + 2x the estimate
+    assert before < meter.pass_cost <= before + 0.2 * (2 + 2 * before) + 1e-9
+    steps = 0
+    while ch.choose() == 1:                 # plain steps: the estimate relaxes toward the prior's 0.2
+        meter.plain(1e-3)
+        ch.set_cost(meter)
+        steps += 1
+        assert steps < 2000
+    assert 50 < steps < 1000
+    for _ in range(30):
+        meter.tree(8, 1.25e-3)              # cheap passes: 0.25 - 7 * 0.03 = 0.04
+    assert abs(meter.pass_cost - 0.04) < 0.01
+    assert MeasuredCost().tree(8, 1.0) is None and MeasuredCost().pass_cost == TreeCost().pass_cost
 
 
 def test_chooser_shrinks_the_tree_before_giving_up():

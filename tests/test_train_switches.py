@@ -147,7 +147,7 @@ def _op_cases():
         "fsq_codes_to_indices": (torch.zeros(3, 4), lv), "lfq_quantize": (z,),
         "lfq_indices_to_codes": (torch.tensor([0, 3, 7]), 4), "lfq_entropy": (z, 1.0, True),
         "lfq_entropy_backward": (torch.ones(2), z, 1.0, True), "residual_vq": (z, torch.randn(2, 5, 4, generator=g)),
-        "sample": (torch.randn(B, V, generator=g), params, None, None, None, 1, 0),
+        "sample": (torch.randn(B, V, generator=g), params, None, None, None, 1, 0, torch.tensor([4, 0, 4])),
         "processed_probs": (torch.randn(B, V, generator=g), params, None, None, None),
         "verify_chain": (probs(B, 3, V), probs(B, 2, V), torch.randint(0, V, (B, 2), generator=g), 1, 0),
         "verify_multi_draft": (probs(B, V), probs(B, V), torch.randint(0, V, (B, 2), generator=g), True, 1, 0),

@@ -45,7 +45,10 @@ def read_samples(folder: str, modality: str, split: str = "train"):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--init", required=True, help="exported model to start from")
+    p.add_argument("--init", required=True, help="exported model to start from (with --scratch: whose "
+                   "architecture, vocabulary and tokenizers to use)")
+    p.add_argument("--scratch", action="store_true",
+                   help="start from freshly initialised weights of --init's architecture, not its weights")
     p.add_argument("--tokens", required=True, help="token shards folder (train-*.tar, vocab.json)")
     p.add_argument("--modality", default="image")
     p.add_argument("--objective", choices=("masked", "hybrid", "ar"), default="masked")
@@ -72,6 +75,8 @@ def main(argv=None) -> int:
     vocab_path = os.path.join(args.tokens, "vocab.json")
     vocab = Vocab.load(vocab_path)
     model = load(args.init).train()
+    if args.scratch:   # the same architecture, trained from nothing under this objective alone
+        model.reset_parameters()
     cfg = ObjectiveConfig(kind=args.objective, loss_weights={"text": 0.3})
     if args.objective != "ar":
         cfg.mask_schedule = "cosine"

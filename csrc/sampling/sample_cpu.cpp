@@ -676,7 +676,7 @@ void sample_cpu(const SampleArgs& a, int64_t* tokens, float* probs, int32_t* sta
       tokens[row] = r.argmax;
       probs[row] = 1.f;
     } else {
-      draw_row(r, uniforms(a.seed, a.offset, row, 0).u0, sc, tokens[row], probs[row]);
+      draw_row(r, sample_uniform(a, row), sc, tokens[row], probs[row]);
     }
   });
 }

@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   double Z = 0.0;
-  const int64_t tok = block_draw(kw, V, uniforms(a.seed, a.offset, row, 0).u0, sh.draw, Z);
+  const int64_t tok = block_draw(kw, V, sample_uniform(a, row), sh.draw, Z);
   if (threadIdx.x == 0) {
     status[row] = tok >= 0 ? kOk : kNoToken;
     tokens[row] = tok;

@@ -135,11 +135,21 @@ void raise_sample_status(const char* op, const at::Tensor& status_, const Sample
 std::tuple<at::Tensor, at::Tensor> sample(const at::Tensor& logits, const at::Tensor& params,
                                           const std::optional<at::Tensor>& allowed_range,
                                           const std::optional<at::Tensor>& allowed_mask,
-                                          const std::optional<at::Tensor>& history, int64_t seed, int64_t offset) {
+                                          const std::optional<at::Tensor>& history, int64_t seed, int64_t offset,
+                                          const std::optional<at::Tensor>& row_offsets) {
   const char* op = "sample";
   SampleInputs in = check_sample_inputs(op, logits, params, allowed_range, allowed_mask, history);
   in.args.seed = static_cast<uint64_t>(seed);
   in.args.offset = static_cast<uint64_t>(offset);
+  at::Tensor offsets;   // kept alive until the kernel has run
+  if (row_offsets.has_value()) {
+    check_dtype(*row_offsets, at::kLong, op, "row_offsets");
+    TORCH_CHECK_VALUE(row_offsets->dim() == 1 && row_offsets->size(0) == in.args.B, "mmfm.", op,
+                      ": argument 'row_offsets' must have shape [B=", in.args.B, "], got ", row_offsets->sizes());
+    check_same_device(logits, *row_offsets, op, "logits", "row_offsets");
+    offsets = row_offsets->contiguous();
+    in.args.row_offsets = offsets.data_ptr<int64_t>();
+  }
   MMFM_DEVICE_GUARD(in.logits);
   const int64_t B = in.args.B;
   at::Tensor tokens = at::empty({B}, in.logits.options().dtype(at::kLong));

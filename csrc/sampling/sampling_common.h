@@ -73,6 +73,12 @@ MMFM_HD Uniform2 uniforms(uint64_t seed, uint64_t offset, int64_t row, uint32_t 
   return u;
 }
 
+// The uniform `sample` draws row `row` with (SampleArgs::row_offsets says which stream).
+MMFM_HD double sample_uniform(const SampleArgs& a, int64_t row) {
+  return a.row_offsets ? uniforms(a.seed, static_cast<uint64_t>(a.row_offsets[row]), 0, 0).u0
+                       : uniforms(a.seed, a.offset, row, 0).u0;
+}
+
 template <DType D>
 MMFM_HD float load(const void* p, int64_t i) {
   if constexpr (D == DType::F32) {

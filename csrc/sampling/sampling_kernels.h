@@ -76,6 +76,11 @@ struct SampleArgs {
   const int64_t* history = nullptr;        // [B, L] token ids, entries < 0 ignored, or null
   int64_t L = 0;
   uint64_t seed = 0, offset = 0;
+  // [B] per-row offsets, or null. Null: row r draws with Philox(seed, offset, r, sub 0). Given:
+  // row r draws with Philox(seed, row_offsets[r], 0, sub 0), the uniform a one-row call with
+  // offset = row_offsets[r] uses, so rows that stand for positions of one sequence (the nodes
+  // of a draft tree, keyed by position) draw what one-token steps at those positions would.
+  const int64_t* row_offsets = nullptr;
 };
 
 // tokens [B] int64, probs [B] fp32 (probability of the token under the processed

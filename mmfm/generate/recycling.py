@@ -46,6 +46,9 @@ class RecyclingMatrix:
         # speculative_backoff.py): it travels with the matrix, so a hot start also remembers
         # whether trees were winning on this kind of text
         self.backoff: dict | None = None
+        # the back-off's measured tree cost (speculative_backoff.MeasuredCost): a property of the
+        # model and the machine, so it too carries over to the next call
+        self.measured = None
 
     @property
     def k(self) -> int:

@@ -21,6 +21,7 @@ target verification pass) so speed-ups can be read off independently of timing.
 from __future__ import annotations
 
 import heapq
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ import torch
 from mmfm.generate.decode import modality_ids
 from mmfm.generate.recycling import (HostRows, RecyclingMatrix, build_dynamic_tree, build_tree, tree_from_parents,
                                     tree_template)
-from mmfm.generate.speculative_backoff import TreeChooser, TreeCost
+from mmfm.generate.speculative_backoff import MeasuredCost, TreeChooser, TreeCost
 from mmfm.generate.step import DenseStep
 from mmfm.models.kv_cache import KVCache
 from mmfm.ops import sampling
@@ -101,6 +102,16 @@ class _Rng:
     def next(self) -> dict:
         self.offset += 1
         return {"seed": self.seed, "offset": self.offset}
+
+    def at(self, emitted: int, depth: torch.Tensor | None = None) -> dict:
+        """Draws keyed by position: the new token number `emitted` (0 = the first after the
+        prompt) draws from the Philox stream (seed, emitted), and a tree node at `depth` below a
+        root whose draw is token number `emitted` from (seed, emitted + depth): the stream
+        mmfm.generate.decode's plain loop draws that token from (offset = step). So which passes
+        produced a sequence (plain steps, trees of any shape) does not change the sequence: the
+        tokens are the plain loop's, unless a logit differs in rounding between the passes and a
+        uniform falls within that rounding of a CDF boundary."""
+        return {"seed": self.seed, "offset": emitted if depth is None else depth + emitted}
 
 
 def _finish(out: list[int], max_new_tokens: int, eos_id: int | None) -> tuple[list[int], bool]:
@@ -189,7 +200,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
                              allowed_mask: torch.Tensor | None = None, adaptive: bool = True,
                              cost: TreeCost | None = None,
                              tree: str = "static", min_value: float = 0.0,
-                             min_expected: float = 0.0) -> tuple[torch.Tensor, SpecStats]:
+                             min_expected: float = 0.0, measure_cost: bool = True) -> tuple[torch.Tensor, SpecStats]:
     """Generate up to max_new_tokens after prompt_ids with Token Recycling; returns (int64 [n]
     new tokens, SpecStats). `matrix` (a RecyclingMatrix) is updated in place, so passing the same
     one across calls keeps its candidates (the paper's hot start); warm_from_prompt also fills it
@@ -214,7 +225,11 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     (scored against the emitted tokens themselves, so plain stretches keep measuring at no model
     cost) against `cost` (a TreeCost: a tree pass's cost in plain steps). A losing tree shrinks,
     then stops; a winning one returns within a few tokens. The running means travel with the
-    matrix (matrix.backoff). adaptive=False: a tree of tree_size every pass."""
+    matrix (matrix.backoff). measure_cost (default): `cost` (or TreeCost()) is only the prior;
+    every pass is timed and the tree pass cost refitted from the times (MeasuredCost, kept on the
+    matrix as matrix.measured), so the back-off judges trees by what they cost on this model and
+    machine. Draws are keyed by position (_Rng.at), so the tokens do not depend on which passes
+    ran: with a seed they are the plain decode loop's. adaptive=False: a tree of tree_size every pass."""
     _check_common(max_new_tokens, seed)
     settings = sampling_settings(temperature, top_k, top_p, min_p, typical_p, allowed_mask)
     V = model.cfg.vocab_size
@@ -235,6 +250,13 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     if adaptive and tree_size > 1:
         chooser = TreeChooser(tree_size, matrix.k, max_depth, cost or TreeCost(), state=matrix.backoff,
                               last_token=int(ids[0, -1]))
+    meter = None
+    if chooser is not None and measure_cost:
+        prior = cost or TreeCost()
+        meter = matrix.measured
+        if not isinstance(meter, MeasuredCost) or meter.prior != prior:
+            meter = matrix.measured = MeasuredCost(prior)
+        chooser.set_cost(meter)
     rng = _Rng(seed)
     stats = SpecStats()
     cache = KVCache.for_model(model, batch=1, capacity=ids.shape[1] + max_new_tokens + tree_size + 1)
@@ -247,7 +269,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     # logits[i] predicts the token after ids[i]: row ids[i] <- its top-k
     warm = slice(None) if warm_from_prompt else slice(-1, None)
     matrix.update(ids[0, warm], logits[warm], T, rows=rows)
-    first = sampling.sample(logits[-1:], **settings, **rng.next())
+    first = sampling.sample(logits[-1:], **settings, **rng.at(0))
     out = [int(first[0])]
     if chooser is not None:
         chooser.observe(rows, out[0])
@@ -265,16 +287,17 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             matrix.update(pend_tokens, pend_logits[:len(pend_tokens)], T, rows=rows)
             pend_tokens.clear()
 
-    def draw(lg: torch.Tensor):
+    def draw(lg: torch.Tensor, depth: torch.Tensor | None = None):
         """(int64 [n] tokens, the same as a list, the topk for matrix.update or None): one token
-        per row of lg, one host read."""
+        per row of lg (a plain step's, or a tree's nodes at `depth` below the root), each drawn
+        from its position's stream; one host read."""
         if fast_greedy:
             top = lg.topk(matrix.k, dim=-1)
             v = top.values[:, :2].tolist()
             if all(a > b and a < _INF for a, b in v):   # a unique, finite maximum in every row
                 tok = top.indices[:, 0]
                 return tok, tok.tolist(), top
-        tok = sampling.sample(lg, **settings, **rng.next())
+        tok = sampling.sample(lg, **settings, **rng.at(len(out), depth))
         return tok, tok.tolist(), None
 
     while not stop:
@@ -282,6 +305,8 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         dt = None
         if n > 1:
             flush()
+        t0 = time.perf_counter()    # the pass's own work, without the batched rows of earlier steps
+        if n > 1:
             if dynamic:
                 dt = build_dynamic_tree(matrix, out[-1], n, max_depth, min_value, rows=rows)
                 if dt.expected < min_expected:
@@ -306,8 +331,11 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             else:
                 pend_logits[len(pend_tokens)].copy_(lg[0])
                 pend_tokens.append(out[-1])
-                if len(pend_tokens) == len(pend_logits):
-                    flush()
+            if meter is not None:
+                meter.plain(time.perf_counter() - t0)
+                chooser.set_cost(meter)
+            if len(pend_tokens) == len(pend_logits):
+                flush()
             out.append(t)
             stop = len(out) >= max_new_tokens or t == eos_id
             continue
@@ -316,7 +344,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         stats.target_passes += 1
         stats.tree_nodes.append(n)
         stats.drafted += n - 1
-        _, draws, top = draw(logits)
+        _, draws, top = draw(logits, dt.depth.to(device))
         tokens = dt.tokens_list
         emitted = len(out)
         path, stop = _walk(dt, draws, out, max_new_tokens, eos_id)
@@ -327,6 +355,9 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         matrix.update(tokens, logits, T, top=top, rows=rows)
         target.keep(path)
         last = torch.tensor([out[-1]], dtype=torch.long, device=device)
+        if meter is not None:
+            meter.tree(n, time.perf_counter() - t0)
+            chooser.set_cost(meter)
     flush()
     if chooser is not None:
         matrix.backoff = chooser.state()
@@ -526,7 +557,7 @@ def _draft_tree_generate(model, drafter, prompt_ids, settings, max_new_tokens, s
     draft = _Target(drafter, KVCache.for_model(drafter, batch=1, capacity=cap), modality_table)
     logits = target.prefill(ids)
     draft.prefill(ids)                 # the drafter's cache: every emitted token but the last (the root)
-    first = sampling.sample(logits[-1:], **settings, **rng.next())
+    first = sampling.sample(logits[-1:], **settings, **rng.at(0))
     out = [int(first[0])]
     stop = len(out) >= max_new_tokens or out[-1] == eos_id
     greedy = settings["temperature"] == 0
@@ -549,7 +580,7 @@ def _draft_tree_generate(model, drafter, prompt_ids, settings, max_new_tokens, s
         stats.target_passes += 1
         stats.tree_nodes.append(n)
         stats.drafted += n - 1
-        draws = sampling.sample(tl, **settings, **rng.next()).tolist()
+        draws = sampling.sample(tl, **settings, **rng.at(len(out), dt.depth.to(device))).tolist()
         path, stop = _walk(dt, draws, out, max_new_tokens, eos_id)
         stats.accepted += len(path) - 1
         target.keep(path)

@@ -31,10 +31,22 @@ repetitive text are long and alike, so their bound stays close to their mean. z 
 on the byte-level bench model among 0 / 0.5 / 1: sampling's tree passes 42 / 15 / 14 of ~384,
 greedy's tokens per second unchanged at 0.5 and ~5% lower at 1 (trees return later after a miss).
 
+A fixed TreeCost is right for one model on one machine only: on a byte-level model whose plain
+step takes 0.78 ms, the tree pass's fixed host work (building the tree and its mask, the walk,
+the matrix update, the cache compaction) is a far larger share than on the demo export the
+defaults were measured on, and trees that accept 0.6 drafts per pass - a win by the defaults -
+lost 8-12% (docs/benchmarks.md, ## speculative). So by default (MeasuredCost) the loop times
+every pass and refits pass_cost from what tree passes really cost against plain steps; a losing
+tree is then seen as such after the few passes it takes the estimate to move. Timing makes which
+passes run differ from run to run, which would make seeded runs differ too if draws were keyed by
+call; they are keyed by position (speculative._Rng.at), so the tokens are the plain loop's
+whatever passes ran.
+
 The walks read the matrix rows *before* the pass that emitted the tokens updates them (a row
 refreshed from the very position being scored would make every greedy draft match). Which pass
-runs depends only on tokens already emitted, so the output stays distributed exactly as plain
-sampling (tests/test_speculative.py).
+runs depends only on tokens already emitted and on measured times, neither of which depends on
+the draws still to come, so the output stays distributed exactly as plain sampling
+(tests/test_speculative.py).
 """
 from __future__ import annotations
 
@@ -68,6 +80,48 @@ class TreeCost:
         return 1.0 + self.pass_cost + self.node_cost * (n - 1)
 
 
+class MeasuredCost:
+    """A TreeCost refitted from wall times: pass_cost follows what tree passes measure against
+    plain steps; node_cost stays the prior's (the passes a run chooses are mostly of a few sizes,
+    too few to fit a slope).
+
+    plain(seconds) after each plain step, tree(n, seconds) after each tree pass of n nodes, each
+    timing the whole pass (the model step, the draws, the walk, the matrix update; not the
+    batched update of earlier plain steps' rows). The plain step time is a running mean (alpha);
+    each tree pass gives pass_cost = seconds / plain time - 1 - node_cost * (n - 1), and the
+    estimate moves alpha of the way to it. A single slow pass (a page fault, another process) is
+    clipped to 2 + 2x the current estimate, so one outlier cannot switch trees off for good; and
+    while no tree runs the estimate relaxes toward the prior by `relax` per plain step (a tree
+    judged by a stale, too-high cost would otherwise never be measured again: with relax = 0.01,
+    a model whose trees lose is re-probed about once per hundred plain steps)."""
+
+    def __init__(self, prior: TreeCost | None = None, alpha: float = 0.2, relax: float = 0.01):
+        self.prior = prior or TreeCost()
+        self.alpha, self.relax = alpha, relax
+        self.pass_cost = self.prior.pass_cost
+        self.node_cost = self.prior.node_cost
+        self.step_s: float | None = None     # running mean of a plain step's seconds
+        self.tree_passes = 0                 # tree passes measured
+
+    def __call__(self, n: int) -> float:
+        return 1.0 + self.pass_cost + self.node_cost * (n - 1)
+
+    def plain(self, seconds: float) -> None:
+        if self.step_s is None:
+            self.step_s = seconds
+        else:
+            self.step_s += self.alpha * (min(seconds, 3.0 * self.step_s) - self.step_s)
+        self.pass_cost += self.relax * (self.prior.pass_cost - self.pass_cost)
+
+    def tree(self, n: int, seconds: float) -> None:
+        if self.step_s is None:     # nothing to compare with yet
+            return
+        x = seconds / self.step_s - 1.0 - self.node_cost * (n - 1)
+        x = min(max(x, 0.0), 2.0 + 2.0 * self.pass_cost)
+        self.pass_cost += self.alpha * (x - self.pass_cost)
+        self.tree_passes += 1
+
+
 class TreeChooser:
     """choose() -> node budget of the next pass (1 = a plain step); observe(table, token) after
     each emitted token, before the matrix learns from the pass that emitted it.
@@ -79,7 +133,7 @@ class TreeChooser:
     mean of identical walks), used when it was made for the same budgets. z: standard errors
     below the running mean at which a budget is judged (0: the mean itself; 0.5 by default)."""
 
-    def __init__(self, tree_size: int, k: int, max_depth: int, cost: TreeCost, alpha: float = 0.3,
+    def __init__(self, tree_size: int, k: int, max_depth: int, cost, alpha: float = 0.3,
                  state: dict | None = None, last_token: int | None = None, margin: float = 0.1,
                  z: float = 0.5):
         if not 0 < alpha <= 1:
@@ -90,7 +144,7 @@ class TreeChooser:
         self.child, self.order = self.template.child, self.template.order
         size = len(self.template)    # fewer than tree_size when k ** depth is smaller
         self.sizes = [n for n in BUDGETS if n < size] + [size]
-        self.cost = [cost(n) for n in self.sizes]
+        self.set_cost(cost)
         self.alpha = alpha
         self.margin = margin
         self.z, self.se_scale = float(z), (alpha / (2.0 - alpha)) ** 0.5
@@ -104,6 +158,11 @@ class TreeChooser:
         self.last = last_token
         if last_token is not None:
             self.walks.append((0, []))
+
+    def set_cost(self, cost) -> None:
+        """cost: n -> a tree pass of n nodes in plain steps (a TreeCost or a MeasuredCost); read
+        again after each measured pass."""
+        self.cost = [cost(n) for n in self.sizes]
 
     def choose(self) -> int:
         """The budget of highest expected tokens per cost; 1 (a plain step) unless that beats a

@@ -80,7 +80,7 @@ def _register_all() -> None:
 
     # sampling (csrc/sampling/sampling_binding.cpp)
     @fake("mmfm::sample")
-    def _(logits, params, allowed_range, allowed_mask, history, seed, offset):
+    def _(logits, params, allowed_range, allowed_mask, history, seed, offset, row_offsets=None):
         b = _rows(logits)
         return logits.new_empty((b,), dtype=torch.long), logits.new_empty((b,), dtype=torch.float32)
 

@@ -215,6 +215,16 @@ def _seed_offset(generator, seed, offset, device) -> tuple[int, int]:
     return to_i64(seed), to_i64(offset)
 
 
+def _row_offsets_arg(offset: torch.Tensor, B: int, device, op: str) -> torch.Tensor:
+    """A per-row offset tensor -> int64 [B] on the logits' device; names the argument on error."""
+    if offset.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"mmfm.{op}: argument 'offset' as a tensor must hold integer offsets, got {offset.dtype}")
+    if offset.dim() != 1 or offset.shape[0] != B:
+        raise ValueError(f"mmfm.{op}: argument 'offset' as a tensor must have shape [B={B}] (one offset per row), "
+                         f"got {tuple(offset.shape)}")
+    return offset.to(device=device, dtype=torch.int64).contiguous()
+
+
 def _reference_generator(seed: int, offset: int, device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed((seed * 0x9E3779B97F4A7C15 + offset) & (2**63 - 1))
@@ -366,7 +376,7 @@ def _prepare(op, logits, allowed_range, allowed_mask, history, params):
 def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,
            allowed_range=None, allowed_mask=None, history=None, repetition_penalty=1.0, presence_penalty=0.0,
            frequency_penalty=0.0, generator: torch.Generator | None = None, seed: int | None = None,
-           offset: int = 0, return_probs: bool = False):
+           offset: int | torch.Tensor = 0, return_probs: bool = False):
     """One token per row of logits [B, V] (fp32, fp16 or bf16; computed in fp32).
 
     Parameters are numbers or tensors [B] (per row); the processing order is in the module
@@ -377,7 +387,11 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     `<image>` only image tokens). allowed_mask: bool [B, V] or [V], True = allowed.
     history: int64 [B, L] of previous tokens (negative = padding) for the penalties.
     seed (+ offset, e.g. the decoding step) makes the draw a pure function of the inputs;
-    otherwise a seed is drawn from `generator` or from torch's default generator.
+    otherwise a seed is drawn from `generator` or from torch's default generator. offset as an
+    int: row r draws from the stream (seed, offset, row r); as an int64 tensor [B]: row r draws
+    from (seed, offset[r], row 0), the stream of a one-row call with offset=offset[r], so rows
+    that stand for positions of one sequence (a draft tree's nodes, keyed by their position)
+    draw exactly what one-token steps at those positions would (speculative.py).
     Returns tokens int64 [B], and with return_probs=True also the probability of each token
     under the processed distribution (fp32 [B]; 1 for greedy rows).
 
@@ -393,13 +407,25 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     P, r, mk, h = _prepare(op, logits, allowed_range, allowed_mask, history, dict(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty))
+    row_offsets = None
+    if isinstance(offset, torch.Tensor):
+        row_offsets = _row_offsets_arg(offset, logits.shape[0], logits.device, op)
+        offset = 0
     s, o = _seed_offset(generator, seed, offset, logits.device)
     if compiled(logits):
-        tokens, probs = torch.ops.mmfm.sample(logits.detach(), P, r, mk, h, s, o)
+        tokens, probs = torch.ops.mmfm.sample(logits.detach(), P, r, mk, h, s, o, row_offsets)
         return (tokens, probs) if return_probs else tokens
     _check_param_values(P, op)
     probs = _reference_probs(logits, P, r, mk, h, op)
-    return _draw_reference(probs, _reference_generator(s, o, logits.device), return_probs)
+    if row_offsets is None:
+        return _draw_reference(probs, _reference_generator(s, o, logits.device), return_probs)
+    # one stream per row, the one a one-row call with that offset uses
+    drawn = [_draw_reference(probs[i:i + 1], _reference_generator(s, off, logits.device), True)
+             for i, off in enumerate(row_offsets.tolist())]
+    tokens = torch.cat([t for t, _ in drawn]) if drawn else torch.empty(0, dtype=torch.int64, device=logits.device)
+    if return_probs:
+        return tokens, (torch.cat([q for _, q in drawn]) if drawn else probs.new_empty(0))
+    return tokens
 
 
 def processed_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,

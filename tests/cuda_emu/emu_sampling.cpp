@@ -38,7 +38,7 @@ double emu_uniform(uint64_t seed, uint64_t offset, int64_t row, uint32_t sub, in
 
 int emu_sample(const void* logits, int dt, int64_t B, int64_t V, const float* params, const int64_t* range,
                const bool* mask, const int64_t* history, int64_t L, uint64_t seed, uint64_t offset, int write_probs,
-               int64_t* tokens, float* probs, float* out, int32_t* status) {
+               int64_t* tokens, float* probs, float* out, int32_t* status, const int64_t* row_offsets) {
   SampleArgs a;
   a.logits = logits;
   a.dt = static_cast<DType>(dt);
@@ -51,6 +51,7 @@ int emu_sample(const void* logits, int dt, int64_t B, int64_t V, const float* pa
   a.L = L;
   a.seed = seed;
   a.offset = offset;
+  a.row_offsets = row_offsets;
   std::vector<float> ws = workspace(sample_workspace_bytes(B, V));
   return write_probs ? processed_probs_cuda(a, out, status, ws.data(), nullptr)
                      : sample_cuda(a, tokens, probs, status, ws.data(), nullptr);
