@@ -186,3 +186,15 @@ def test_eval_generate_tokens_masked_batches_rows_by_prompt_length(bundle):
 
     a = build_parser().parse_args(["eval", "prompts", "--model", "m", "--decode", "masked", "--steps", "4"])
     assert (a.decode, a.steps) == ("masked", 4)
+    # the hybrid attention and BAMM's cascade through the same path: each chunk the decoder's own output
+    s = Sampling(temperature=1.0, top_k=20, seed=5, batch_size=64, decode="masked", steps=3, hybrid=True)
+    got = generate_tokens(bundle.model, v, prompts, "image", L, s)
+    want = maskgit_decode(bundle.model, torch.stack([prompts[0], prompts[2]]), L, seed=5, hybrid=True, **kw)[0]
+    assert torch.equal(got[[0, 2]], v.to_local("image", want))
+    s = Sampling(temperature=1.0, top_k=20, seed=5, batch_size=64, decode="cascade", steps=2, refine=0.5)
+    got = generate_tokens(bundle.model, v, prompts, "image", L, s)
+    kw.pop("steps")
+    want = cascade_decode(bundle.model, torch.stack([prompts[1], prompts[3]]), L, seed=6, steps=2, refine=0.5, **kw)[0]
+    assert torch.equal(got[[1, 3]], v.to_local("image", want))
+    a = build_parser().parse_args(["eval", "prompts", "--model", "m", "--decode", "cascade", "--refine", "0.2"])
+    assert (a.decode, a.refine, a.hybrid) == ("cascade", 0.2, False)

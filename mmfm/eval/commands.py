@@ -113,7 +113,8 @@ def cmd_eval(args) -> int:
         return 2
     cfg = EvalConfig(sampling=Sampling(temperature=args.temperature, top_k=args.top_k, cfg_scale=scale,
                                        cfg_by_modality=per, seed=args.seed, batch_size=args.batch_size or 64,
-                                       decode=args.decode, steps=args.steps))
+                                       decode=args.decode, steps=args.steps, hybrid=args.hybrid,
+                                       refine=args.refine))
     t0 = time.perf_counter()
     try:
         ev = evaluate(args.model, args.corpus, n=args.n, modalities=modalities, json=args.json,
@@ -150,10 +151,15 @@ def add_eval_parser(sub) -> None:
                    help="classifier-free guidance (1 = off); repeat with MODALITY=SCALE for one modality, "
                         "e.g. --cfg-scale 2 --cfg-scale audio=1")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--decode", choices=("ar", "masked"), default="ar",
-                   help="prompts: ar (token by token) or masked (MaskGIT in --steps passes; a model trained with "
-                        "the masked or hybrid objective)")
-    p.add_argument("--steps", type=int, default=8, help="prompts with --decode masked: bidirectional passes")
+    p.add_argument("--decode", choices=("ar", "masked", "cascade"), default="ar",
+                   help="prompts: ar (token by token), masked (MaskGIT in --steps passes; a model trained with "
+                        "the masked or hybrid objective) or cascade (BAMM: a causal draft, then --refine of it "
+                        "regenerated in up to --steps masked passes; a hybrid-trained model)")
+    p.add_argument("--steps", type=int, default=8, help="prompts with --decode masked / cascade: bidirectional passes")
+    p.add_argument("--hybrid", action="store_true",
+                   help="prompts with --decode masked: the hybrid objective's attention (causal over the prompt)")
+    p.add_argument("--refine", type=float, default=0.3, help="prompts with --decode cascade: share of the draft "
+                                                             "regenerated, in [0, 1]")
     p.add_argument("--batch-size", type=int, default=None, help="rows per decode call (prompts: 64; lm: 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--window", type=int, default=None,

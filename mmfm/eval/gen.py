@@ -27,9 +27,13 @@ class Sampling:
     cfg_by_modality: dict = field(default_factory=dict)
     # "ar": the decode loop, one token per forward pass; "masked": MaskGIT parallel decoding of the
     # whole segment in `steps` bidirectional passes (mmfm/generate/masked.py), for a model trained
-    # with the masked or hybrid objective (the quality-vs-passes curve in docs/benchmarks.md)
+    # with the masked or hybrid objective (the quality-vs-passes curve in docs/benchmarks.md);
+    # "cascade": BAMM's cascaded inference for a hybrid-trained model (a causal draft, then the
+    # `refine` share of its least confident tokens regenerated in up to `steps` masked passes)
     decode: str = "ar"
     steps: int = 8
+    hybrid: bool = False       # masked passes under the hybrid objective's attention (causal prefix)
+    refine: float = 0.3        # cascade: the share of draft tokens regenerated
 
     def guidance(self, modality: str) -> float:
         return float(self.cfg_by_modality.get(modality, self.cfg_scale))
@@ -116,9 +120,9 @@ def generate_tokens(model, vocab, prompts: list[torch.Tensor], to: str, length: 
     from mmfm.generate import Constraints, SamplingConfig, Target, decode
     from mmfm.generate.prompt import unconditional_prompt
 
-    if sampling.decode not in ("ar", "masked"):
-        raise ValueError(f"decode: expected 'ar' or 'masked', got {sampling.decode!r}")
-    if sampling.decode == "masked":
+    if sampling.decode not in ("ar", "masked", "cascade"):
+        raise ValueError(f"decode: expected 'ar', 'masked' or 'cascade', got {sampling.decode!r}")
+    if sampling.decode in ("masked", "cascade"):
         return _masked_tokens(model, vocab, prompts, to, length, sampling)
     was_training = model.training
     model.eval()
@@ -148,13 +152,14 @@ def generate_tokens(model, vocab, prompts: list[torch.Tensor], to: str, length: 
 @torch.no_grad()
 def _masked_tokens(model, vocab, prompts: list[torch.Tensor], to: str, length: int,
                    sampling: Sampling) -> torch.Tensor:
-    """generate_tokens by MaskGIT: rows are batched by prompt length (a row has no padding, so that
-    full attention needs no padding mask); the segment sits between the prompt and its end marker +
-    <eos>, as in Bundle.generate(decoding="masked"). The c-th chunk decoded gets seed + c."""
-    from mmfm.generate.masked import maskgit_decode
+    """generate_tokens by MaskGIT (or BAMM's cascade): rows are batched by prompt length (a row has
+    no padding, so that full attention needs no padding mask); the segment sits between the prompt
+    and its end marker + <eos>, as in Bundle.generate(decoding="masked"). The c-th chunk decoded
+    gets seed + c."""
+    from mmfm.generate.masked import cascade_decode, maskgit_decode
 
     if sampling.guidance(to) != 1.0:
-        raise ValueError("decode 'masked' does not take classifier-free guidance (cfg_scale must be 1)")
+        raise ValueError(f"decode {sampling.decode!r} does not take classifier-free guidance (cfg_scale must be 1)")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -170,11 +175,13 @@ def _masked_tokens(model, vocab, prompts: list[torch.Tensor], to: str, length: i
             for start in range(0, len(rows), sampling.batch_size):
                 chunk = rows[start:start + sampling.batch_size]
                 pre = torch.stack([prompts[i].reshape(-1).long() for i in chunk]).to(device)
-                block, _ = maskgit_decode(model, pre, length, mask_id=vocab.mask_id, steps=sampling.steps,
-                                          temperature=sampling.temperature, top_k=sampling.top_k,
-                                          top_p=sampling.top_p, allowed_range=(r.start, r.stop),
-                                          suffix_ids=suffix, seed=sampling.seed + c,
-                                          modality_table=vocab.modality_table(device))
+                kw = dict(mask_id=vocab.mask_id, steps=sampling.steps, temperature=sampling.temperature,
+                          top_k=sampling.top_k, top_p=sampling.top_p, allowed_range=(r.start, r.stop),
+                          suffix_ids=suffix, seed=sampling.seed + c, modality_table=vocab.modality_table(device))
+                if sampling.decode == "cascade":
+                    block, _, _ = cascade_decode(model, pre, length, refine=sampling.refine, **kw)
+                else:
+                    block, _ = maskgit_decode(model, pre, length, hybrid=sampling.hybrid, **kw)
                 c += 1
                 for j, i in enumerate(chunk):
                     out[i] = vocab.to_local(to, block[j].cpu())

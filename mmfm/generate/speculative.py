@@ -279,13 +279,14 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     # the plain loop's token unless tied) and the matrix rows, instead of a sample call and a topk
     fast_greedy = temperature == 0 and allowed_mask is None and matrix.k >= 2
     # sampled plain passes' logits wait here and enter the matrix 16 at a time (one topk instead of 16)
-    pend_logits = torch.empty(16, V, dtype=logits.dtype, device=device)
+    pend_logits: list[torch.Tensor] = []
     pend_tokens: list[int] = []
 
     def flush() -> None:
         if pend_tokens:
-            matrix.update(pend_tokens, pend_logits[:len(pend_tokens)], T, rows=rows)
+            matrix.update(pend_tokens, torch.cat(pend_logits), T, rows=rows)
             pend_tokens.clear()
+            pend_logits.clear()
 
     def draw(lg: torch.Tensor, depth: torch.Tensor | None = None):
         """(int64 [n] tokens, the same as a list, the topk for matrix.update or None): one token
@@ -329,12 +330,11 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             if top is not None:
                 matrix.update([out[-1]], lg, T, top=top, rows=rows)
             else:
-                pend_logits[len(pend_tokens)].copy_(lg[0])
+                pend_logits.append(lg)    # a fresh tensor per step: kept, not copied
                 pend_tokens.append(out[-1])
-            if meter is not None:
-                meter.plain(time.perf_counter() - t0)
+            if meter is not None and meter.plain(time.perf_counter() - t0):
                 chooser.set_cost(meter)
-            if len(pend_tokens) == len(pend_logits):
+            if len(pend_tokens) == 16:
                 flush()
             out.append(t)
             stop = len(out) >= max_new_tokens or t == eos_id

@@ -87,7 +87,9 @@ class MeasuredCost:
 
     plain(seconds) after each plain step, tree(n, seconds) after each tree pass of n nodes, each
     timing the whole pass (the model step, the draws, the walk, the matrix update; not the
-    batched update of earlier plain steps' rows). The plain step time is a running mean (alpha);
+    batched update of earlier plain steps' rows). Plain steps are taken 8 at a time (their
+    mean enters a running mean, alpha; plain() says when the estimate changed), so a plain step
+    pays two clock reads and an add, not the refit;
     each tree pass gives pass_cost = seconds / plain time - 1 - node_cost * (n - 1), and the
     estimate moves alpha of the way to it. A single slow pass (a page fault, another process) is
     clipped to 2 + 2x the current estimate, so one outlier cannot switch trees off for good; and
@@ -95,9 +97,13 @@ class MeasuredCost:
     judged by a stale, too-high cost would otherwise never be measured again: with relax = 0.01,
     a model whose trees lose is re-probed about once per hundred plain steps)."""
 
+    BATCH = 8    # plain steps per update of the plain step time
+
     def __init__(self, prior: TreeCost | None = None, alpha: float = 0.2, relax: float = 0.01):
         self.prior = prior or TreeCost()
         self.alpha, self.relax = alpha, relax
+        self._keep = (1.0 - relax) ** self.BATCH     # the relaxation of one batch of plain steps
+        self._n, self._s = 0, 0.0
         self.pass_cost = self.prior.pass_cost
         self.node_cost = self.prior.node_cost
         self.step_s: float | None = None     # running mean of a plain step's seconds
@@ -106,12 +112,19 @@ class MeasuredCost:
     def __call__(self, n: int) -> float:
         return 1.0 + self.pass_cost + self.node_cost * (n - 1)
 
-    def plain(self, seconds: float) -> None:
+    def plain(self, seconds: float) -> bool:
+        """One plain step's seconds; True when the estimate changed (every BATCH steps)."""
+        self._n += 1
+        self._s += seconds
+        if self._n < self.BATCH:
+            return False
+        mean, self._n, self._s = self._s / self._n, 0, 0.0
         if self.step_s is None:
-            self.step_s = seconds
+            self.step_s = mean
         else:
-            self.step_s += self.alpha * (min(seconds, 3.0 * self.step_s) - self.step_s)
-        self.pass_cost += self.relax * (self.prior.pass_cost - self.pass_cost)
+            self.step_s += self.alpha * (min(mean, 3.0 * self.step_s) - self.step_s)
+        self.pass_cost = self.prior.pass_cost + self._keep * (self.pass_cost - self.prior.pass_cost)
+        return True
 
     def tree(self, n: int, seconds: float) -> None:
         if self.step_s is None:     # nothing to compare with yet
