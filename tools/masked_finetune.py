@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", required=True, help="token shards folder (train-*.tar, vocab.json)")
     p.add_argument("--modality", default="image")
     p.add_argument("--objective", choices=("masked", "hybrid", "ar"), default="masked")
+    p.add_argument("--loss-on", choices=("all", "generated"), default="all",
+                   help="objective.loss_on: generated confines masks (masked, hybrid) or the loss (ar) to each "
+                        "sample's generated segment, its prompt always seen")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
     model = load(args.init).train()
     if args.scratch:   # the same architecture, trained from nothing under this objective alone
         model.reset_parameters()
-    cfg = ObjectiveConfig(kind=args.objective, loss_weights={"text": 0.3})
+    cfg = ObjectiveConfig(kind=args.objective, loss_weights={"text": 0.3}, loss_on=args.loss_on)
     if args.objective != "ar":
         cfg.mask_schedule = "cosine"
         cfg.input_fraction, cfg.target_fraction = 0.5, 0.5

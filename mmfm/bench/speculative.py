@@ -17,11 +17,12 @@ model, settings and seeds; prefill included everywhere; no stop token, --new-tok
     mmfm_draft_model_dynamic      the same drafter growing a DySpec tree of its top --draft-k
                                   tokens per node (--tree-size nodes), one target pass per tree
 Each case is a sampling mode: greedy (temperature 0; every impl must emit the plain loop's
-tokens, checked and recorded as `same_as_plain`) and sample (temperature 1; lossless by
-construction and by tests/test_speculative.py; the tree impls draw every position from the plain
-loop's Philox stream, so they too emit its tokens and record `same_as_plain`). Figures: wall ms and process CPU ms (median of
---repeats interleaved rounds after a warm-up round; on a shared machine the CPU time is the
-steadier of the two), tokens/s and the acceptance length (tokens per target pass).
+tokens, checked and recorded as `same_as_plain`) and sample (temperature 1, or
+--sample-temperature; lossless by construction and by tests/test_speculative.py; the tree impls
+draw every position from the plain loop's Philox stream, so they too emit its tokens and record
+`same_as_plain`). Figures: wall ms and process CPU ms (median of --repeats interleaved rounds
+after a warm-up round; on a shared machine the CPU time is the steadier of the two), tokens/s
+and the acceptance length (tokens per target pass).
 
 Case `tree_compare` (DySpec's claim): static template vs dynamic tree at the same node budget,
 back-off and gate off (a tree every pass), tokens per target pass in greedy and sample mode, for
@@ -187,6 +188,16 @@ def _median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
+def _settings(mode: str, args) -> dict:
+    """The sampler settings of a mode: sample at --sample-temperature."""
+    return dict(MODES[mode], temperature=args.sample_temperature) if mode == "sample" else dict(MODES[mode])
+
+
+def _temperature(mode: str, args) -> dict:
+    """The case's temperature entry: only for mode sample away from temperature 1."""
+    return {"temperature": args.sample_temperature} if mode == "sample" and args.sample_temperature != 1.0 else {}
+
+
 def bench_decoding(model, encode, desc, args) -> list[dict]:
     sources = stdlib_sources(args.prompts)
     prompts = [encode(s)[:args.prompt_tokens] for s in sources]
@@ -194,9 +205,10 @@ def bench_decoding(model, encode, desc, args) -> list[dict]:
     impls = [n for n in IMPLS if n in args.impls]
     records = []
     for mode in args.modes:
-        settings = MODES[mode]
+        settings = _settings(mode, args)
         case = {"mode": mode, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
                 "new_tokens": args.new_tokens, "seed": args.seed, "model": desc}
+        case.update(_temperature(mode, args))
         wall = {name: [] for name in impls}
         cpu = {name: [] for name in impls}
         results = {}
@@ -262,21 +274,22 @@ def bench_tree_compare(model, encode, desc, args) -> list[dict]:
         for size in args.compare_sizes:
             case = {"mode": "tree_compare", "sampling": mode, "tree_size": size, "prompts": len(prompts),
                     "new_tokens": args.new_tokens, "model": desc, "drafter_layers": args.drafter_layers,
-                    "k": args.draft_k, "max_depth": args.draft_depth}
+                    "k": args.draft_k, "max_depth": args.draft_depth, **_temperature(mode, args)}
             for tree in ("static", "dynamic"):
                 stats = [draft_model_generate(model, drafter, p, max_new_tokens=args.new_tokens, seed=i, tree=tree,
                                               tree_size=size, k=args.draft_k, max_depth=args.draft_depth,
-                                              **MODES[mode])[1] for i, p in enumerate(prompts)]
+                                              **_settings(mode, args))[1] for i, p in enumerate(prompts)]
                 out.append(_tree_record(case, f"mmfm_draft_model_{tree}", stats, drafter=True))
     for mode in args.modes:
         for size in args.compare_sizes:
             case = {"mode": "tree_compare", "sampling": mode, "tree_size": size, "prompts": len(prompts),
-                    "new_tokens": args.new_tokens, "model": desc}
+                    "new_tokens": args.new_tokens, "model": desc, **_temperature(mode, args)}
             for tree in ("static", "dynamic"):
                 matrix = RecyclingMatrix(model.cfg.vocab_size, k=args.k)
                 stats = [token_recycling_generate(model, p, max_new_tokens=args.new_tokens, seed=i, matrix=matrix,
                                                   tree_size=size, tree=tree, adaptive=False, min_value=0.0,
-                                                  min_expected=0.0, **MODES[mode])[1] for i, p in enumerate(prompts)]
+                                                  min_expected=0.0, **_settings(mode, args))[1]
+                         for i, p in enumerate(prompts)]
                 out.append(_tree_record(case, f"mmfm_token_recycling_{tree}", stats))
     return out
 
@@ -353,6 +366,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="sampling seeds: prompt i uses SEED * 1000 + i")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--sample-temperature", type=float, default=1.0,
+                   help="mode sample's temperature (> 0; recorded in the case when not 1)")
     p.add_argument("--tree-size", type=int, default=20, help="draft-tree nodes (20 suits a small model on CPU)")
     p.add_argument("--compare-sizes", type=int, nargs="*", default=[10, 20], help="tree sizes of case tree_compare")
     p.add_argument("--k", type=int, default=8, help="candidates per matrix row")
@@ -369,6 +384,10 @@ def main(argv=None) -> int:
     p.add_argument("--full-every", type=int, nargs="*", default=[2, 3])
     args = parse_args(p, argv, cpu_only="wired up")
     if args is None:   # also when mmfm._C is not loaded: the impls are named for its compiled ops
+        return 2
+    if not args.sample_temperature > 0:
+        print(f"mmfm bench speculative: --sample-temperature must be > 0 (greedy is mode greedy), got "
+              f"{args.sample_temperature}", file=sys.stderr)
         return 2
     if args.quick:
         args.prompts, args.new_tokens, args.prompt_tokens, args.repeats = 1, 16, 32, 1

@@ -25,7 +25,11 @@ class ObjectiveConfig:
     document_mask: bool = False
     # ar: which tokens get a loss. all; or generated: only each packed sample's last modality segment
     # (the tokens after its last <begin_M>, through <end_M> and <eos>), what a prompt asks the model
-    # to generate: image-then-caption data trains the caption only, caption-then-image the image only
+    # to generate: image-then-caption data trains the caption only, caption-then-image the image only.
+    # masked / hybrid with generated (MaskGIT / Muse, conditional BAMM): masks fall only on the last
+    # segment's modality tokens, everything before it is always seen - the condition masked decoding
+    # of a prompt's segment meets (the whole caption given, the image masked at the schedule's ratio),
+    # which the 4M budgets over all modalities rarely draw
     loss_on: str = "all"
     # per-modality loss weights by name (text, image, ...; 'special' for <eos> and markers); 1.0 if absent
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -38,7 +42,7 @@ class ObjectiveConfig:
     # hybrid (BAMM): the masked suffix starts at a uniform point in [min_prefix, 1) of the length,
     # and this share of the suffix is replaced by <mask> and predicted
     min_prefix: float = 0.25
-    mask_ratio: float = 0.5
+    mask_ratio: float = 0.5           # also masked with loss_on generated: the segment's masked share
     # masked and hybrid: "fixed" (the budgets / mask_ratio above) or "cosine" (MMM, MaskGIT): each
     # sequence draws its own mask ratio r = cos(pi/2 * u), u ~ U(0, 1), so training sees every ratio
     # that iterative decoding's cosine schedule passes through, from all-masked (its first step) to
@@ -119,6 +123,20 @@ class Prepared:
         return dataclasses.replace(self, latents=latents.float(), latent_mask=latent_mask.bool())
 
 
+def generated_segment(vocab, ids) -> torch.Tensor:
+    """bool [B, L]: the token lies after the last <begin_M> marker of its packed sample (a sample
+    starts at <bos>): the segment a prompt would ask the model to generate, through <end_M> and <eos>."""
+    B, L = ids.shape
+    doc = (ids == vocab.bos_id).long().cumsum(1)
+    begins = torch.tensor([vocab.begin_id(m) for m in vocab.ranges], dtype=ids.dtype)
+    t = torch.arange(L).expand(B, L)
+    key = doc + torch.arange(B)[:, None] * (L + 1)                       # one slot per (row, sample)
+    at = torch.where(torch.isin(ids, begins), t, torch.full_like(t, -1))
+    last = torch.full((B * (L + 1),), -1, dtype=t.dtype).scatter_reduce(0, key.reshape(-1), at.reshape(-1), "amax")
+    last = last[key]
+    return (last >= 0) & (t > last)
+
+
 class Objective:
     def __init__(self, cfg: ObjectiveConfig, vocab):
         cfg.validate(vocab.modality_names)
@@ -135,6 +153,20 @@ class Objective:
     def prepare(self, ids, modality_ids, valid, generator=None) -> Prepared:
         raise NotImplementedError
 
+    def _segment(self, ids, modality_ids, valid) -> torch.Tensor:
+        """bool [B, L]: the modality tokens of each sample's generated segment (loss_on generated):
+        what masked decoding of a prompt regenerates (not <end_M> / <eos>, which it is given)."""
+        content = torch.zeros_like(valid)
+        for r in self.vocab.ranges.values():     # a modality's own tokens; its markers are outside its range
+            content |= (ids >= r.start) & (ids < r.stop)
+        return generated_segment(self.vocab, ids) & valid & content
+
+    def _ratios(self, B: int, generator) -> torch.Tensor:
+        """[B] mask ratios: cosine-drawn (mask_schedule cosine) or mask_ratio."""
+        if self.cfg.mask_schedule == "cosine":
+            return cosine_mask_ratio(B, generator)
+        return torch.full((B,), float(self.cfg.mask_ratio))
+
 
 @OBJECTIVES.register("ar", ObjectiveConfig)
 class AR(Objective):
@@ -148,7 +180,7 @@ class AR(Objective):
         doc = (ids == self.vocab.bos_id).long().cumsum(1)                    # [B, L]: which sample
         if self.cfg.loss_on == "generated":
             target = torch.zeros_like(valid)
-            target[:, :-1] = self._generated(ids, doc)[:, 1:]
+            target[:, :-1] = generated_segment(self.vocab, ids)[:, 1:]
             labels = torch.where(target, labels, IGNORE)
         if not self.cfg.document_mask:
             return Prepared(ids, modality_ids, labels, label_mod, None)
@@ -156,17 +188,6 @@ class AR(Objective):
         # packed row's loss is the sum of its samples' own losses
         labels[:, :-1] = torch.where(doc[:, 1:] != doc[:, :-1], IGNORE, labels[:, :-1])
         return Prepared(ids, modality_ids, labels, label_mod, None, doc)
-
-    def _generated(self, ids, doc) -> torch.Tensor:
-        """bool [B, L]: the token lies after the last <begin_M> marker of its sample."""
-        B, L = ids.shape
-        begins = torch.tensor([self.vocab.begin_id(m) for m in self.vocab.ranges], dtype=ids.dtype)
-        t = torch.arange(L).expand(B, L)
-        key = doc + torch.arange(B)[:, None] * (L + 1)                       # one slot per (row, sample)
-        at = torch.where(torch.isin(ids, begins), t, torch.full_like(t, -1))
-        last = torch.full((B * (L + 1),), -1, dtype=t.dtype).scatter_reduce(0, key.reshape(-1), at.reshape(-1), "amax")
-        last = last[key]
-        return (last >= 0) & (t > last)
 
 
 @OBJECTIVES.register("masked", ObjectiveConfig)
@@ -188,6 +209,8 @@ class Masked(Objective):
         return torch.minimum((p * budget).round().long(), counts)
 
     def prepare(self, ids, modality_ids, valid, generator=None) -> Prepared:
+        if self.cfg.loss_on == "generated":
+            return self._prepare_generated(ids, modality_ids, valid, generator)
         B, L = ids.shape
         G = len(self.names)
         inp = torch.zeros(B, L, dtype=torch.bool)
@@ -217,22 +240,52 @@ class Masked(Objective):
         attn = (valid[:, None, :] & valid[:, :, None]) | torch.eye(L, dtype=torch.bool)[None]
         return Prepared(input_ids, modality_ids, labels, modality_ids.clone(), attn)
 
+    def _prepare_generated(self, ids, modality_ids, valid, generator) -> Prepared:
+        """loss_on generated (MaskGIT / Muse): round(r * n) of the n tokens of each row's generated
+        segment (at least one) read <mask> and are predicted; every other valid token is seen."""
+        B, L = ids.shape
+        seg = self._segment(ids, modality_ids, valid)
+        ratio = self._ratios(B, generator)
+        masked = torch.zeros(B, L, dtype=torch.bool)
+        for b in range(B):
+            pos = torch.nonzero(seg[b]).flatten()
+            if len(pos):
+                k = max(1, int(round(float(ratio[b]) * len(pos))))
+                masked[b, pos[torch.randperm(len(pos), generator=generator)[:k]]] = True
+        input_ids = torch.where(masked, torch.full_like(ids, self.mask_id), ids)
+        labels = torch.where(masked, ids, IGNORE)
+        attn = (valid[:, None, :] & valid[:, :, None]) | torch.eye(L, dtype=torch.bool)[None]
+        return Prepared(input_ids, modality_ids, labels, modality_ids.clone(), attn)
+
 
 @OBJECTIVES.register("hybrid", ObjectiveConfig)
 class Hybrid(Objective):
     """BAMM-style hybrid: positions [0, s) are autoregressive (causal, predict the next token);
     positions [s, L) are a masked block: mask_ratio of them read <mask> and predict themselves, they
-    attend to the whole prefix and bidirectionally to each other. s is drawn per sequence."""
+    attend to the whole prefix and bidirectionally to each other. s is drawn per sequence.
+
+    loss_on generated (conditional BAMM): s is drawn uniformly over the row's generated segment
+    (from its first token: the whole segment is the block, as in MaskGIT decoding of it under the
+    hybrid attention; to its last: nearly all of it causal, as in the cascade's draft), and masks
+    fall only on the segment's modality tokens: the prompt before it is always causal context."""
 
     def prepare(self, ids, modality_ids, valid, generator=None) -> Prepared:
         B, L = ids.shape
         u = torch.rand(B, generator=generator)
         n_valid = valid.sum(1)
-        s = (n_valid.float() * (self.cfg.min_prefix + (1 - self.cfg.min_prefix) * u)).long().clamp(1, L - 1)
         pos = torch.arange(L)
+        if self.cfg.loss_on == "generated":
+            seg = self._segment(ids, modality_ids, valid)
+            count = seg.sum(1)
+            first = torch.where(seg, pos, L).amin(1)
+            s = torch.where(count > 0, first + (u * count).long(), n_valid).clamp(1, L - 1)
+            maskable = seg
+        else:
+            s = (n_valid.float() * (self.cfg.min_prefix + (1 - self.cfg.min_prefix) * u)).long().clamp(1, L - 1)
+            maskable = valid
         suffix = pos[None, :] >= s[:, None]                                        # [B, L]
         ratio = cosine_mask_ratio(B, generator)[:, None] if self.cfg.mask_schedule == "cosine" else self.cfg.mask_ratio
-        masked = suffix & valid & (torch.rand(B, L, generator=generator) < ratio)
+        masked = suffix & maskable & (torch.rand(B, L, generator=generator) < ratio)
         input_ids = torch.where(masked, torch.full_like(ids, self.mask_id), ids)
         labels = torch.full_like(ids, IGNORE)
         nxt_ok = valid[:, 1:] & ~suffix[:, 1:] & ~suffix[:, :-1]
@@ -284,8 +337,9 @@ def objective_config_from_dict(section, where: str) -> ObjectiveConfig:
 def _check_loss_on(cfg: ObjectiveConfig) -> None:
     if cfg.loss_on not in LOSS_ON:
         raise ValueError(f"loss_on: expected one of {', '.join(LOSS_ON)}, got {cfg.loss_on!r}")
-    if cfg.loss_on != "all" and cfg.kind != "ar":
-        raise ValueError(f"loss_on: {cfg.loss_on!r} is for kind ar (next-token); kind {cfg.kind!r} chooses its own targets")
+    if cfg.loss_on != "all" and cfg.kind not in ("ar", "masked", "hybrid"):
+        raise ValueError(f"loss_on: {cfg.loss_on!r} is for kinds ar, masked and hybrid; kind {cfg.kind!r} chooses its "
+                         "own targets")
 
 
 def build_objective(cfg: ObjectiveConfig, vocab) -> Objective:
