@@ -22,7 +22,10 @@ tokens, checked and recorded as `same_as_plain`) and sample (temperature 1, or
 draw every position from the plain loop's Philox stream, so they too emit its tokens and record
 `same_as_plain`). Figures: wall ms and process CPU ms (median of --repeats interleaved rounds
 after a warm-up round; on a shared machine the CPU time is the steadier of the two), tokens/s
-and the acceptance length (tokens per target pass).
+and the acceptance length (tokens per target pass). Within a round every prompt is decoded by
+every impl back to back (order reversed in alternate rounds), so a drift of the machine's speed
+hits all impls alike; `speedup_cpu` is the median over rounds of the plain loop's CPU time over
+the impl's, with a ~95% interval for that median (`speedup_cpu_lo` / `_hi`, sign test).
 
 Case `tree_compare` (DySpec's claim): static template vs dynamic tree at the same node budget,
 back-off and gate off (a tree every pass), tokens per target pass in greedy and sample mode, for
@@ -49,6 +52,7 @@ from __future__ import annotations
 import glob
 import inspect
 import importlib
+import math
 import os
 import sys
 import time
@@ -158,30 +162,50 @@ def plain_generate(model, prompt, max_new_tokens, seed, **settings):
 IMPLS = ("mmfm", "mmfm_token_recycling", "mmfm_token_recycling_dynamic", "mmfm_draft_model", "mmfm_draft_model_dynamic")
 
 
-def run_impl(name, model, drafter, prompts, args, settings, **extra):
-    """(wall seconds, CPU seconds, outputs, stats list, matrix) over all prompts; Token Recycling
-    keeps one matrix across the prompts (the paper's hot start), fresh for every timed run."""
-    matrix = RecyclingMatrix(model.cfg.vocab_size, k=args.k)
-    outs, stats = [], []
+def run_prompt(name, model, drafter, i, p, args, settings, matrix):
+    """(wall seconds, CPU seconds, output, stats) of one impl on prompt i; Token Recycling keeps
+    `matrix` across the prompts of a round (the paper's hot start), fresh for every round."""
     t0, c0 = time.perf_counter(), time.process_time()
+    if name == "mmfm":
+        o, s = plain_generate(model, p, args.new_tokens, args.seed * 1000 + i, **settings)
+    elif name.startswith("mmfm_token_recycling"):
+        tree = "dynamic" if name.endswith("dynamic") else "static"
+        o, s = token_recycling_generate(model, p, max_new_tokens=args.new_tokens, seed=args.seed * 1000 + i,
+                                        matrix=matrix, tree_size=args.tree_size, tree=tree, **settings)
+        o = o.tolist()
+    else:
+        tree = {"tree": "dynamic", "tree_size": args.tree_size, "k": args.draft_k,
+                "max_depth": args.draft_depth} if name.endswith("dynamic") else {}
+        o, s = draft_model_generate(model, drafter, p, max_new_tokens=args.new_tokens, seed=args.seed * 1000 + i,
+                                    num_draft=args.num_draft, **tree, **settings)
+        o = o.tolist()
+    return time.perf_counter() - t0, time.process_time() - c0, o, s
+
+
+def run_round(impls, model, drafter, prompts, args, settings, reverse: bool) -> dict:
+    """One timed round: every prompt decoded by every impl back to back (the order reversed in
+    alternate rounds), so a drift of the machine's speed within the round hits all impls alike.
+    {impl: (wall s, CPU s, outputs, stats list, matrix)} summed over the prompts."""
+    order = impls[::-1] if reverse else impls
+    res = {n: [0.0, 0.0, [], [], RecyclingMatrix(model.cfg.vocab_size, k=args.k)] for n in impls}
     for i, p in enumerate(prompts):
-        if name == "mmfm":
-            o, s = plain_generate(model, p, args.new_tokens, args.seed * 1000 + i, **settings)
-        elif name.startswith("mmfm_token_recycling"):
-            tree = "dynamic" if name.endswith("dynamic") else "static"
-            o, s = token_recycling_generate(model, p, max_new_tokens=args.new_tokens, seed=args.seed * 1000 + i,
-                                            matrix=matrix,
-                                            tree_size=args.tree_size, tree=tree, **settings, **extra)
-            o = o.tolist()
-        else:
-            tree = {"tree": "dynamic", "tree_size": args.tree_size, "k": args.draft_k,
-                    "max_depth": args.draft_depth} if name.endswith("dynamic") else {}
-            o, s = draft_model_generate(model, drafter, p, max_new_tokens=args.new_tokens, seed=args.seed * 1000 + i,
-                                        num_draft=args.num_draft, **tree, **settings)
-            o = o.tolist()
-        outs.append(o)
-        stats.append(s)
-    return time.perf_counter() - t0, time.process_time() - c0, outs, stats, matrix
+        for name in order:
+            r = res[name]
+            sec, csec, o, s = run_prompt(name, model, drafter, i, p, args, settings, r[4])
+            r[0] += sec
+            r[1] += csec
+            r[2].append(o)
+            r[3].append(s)
+    return {n: tuple(v) for n, v in res.items()}
+
+
+def paired_speedup(base: list[float], impl: list[float]) -> tuple[float, float, float]:
+    """(median, low, high) over rounds of base time / impl time, the interval ~95% for the median
+    (order statistics, sign test): what the paired rounds say, with how sure they are."""
+    xs = sorted(b / t for b, t in zip(base, impl))
+    n = len(xs)
+    k = max(0, int(n / 2 - 1.96 * math.sqrt(n) / 2))
+    return xs[n // 2], xs[k], xs[n - 1 - k]
 
 
 def _median(xs):
@@ -211,21 +235,21 @@ def bench_decoding(model, encode, desc, args) -> list[dict]:
         case.update(_temperature(mode, args))
         wall = {name: [] for name in impls}
         cpu = {name: [] for name in impls}
-        results = {}
-        for name in impls:                        # warm-up (untimed)
-            run_impl(name, model, drafter, prompts[:1], args, settings)
-        for _ in range(args.repeats):             # interleaved, so load changes hit every impl alike
+        run_round(impls, model, drafter, prompts[:1], args, settings, False)   # warm-up (untimed)
+        for r in range(args.repeats):             # interleaved per prompt: load changes hit every impl alike
+            results = run_round(impls, model, drafter, prompts, args, settings, reverse=r % 2 == 1)
             for name in impls:
-                sec, csec, outs, stats, matrix = run_impl(name, model, drafter, prompts, args, settings)
-                wall[name].append(sec)
-                cpu[name].append(csec)
-                results[name] = (outs, stats, matrix)
-        plain_outs = results["mmfm"][0]
+                wall[name].append(results[name][0])
+                cpu[name].append(results[name][1])
+        plain_outs = results["mmfm"][2]
         for name in impls:
-            outs, stats, matrix = results[name]
+            _, _, outs, stats, matrix = results[name]
             sec, csec = _median(wall[name]), _median(cpu[name])
             n_tok = sum(len(o) for o in outs)
             fig = {"ms": sec * 1e3, "cpu_ms": csec * 1e3, "tokens_per_s": n_tok / sec, "tokens": n_tok}
+            if name != "mmfm":   # paired by round: plain CPU time / this impl's, median and ~95% interval
+                med, lo, hi = paired_speedup(cpu["mmfm"], cpu[name])
+                fig.update(speedup_cpu=round(med, 3), speedup_cpu_lo=round(lo, 3), speedup_cpu_hi=round(hi, 3))
             if stats[0] is not None:
                 passes = sum(s.target_passes for s in stats)
                 fig["acceptance_length"] = round(sum(s.new_tokens - 1 for s in stats) / max(passes, 1), 3)
@@ -426,6 +450,9 @@ def summary(records: list[dict]) -> list[str]:
             extra = f", acceptance length {r['acceptance_length']}" if "acceptance_length" in r else \
                 f", {r['full_passes']} full + {r['cheap_passes']} cheap passes"
             cpu = f", {b['cpu_ms'] / r['cpu_ms']:.2f}x by CPU time" if "cpu_ms" in r and "cpu_ms" in b else ""
+            if "speedup_cpu" in r:
+                cpu += (f" (paired by round: {r['speedup_cpu']:.2f}x, ~95% interval {r['speedup_cpu_lo']:.2f}-"
+                        f"{r['speedup_cpu_hi']:.2f})")
             lines.append(f"{r['case']['mode']}: {r['impl']} {b['ms'] / r['ms']:.2f}x the baseline's speed by wall "
                          f"time{cpu}{extra}")
         if r["case"]["mode"] == "tree_compare":
