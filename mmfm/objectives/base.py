@@ -284,7 +284,7 @@ class Hybrid(Objective):
             s = (n_valid.float() * (self.cfg.min_prefix + (1 - self.cfg.min_prefix) * u)).long().clamp(1, L - 1)
             maskable = valid
         suffix = pos[None, :] >= s[:, None]                                        # [B, L]
-        ratio = cosine_mask_ratio(B, generator)[:, None] if self.cfg.mask_schedule == "cosine" else self.cfg.mask_ratio
+        ratio = self._ratios(B, generator)[:, None]
         masked = suffix & maskable & (torch.rand(B, L, generator=generator) < ratio)
         input_ids = torch.where(masked, torch.full_like(ids, self.mask_id), ids)
         labels = torch.full_like(ids, IGNORE)
