@@ -198,3 +198,5 @@ def test_eval_generate_tokens_masked_batches_rows_by_prompt_length(bundle):
     assert torch.equal(got[[1, 3]], v.to_local("image", want))
     a = build_parser().parse_args(["eval", "prompts", "--model", "m", "--decode", "cascade", "--refine", "0.2"])
     assert (a.decode, a.refine, a.hybrid) == ("cascade", 0.2, False)
+    with pytest.raises(ValueError, match="refine"):
+        generate_tokens(bundle.model, v, prompts, "image", L, Sampling(decode="cascade", refine=1.5))

@@ -404,6 +404,13 @@ def test_draft_model_sampling_distribution_equals_plain(tree):
     assert chi2_pvalue(_counts(got), exact) > 1e-3
 
 
+def test_bench_speculative_rejects_a_sample_temperature_of_zero(capsys):
+    from mmfm.bench.speculative import main
+
+    assert main(["--quick", "--cases", "decode", "--sample-temperature", "0"]) == 2
+    assert "--sample-temperature" in capsys.readouterr().err
+
+
 def test_bench_speculative_quick_writes_records(tmp_path):
     """The benchmark end to end at toy size (an untrained byte-level stand-in model)."""
     import json
