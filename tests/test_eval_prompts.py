@@ -306,3 +306,48 @@ def test_bad_eval_prompts_fields_are_named_before_training(override, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_run_config(packaged_config("pretrain/demo.yaml"), [override])
+
+
+def test_robust_latents_tool_decodes_the_same_generated_tokens_with_every_decoder(root, tmp_path, capsys):
+    """tools/robust_latents.py --model: every tokenizer decodes the same generated sequences, so a
+    tokenizer listed twice scores identically (paired difference exactly 0), a changed decoder moves
+    the Fréchet distance, and a tokenizer whose encoder gives other tokens is refused by name."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import robust_latents
+
+    from mmfm.tokenizers.base import load_tokenizer
+
+    export = build_export(root, modalities=("image",), name="export_img")
+    base = os.path.join(export, "tokenizers", "image")
+    other = load_tokenizer(base)
+    with torch.no_grad():
+        for p in other.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other.save(str(tmp_path / "other"))
+    js = tmp_path / "gen.json"
+    argv = ["--corpus", str(root / "corpus"), "--model", f"m={export}", "--tokenizer", f"base={base}",
+            "--tokenizer", f"same={base}", "--tokenizer", f"other={tmp_path / 'other'}", "--seeds", "0", "1",
+            "--n", "6", "--cache-dir", str(tmp_path / "scorers"), "--json", str(js)]
+    assert robust_latents.main(argv) == 0
+    rows = json.loads(js.read_text())
+    by = {(r["tokenizer"], r["task"]): r for r in rows}
+    tasks = {r["task"] for r in rows}
+    assert {"digits/digit", "scenes/colour", "frechet_pca32"} <= tasks
+    for t in tasks:
+        assert by["base", t]["minus_base"] == 0 and by["same", t]["minus_base"] == 0
+        assert by["same", t].get("accuracy") == by["base", t].get("accuracy")
+        assert by["same", t].get("frechet") == by["base", t].get("frechet")
+    assert by["base", "digits/digit"]["images"] == 12      # 6 prompts x 2 seeds
+    assert by["other", "frechet_pca32"]["frechet"] != by["base", "frechet_pca32"]["frechet"]
+    fresh = build_export(root, modalities=("image",), name="export_img2")
+    foreign = load_tokenizer(os.path.join(fresh, "tokenizers", "image"))
+    torch.manual_seed(5)
+    for p in foreign.encoder.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    foreign.save(str(tmp_path / "foreign"))
+    capsys.readouterr()
+    argv = argv[:argv.index("--tokenizer")] + ["--tokenizer", f"base={base}", "--tokenizer",
+                                                f"foreign={tmp_path / 'foreign'}", "--n", "6"]
+    assert robust_latents.main(argv) == 2
+    assert "--tokenizer foreign: its encoder gives the tokens of --model m's image tokenizer at only" in \
+        capsys.readouterr().err

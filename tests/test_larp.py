@@ -122,6 +122,7 @@ def test_save_load_keeps_the_prior_and_the_config(tmp_path):
     ("codebook_size", "1", r"model.codebook_size: must be >= 2"),
     ("prior_heads", "3", r"model.prior_width: 64 is not divisible by prior_heads 3"),
     ("num_queries", "-4", r"model.num_queries: must be >= 0"),
+    ("svq_revive_after", "-1", r"model.svq_revive_after: must be >= 0"),
 ])
 def test_config_errors_name_the_field(tmp_path, field, value, message):
     import yaml
@@ -136,3 +137,51 @@ def test_config_errors_name_the_field(tmp_path, field, value, message):
     bad.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=message):
         load_config(str(bad))
+
+
+# ---------------------------------------------------------------------------- dead-code revival
+def test_svq_revival_moves_unused_codes_onto_batch_latents_and_keeps_the_used_ones():
+    """Latents on 3 tight clusters: at the argmax only ~3 codes are ever drawn. With revive_after 2,
+    after the third step every code no draw picked sits on one of that step's latents, the drawn
+    codes are untouched, and the revived codes then take draws (more codes used)."""
+    from mmfm.tokenizers.larp import StochasticVQ
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    z = (centres[torch.randint(3, (256,), generator=g)] + 0.05 * torch.randn(256, 8, generator=g))
+    plain = StochasticVQ(8, 64, temperature=0.0, beta=0.25, seed=1)
+    rev = StochasticVQ(8, 64, temperature=0.0, beta=0.25, seed=1, revive_after=2)
+    assert torch.equal(plain.codebook, rev.codebook)
+    rows = torch.nn.functional.normalize(z, dim=-1)
+    used = set()
+    for step in range(2):
+        before = rev.codebook.detach().clone()
+        idx = rev(z)[1]
+        used |= set(idx.unique().tolist())
+    moved = ~torch.isclose(before, rev.codebook.detach()).all(-1)
+    assert rev.revived == int(moved.sum()) > 0
+    assert not moved[idx.unique()].any()                     # this step's drawn codes stay
+    d = (rev.codebook.detach()[moved][:, None] - rows[None]).norm(dim=-1)   # each moved code is a batch latent
+    assert float(d.min(-1).values.max()) < 1e-5
+    assert len(idx.unique()) <= 4 and len(plain(z)[1].unique()) <= 4
+    after = rev(z)[1].unique().numel()
+    assert after > 3 * len(idx.unique()), after               # revived codes now take latents
+    assert rev.revived == 0 or rev.revived < 64
+    rev.eval()
+    out = rev(z)                                            # eval: no revival, no state change
+    assert torch.equal(out[1], rev.encode(z))
+
+
+def test_svq_revival_state_is_saved_and_absent_when_off(tmp_path):
+    on = VideoTokenizer(dataclasses.replace(TINY, svq_revive_after=5))
+    off = VideoTokenizer(TINY)
+    assert {"quantizer.train_step", "quantizer.last_used"} <= set(on.state_dict())
+    assert not {"quantizer.train_step", "quantizer.last_used"} & set(off.state_dict())
+    assert "quantizer._revive_draws" in _generators(on)
+    tok = _train(dataclasses.replace(TINY, svq_revive_after=2), clips(32, 0), 4)
+    assert int(tok.quantizer.train_step) == 4
+    tok.save(str(tmp_path / "tok"))
+    back = load_tokenizer(str(tmp_path / "tok"))
+    assert torch.equal(back.quantizer.last_used, tok.quantizer.last_used)
+    x = clips(6, 2)
+    assert torch.equal(back.encode_batch(x), tok.encode_batch(x))

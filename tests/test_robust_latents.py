@@ -211,3 +211,133 @@ def test_tokenizer_eval_reports_perturbed_psnr_beside_clean(tmp_path, capsys):
     assert main(["tokenizer", "eval", "--config", str(cfg), "--perturb", "1.5"]) == 2
     assert main(["tokenizer", "eval", "--config", str(cfg), "--perturb-neighbours", "-2"]) == 2
     assert "--perturb-neighbours: must be >= 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- decoder fine-tuning
+def _fine_tune_config(tmp_path, shards, out, init, freeze, codebook=16, rate=0.3):
+    cfg = tmp_path / f"ft_{len(list(tmp_path.glob('ft_*.yaml')))}.yaml"
+    cfg.write_text(f"tokenizer: image_conv\nmodel: {{image_size: 8, channels: 8, downsamples: 1, latent_dim: 4, "
+                   f"codebook_size: {codebook}, perturb_rate: {rate}, perturb_neighbours: 4, seed: 1}}\n"
+                   f"data: {{shards: \"{shards}\", modality: image, holdout_fraction: 0.25}}\n"
+                   f"train: {{out: \"{out}\", steps: 6, batch_size: 8, log_every: 3, checkpoint_every: 6, "
+                   f"init: \"{init}\", freeze: {freeze}}}\n")
+    return cfg
+
+
+def test_decoder_fine_tuning_keeps_every_token_and_changes_only_the_decoder(tmp_path, capsys):
+    """train.init + train.freeze [encoder, quantizer]: the fine-tuned tokenizer gives the same tokens as
+    the one it started from (so models trained on those tokens stay valid), its encoder and quantizer
+    state (codebook, EMA statistics, usage counters) is bit-identical although the quantizer would
+    update them in training mode, and the decoder moved."""
+    from mmfm.cli import main
+    from mmfm.data.synthetic import synthetic_sample
+    from mmfm.data.writer import SampleShardWriter
+    from mmfm.tokenizers.base import load_tokenizer
+    from mmfm.tokenizers.data import prepare_all, read_samples
+
+    shards = tmp_path / "shards"
+    with SampleShardWriter(str(shards), prefix="image", shard_size=50) as w:
+        for i in range(60):
+            w.write(synthetic_sample("image", i, 8))
+    start = _tiny(seed=3)
+    start.save(str(tmp_path / "start"))
+    out = tmp_path / "ft"
+    cfg = _fine_tune_config(tmp_path, shards, out, tmp_path / "start", "[encoder, quantizer]")
+    assert main(["tokenizer", "train", "--config", str(cfg), "--quiet"]) == 0
+    assert "encoder, quantizer frozen" in capsys.readouterr().err
+    tuned = load_tokenizer(str(out / "tokenizer"))
+    before, after = start.state_dict(), tuned.state_dict()
+    for k in before:
+        if k.startswith(("encoder.", "quantizer.")):
+            assert torch.equal(before[k], after[k]), k
+    moved = [k for k in before if k.startswith("decoder.") and not torch.equal(before[k], after[k])]
+    assert len(moved) > 0
+    x = prepare_all(start, read_samples(str(shards), "image", "eval", 0.25) + read_samples(str(shards), "image",
+                                                                                           "train", 0.25))
+    assert torch.equal(start.encode_batch(x), tuned.encode_batch(x))
+    assert not torch.allclose(start.decode(start.encode_batch(x)), tuned.decode(tuned.encode_batch(x)))
+
+    # the same run without freezing moves the codebook: what the check above would have caught
+    out2 = tmp_path / "ft_all"
+    assert main(["tokenizer", "train", "--config", str(_fine_tune_config(tmp_path, shards, out2, tmp_path / "start",
+                                                                         "[]")), "--quiet"]) == 0
+    free = load_tokenizer(str(out2 / "tokenizer")).state_dict()
+    assert any(not torch.equal(before[k], free[k]) for k in before if k.startswith("quantizer."))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("bad_part", "train.freeze: 'nope' is not a part of the image_conv tokenizer; its parts are ['decoder', "
+                 "'encoder', 'quantizer']"),
+    ("all_parts", "train.freeze: freezing ['encoder', 'quantizer', 'decoder'] leaves nothing to train"),
+    ("no_folder", "train.init: "),
+    ("other_shape", "do not fit this config's model fields"),
+])
+def test_fine_tuning_errors_name_the_field(tmp_path, capsys, case, message):
+    from mmfm.cli import main
+    from mmfm.data.synthetic import synthetic_sample
+    from mmfm.data.writer import SampleShardWriter
+
+    shards = tmp_path / "shards"
+    with SampleShardWriter(str(shards), prefix="image", shard_size=50) as w:
+        for i in range(12):
+            w.write(synthetic_sample("image", i, 8))
+    _tiny(seed=3).save(str(tmp_path / "start"))
+    init, freeze, codebook = tmp_path / "start", "[encoder, quantizer]", 16
+    if case == "bad_part":
+        freeze = "[encoder, nope]"
+    elif case == "all_parts":
+        freeze = "[encoder, quantizer, decoder]"
+    elif case == "no_folder":
+        init = tmp_path / "missing"
+    else:
+        codebook = 32
+    cfg = _fine_tune_config(tmp_path, shards, tmp_path / "out", init, freeze, codebook=codebook)
+    assert main(["tokenizer", "train", "--config", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(cfg) in err
+
+
+# ---------------------------------------------------------------------------- Fréchet distance
+def test_frechet_distance_matches_the_gaussian_closed_form():
+    """Means 0 and m, covariances I and s^2 I in k dims: |m|^2 + k (1 + s^2 - 2 s). Equal sets give
+    0; the PCA map is fitted once and applied alike."""
+    from mmfm.tokenizers.metrics import PCAFeatures, frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    k, n = 4, 200000
+    a = torch.randn(n, k, generator=g, dtype=torch.float64)
+    shift = torch.tensor([1.0, -2.0, 0.0, 0.5], dtype=torch.float64)
+    b = 2.0 * torch.randn(n, k, generator=g, dtype=torch.float64) + shift
+    want = float((shift ** 2).sum()) + k * (1 + 4 - 2 * 2)
+    assert frechet_distance(a, b) == pytest.approx(want, rel=0.02)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    x = torch.rand(300, 3, 8, 8, generator=g)
+    pca = PCAFeatures(x, k=16)
+    f = pca(x)
+    assert f.shape == (300, 16)
+    assert frechet_distance(f, pca(x + 0.5)) > frechet_distance(f, pca(x + 0.1)) > 0
+    with pytest.raises(ValueError, match="expected two"):
+        frechet_distance(a[:, :3], b)
+    with pytest.raises(ValueError, match="needs more than 16 samples"):
+        PCAFeatures(x[:10], k=16)
+
+
+def test_shipped_decoder_config_fits_the_demo_image_tokenizer():
+    """image_conv_vq_robust_decoder.yaml starts from the demo's saved image tokenizer (train.init), so
+    its model fields must be the demo's (image_conv_vq_small.yaml with mmfm demo's overrides) but for
+    the perturbation, and it freezes exactly the parts that make the tokens."""
+    import dataclasses
+
+    from mmfm.demos.e2e import PRESETS, TOKENIZERS
+    from mmfm.typed_config import packaged_config
+
+    shipped = load_config(packaged_config("tokenizers/image_conv_vq_robust_decoder.yaml"))
+    demo = load_config(packaged_config(TOKENIZERS["image"][0]))
+    for key, value in PRESETS["demo"]["tokenizer_overrides"]["image"].items():
+        section, field = key.split(".")
+        if section == "model":
+            setattr(demo.model, field, value)
+    a, b = dataclasses.asdict(demo.model), dataclasses.asdict(shipped.model)
+    assert {k for k in a if a[k] != b[k]} == {"perturb_rate", "perturb_neighbours"}
+    assert shipped.model.perturb_rate > 0
+    assert shipped.train.freeze == ["encoder", "quantizer"] and shipped.train.init.endswith("tokenizers/image/tokenizer")

@@ -116,6 +116,7 @@ class NeuralTokenizer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.frozen: tuple[str, ...] = ()
 
     # -- to implement ---------------------------------------------------------------------
     def prepare(self, sample) -> torch.Tensor:
@@ -156,6 +157,50 @@ class NeuralTokenizer(nn.Module):
         return []
 
     # -- shared ---------------------------------------------------------------------------
+    def freeze(self, names, where: str = "train.freeze") -> None:
+        """Leave the named parts (direct submodules: encoder, quantizer, decoder, ...) as they are in
+        training: no gradient, and eval mode through every later train() call, so a quantizer's
+        training-time updates (codebook EMA, dead-code revival) do not run either."""
+        parts = {n for n, m in self.named_children() if any(True for _ in m.parameters()) or
+                 any(True for _ in m.buffers())}
+        for n in names:
+            if n not in parts:
+                raise ValueError(f"{where}: {n!r} is not a part of the {self.registry_name or type(self).__name__} "
+                                 f"tokenizer; its parts are {sorted(parts)}")
+        for n in names:
+            getattr(self, n).requires_grad_(False)
+        self.frozen = tuple(names)
+        if not any(p.requires_grad for p in self.parameters()):
+            raise ValueError(f"{where}: freezing {list(names)} leaves nothing to train")
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for n in getattr(self, "frozen", ()):
+            getattr(self, n).eval()
+        return self
+
+    def load_init(self, directory: str, where: str = "train.init") -> None:
+        """Start from a saved tokenizer's weights (its folder), refusing another kind or shape."""
+        from safetensors.torch import load_file
+
+        if not os.path.exists(os.path.join(directory, CONFIG_FILE)):
+            raise ValueError(f"{where}: '{directory}' is not a saved tokenizer folder (no {CONFIG_FILE}); "
+                             "expected e.g. runs/tokenizers/<name>/tokenizer")
+        name, _ = read_config(directory)
+        if name != self.registry_name:
+            raise ValueError(f"{where}: '{directory}' holds a {name!r} tokenizer; this config trains "
+                             f"{self.registry_name!r}")
+        state = load_file(os.path.join(directory, WEIGHTS_FILE), device=str(self.device))
+        mine = self.state_dict()
+        missing = sorted(set(mine) - set(state))
+        extra = sorted(set(state) - set(mine))
+        shape = sorted(k for k in set(mine) & set(state) if mine[k].shape != state[k].shape)
+        if missing or extra or shape:
+            raise ValueError(f"{where}: the weights in '{directory}' do not fit this config's model fields "
+                             f"(missing {missing[:4]}, unexpected {extra[:4]}, other shapes {shape[:4]})")
+        self.load_state_dict(state, strict=True)
+
     @property
     def bits_per_sample(self) -> float:
         import math

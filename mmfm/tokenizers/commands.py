@@ -158,6 +158,7 @@ def _train_neural(cfg, progress: bool, hooks=None) -> int:
     """hooks: fault injection for tests (mmfm/train/trainer.py: Hooks), passed to both stages."""
     import torch
 
+    from mmfm.tokenizers.config import ConfigError
     from mmfm.tokenizers.data import prepare_all, read_samples
     from mmfm.tokenizers.registry import build_tokenizer
     from mmfm.tokenizers.render import save_pairs
@@ -172,7 +173,18 @@ def _train_neural(cfg, progress: bool, hooks=None) -> int:
     x = prepare_all(tok, [s for s in samples if _usable(tok, s)])
     print(f"{cfg.tokenizer}: {x.shape[0]} training samples {tuple(x.shape[1:])}, {tok.tokens_per_sample} tokens "
           f"of {tok.vocab_size} per sample", file=sys.stderr)
-    tok.fit_data(x)
+    try:
+        if t.init:   # fine-tuning: the saved tokenizer's weights (and fitted statistics) are the start
+            tok.load_init(t.init, where=f"{cfg.path}: train.init")
+        if t.freeze:
+            tok.freeze(t.freeze, where=f"{cfg.path}: train.freeze")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not t.init:
+        tok.fit_data(x)
+    if t.freeze:
+        print(f"{cfg.tokenizer}: training with {', '.join(t.freeze)} frozen "
+              f"({sum(p.numel() for p in tok.parameters() if p.requires_grad)} parameters trained)", file=sys.stderr)
     init_distributed()
     rank0 = _rank() == 0
     log = JsonlLogger(os.path.join(out, "train.jsonl"), os.path.join(out, "tb")) if rank0 else None
@@ -180,14 +192,15 @@ def _train_neural(cfg, progress: bool, hooks=None) -> int:
                       logger=log, progress=progress, hooks=hooks)
     if hasattr(tok, "refinement_parameters"):  # physics: stage 2, the refinement alone on the frozen rest
         refine = {id(p) for p in tok.refinement_parameters()}
+        trainable = [(p, p.requires_grad) for p in tok.parameters()]
         for p in tok.parameters():
             p.requires_grad_(id(p) in refine)
         train_stage(tok, cfg, x, steps=cfg.model.refine_steps, seed=t.seed + 1,
                     checkpoint_dir=os.path.join(out, "checkpoints_refine"),
                     logger=(lambda s, m: log(t.steps + s, {f"refine/{k}": v for k, v in m.items()})) if log else None,
                     progress=progress, hooks=hooks)
-        for p in tok.parameters():
-            p.requires_grad_(True)
+        for p, flag in trainable:
+            p.requires_grad_(flag)
     if not rank0:
         return 0
     tok.after_training(x)

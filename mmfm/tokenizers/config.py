@@ -52,6 +52,13 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_last: int = 2               # complete checkpoints kept
     threads: int = 0                 # torch threads (0 = leave torch's default)
+    # Fine-tuning a saved tokenizer instead of training one from its seed: `init` is its folder (the
+    # same registry name and architecture), `freeze` the parts left as they are (requires_grad off,
+    # kept in eval mode so no codebook EMA or revival runs). Freezing encoder and quantizer keeps
+    # every token the tokenizer gives, so models trained on its tokens stay valid: RobustTok's
+    # plug-and-play decoder fine-tuning (configs/tokenizers/image_conv_vq_robust_decoder.yaml).
+    init: str = ""
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -19,6 +19,13 @@ encoder is pushed to make each token's latent informative about the tokens after
 prior's parameters learn to predict. The targets are indices and carry no gradient (LARP does the
 same). The tokenizer adds prior_weight x this loss to its reconstruction loss.
 
+Dead-code revival (`revive_after` > 0; not in the paper, which trains 8,192 codes on far more data):
+a code no draw has picked for `revive_after` training steps is moved onto a latent of the current
+batch (one not already chosen). Without it the demo-size SVQ collapsed onto 8-22 of its 1,000 codes
+(docs/benchmarks.md, "video: LARP's prior"), so the prior's loss measured how few codes were left,
+not how predictable the tokens were. Under several ranks the steps since use are max-reduced and
+rank 0's replacement rows broadcast, so every rank keeps the same codebook.
+
 Left out from the paper: its scheduled sampling (a second prior round fed with the prior's own
 draws) and its logits as a dot product with the detached codebook; the head here is a plain
 linear layer.
@@ -35,12 +42,19 @@ from torch import nn
 class StochasticVQ(nn.Module):
     """LARP's SVQ over `codebook_size` l2-normalised codes of size `dim`."""
 
-    def __init__(self, dim: int, codebook_size: int, temperature: float, beta: float, seed: int):
+    def __init__(self, dim: int, codebook_size: int, temperature: float, beta: float, seed: int,
+                 revive_after: int = 0):
         super().__init__()
         self.dim, self.size, self.temperature, self.beta = dim, codebook_size, temperature, beta
         init = torch.randn(codebook_size, dim, generator=torch.Generator().manual_seed(seed))
         self.codebook = nn.Parameter(F.normalize(init, dim=-1))
         self._draws = torch.Generator().manual_seed(seed + 1)
+        self.revive_after = revive_after
+        self.revived = 0                  # codes moved in the last training step (a metric)
+        if revive_after > 0:              # only then: saved tokenizers without revival keep their state_dict
+            self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+            self.register_buffer("last_used", torch.zeros(codebook_size, dtype=torch.long))
+            self._revive_draws = torch.Generator().manual_seed(seed + 2)
 
     def codes(self) -> torch.Tensor:
         return F.normalize(self.codebook, dim=-1)
@@ -61,7 +75,34 @@ class StochasticVQ(nn.Module):
             idx = sim.argmax(-1)
         q = F.embedding(idx, codes)
         loss = F.mse_loss(q, zn.detach()) + self.beta * F.mse_loss(zn, q.detach())
+        if self.training and self.revive_after > 0:
+            self._revive(zn.detach().reshape(-1, self.dim), idx.reshape(-1))
         return zn + (q - zn).detach(), idx, loss
+
+    @torch.no_grad()
+    def _revive(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
+        """After this step's draws (the loss above used the codebook as it was): move every code unused
+        for revive_after steps onto a distinct latent of the batch."""
+        dist = torch.distributed
+        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.train_step += 1
+        self.last_used[idx.unique()] = self.train_step
+        if multi:
+            dist.all_reduce(self.last_used, op=dist.ReduceOp.MAX)
+        dead = (self.train_step - self.last_used) >= self.revive_after
+        n_dead = int(dead.sum())
+        self.revived = n_dead
+        if n_dead == 0:
+            return
+        n = rows.shape[0]
+        pick = (torch.randperm(n, generator=self._revive_draws)[:n_dead] if n >= n_dead
+                else torch.randint(n, (n_dead,), generator=self._revive_draws)).to(rows.device)
+        new = F.normalize(rows[pick].float(), dim=-1)
+        if multi:
+            dist.broadcast(new, 0)
+        # .data: this step's graph holds the codebook as it was; a dead code got no draw, so no gradient
+        self.codebook.data[dead] = new.to(self.codebook.dtype)
+        self.last_used[dead] = self.train_step
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         return self.similarities(z).argmax(-1)

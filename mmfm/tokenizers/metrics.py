@@ -96,3 +96,36 @@ def rel_l2(x: torch.Tensor, y: torch.Tensor) -> float:
     """||y - x|| / ||x|| per sample, mean over the batch."""
     num = (x.float() - y.float()).flatten(1).norm(dim=1)
     return float((num / x.float().flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+
+
+class PCAFeatures:
+    """A fixed linear feature map for Fréchet distances where no pretrained network may be downloaded
+    (FID's Inception is one): the top `k` principal components of flattened samples, fitted once on
+    real training data and then applied to every set compared, so all sets are measured alike."""
+
+    def __init__(self, x: torch.Tensor, k: int = 32):
+        flat = x.reshape(x.shape[0], -1).double()
+        if flat.shape[0] <= k:
+            raise ValueError(f"PCAFeatures: fitting {k} components needs more than {k} samples, got {flat.shape[0]}")
+        self.mean = flat.mean(0)
+        _, _, v = torch.linalg.svd(flat - self.mean, full_matrices=False)
+        self.components = v[:k]                   # [k, D]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.reshape(x.shape[0], -1).double() - self.mean) @ self.components.T
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a [N, k] and b [M, k] (FID's formula):
+    |mu_a - mu_b|^2 + tr(Ca + Cb - 2 (Ca Cb)^(1/2)). The trace of the matrix square root is taken as
+    the sum of the square roots of the eigenvalues of Ca^(1/2) Cb Ca^(1/2), which is symmetric PSD, so
+    no complex sqrtm is needed."""
+    a, b = a.double(), b.double()
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"frechet_distance: expected two [N, k] feature sets with N >= 2 and the same k, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    ca, cb = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
+    w, v = torch.linalg.eigh(ca)
+    root_a = (v * w.clamp_min(0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root_a @ cb @ root_a).clamp_min(0).sqrt().sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + ca.trace() + cb.trace() - 2 * cross)

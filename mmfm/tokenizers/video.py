@@ -60,6 +60,7 @@ class VideoConfig:
     codebook_dim: int = 16            # svq: size of a code (l2-normalised)
     svq_temperature: float = 0.03     # svq: training draws from softmax(cosine / temperature); 0: argmax
     svq_beta: float = 0.25            # svq: commitment weight
+    svq_revive_after: int = 0         # svq: a code not drawn for this many training steps moves onto a batch latent (0: never)
     prior_weight: float = 0.0         # > 0: train LARP's AR prior jointly, this weight on its cross-entropy
     prior_width: int = 64
     prior_depth: int = 2
@@ -89,6 +90,8 @@ class VideoConfig:
                 raise ValueError(f"svq_temperature: must be a finite number >= 0 (0: argmax), got {self.svq_temperature}")
             if not self.svq_beta >= 0:
                 raise ValueError(f"svq_beta: must be >= 0, got {self.svq_beta}")
+            if self.svq_revive_after < 0:
+                raise ValueError(f"svq_revive_after: must be >= 0 (0: no revival), got {self.svq_revive_after}")
         if not (self.prior_weight >= 0 and math.isfinite(self.prior_weight)):
             raise ValueError(f"prior_weight: must be a finite number >= 0 (0: no prior), got {self.prior_weight}")
         if self.prior_weight > 0:
@@ -122,7 +125,8 @@ class VideoTokenizer(NeuralTokenizer):
         self.to_latent = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, d))
         self.from_latent = nn.Linear(d, c.width)
         if c.quantizer == "svq":
-            self.quantizer = StochasticVQ(d, c.codebook_size, c.svq_temperature, c.svq_beta, c.seed)
+            self.quantizer = StochasticVQ(d, c.codebook_size, c.svq_temperature, c.svq_beta, c.seed,
+                                          c.svq_revive_after)
         else:
             self.quantizer = FSQ(c.fsq_levels)
         if c.prior_weight > 0:
@@ -222,6 +226,8 @@ class VideoTokenizer(NeuralTokenizer):
         recon = self.decode_latents(zq)
         mse = F.mse_loss(recon.detach(), x)
         metrics = {"recon_mse": float(mse), "usage": usage}
+        if self.config.quantizer == "svq" and self.config.svq_revive_after > 0:
+            metrics["revived"] = float(self.quantizer.revived)
         loss = reconstruction_loss(recon, x, self.config.recon_loss, self.config.object_weight) + qloss
         if self.config.prior_weight > 0:
             ce = self.prior.loss(zq, idx)
