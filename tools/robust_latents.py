@@ -108,21 +108,22 @@ def _paired(values: list[float], reference: list[float]) -> tuple[float, float]:
 
 
 def generated(a, tokenizers: list[tuple[str, str]], models: list[tuple[str, str]]) -> int:
-    """The --model mode: every model's generated image tokens, decoded by every tokenizer."""
+    """The --model mode: every model's generated image tokens, decoded by every tokenizer. Each
+    tokenizer gets the prompt eval's own PromptEval (its prompt sets, fitted scorers and round-trip
+    ceiling), so the scores are what `mmfm eval prompts` would report for that decoder."""
     import math
 
     import torch
 
-    from mmfm.eval import cache
-    from mmfm.eval.gen import Sampling, generate_tokens, load_export, prompt_ids
-    from mmfm.eval.promptsets import MODALITY_SETS, Corpus, build_set
+    from mmfm.eval.gen import Sampling, generate_tokens, load_export
+    from mmfm.eval.runner import PromptEval, task_name
     from mmfm.tokenizers.base import load_tokenizer
     from mmfm.tokenizers.data import prepare_all, read_samples
     from mmfm.tokenizers.metrics import PCAFeatures, frechet_distance
 
-    corpus = Corpus(a.corpus)
     loaded = [(name, load_tokenizer(folder).eval()) for name, folder in tokenizers]
     held = read_samples(f"{a.corpus}/image-*.tar", "image", "eval", 0.1)[:a.n]
+    train = read_samples(f"{a.corpus}/image-*.tar", "image", "train", 0.1)[:4000]
     rows, ref = [], loaded[0][0]
     for mname, export in models:
         model, vocab, toks = load_export(export)
@@ -136,58 +137,48 @@ def generated(a, tokenizers: list[tuple[str, str]], models: list[tuple[str, str]
                                  f"tokenizer at only {agree:.1%} of the positions of {len(held)} held-out images; "
                                  "generated tokens mean what that tokenizer made them (fine-tune the decoder with "
                                  "train.freeze: [encoder, quantizer])")
-        sets = [build_set(corpus, s, a.n) for s in MODALITY_SETS["image"]]
-        prompts = [prompt_ids(vocab, toks, it.prompt, "image") for ps in sets for it in ps.items]
-        length = toks.segment_length("image")
-        correct: dict = {}      # (tokenizer, set, task) -> list of 0/1 over seeds x items
-        ceiling: dict = {}
+        evals = {name: PromptEval(a.corpus, vocab, {"image": tok, "text": toks["text"]}, n=a.n,
+                                  modalities=["image"], cache_dir=a.cache_dir) for name, tok in loaded}
+        first = evals[ref]
+        sets = list(first.sets.values())           # the same prompts for every tokenizer (same corpus, n)
+        prompts = [p for ps in sets for p in first.prompts[ps.name]]
         # Fréchet distance to the prompts' own (held-out) images in a PCA space of real training images:
-        # an FID stand-in that sees artefacts the scorers' labels ignore; per seed, one figure per set
+        # an FID stand-in that sees artefacts the scorers' labels ignore; one figure per seed
         real = torch.stack([own.prepare(it.sample) for ps in sets for it in ps.items])
-        pca = PCAFeatures(prepare_all(own, read_samples(f"{a.corpus}/image-*.tar", "image", "train", 0.1)[:4000]))
+        pca = PCAFeatures(prepare_all(own, train))
         real_f = pca(real)
-        fd: dict = {}           # tokenizer -> [fd of seed 0, ...]
-        fd_rt = {}
-        for name, tok in loaded:
-            with torch.no_grad():
-                fd_rt[name] = frechet_distance(real_f, pca(tok.decode(tok.encode_batch(real))))
+        fd = {name: [] for name, _ in loaded}
+        fd_rt = {name: frechet_distance(real_f, pca(tok.decode(tok.encode_batch(real)))) for name, tok in loaded}
+        correct: dict = {}      # (tokenizer, set, task) -> list of 0/1 over seeds x items
         for seed in a.seeds:
             s = Sampling(temperature=a.temperature, top_k=a.top_k, seed=seed, batch_size=100)
-            local = generate_tokens(model, vocab, prompts, "image", length, s)
+            local = generate_tokens(model, vocab, prompts, "image", own.tokens_per_sample, s)
             for name, tok in loaded:
-                with torch.no_grad():
-                    images = torch.cat([tok.decode(local[i:i + 100]) for i in range(0, len(local), 100)])
-                fd.setdefault(name, []).append(frechet_distance(real_f, pca(images)))
+                images = torch.cat([tok.decode(local[i:i + 100]) for i in range(0, len(local), 100)])
+                fd[name].append(frechet_distance(real_f, pca(images)))
                 at = 0
                 for ps in sets:
-                    scorer = cache.scorer(ps.name, ps.train, corpus.folder, a.cache_dir, tok)
-                    pred = scorer.predict(list(images[at:at + len(ps.items)]))
+                    pred = evals[name].scorers[ps.name].predict(list(images[at:at + len(ps.items)]))
                     at += len(ps.items)
                     for t in ps.tasks:
-                        hits = [float(p == it.labels[t]) for p, it in zip(pred[t], ps.items)]
-                        correct.setdefault((name, ps.name, t), []).extend(hits)
-                        if (name, ps.name, t) not in ceiling:
-                            real = torch.stack([tok.prepare(it.sample) for it in ps.items])
-                            with torch.no_grad():
-                                rt = tok.decode(tok.encode_batch(real))
-                            rp = scorer.predict(list(rt))[t]
-                            ceiling[name, ps.name, t] = sum(p == it.labels[t] for p, it in zip(rp, ps.items)) / len(rp)
+                        correct.setdefault((name, ps.name, t), []).extend(
+                            float(p == it.labels[t]) for p, it in zip(pred[t], ps.items))
         for name, _ in loaded:
-            v = fd[name]
-            mean_d, se_d = _paired(v, fd[ref])
+            mean_d, se_d = _paired(fd[name], fd[ref])
             rows.append({"bench": "robust_latents_generated", "model": mname, "tokenizer": name,
-                         "task": "frechet_pca32", "frechet": sum(v) / len(v), "frechet_by_seed": v,
-                         "frechet_round_trip": fd_rt[name], f"minus_{ref}": mean_d,
+                         "task": "frechet_pca32", "frechet": sum(fd[name]) / len(fd[name]),
+                         "frechet_by_seed": fd[name], "frechet_round_trip": fd_rt[name], f"minus_{ref}": mean_d,
                          f"minus_{ref}_se": se_d, "images": len(real),
                          "temperature": a.temperature, "top_k": a.top_k, "seeds": a.seeds})
         for (name, sname, t), hits in correct.items():
             n = len(hits)
             acc = sum(hits) / n
             mean_d, se_d = _paired(hits, correct[ref, sname, t])
+            ceiling = next(r["accuracy"] for r in evals[name].reference
+                           if r["impl"] == "ceiling" and r["case"]["task"] == task_name(sname, t))
             rows.append({"bench": "robust_latents_generated", "model": mname, "tokenizer": name,
                          "task": f"{sname}/{t}", "accuracy": acc, "se": math.sqrt(acc * (1 - acc) / n),
-                         "ceiling": ceiling[name, sname, t], "images": n,
-                         f"minus_{ref}": mean_d, f"minus_{ref}_se": se_d,
+                         "ceiling": ceiling, "images": n, f"minus_{ref}": mean_d, f"minus_{ref}_se": se_d,
                          "temperature": a.temperature, "top_k": a.top_k, "seeds": a.seeds})
     print(f"model      tokenizer  task            accuracy (se)    ceiling  minus {ref} (paired se)   "
           "[frechet rows: distance, round trip's distance]")

@@ -21,9 +21,9 @@ same). The tokenizer adds prior_weight x this loss to its reconstruction loss.
 
 Dead-code revival (`revive_after` > 0; not in the paper, which trains 8,192 codes on far more data):
 a code no draw has picked for `revive_after` training steps is moved onto a latent of the current
-batch (one not already chosen). Without it the demo-size SVQ collapsed onto 8-22 of its 1,000 codes
-(docs/benchmarks.md, "video: LARP's prior"), so the prior's loss measured how few codes were left,
-not how predictable the tokens were. Under several ranks the steps since use are max-reduced and
+batch (one not already chosen). Without it the demo-size SVQ collapses onto ~20 of its 1,000 codes;
+with it 120-180 stay in use, but on the demo's clips that made both reconstruction and the prior's
+loss worse (docs/benchmarks.md, "video: LARP's prior"), so it is off by default. Under several ranks the steps since use are max-reduced and
 rank 0's replacement rows broadcast, so every rank keeps the same codebook.
 
 Left out from the paper: its scheduled sampling (a second prior round fed with the prior's own
