@@ -10,7 +10,7 @@ from mmfm.generate.decode import SamplingConfig, decode
 from mmfm.generate.recycling import HostRows, RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
 from mmfm.generate.step import DenseStep
 from mmfm.generate.speculative import draft_model_generate, layer_drafter, token_recycling_generate
-from mmfm.generate.speculative_backoff import MeasuredCost, TreeChooser, TreeCost
+from mmfm.generate.speculative_backoff import MeasuredCost, TreeChooser, TreeCost, default_cost
 from mmfm.models import KVCache, ModelConfig, Transformer
 from mmfm.ops import sampling
 
@@ -137,12 +137,17 @@ def test_token_recycling_greedy_equals_plain_greedy(tree_size, tree, adaptive):
 
 def test_matrix_update_keeps_the_last_row_of_a_repeated_token_and_host_rows_follow():
     """A token twice in one update keeps the row of its last occurrence, in the table and in the
-    host copies (HostRows) the loop reads instead of the table."""
+    host copies (HostRows) the loop reads instead of the table. Written through a HostRows, the
+    rows (and probabilities) are the loop's at once and the table's after sync(), identical to a
+    direct write, with few or many repeats (many: the repeats are dropped before ranking)."""
     m = RecyclingMatrix(6, k=2)
     rows = HostRows(m)
     assert rows(3) == [-1, -1]
     logits = torch.tensor([[0., 5, 1, 4, 2, 3], [9., 0, 0, 0, 0, 8], [0., 0, 7, 6, 0, 0]])
     m.update([3, 1, 3], logits, rows=rows)
+    assert rows(3) == [2, 3] and rows(1) == [0, 5]
+    assert m.table[3].tolist() == [-1, -1]           # not yet: the loop syncs once per call
+    rows.sync()
     assert m.table[3].tolist() == rows(3) == [2, 3]
     assert m.table[1].tolist() == rows(1) == [0, 5]
     # greedy hands over its own topk: same rows, and the probabilities when asked for
@@ -150,6 +155,50 @@ def test_matrix_update_keeps_the_last_row_of_a_repeated_token_and_host_rows_foll
     m2.update([3, 1, 3], logits, 0.5, top=logits.topk(2, dim=-1))
     m.update([3, 1, 3], logits, 0.5)
     assert torch.equal(m2.table, m.table) and torch.allclose(m2.probs, m.probs)
+    # through HostRows, with and without the caller's topk, few and many repeats: as a direct write
+    g = torch.Generator().manual_seed(1)
+    for n in (5, 40):
+        toks = torch.randint(0, 6, (n,), generator=g).tolist()
+        z = torch.randn(n, 6, generator=g)
+        for top in (None, z.topk(2, dim=-1)):
+            direct, via = RecyclingMatrix(6, k=2), RecyclingMatrix(6, k=2)
+            direct.update(toks, z, 0.7, top=top)
+            h = HostRows(via)
+            via.update(toks, z, 0.7, top=top, rows=h)
+            assert all(h(t) == direct.table[t].tolist() for t in set(toks))
+            torch.testing.assert_close(torch.tensor([h.prob(t) for t in sorted(set(toks))]),
+                                       direct.probs[sorted(set(toks))])
+            h.sync()
+            assert torch.equal(via.table, direct.table) and torch.allclose(via.probs, direct.probs)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tree", ["static", "dynamic"])
+def test_sampled_plain_steps_leave_each_token_the_row_of_its_last_context(tree):
+    """Sampled plain steps batch their logits (16 rows to one topk, through a reused buffer):
+    after a call that ran no tree, the row of every token is the top-k of the logits after its
+    last occurrence in prompt + output (the rows still pending at the end included), and dynamic
+    trees' probabilities are those logits' softmax. Checked against one Transformer.forward over
+    the whole sequence."""
+    V, k = 96, 4
+    model = _model(vocab=V, std=0.02)
+    prompt = [5, 9, 5, 17, 60, 2]
+    matrix = RecyclingMatrix(V, k=k)
+    got, stats = token_recycling_generate(model, prompt, max_new_tokens=41, temperature=1.0, seed=3, matrix=matrix,
+                                          tree_size=8, tree=tree)
+    assert not stats.tree_nodes and stats.target_passes == 40
+    seq = prompt + got.tolist()
+    logits = model(torch.tensor([seq]))[0]
+    last = {t: i for i, t in enumerate(seq[:-1])}
+    assert len(last) > 30
+    for t, i in last.items():
+        want = logits[i].topk(k).indices.tolist()
+        assert matrix.table[t].tolist() == want, f"row {t} (last at {i})"
+        if tree == "dynamic":
+            p = logits[i].softmax(-1)[want]
+            torch.testing.assert_close(matrix.probs[t], p, rtol=1e-4, atol=1e-6)
+    unseen = sorted(set(range(V)) - set(last))
+    assert (matrix.table[unseen] == -1).all()
 
 
 @torch.no_grad()
@@ -479,6 +528,76 @@ def test_chooser_scores_every_budget_from_the_emitted_tokens():
     assert ch.choose() > 1
 
 
+class _EagerChooser(TreeChooser):
+    """The chooser without its shortcuts: every empty walk decays the means at once, and choose()
+    looks at every budget every time."""
+
+    def _close(self, orders):
+        super()._close(orders)
+        self._settle()
+
+    def choose(self):
+        self._plain = False
+        return super().choose()
+
+
+def test_chooser_shortcuts_choose_and_score_as_the_eager_chooser():
+    """The pending decays and the cached plain answer are bookkeeping only: driven by the same
+    tokens and the same changing cost, the chooser picks the same budget at every token as one
+    that applies every walk at once and always looks, and ends in the same state. The table
+    predicts the stream in stretches (trees win) and not between them (plain steps), so both
+    shortcuts and their invalidation are exercised; the cost moves as measured passes would."""
+    V, k = 64, 4
+    g = torch.Generator().manual_seed(5)
+    table = torch.randint(0, V, (V, k), generator=g, dtype=torch.int32)
+    stream, t = [], 0
+    for i in range(3000):
+        follow = (i // 150) % 2 == 0          # 150 predictable tokens, then 150 random ones
+        t = int(table[t, int(torch.randint(0, 2, (1,), generator=g))]) if follow else int(torch.randint(0, V, (1,), generator=g))
+        stream.append(t)
+    fast, eager = (cls(20, k, 8, TreeCost(), last_token=0) for cls in (TreeChooser, _EagerChooser))
+    meter = MeasuredCost(TreeCost())
+    picks, trees = [], 0
+    for i, t in enumerate(stream):
+        a, b = fast.choose(), eager.choose()
+        assert a == b, f"token {i}: the chooser picked {a}, the eager one {b}"
+        trees += a > 1
+        if a > 1:
+            meter.tree(a, 1.4e-3)
+            for ch in (fast, eager):
+                ch.set_cost(meter)
+        elif meter.plain(1e-3):
+            for ch in (fast, eager):
+                ch.set_cost(meter)
+        for ch in (fast, eager):
+            ch.observe(table, t)
+        picks.append(a)
+    assert 300 < trees < 2700            # both regimes were visited
+    for n, (m, q) in eager.state().items():
+        assert fast.state()[n] == pytest.approx((m, q), rel=1e-9, abs=1e-300)
+
+
+def test_a_streak_of_trees_is_judged_by_what_its_trees_accepted():
+    """Walks that expect nothing keep the chooser plain; right after a tree that accepted 5
+    drafts it runs the same budget again, on that tree's evidence. Trees that then accept
+    nothing halve the streak's mean each time, so it ends within 3 trees, and any pass that is
+    not a tree ends it at once: the walks alone decide again."""
+    ch = TreeChooser(20, 4, 8, TreeCost(), z=0.0)
+    assert ch.choose() == 1
+    ch.tree_ran(20, 5)
+    assert ch.choose() == 20
+    picks = []
+    while not picks or picks[-1] == 20:
+        ch.tree_ran(20, 0)
+        picks.append(ch.choose())
+    assert picks == [20, 20, 1]      # streak means 2.5, 1.25, 0.625 against a 20-node pass of 1.77 steps
+    assert ch.choose() == 1
+    ch.tree_ran(12, 5)
+    assert ch.choose() == 12
+    assert ch.choose() == 1          # the pass after that was a plain one: no streak
+    assert ch.choose() == 1
+
+
 def test_chooser_judges_a_budget_by_a_lower_bound_not_a_lucky_mean():
     """Sampling-like walks (nothing accepted, then two walks of one draft among three) lift the
     2-node budget's mean past break-even: judged by its mean (z = 0) the chooser buys a tree,
@@ -579,6 +698,7 @@ def test_never_matching_drafts_switch_to_plain_steps_within_8_passes():
     assert 1 <= trees <= 8 and stats.plain_passes == stats.target_passes - trees
     assert stats.accepted <= 1
     assert max(m for m, _ in matrix.backoff.values()) < 0.2   # the state handed to the next call says: plain
+    assert matrix.measured.prior == default_cost("cpu") != TreeCost()   # no cost given: the device's prior
     # the next call sharing the matrix starts plain and stays plain
     _, again = token_recycling_generate(model, [4, 5], max_new_tokens=30, temperature=1.0, seed=1, matrix=matrix,
                                         tree_size=20)

@@ -29,7 +29,7 @@ import torch
 from mmfm.generate.decode import modality_ids
 from mmfm.generate.recycling import (HostRows, RecyclingMatrix, build_dynamic_tree, build_tree, tree_from_parents,
                                     tree_template)
-from mmfm.generate.speculative_backoff import MeasuredCost, TreeChooser, TreeCost
+from mmfm.generate.speculative_backoff import MeasuredCost, TreeChooser, TreeCost, default_cost
 from mmfm.generate.step import DenseStep
 from mmfm.models.kv_cache import KVCache
 from mmfm.ops import sampling
@@ -225,7 +225,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     (scored against the emitted tokens themselves, so plain stretches keep measuring at no model
     cost) against `cost` (a TreeCost: a tree pass's cost in plain steps). A losing tree shrinks,
     then stops; a winning one returns within a few tokens. The running means travel with the
-    matrix (matrix.backoff). measure_cost (default): `cost` (or TreeCost()) is only the prior;
+    matrix (matrix.backoff). measure_cost (default): `cost` (default: speculative_backoff.default_cost, by device) is only the prior;
     every pass is timed and the tree pass cost refitted from the times (MeasuredCost, kept on the
     matrix as matrix.measured), so the back-off judges trees by what they cost on this model and
     machine. Draws are keyed by position (_Rng.at), so the tokens do not depend on which passes
@@ -247,12 +247,12 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         raise TypeError(f"cost: expected a TreeCost or None, got {type(cost).__name__}")
     dynamic = tree == "dynamic"
     chooser = None
+    prior = cost or default_cost(device)
     if adaptive and tree_size > 1:
-        chooser = TreeChooser(tree_size, matrix.k, max_depth, cost or TreeCost(), state=matrix.backoff,
+        chooser = TreeChooser(tree_size, matrix.k, max_depth, prior, state=matrix.backoff,
                               last_token=int(ids[0, -1]))
     meter = None
     if chooser is not None and measure_cost:
-        prior = cost or TreeCost()
         meter = matrix.measured
         if not isinstance(meter, MeasuredCost) or meter.prior != prior:
             meter = matrix.measured = MeasuredCost(prior)
@@ -262,7 +262,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     cache = KVCache.for_model(model, batch=1, capacity=ids.shape[1] + max_new_tokens + tree_size + 1)
     target = _Target(model, cache, modality_table)
     logits = target.prefill(ids)
-    rows = HostRows(matrix)      # host copies of the rows this call reads (no tensor read per token)
+    rows = HostRows(matrix)      # the rows this call reads and writes, on the host; in the matrix at the end
     # probabilities only where a tree uses them; greedy accepts a draft iff it is the argmax, which
     # sharpened probabilities estimate better than the temperature-1 ones
     T = (float(temperature) or GREEDY_VALUE_TEMPERATURE) if dynamic else None
@@ -278,15 +278,17 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     # greedy without a mask: one topk per pass gives the draws (its first column: the argmax,
     # the plain loop's token unless tied) and the matrix rows, instead of a sample call and a topk
     fast_greedy = temperature == 0 and allowed_mask is None and matrix.k >= 2
-    # sampled plain passes' logits wait here and enter the matrix 16 at a time (one topk instead of 16)
-    pend_logits: list[torch.Tensor] = []
+    # sampled plain passes' logits wait here and enter the matrix 16 at a time (one topk instead
+    # of 16). They are copied into one buffer rather than kept: holding 16 step outputs alive
+    # made every step allocate its logits (and the step's temporaries after them) in fresh
+    # memory instead of the block the previous step freed
+    pend_logits = torch.empty(16, V, dtype=logits.dtype, device=logits.device)
     pend_tokens: list[int] = []
 
     def flush() -> None:
         if pend_tokens:
-            matrix.update(pend_tokens, torch.cat(pend_logits), T, rows=rows)
+            matrix.update(pend_tokens, pend_logits[:len(pend_tokens)], T, rows=rows)
             pend_tokens.clear()
-            pend_logits.clear()
 
     def draw(lg: torch.Tensor, depth: torch.Tensor | None = None):
         """(int64 [n] tokens, the same as a list, the topk for matrix.update or None): one token
@@ -302,7 +304,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         return tok, tok.tolist(), None
 
     while not stop:
-        n = tree_size if chooser is None else chooser.choose()
+        n = n_chosen = tree_size if chooser is None else chooser.choose()
         dt = None
         if n > 1:
             flush()
@@ -330,7 +332,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             if top is not None:
                 matrix.update([out[-1]], lg, T, top=top, rows=rows)
             else:
-                pend_logits.append(lg)    # a fresh tensor per step: kept, not copied
+                pend_logits[len(pend_tokens)].copy_(lg[0])
                 pend_tokens.append(out[-1])
             if meter is not None and meter.plain(time.perf_counter() - t0):
                 chooser.set_cost(meter)
@@ -350,6 +352,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         path, stop = _walk(dt, draws, out, max_new_tokens, eos_id)
         stats.accepted += len(path) - 1
         if chooser is not None:
+            chooser.tree_ran(n_chosen, len(path) - 1)
             for t in out[emitted:]:
                 chooser.observe(rows, t)
         matrix.update(tokens, logits, T, top=top, rows=rows)
@@ -359,6 +362,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             meter.tree(n, time.perf_counter() - t0)
             chooser.set_cost(meter)
     flush()
+    rows.sync()
     if chooser is not None:
         matrix.backoff = chooser.state()
     if eos_id is not None and eos_id in out:

@@ -42,6 +42,15 @@ passes run differ from run to run, which would make seeded runs differ too if dr
 call; they are keyed by position (speculative._Rng.at), so the tokens are the plain loop's
 whatever passes ran.
 
+Where the walks underrate trees: a tree pass recycles the top-k of every node into the matrix, a
+plain step that of one token, so while trees run the matrix holds candidates that plain stretches
+never fill, and walks scored in plain stretches see fewer drafts than trees would get (greedy on
+the long export: a tree every pass accepted 2.1 drafts, 3.07 tokens per pass, where the back-off
+ran trees at 1.6 tokens per pass). So right after a tree pass its budget is also judged by what
+the trees of the current streak really accepted (TreeChooser.tree_ran: a running mean, weight 0.5);
+the streak ends with the first pass that is not a tree. In sampling from a weak model trees accept
+little, and their streaks end at once.
+
 The walks read the matrix rows *before* the pass that emitted the tokens updates them (a row
 refreshed from the very position being scored would make every greedy draft match). Which pass
 runs depends only on tokens already emitted and on measured times, neither of which depends on
@@ -80,6 +89,23 @@ class TreeCost:
         return 1.0 + self.pass_cost + self.node_cost * (n - 1)
 
 
+def default_cost(device) -> TreeCost:
+    """The prior tree cost when the caller gives none, by device type.
+
+    On a CPU a plain step multiplies one row by each weight matrix (a GEMV that streams the
+    weights) and a tree pass multiplies n rows (a GEMM), which this machine's BLAS runs at about
+    twice the time for any n from 1 to 20 (DenseStep.tree against DenseStep on the long export,
+    1.87-1.90x; the byte-level bench model's whole tree pass 1.9-2.6 steps for 6-16 nodes;
+    docs/benchmarks.md, ## speculative). Starting from TreeCost()'s 0.2, every generate call
+    paid its first trees at a third of their cost before the measurement caught up (on the byte
+    model, sampling: 4-10 losing trees per 380 passes, all of them ~1.8% of the run); so the CPU
+    prior is 0.7 plus the usual node_cost. Elsewhere (a GPU, where a tree pass of tens of nodes
+    should cost about one step, not yet measured here) TreeCost()."""
+    import torch
+
+    return TreeCost(pass_cost=0.7) if torch.device(device).type == "cpu" else TreeCost()
+
+
 class MeasuredCost:
     """A TreeCost refitted from wall times: pass_cost follows what tree passes measure against
     plain steps; node_cost stays the prior's (the passes a run chooses are mostly of a few sizes,
@@ -95,7 +121,10 @@ class MeasuredCost:
     clipped to 2 + 2x the current estimate, so one outlier cannot switch trees off for good; and
     while no tree runs the estimate relaxes toward the prior by `relax` per plain step (a tree
     judged by a stale, too-high cost would otherwise never be measured again: with relax = 0.01,
-    a model whose trees lose is re-probed about once per hundred plain steps)."""
+    a model whose trees lose is re-probed about once per hundred plain steps). Learning faster
+    (the first pass moving the estimate half way) and relaxing 5x slower were tried: fewer
+    losing trees in sampling but no faster there, and 3-5% slower greedy decoding on the long
+    export, whose extra trees pay (docs/benchmarks.md, ## speculative, session 9)."""
 
     BATCH = 8    # plain steps per update of the plain step time
 
@@ -161,39 +190,110 @@ class TreeChooser:
         self.alpha = alpha
         self.margin = margin
         self.z, self.se_scale = float(z), (alpha / (2.0 - alpha)) ** 0.5
-        self.ema = {n: 0.0 for n in self.sizes}
-        self.sq = {n: 0.0 for n in self.sizes}      # running mean of the squared walks
+        self._ema = {n: 0.0 for n in self.sizes}
+        self._sq = {n: 0.0 for n in self.sizes}      # running mean of the squared walks
+        # walks closed with nothing accepted and not yet applied: each multiplies every mean by
+        # 1 - alpha. In sampling from a model whose drafts rarely hold that is nearly every
+        # token, and one counter increment is the whole bookkeeping of such a token
+        self._decays = 0
+        # choose() answers 1 without looking while no budget's mean can win: means only fall
+        # until a walk accepts something, and the cost only changes through set_cost
+        self._plain = False
+        self._streak = None          # (budget, running mean of its real accepted drafts) after a tree
+        self._streak_mean = None
         if state and sorted(state) == self.sizes:
             for n, v in state.items():
                 m, q = (v, v * v) if isinstance(v, (int, float)) else v
-                self.ema[n], self.sq[n] = float(m), float(q)
+                self._ema[n], self._sq[n] = float(m), float(q)
         self.walks: list[tuple[int, list[int]]] = []     # open walks: (template node, orders along the path)
         self.last = last_token
         if last_token is not None:
             self.walks.append((0, []))
 
+    @property
+    def ema(self) -> dict[int, float]:
+        """{budget: running mean of the accepted drafts of its walks}."""
+        self._settle()
+        return self._ema
+
+    @ema.setter
+    def ema(self, value: dict) -> None:
+        self._settle()
+        self._ema, self._plain = dict(value), False
+
+    @property
+    def sq(self) -> dict[int, float]:
+        """{budget: running mean of the squared accepted drafts}."""
+        self._settle()
+        return self._sq
+
+    @sq.setter
+    def sq(self, value: dict) -> None:
+        self._settle()
+        self._sq, self._plain = dict(value), False
+
+    def _settle(self) -> None:
+        """Apply the pending empty walks to the means."""
+        if self._decays:
+            f = (1.0 - self.alpha) ** self._decays
+            self._decays = 0
+            for n in self.sizes:
+                self._ema[n] *= f
+                self._sq[n] *= f
+
     def set_cost(self, cost) -> None:
         """cost: n -> a tree pass of n nodes in plain steps (a TreeCost or a MeasuredCost); read
         again after each measured pass."""
         self.cost = [cost(n) for n in self.sizes]
+        self._plain = False
 
     def choose(self) -> int:
         """The budget of highest expected tokens per cost; 1 (a plain step) unless that beats a
         plain step by `margin` (0.1): the cost model is a fixed estimate and the running mean a
-        noisy one, and a marginal tree risks more than it can gain."""
-        best, speed = 1, 1.0 + self.margin
+        noisy one, and a marginal tree risks more than it can gain. Right after a tree pass its
+        budget is also judged by what the trees of the current streak accepted (tree_ran())."""
+        streak, self._streak = self._streak, None
+        if streak is None:
+            self._streak_mean = None          # a streak runs through consecutive trees only
+            if self._plain:
+                return 1
+        self._settle()
+        best, speed, ema, hopeful = 1, 1.0 + self.margin, self._ema, False
+        if streak is not None:      # the trees just run, judged by what they really accepted
+            n, a = streak
+            s = (1.0 + a) / self.cost[self.sizes.index(n)]
+            if s > speed:
+                best, speed = n, s
         for n, c in zip(self.sizes, self.cost):
-            if (1.0 + self.ema[n]) / c <= speed:   # not even the mean wins: no need for the bound
+            if (1.0 + ema[n]) / c <= speed:   # not even the mean wins: no need for the bound
                 continue
+            hopeful = True
             s = (1.0 + self.expected(n)) / c
             if s > speed:
                 best, speed = n, s
+        self._plain = not hopeful
         return best
+
+    def tree_ran(self, n: int, accepted: int) -> None:
+        """After a tree pass of the budget n that choose() returned: the drafts it accepted.
+
+        The next choose() may run budget n again on the evidence of the trees just run (a
+        running mean over the streak, weight 0.5 for the newest), not only on the walks': a tree
+        pass recycles the top-k of every node into the matrix where a plain step recycles one
+        row, so while trees run the matrix holds candidates that plain stretches never fill, and
+        the walks scored in plain stretches underrate the trees (greedy on the long export: a
+        tree every pass accepted 2.1 drafts where the walks of plain stretches expected well
+        under 1). The streak ends with the first pass that is not a tree, and a tree that
+        accepts little halves its mean, so a streak cannot outlive its trees' worth."""
+        prev = self._streak_mean
+        self._streak_mean = float(accepted) if prev is None else prev + 0.5 * (accepted - prev)
+        self._streak = (n, self._streak_mean)
 
     def expected(self, n: int) -> float:
         """The lower bound on budget n's accepted drafts per pass that choose() judges it by."""
-        m = self.ema[n]
-        return m - self.z * self.se_scale * max(self.sq[n] - m * m, 0.0) ** 0.5
+        self._settle()
+        m = self._ema[n]
+        return m - self.z * self.se_scale * max(self._sq[n] - m * m, 0.0) ** 0.5
 
     def observe(self, table, token: int) -> None:
         """table: the matrix's candidate rows as they were when the pass that emitted `token` was
@@ -221,13 +321,12 @@ class TreeChooser:
         self.walks.append((0, []))
 
     def _close(self, orders: list[int]) -> None:
-        a, ema, sq = self.alpha, self.ema, self.sq
         if not orders:                      # nothing accepted (most walks in plain stretches)
-            keep = 1.0 - a
-            for n in self.sizes:
-                ema[n] *= keep
-                sq[n] *= keep
+            self._decays += 1
             return
+        self._settle()
+        self._plain = False
+        a, ema, sq = self.alpha, self._ema, self._sq
         for n in self.sizes:
             x = bisect_left(orders, n)
             ema[n] += a * (x - ema[n])
@@ -235,4 +334,5 @@ class TreeChooser:
 
     def state(self) -> dict[int, tuple[float, float]]:
         """{budget: (running mean, running mean of squares)}: the hot start of the next call."""
-        return {n: (self.ema[n], self.sq[n]) for n in self.sizes}
+        self._settle()
+        return {n: (self._ema[n], self._sq[n]) for n in self.sizes}
