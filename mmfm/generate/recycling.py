@@ -130,7 +130,7 @@ class HostRows:
         self.matrix = matrix
         self.rows: dict[int, list[int]] = {}
         self.probs: dict[int, list[float]] = {}
-        self.pending: dict[int, list[float] | None] = {}   # written, not yet in the tensors: token -> probs
+        self.pending: set[int] = set()        # tokens written, not yet in the tensors
 
     def __call__(self, t: int) -> list[int]:
         r = self.rows.get(t)
@@ -147,11 +147,9 @@ class HostRows:
     def write(self, tokens: list[int], rows: list[list[int]], probs: list[list[float]] | None = None) -> None:
         """Rows (and probabilities) of `tokens`, in order: a repeated token keeps its last."""
         self.rows.update(zip(tokens, rows))
-        if probs is None:
-            self.pending.update(dict.fromkeys(tokens))
-        else:
+        if probs is not None:
             self.probs.update(zip(tokens, probs))
-            self.pending.update(zip(tokens, probs))
+        self.pending.update(tokens)
 
     def sync(self) -> None:
         """Write the pending rows to the matrix's tensors."""
@@ -161,10 +159,12 @@ class HostRows:
         toks = list(self.pending)
         index = torch.tensor(toks, dtype=torch.long, device=m.table.device)
         m.table[index] = torch.tensor([self.rows[t] for t in toks], dtype=torch.int32, device=m.table.device)
-        with_probs = [t for t in toks if self.pending[t] is not None]
+        # one call writes probabilities with every row or with none (its temperature is fixed); a
+        # row read back through prob() is written back unchanged
+        with_probs = [t for t in toks if t in self.probs]
         if with_probs:
             m.probs[torch.tensor(with_probs, dtype=torch.long, device=m.probs.device)] = torch.tensor(
-                [self.pending[t] for t in with_probs], dtype=torch.float32, device=m.probs.device)
+                [self.probs[t] for t in with_probs], dtype=torch.float32, device=m.probs.device)
         self.pending.clear()
 
 

@@ -225,8 +225,8 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     (scored against the emitted tokens themselves, so plain stretches keep measuring at no model
     cost) against `cost` (a TreeCost: a tree pass's cost in plain steps). A losing tree shrinks,
     then stops; a winning one returns within a few tokens. The running means travel with the
-    matrix (matrix.backoff). measure_cost (default): `cost` (default: speculative_backoff.default_cost, by device) is only the prior;
-    every pass is timed and the tree pass cost refitted from the times (MeasuredCost, kept on the
+    matrix (matrix.backoff). measure_cost (default): `cost` (default: the device's prior,
+    speculative_backoff.default_cost) is only the prior; every pass is timed and the tree pass cost refitted from the times (MeasuredCost, kept on the
     matrix as matrix.measured), so the back-off judges trees by what they cost on this model and
     machine. Draws are keyed by position (_Rng.at), so the tokens do not depend on which passes
     ran: with a seed they are the plain decode loop's. adaptive=False: a tree of tree_size every pass."""

@@ -62,6 +62,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass
 
+import torch
+
 from mmfm.generate.recycling import tree_template
 
 BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # candidate node budgets (the full tree_size is added)
@@ -101,8 +103,6 @@ def default_cost(device) -> TreeCost:
     model, sampling: 4-10 losing trees per 380 passes, all of them ~1.8% of the run); so the CPU
     prior is 0.7 plus the usual node_cost. Elsewhere (a GPU, where a tree pass of tens of nodes
     should cost about one step, not yet measured here) TreeCost()."""
-    import torch
-
     return TreeCost(pass_cost=0.7) if torch.device(device).type == "cpu" else TreeCost()
 
 
@@ -199,8 +199,8 @@ class TreeChooser:
         # choose() answers 1 without looking while no budget's mean can win: means only fall
         # until a walk accepts something, and the cost only changes through set_cost
         self._plain = False
-        self._streak = None          # (budget, running mean of its real accepted drafts) after a tree
-        self._streak_mean = None
+        self._streak = None          # the budget of the tree just run (tree_ran), until choose() reads it
+        self._streak_mean = None     # running mean of the accepted drafts of the current streak's trees
         if state and sorted(state) == self.sizes:
             for n, v in state.items():
                 m, q = (v, v * v) if isinstance(v, (int, float)) else v
@@ -210,27 +210,22 @@ class TreeChooser:
         if last_token is not None:
             self.walks.append((0, []))
 
-    @property
-    def ema(self) -> dict[int, float]:
-        """{budget: running mean of the accepted drafts of its walks}."""
-        self._settle()
-        return self._ema
+    def _means(name: str, doc: str):
+        """A running-means dict read with the pending empty walks applied; assigning one (tests, a
+        hot start) also drops the cached plain answer."""
+        def get(self):
+            self._settle()
+            return getattr(self, name)
 
-    @ema.setter
-    def ema(self, value: dict) -> None:
-        self._settle()
-        self._ema, self._plain = dict(value), False
+        def put(self, value: dict) -> None:
+            self._settle()
+            setattr(self, name, dict(value))
+            self._plain = False
+        return property(get, put, doc=doc)
 
-    @property
-    def sq(self) -> dict[int, float]:
-        """{budget: running mean of the squared accepted drafts}."""
-        self._settle()
-        return self._sq
-
-    @sq.setter
-    def sq(self, value: dict) -> None:
-        self._settle()
-        self._sq, self._plain = dict(value), False
+    ema = _means("_ema", "{budget: running mean of the accepted drafts of its walks}")
+    sq = _means("_sq", "{budget: running mean of the squared accepted drafts}")
+    del _means
 
     def _settle(self) -> None:
         """Apply the pending empty walks to the means."""
@@ -260,10 +255,9 @@ class TreeChooser:
         self._settle()
         best, speed, ema, hopeful = 1, 1.0 + self.margin, self._ema, False
         if streak is not None:      # the trees just run, judged by what they really accepted
-            n, a = streak
-            s = (1.0 + a) / self.cost[self.sizes.index(n)]
+            s = (1.0 + self._streak_mean) / self.cost[self.sizes.index(streak)]
             if s > speed:
-                best, speed = n, s
+                best, speed = streak, s
         for n, c in zip(self.sizes, self.cost):
             if (1.0 + ema[n]) / c <= speed:   # not even the mean wins: no need for the bound
                 continue
@@ -287,7 +281,7 @@ class TreeChooser:
         accepts little halves its mean, so a streak cannot outlive its trees' worth."""
         prev = self._streak_mean
         self._streak_mean = float(accepted) if prev is None else prev + 0.5 * (accepted - prev)
-        self._streak = (n, self._streak_mean)
+        self._streak = n
 
     def expected(self, n: int) -> float:
         """The lower bound on budget n's accepted drafts per pass that choose() judges it by."""
