@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "linear/linear_kernels.h"
+
 TORCH_LIBRARY(mmfm, m) {
   // quantization (csrc/quant)
   m.def("nearest_code(Tensor z, Tensor codebook, int topk=1, bool cosine=False) -> (Tensor indices, Tensor distances)");
@@ -40,6 +42,12 @@ TORCH_LIBRARY(mmfm, m) {
   m.def("kv_append(Tensor(a!) cache, Tensor new, Tensor starts, Tensor? counts) -> ()");
   m.def("kv_insert(Tensor(a!) cache, Tensor lengths, Tensor at, Tensor entries) -> ()");
   m.def("kv_gather_rows(Tensor cache, Tensor rows) -> Tensor");
+
+  // decode-time linear layers (csrc/linear), CPU only: y = residual + s * (x @ W) for the few rows of a
+  // decode step or draft tree, W packed in 16-column panels; see docs/ops_linear.md
+  m.def(
+      "decode_linear(Tensor x, Tensor packed, int out_features, float? rms_add=None, Tensor? residual=None, "
+      "bool generic=False) -> Tensor");
 }
 
 // `import mmfm._C` loads this library, which runs the registrations above.
@@ -53,5 +61,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(mod, "with_cuda", 0);
 #endif
+  // which decode_linear micro-kernel this build compiled (-march decides): benchmarks report it
+  PyModule_AddStringConstant(mod, "decode_linear_isa", mmfm::linear::decode_linear_isa());
   return mod;
 }

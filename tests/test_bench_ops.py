@@ -1,4 +1,4 @@
-"""The op benchmarks (mmfm bench cache / sampling / quant) and their shared checks
+"""The op benchmarks (mmfm bench cache / sampling / quant / linear) and their shared checks
 (mmfm/bench/common.py): each quick run's impls computed the same thing, the agreement checks
 reject an impl that computes something else, and a benchmark refuses to time the pure-torch
 reference under the mmfm name (extension disabled with MMFM_DISABLE_EXTENSION=1, the switch
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mmfm.bench import cache as bench_cache
+from mmfm.bench import linear as bench_linear
 from mmfm.bench import quant as bench_quant
 from mmfm.bench import sampling as bench_sampling
 from mmfm.bench.common import CompiledOpNotRun, check_agree, peak_extra_mb, require_compiled
@@ -130,8 +131,32 @@ def test_check_agree_and_peak_memory_see_what_they_should():
     assert 63.9 < peak_extra_mb(lambda: torch.empty(16 * 2**20).fill_(1.0).sum()) < 70
 
 
+def test_bench_linear_quick_impls_agree_and_name_the_kernel(tmp_path, capsys):
+    path = tmp_path / "linear.json"
+    assert bench_linear.main(["--quick", "--rows", "1", "5", "--json", str(path)]) == 0   # raises on disagreement
+    captured = capsys.readouterr()
+    records = json.loads(path.read_text())
+    assert {r["impl"] for r in records} == {"torch_flinear", "torch_contig", "mmfm", "mmfm_generic"}
+    assert sorted({r["case"]["rows"] for r in records}) == [1, 5]
+    assert "kernel avx2-fma" in captured.err or "kernel generic" in captured.err
+    assert "a tree pass's matmuls against one step's: 5 rows" in captured.out
+
+
+def test_linear_check_rejects_a_wrong_layout():
+    """The agreement check the bench runs catches a weight used untransposed (the bug a layout
+    change invites): [in, out] read as [out, in] on a square layer gives other numbers."""
+    w = torch.randn(16, 16)
+    x = torch.randn(3, 16)
+    from mmfm.ops import linear as L
+    good = L.decode_linear(x, L.pack_linear(w))
+    bad = L.decode_linear(x, L.pack_linear(w.t()))
+    check_agree({"a": x @ w, "mmfm": good}, "linear", atol=1e-4)
+    with pytest.raises(AssertionError, match="impl mmfm disagrees"):
+        check_agree({"a": x @ w, "mmfm": bad}, "linear", atol=1e-4)
+
+
 # ------------------------------------------------------------- refusing to time the wrong thing
-@pytest.mark.parametrize("name", ["cache", "sampling", "quant"])
+@pytest.mark.parametrize("name", ["cache", "sampling", "quant", "linear"])
 def test_bench_refuses_without_the_extension(name):
     out = run_mmfm("bench", name, "--quick", env={"MMFM_DISABLE_EXTENSION": "1"})
     assert out.returncode == 2, out.stdout[-2000:]
@@ -162,13 +187,13 @@ def test_require_compiled_catches_a_wrapper_falling_back():
                                                        torch.tensor([1, 2])), "reference")
 
 
-@pytest.mark.parametrize("name", ["cache", "sampling", "quant", "train", "data", "tokenize"])
+@pytest.mark.parametrize("name", ["cache", "sampling", "quant", "linear", "train", "data", "tokenize"])
 def test_bench_device_is_honoured_or_refused(name, capsys):
     from mmfm.bench import run
 
     assert run(name, ["--device", "tpu"]) == 2        # not a device any bench knows
     assert "--device must be cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
-    if name in ("data", "tokenize"):                  # CPU-only by nature: refused even with a GPU
+    if name in ("data", "tokenize", "linear"):        # CPU-only by nature: refused even with a GPU
         assert run(name, ["--device", "cuda"]) == 2
         assert "--device cuda is not supported" in capsys.readouterr().err
     elif not torch.cuda.is_available():

@@ -154,6 +154,8 @@ def _op_cases():
         "kv_append": (cache.clone(), torch.randn(2, 2, 3, 4, generator=g), torch.tensor([0, 2]), None),
         "kv_insert": (cache.clone(), torch.tensor([3, 4]), torch.tensor([1, 0]), torch.randn(2, 2, 2, 4, generator=g)),
         "kv_gather_rows": (cache, torch.tensor([1, 0, 1])),
+        "decode_linear": (torch.randn(3, 5, generator=g), torch.randn(2, 5, 16, generator=g), 20, 0.5,
+                          torch.randn(3, 20, generator=g), False),
     }
 
 

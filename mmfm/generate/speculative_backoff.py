@@ -94,16 +94,17 @@ class TreeCost:
 def default_cost(device) -> TreeCost:
     """The prior tree cost when the caller gives none, by device type.
 
-    On a CPU a plain step multiplies one row by each weight matrix (a GEMV that streams the
-    weights) and a tree pass multiplies n rows (a GEMM), which this machine's BLAS runs at about
-    twice the time for any n from 1 to 20 (DenseStep.tree against DenseStep on the long export,
-    1.87-1.90x; the byte-level bench model's whole tree pass 1.9-2.6 steps for 6-16 nodes;
-    docs/benchmarks.md, ## speculative). Starting from TreeCost()'s 0.2, every generate call
-    paid its first trees at a third of their cost before the measurement caught up (on the byte
-    model, sampling: 4-10 losing trees per 380 passes, all of them ~1.8% of the run); so the CPU
-    prior is 0.7 plus the usual node_cost. Elsewhere (a GPU, where a tree pass of tens of nodes
-    should cost about one step, not yet measured here) TreeCost()."""
-    return TreeCost(pass_cost=0.7) if torch.device(device).type == "cpu" else TreeCost()
+    On a CPU, DenseStep.tree with n nodes costs about 1 + 0.065 (n - 1) plain steps on the
+    byte-level bench model and 1 + 0.1 (n - 1) on the long export (decode_linear reads each
+    weight once for up to 12 rows, then the matmuls grow with n; docs/benchmarks.md, ##
+    speculative, session 10); the loop adds per tree pass the tree's build, the draws of every
+    node, the walk, the matrix update and the cache compaction, which MeasuredCost measured at
+    0.3-0.7 steps. So the CPU prior is pass_cost 0.4, node_cost 0.08: against the earlier 0.7 and
+    0.03 (fitted when a tree-cost measurement had timed 20 nodes at every n), greedy Token
+    Recycling went from 1.33x to 1.48x the decode loop on the byte model and from 1.09x to 1.17x on
+    the long export, with sampling unchanged. Elsewhere (a GPU, where a tree pass of tens of
+    nodes should cost about one step, not yet measured here) TreeCost()."""
+    return TreeCost(pass_cost=0.4, node_cost=0.08) if torch.device(device).type == "cpu" else TreeCost()
 
 
 class MeasuredCost:

@@ -111,6 +111,11 @@ def _register_all() -> None:
     def _(cache, rows):
         return cache.new_empty((rows.shape[0], *cache.shape[1:]))
 
+    # decode-time linear layers (csrc/linear/linear_binding.cpp)
+    @fake("mmfm::decode_linear")
+    def _(x, packed, out_features, rms_add=None, residual=None, generic=False):
+        return x.new_empty((x.shape[0], out_features))
+
 
 def register() -> bool:
     """Registers the fake implementations (once); False when the extension's ops do not exist."""
