@@ -44,10 +44,14 @@ TORCH_LIBRARY(mmfm, m) {
   m.def("kv_gather_rows(Tensor cache, Tensor rows) -> Tensor");
 
   // decode-time linear layers (csrc/linear), CPU only: y = residual + s * (x @ W) for the few rows of a
-  // decode step or draft tree, W packed in 16-column panels; see docs/ops_linear.md
+  // decode step or draft tree, W packed in 16-column panels; see docs/ops_decode.md
   m.def(
       "decode_linear(Tensor x, Tensor packed, int out_features, float? rms_add=None, Tensor? residual=None, "
       "bool generic=False) -> Tensor");
+  // decode-time attention (csrc/attention), CPU only: the few new queries of a decode step or draft tree
+  // against a cache layer [B, Hkv, T, hd]; keys [0, prefix[b]) for every query plus the new block's by
+  // `mask` (None: causal); see docs/ops_decode.md
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor prefix, Tensor? mask=None, bool generic=False) -> Tensor");
 }
 
 // `import mmfm._C` loads this library, which runs the registrations above.

@@ -1,4 +1,4 @@
-"""The op benchmarks (mmfm bench cache / sampling / quant / linear) and their shared checks
+"""The op benchmarks (mmfm bench cache / sampling / quant / linear / attention) and their shared checks
 (mmfm/bench/common.py): each quick run's impls computed the same thing, the agreement checks
 reject an impl that computes something else, and a benchmark refuses to time the pure-torch
 reference under the mmfm name (extension disabled with MMFM_DISABLE_EXTENSION=1, the switch
@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 
+from mmfm.bench import attention as bench_attention
 from mmfm.bench import cache as bench_cache
 from mmfm.bench import linear as bench_linear
 from mmfm.bench import quant as bench_quant
@@ -142,6 +143,15 @@ def test_bench_linear_quick_impls_agree_and_name_the_kernel(tmp_path, capsys):
     assert "a tree pass's matmuls against one step's: 5 rows" in captured.out
 
 
+def test_bench_attention_quick_impls_agree(tmp_path, capsys):
+    path = tmp_path / "attention.json"
+    assert bench_attention.main(["--quick", "--json", str(path)]) == 0    # raises on disagreement
+    records = json.loads(path.read_text())
+    assert {r["case"]["op"] for r in records} == {"step", "ragged_step", "tree"}
+    assert {r["impl"] for r in records} == {"torch_sdpa", "mmfm", "mmfm_generic"}
+    assert "x torch_sdpa" in capsys.readouterr().out
+
+
 def test_linear_check_rejects_a_wrong_layout():
     """The agreement check the bench runs catches a weight used untransposed (the bug a layout
     change invites): [in, out] read as [out, in] on a square layer gives other numbers."""
@@ -156,7 +166,7 @@ def test_linear_check_rejects_a_wrong_layout():
 
 
 # ------------------------------------------------------------- refusing to time the wrong thing
-@pytest.mark.parametrize("name", ["cache", "sampling", "quant", "linear"])
+@pytest.mark.parametrize("name", ["cache", "sampling", "quant", "linear", "attention"])
 def test_bench_refuses_without_the_extension(name):
     out = run_mmfm("bench", name, "--quick", env={"MMFM_DISABLE_EXTENSION": "1"})
     assert out.returncode == 2, out.stdout[-2000:]
@@ -187,13 +197,13 @@ def test_require_compiled_catches_a_wrapper_falling_back():
                                                        torch.tensor([1, 2])), "reference")
 
 
-@pytest.mark.parametrize("name", ["cache", "sampling", "quant", "linear", "train", "data", "tokenize"])
+@pytest.mark.parametrize("name", ["cache", "sampling", "quant", "linear", "attention", "train", "data", "tokenize"])
 def test_bench_device_is_honoured_or_refused(name, capsys):
     from mmfm.bench import run
 
     assert run(name, ["--device", "tpu"]) == 2        # not a device any bench knows
     assert "--device must be cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
-    if name in ("data", "tokenize", "linear"):        # CPU-only by nature: refused even with a GPU
+    if name in ("data", "tokenize", "linear", "attention"):   # CPU-only by nature: refused even with a GPU
         assert run(name, ["--device", "cuda"]) == 2
         assert "--device cuda is not supported" in capsys.readouterr().err
     elif not torch.cuda.is_available():

@@ -156,6 +156,9 @@ def _op_cases():
         "kv_gather_rows": (cache, torch.tensor([1, 0, 1])),
         "decode_linear": (torch.randn(3, 5, generator=g), torch.randn(2, 5, 16, generator=g), 20, 0.5,
                           torch.randn(3, 20, generator=g), False),
+        "decode_attention": (torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g),
+                             torch.randn(2, 2, 10, 8, generator=g), torch.tensor([4, 7]),
+                             torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool), False),
     }
 
 

@@ -278,7 +278,8 @@ fi
 # ---- 5. op benchmarks on the GPU (--quick grids) -------------------------------------------
 # Every op benchmark, each with --device cuda; a non-zero exit or a timeout fails the check
 # (each bench refuses to time the reference under mmfm's name when the CUDA op did not run).
-# Not `linear`: decode_linear is CPU-only by design (CUDA weights stay on cuBLAS, docs/ops_linear.md).
+# Not `linear` or `attention`: the decode ops are CPU-only by design (CUDA stays on cuBLAS / SDPA,
+# docs/ops_decode.md).
 for b in quant sampling cache; do
   step "bench-$b" "$(limit 40 0)" "$OUTDIR/bench_${b}_cuda.log" \
     "$PY" -m mmfm.cli bench "$b" --device cuda --quick --json "$OUTDIR/bench_${b}_cuda.json"

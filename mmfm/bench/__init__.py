@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("cache", "data", "flow", "generate", "linear", "quant", "sampling", "soft", "sparsity", "speculative", "tokenize",
+BENCHMARKS = ("attention", "cache", "data", "flow", "generate", "linear", "quant", "sampling", "soft", "sparsity", "speculative", "tokenize",
               "train", "typical")
 
 

@@ -15,7 +15,9 @@ step computes the same function with about a third of the ops:
   * every matmul is mmfm.ops.linear.decode_linear on weights packed when the step is built: on a
     CPU in float32 the compiled op reads each weight once per step and fuses the RMSNorm factor
     and the residual add (a draft tree of up to 12 nodes costs about one step's weight reads);
-    elsewhere the same call is torch.mm / addmm.
+    elsewhere the same call is torch.mm / addmm;
+  * attention on a CPU in float32 is mmfm.ops.attention.decode_attention, reading the cache
+    layer in place (ragged rows and tree masks included); elsewhere torch's SDPA.
 
 The folded weights are copies taken when the step is built, so build it after loading and don't
 train the model while decoding. Low-precision models fold and normalise in their own dtype
@@ -27,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mmfm._ext import extension_loaded
+from mmfm.ops.attention import decode_attention
 from mmfm.ops.linear import decode_linear, pack_linear
 
 
@@ -63,6 +67,9 @@ class DenseStep:
             half = self.hd // 2
             self.cos = cos[0].contiguous()
             self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1).contiguous()
+        # the compiled attention where it exists (CPU float32 with mmfm._C), else SDPA
+        self.fast_attn = (self.embed.device.type == "cpu" and self.embed.dtype == torch.float32
+                          and extension_loaded())
 
     def _layer_views(self, cache) -> list:
         """Per-layer views of the cache, taken once per cache rather than every step: (k, v) of
@@ -104,9 +111,12 @@ class DenseStep:
             else:
                 kc.select(2, s).copy_(k)
                 vc.select(2, s).copy_(v)
-            att = F.scaled_dot_product_attention(qk.narrow(1, 0, H).unsqueeze(2), kc.narrow(2, 0, upto),
-                                                 vc.narrow(2, 0, upto), attn_mask=mask, enable_gqa=H != Hkv)
-            x = decode_linear(att.view(B, H * hd), w_o, residual=x)
+            if self.fast_attn:      # keys [0, pos[b]] of each row, read in place
+                att = decode_attention(qk.narrow(1, 0, H).unsqueeze(1), kc, vc, pos)
+            else:
+                att = F.scaled_dot_product_attention(qk.narrow(1, 0, H).unsqueeze(2), kc.narrow(2, 0, upto),
+                                                     vc.narrow(2, 0, upto), attn_mask=mask, enable_gqa=H != Hkv)
+            x = decode_linear(att.reshape(B, H * hd), w_o, residual=x)
             gu = decode_linear(x, w_gu, self.dim_eps)
             x = decode_linear(F.silu(gu.narrow(1, 0, ffn)).mul_(gu.narrow(1, ffn, ffn)), w_down, residual=x)
         cache.lengths += 1
@@ -132,20 +142,28 @@ class DenseStep:
         pos = depth + start
         cos = self.cos.index_select(0, pos).unsqueeze(1)                   # [n, 1, hd]
         sin = self.sin.index_select(0, pos).unsqueeze(1)
-        # additive float mask, made once per pass (a bool mask is converted by SDPA in every layer)
-        attn = torch.zeros(1, 1, n, upto, dtype=self.embed.dtype, device=tokens.device)
-        attn.narrow(3, start, n).masked_fill_(mask.logical_not(), float("-inf"))
+        if self.fast_attn:
+            prefix = cache.lengths.narrow(0, 0, 1)                         # == start: the tree's keys follow
+        else:   # an additive float mask, made once per pass (SDPA converts a bool mask in every layer)
+            attn = torch.zeros(1, 1, n, upto, dtype=self.embed.dtype, device=tokens.device)
+            attn.narrow(3, start, n).masked_fill_(mask.logical_not(), float("-inf"))
         x = F.embedding(tokens, self.embed)                                # [n, D]
         ffn = self.ffn
         for (w_qkv, w_o, w_gu, w_down), (_, _, kc, vc) in zip(self.layers, self._layer_views(cache)):
             qkv = decode_linear(x, w_qkv, self.dim_eps)
             qk = qkv.narrow(1, 0, nqk).view(n, H + Hkv, hd)
-            qk = torch.addcmul(qk * cos, torch.roll(qk, hd // 2, -1), sin).transpose(0, 1)   # [H + Hkv, n, hd]
-            kc[0].narrow(1, start, n).copy_(qk.narrow(0, H, Hkv))
+            qk = torch.addcmul(qk * cos, torch.roll(qk, hd // 2, -1), sin)          # [n, H + Hkv, hd]
+            kc[0].narrow(1, start, n).copy_(qk.narrow(1, H, Hkv).transpose(0, 1))
             vc[0].narrow(1, start, n).copy_(qkv.narrow(1, nqk, Hkv * hd).view(n, Hkv, hd).transpose(0, 1))
-            att = F.scaled_dot_product_attention(qk.narrow(0, 0, H).unsqueeze(0), kc.narrow(2, 0, upto),
-                                                 vc.narrow(2, 0, upto), attn_mask=attn, enable_gqa=H != Hkv)
-            x = decode_linear(att[0].transpose(0, 1).reshape(n, H * hd), w_o, residual=x)
+            if self.fast_attn:
+                att = decode_attention(qk.narrow(1, 0, H).unsqueeze(0), kc, vc, prefix, mask)    # [1, n, H, hd]
+                att = att.view(n, H * hd)
+            else:
+                att = F.scaled_dot_product_attention(qk.narrow(1, 0, H).transpose(0, 1).unsqueeze(0),
+                                                     kc.narrow(2, 0, upto), vc.narrow(2, 0, upto), attn_mask=attn,
+                                                     enable_gqa=H != Hkv)
+                att = att[0].transpose(0, 1).reshape(n, H * hd)
+            x = decode_linear(att, w_o, residual=x)
             gu = decode_linear(x, w_gu, self.dim_eps)
             x = decode_linear(F.silu(gu.narrow(1, 0, ffn)).mul_(gu.narrow(1, ffn, ffn)), w_down, residual=x)
         return decode_linear(x, self.head, self.dim_eps)

@@ -116,6 +116,11 @@ def _register_all() -> None:
     def _(x, packed, out_features, rms_add=None, residual=None, generic=False):
         return x.new_empty((x.shape[0], out_features))
 
+    # decode-time attention (csrc/attention/attention_binding.cpp)
+    @fake("mmfm::decode_attention")
+    def _(q, k, v, prefix, mask=None, generic=False):
+        return q.new_empty(q.shape)
+
 
 def register() -> bool:
     """Registers the fake implementations (once); False when the extension's ops do not exist."""

@@ -15,7 +15,7 @@ rows prefetches poorly, and a GEMM with a few rows repacks W on every call. The 
 from 16-column panels packed when the step is built (csrc/linear/decode_linear_cpu.cpp), and
 a draft tree of up to 12 rows (6 without AVX-512VL) costs about what one row does: the tree
 pass Token Recycling is built on. Figures: docs/benchmarks.md, "decode_linear"; the op:
-docs/ops_linear.md.
+docs/ops_decode.md.
 
 The compiled op is CPU and float32 only. pack_linear keeps every other case on torch: CUDA
 weights (a GPU's few-row matmul is what cuBLAS does well; not measured here), other dtypes,
