@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfm._ext import extension_loaded
+from mmfm.ops import extension_loaded
 from mmfm.ops.attention import decode_attention
 from mmfm.ops.linear import decode_linear, pack_linear
 
@@ -143,7 +143,7 @@ class DenseStep:
         cos = self.cos.index_select(0, pos).unsqueeze(1)                   # [n, 1, hd]
         sin = self.sin.index_select(0, pos).unsqueeze(1)
         if self.fast_attn:
-            prefix = cache.lengths.narrow(0, 0, 1)                         # == start: the tree's keys follow
+            prefix = torch.tensor([start], dtype=torch.long)               # the tree's keys follow the prefix
         else:   # an additive float mask, made once per pass (SDPA converts a bool mask in every layer)
             attn = torch.zeros(1, 1, n, upto, dtype=self.embed.dtype, device=tokens.device)
             attn.narrow(3, start, n).masked_fill_(mask.logical_not(), float("-inf"))
