@@ -6,9 +6,9 @@ step computes the same function with about a third of the ops:
 
   * each RMSNorm weight (times sqrt(dim)) is folded into the columns of the matmul that follows
     it, and the per-row factor is applied to that matmul's output: norm(x) @ W^T =
-    rsqrt(sum(x^2) + dim * eps) * (x @ (W * w * sqrt(dim))^T), the sum of squares one bmm;
+    rsqrt(sum(x^2) + dim * eps) * (x @ (W * w * sqrt(dim))^T), inside the matmul's call;
   * q/k/v and gate/up are single matmuls over weights concatenated once; the
-    o and down projections add the residual in the same addmm;
+    o and down projections add the residual in the same call;
   * rotary cos/sin come from a table over positions, looked up once per step for all layers;
     q and k are rotated together as qk * cos + roll(qk, hd/2) * [-sin, sin];
   * the attention mask (ragged rows only) is built once per step; no nn.Module calls;
