@@ -20,3 +20,19 @@ def needs_extension():
 
     if not _ext.extension_loaded():
         pytest.fail(f"mmfm._C must be built for this test: {_ext.load_error()}")
+
+
+@pytest.fixture
+def run_without_extension():
+    """run(script) -> CompletedProcess: `python -c script` from the repository root with
+    MMFM_DISABLE_EXTENSION=1 (every op on its pure-torch reference), stdout and stderr together."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(script: str):
+        env = dict(os.environ, MMFM_DISABLE_EXTENSION="1", OMP_NUM_THREADS="1")
+        return subprocess.run([sys.executable, "-c", script], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=120)
+    return run

@@ -271,7 +271,7 @@ def test_direct_op_checks_name_the_argument():
 
 
 # ------------------------------------------------------------------------------- fallback
-def test_fallback_without_extension_runs_references_with_one_warning():
+def test_fallback_without_extension_runs_references_with_one_warning(run_without_extension):
     script = textwrap.dedent("""
         import warnings
         import torch
@@ -301,9 +301,7 @@ def test_fallback_without_extension_runs_references_with_one_warning():
         assert torch.equal(rows, cache[[2, 0, 0]])
         print("fallback ok")
     """)
-    env = dict(os.environ, MMFM_DISABLE_EXTENSION="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=120)
+    proc = run_without_extension(script)
     assert proc.returncode == 0, proc.stdout
     assert "fallback ok" in proc.stdout
 

@@ -116,9 +116,18 @@ def test_dense_step_attends_through_the_op():
     model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=40, vocab_size=50,
                                     max_seq_len=64)).eval()
     step = DenseStep(model, 16)
-    assert step.fast_attn
+    assert step.attn_op is not None
     cache = KVCache.for_model(model, batch=1, capacity=16)
     with torch.no_grad():
         model(torch.tensor([[3, 7]]), cache=cache)
         ran = mmfm_ops_run(lambda: step(torch.tensor([9]), cache, 3, False))
     assert "mmfm::decode_attention" in ran
+
+
+def test_the_compiled_kernel_is_chosen_only_where_it_beats_sdpa():
+    """DenseStep attends through the op only where its vectorised kernel runs; a head size the
+    kernel has no template for, another dtype or device, keep SDPA (the portable loop is slower)."""
+    assert A.compiled_op_for("cpu", torch.float32, 32) is not None
+    assert A.compiled_op_for("cpu", torch.float32, 40) is None
+    assert A.compiled_op_for("cpu", torch.bfloat16, 32) is None
+    assert A.compiled_op_for("cuda", torch.float32, 32) is None

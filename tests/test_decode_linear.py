@@ -8,8 +8,6 @@ extension."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,7 +15,6 @@ import torch
 
 from mmfm.ops import linear as L
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ops = torch.ops.mmfm
 
 
@@ -85,9 +82,8 @@ def test_pack_linear_packs_cpu_float32_and_keeps_torch_elsewhere():
     assert L.pack_linear(w).packed is not None and L.pack_linear(w).weight is None
     b = L.pack_linear(w.bfloat16())
     assert b.packed is None and b.weight.dtype == torch.bfloat16 and b.weight.is_contiguous()
-    view = rnd(20, 8).t()
-    kept = L.pack_linear(view, cpu_layout=False)
-    assert kept.packed is None or kept.weight is None   # float32 CPU packs regardless of cpu_layout
+    view = rnd(20, 8).t()                                # F.linear's storage seen as [in, out]
+    assert torch.equal(L.unpack_panels(L.pack_linear(view).packed, 20), view)
     x = rnd(3, 8)
     torch.testing.assert_close(L.decode_linear(x, L.pack_linear(w), 0.2), L.decode_linear_reference(x, w, 0.2))
     torch.testing.assert_close(L.decode_linear(x.bfloat16(), b, 0.2).float(),
@@ -148,7 +144,7 @@ def test_dense_step_runs_the_packed_op_on_cpu_float32():
     torch.testing.assert_close(out["logits"][0], full, atol=1e-4, rtol=1e-4)
 
 
-def test_fallback_without_extension_runs_torch_with_one_warning():
+def test_fallback_without_extension_runs_torch_with_one_warning(run_without_extension):
     script = textwrap.dedent("""
         import warnings
         import torch
@@ -168,8 +164,6 @@ def test_fallback_without_extension_runs_torch_with_one_warning():
         torch.testing.assert_close(got, want)
         print("fallback ok")
     """)
-    env = dict(os.environ, MMFM_DISABLE_EXTENSION="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=120)
+    proc = run_without_extension(script)
     assert proc.returncode == 0, proc.stdout
     assert "fallback ok" in proc.stdout

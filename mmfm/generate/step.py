@@ -16,8 +16,9 @@ step computes the same function with about a third of the ops:
     CPU in float32 the compiled op reads each weight once per step and fuses the RMSNorm factor
     and the residual add (a draft tree of up to 12 nodes costs about one step's weight reads);
     elsewhere the same call is torch.mm / addmm;
-  * attention on a CPU in float32 is mmfm.ops.attention.decode_attention, reading the cache
-    layer in place (ragged rows and tree masks included); elsewhere torch's SDPA.
+  * attention on a CPU in float32 is the compiled decode_attention (mmfm.ops.attention), reading
+    the cache layer in place (ragged rows and tree masks included), where its vectorised kernel
+    covers the head size (compiled_op_for); elsewhere torch's SDPA.
 
 The folded weights are copies taken when the step is built, so build it after loading and don't
 train the model while decoding. Low-precision models fold and normalise in their own dtype
@@ -29,8 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfm.ops import extension_loaded
-from mmfm.ops.attention import decode_attention
+from mmfm.ops.attention import compiled_op_for
 from mmfm.ops.linear import decode_linear, pack_linear
 
 
@@ -67,9 +67,9 @@ class DenseStep:
             half = self.hd // 2
             self.cos = cos[0].contiguous()
             self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1).contiguous()
-        # the compiled attention where it exists (CPU float32 with mmfm._C), else SDPA
-        self.fast_attn = (self.embed.device.type == "cpu" and self.embed.dtype == torch.float32
-                          and extension_loaded())
+        # the compiled attention where its kernel beats SDPA, else None (SDPA); called bare: the
+        # wrapper's per-call checks cost ~2% of a step
+        self.attn_op = compiled_op_for(self.embed.device, self.embed.dtype, self.hd)
 
     def _layer_views(self, cache) -> list:
         """Per-layer views of the cache, taken once per cache rather than every step: (k, v) of
@@ -111,8 +111,8 @@ class DenseStep:
             else:
                 kc.select(2, s).copy_(k)
                 vc.select(2, s).copy_(v)
-            if self.fast_attn:      # keys [0, pos[b]] of each row, read in place
-                att = decode_attention(qk.narrow(1, 0, H).unsqueeze(1), kc, vc, pos)
+            if self.attn_op is not None:      # keys [0, pos[b]] of each row, read in place
+                att = self.attn_op(qk.narrow(1, 0, H).unsqueeze(1), kc, vc, pos, None, False)
             else:
                 att = F.scaled_dot_product_attention(qk.narrow(1, 0, H).unsqueeze(2), kc.narrow(2, 0, upto),
                                                      vc.narrow(2, 0, upto), attn_mask=mask, enable_gqa=H != Hkv)
@@ -142,7 +142,7 @@ class DenseStep:
         pos = depth + start
         cos = self.cos.index_select(0, pos).unsqueeze(1)                   # [n, 1, hd]
         sin = self.sin.index_select(0, pos).unsqueeze(1)
-        if self.fast_attn:
+        if self.attn_op is not None:
             prefix = torch.tensor([start], dtype=torch.long)               # the tree's keys follow the prefix
         else:   # an additive float mask, made once per pass (SDPA converts a bool mask in every layer)
             attn = torch.zeros(1, 1, n, upto, dtype=self.embed.dtype, device=tokens.device)
@@ -155,8 +155,8 @@ class DenseStep:
             qk = torch.addcmul(qk * cos, torch.roll(qk, hd // 2, -1), sin)          # [n, H + Hkv, hd]
             kc[0].narrow(1, start, n).copy_(qk.narrow(1, H, Hkv).transpose(0, 1))
             vc[0].narrow(1, start, n).copy_(qkv.narrow(1, nqk, Hkv * hd).view(n, Hkv, hd).transpose(0, 1))
-            if self.fast_attn:
-                att = decode_attention(qk.narrow(1, 0, H).unsqueeze(0), kc, vc, prefix, mask)    # [1, n, H, hd]
+            if self.attn_op is not None:
+                att = self.attn_op(qk.narrow(1, 0, H).unsqueeze(0), kc, vc, prefix, mask, False)   # [1, n, H, hd]
                 att = att.view(n, H * hd)
             else:
                 att = F.scaled_dot_product_attention(qk.narrow(1, 0, H).transpose(0, 1).unsqueeze(0),

@@ -45,6 +45,25 @@ def decode_attention_reference(q, k, v, prefix, mask=None) -> torch.Tensor:
     return out.transpose(1, 2).contiguous()
 
 
+# head sizes csrc/attention/decode_attention_cpu.cpp has a register-resident kernel for (avx2_for)
+KERNEL_HEAD_DIMS = (8, 16, 24, 32, 48, 64, 96, 128)
+
+
+def compiled_op_for(device, dtype, head_dim: int):
+    """torch.ops.mmfm.decode_attention when its vectorised kernel serves this case (CPU float32,
+    mmfm._C built with the AVX2 kernels, a head size in KERNEL_HEAD_DIMS), else None: the portable
+    loop is slower than SDPA (`mmfm bench attention`'s mmfm_generic), so callers that choose once
+    (DenseStep) keep SDPA there. The AVX2 kernels of csrc/attention and csrc/linear are compiled
+    under the same condition, which mmfm._C.decode_linear_isa reports."""
+    from mmfm.ops.linear import decode_linear_isa
+
+    isa = decode_linear_isa()
+    if (torch.device(device).type != "cpu" or dtype != torch.float32 or head_dim not in KERNEL_HEAD_DIMS
+            or isa is None or isa == "generic"):
+        return None
+    return torch.ops.mmfm.decode_attention.default
+
+
 _OP = {}
 
 
@@ -59,4 +78,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: 
     return decode_attention_reference(q, k, v, prefix, mask)
 
 
-__all__ = ["decode_attention", "decode_attention_reference", "visible_mask"]
+__all__ = ["decode_attention", "decode_attention_reference", "compiled_op_for", "visible_mask",
+           "KERNEL_HEAD_DIMS"]

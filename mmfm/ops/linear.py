@@ -68,10 +68,10 @@ def _vectorised() -> bool:
     return isa is not None and isa != "generic"
 
 
-def pack_linear(weight: torch.Tensor, cpu_layout: bool = True) -> PackedLinear:
+def pack_linear(weight: torch.Tensor) -> PackedLinear:
     """Prepare `weight` [in, out] (any strides) for decode_linear. CPU float32 with mmfm._C and
-    its AVX2 micro-kernel: packed panels. Otherwise torch: on CPU a contiguous copy (cpu_layout),
-    on other devices the tensor as given (F.linear's [out, in] storage seen through .t())."""
+    its AVX2 micro-kernel: packed panels. Otherwise torch: on CPU a contiguous copy, on other
+    devices the tensor as given (F.linear's [out, in] storage seen through .t())."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("mmfm.pack_linear: argument 'weight' must be a 2-d tensor [in, out], got "
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
@@ -79,7 +79,7 @@ def pack_linear(weight: torch.Tensor, cpu_layout: bool = True) -> PackedLinear:
     weight = weight.detach()
     if weight.device.type == "cpu" and weight.dtype == torch.float32 and compiled(weight) and _vectorised():
         return PackedLinear(n_in, n_out, packed=pack_panels(weight))
-    if weight.device.type == "cpu" and cpu_layout:
+    if weight.device.type == "cpu":
         weight = weight.contiguous()
     return PackedLinear(n_in, n_out, weight=weight)
 
