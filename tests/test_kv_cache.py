@@ -80,6 +80,29 @@ def test_tree_mask_equals_each_branch_alone_and_keep_compacts():
         torch.testing.assert_close(step[0, 0], m(seq)[0, -1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_keep_moves_only_the_named_row_and_slots(batch):
+    """KVCache.keep against plain indexing: offsets as a list or a tensor, leading offsets already in
+    place, a path along the first nodes (nothing moves), and with two rows the other row untouched."""
+    cfg = ModelConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=24, vocab_size=20, max_seq_len=32)
+    for offsets, as_tensor in (([0, 1, 4, 6], False), ([0, 2, 3], True), ([0, 1, 2], False), ([0], True)):
+        cache = KVCache.for_model(Transformer(cfg), batch=batch, capacity=16)
+        cache.k.copy_(torch.randn_like(cache.k))
+        cache.v.copy_(torch.randn_like(cache.v))
+        cache.lengths.fill_(12)
+        k0, v0 = cache.k.clone(), cache.v.clone()
+        row, start = batch - 1, 5
+        cache.keep(row, start, torch.tensor(offsets) if as_tensor else offsets)
+        src = [start + o for o in offsets]
+        want_k, want_v = k0.clone(), v0.clone()
+        want_k[:, row, :, start:start + len(offsets)] = k0[:, row, :, src]
+        want_v[:, row, :, start:start + len(offsets)] = v0[:, row, :, src]
+        assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
+        assert cache.lengths[row] == start + len(offsets)
+        if batch == 2:
+            assert cache.lengths[0] == 12
+
+
 def test_truncate_then_redecode_and_reorder_rows():
     m = _model()
     ids = torch.randint(0, 50, (2, 8))

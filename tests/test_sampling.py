@@ -632,3 +632,36 @@ def test_verification_reference_path(monkeypatch):
     acc, nxt = S.verify_chain(torch.stack([p, p])[None].expand(N, 2, V), q[None, None].expand(N, 1, V), d, seed=0)
     first = torch.where(acc >= 1, d[:, 0], nxt)
     assert_distribution(first, p, "reference chain")
+
+
+def test_repeated_plain_calls_skip_the_checks_but_not_their_errors():
+    """A decode loop's call (scalar settings, no constraint, history or generator) skips the argument
+    checks once its settings and logits shape have been seen: the tokens are those of the checked
+    call and of the reference, every stream is its own, and a bad argument in a later call is still
+    named, whatever was cached."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    S._CHECKED.clear()
+    first = [S.sample(logits, temperature=0.7, top_p=0.9, seed=11, offset=k) for k in range(40)]
+    assert len(S._CHECKED) == 1
+    again = [S.sample(logits, temperature=0.7, top_p=0.9, seed=11, offset=k) for k in range(40)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert len({tuple(t.tolist()) for t in again}) > 10               # the offset still picks the stream
+    checked = [S.sample(logits, temperature=0.7, top_p=0.9, seed=11, offset=k, allowed_range=(0, 50))
+               for k in range(40)]                                   # the full path (a constraint given)
+    assert all(torch.equal(a, b) for a, b in zip(first, checked))
+    greedy = S.sample(logits, temperature=0, seed=1)
+    assert torch.equal(S.sample(logits, temperature=0, seed=2), greedy) and torch.equal(greedy, logits.argmax(-1))
+    with pytest.raises(ValueError, match="temperature"):
+        S.sample(logits, temperature=-0.5, top_p=0.9, seed=11)
+    with pytest.raises(ValueError, match="top_p"):
+        S.sample(logits, temperature=0.7, top_p=1.5, seed=11)
+    with pytest.raises(ValueError, match="logits"):
+        S.sample(logits[None], temperature=0.7, top_p=0.9, seed=11)
+    with pytest.raises(TypeError, match="logits"):
+        S.sample(logits.double(), temperature=0.7, top_p=0.9, seed=11)
+    with pytest.raises(TypeError, match="offset"):
+        S.sample(logits, temperature=0.7, top_p=0.9, seed=11, offset=1.5)
+    # seeds outside [0, 2^63) take the checked path, which maps them to the op's int64
+    assert torch.equal(S.sample(logits, temperature=0.7, top_p=0.9, seed=-3, offset=2),
+                       S.sample(logits, temperature=0.7, top_p=0.9, seed=2**64 - 3, offset=2))

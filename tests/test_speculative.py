@@ -681,6 +681,34 @@ def test_chooser_shrinks_the_tree_before_giving_up():
     assert 1 < n < 40
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_idle_runs_emit_the_plain_loops_tokens_and_stop_at_eos(temperature):
+    """While no budget is hopeful, plain steps run back to back and are read back together (runs
+    of up to IDLE_RUN): the tokens are still the plain loop's, eos inside a run still cuts the
+    output after it, max_new_tokens is never passed, and the matrix still learns every step's
+    row (the next call's trees would draft them)."""
+    V = 512
+    model = _model(vocab=V, std=0.001 if temperature else 0.3)
+    prompt = [1, 2, 3]
+    want = plain_generate(model, prompt, 90, seed=7, temperature=temperature)
+    matrix = RecyclingMatrix(V, k=8)
+    got, stats = token_recycling_generate(model, prompt, max_new_tokens=90, temperature=temperature, seed=7,
+                                          matrix=matrix, tree_size=20)
+    assert got.tolist() == want
+    assert stats.run_steps >= 40 and stats.target_passes == 89 and not stats.tree_nodes
+    seen = [t for t in prompt + want[:-1]]
+    assert all(matrix.table[t, 0] >= 0 for t in seen)   # every fed token got its row
+    # eos inside a run: the first occurrence late in the output, where runs are long
+    at = next(i for i in range(60, 90) if want[i] not in want[:i])
+    got, stats = token_recycling_generate(model, prompt, max_new_tokens=90, temperature=temperature, seed=7,
+                                          tree_size=20, eos_id=want[at])
+    assert got.tolist() == want[:at + 1] and stats.run_steps > 0
+    for n in (37, 61):
+        got, _ = token_recycling_generate(model, prompt, max_new_tokens=n, temperature=temperature, seed=7,
+                                          tree_size=20)
+        assert got.tolist() == want[:n]
+
+
 def test_never_matching_drafts_switch_to_plain_steps_within_8_passes():
     """A near-uniform model over 512 tokens: sampled tokens are almost never among the 8 recycled
     candidates. From the most optimistic back-off state (every budget expecting its template's

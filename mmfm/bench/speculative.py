@@ -256,6 +256,7 @@ def bench_decoding(model, encode, desc, args) -> list[dict]:
                 fig["target_passes"] = passes
                 fig["tree_passes"] = sum(len(s.tree_nodes) for s in stats)
                 fig["plain_passes"] = sum(s.plain_passes + s.gated_passes for s in stats)
+                fig["run_steps"] = sum(s.run_steps for s in stats)      # plain passes taken in idle runs
             else:
                 fig["acceptance_length"] = 1.0
                 fig["target_passes"] = n_tok - len(outs)

@@ -49,6 +49,10 @@ class RecyclingMatrix:
         # the back-off's measured tree cost (speculative_backoff.MeasuredCost): a property of the
         # model and the machine, so it too carries over to the next call
         self.measured = None
+        # tokens since the back-off last saw a budget worth a tree (token_recycling_generate's idle
+        # runs): a hopeless stretch, like sampling at temperature 1 from a small model, goes on
+        # into the next call
+        self.idle = 0
 
     @property
     def k(self) -> int:

@@ -45,6 +45,7 @@ class SpecStats:
     tree_nodes: list[int] = field(default_factory=list, repr=False)   # nodes per pass (recycling)
     plain_passes: int = 0        # recycling passes the adaptive back-off ran without drafts
     gated_passes: int = 0        # dynamic trees: passes run without drafts as too few were expected to pass
+    run_steps: int = 0           # plain passes taken in idle runs (read back together; IDLE_RUN)
 
     @property
     def acceptance_length(self) -> float:
@@ -57,7 +58,7 @@ class SpecStats:
                 "draft_passes": self.draft_passes, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_length": round(self.acceptance_length, 4),
                 "mean_tree_nodes": round(sum(self.tree_nodes) / len(self.tree_nodes), 2) if self.tree_nodes else 0,
-                "plain_passes": self.plain_passes, "gated_passes": self.gated_passes}
+                "plain_passes": self.plain_passes, "gated_passes": self.gated_passes, "run_steps": self.run_steps}
 
 
 def sampling_settings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, allowed_mask=None) -> dict:
@@ -162,11 +163,8 @@ class _Target:
         """Compact the accepted nodes (tree indices, ascending, root first) to the front of the
         tree's slots. A path along the first nodes is already in place (chains, the rank-0 spine
         of small trees): only the length moves."""
-        start = self.length
-        if path != list(range(len(path))):
-            self.cache.keep(0, start, torch.tensor(path))
-        self.length = start + len(path)
-        self.cache.lengths.fill_(self.length)
+        self.cache.keep(0, self.length, path)       # sets the row's length
+        self.length += len(path)
 
 
 def _walk(dt, draws: list[int], out: list[int], max_new_tokens: int, eos_id: int | None) -> tuple[list[int], bool]:
@@ -188,6 +186,15 @@ def _walk(dt, draws: list[int], out: list[int], max_new_tokens: int, eos_id: int
 
 
 TREES = ("static", "dynamic")
+# idle runs: once no tree budget has been hopeful for IDLE_AFTER tokens (TreeChooser.idle; the
+# count goes on across calls sharing a matrix), plain steps run IDLE_RUN at a time, their tokens
+# read back together. Picked on the bench models (same-process A/B, docs/benchmarks.md, ##
+# speculative, session 11): sampling at temperature 1 on the byte model 0.954x the plain loop
+# against 0.937x without runs; greedy on the long export, whose hopeless stretches end often and
+# where a late tree costs, unchanged at 32 (1.162x against 1.166x) but 1.11x when runs began
+# after 8 tokens
+IDLE_RUN = 8
+IDLE_AFTER = 32
 GREEDY_VALUE_TEMPERATURE = 0.25   # dynamic trees in greedy decoding: the temperature of the node values (picked on the demo export among 1, 0.5, 0.25, 0.1)
 
 
@@ -283,6 +290,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     # made every step allocate its logits (and the step's temporaries after them) in fresh
     # memory instead of the block the previous step freed
     pend_logits = torch.empty(16, V, dtype=logits.dtype, device=logits.device)
+    pend_rows = pend_logits.split(1)     # its rows as [1, V] views, made once: one copy_ per step
     pend_tokens: list[int] = []
 
     def flush() -> None:
@@ -291,24 +299,68 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             pend_tokens.clear()
 
     def draw(lg: torch.Tensor, depth: torch.Tensor | None = None):
-        """(int64 [n] tokens, the same as a list, the topk for matrix.update or None): one token
-        per row of lg (a plain step's, or a tree's nodes at `depth` below the root), each drawn
-        from its position's stream; one host read."""
+        """(int64 [n] tokens, the same as a list, the topk or None): one token per row of lg (a
+        plain step's, or a tree's nodes at `depth` below the root), each drawn from its
+        position's stream."""
         if fast_greedy:
             top = lg.topk(matrix.k, dim=-1)
             v = top.values[:, :2].tolist()
             if all(a > b and a < _INF for a, b in v):   # a unique, finite maximum in every row
-                tok = top.indices[:, 0]
-                return tok, tok.tolist(), top
+                idx = top.indices.tolist()
+                return top.indices[:, 0], [r[0] for r in idx], (top, idx)
         tok = sampling.sample(lg, **settings, **rng.at(len(out), depth))
         return tok, tok.tolist(), None
 
+    def learn(tokens: list[int], lg: torch.Tensor, top) -> None:
+        """The matrix rows of `tokens` <- the top-k of their logits lg. A greedy draw's topk rows
+        are on the host already, and the static tree needs no probabilities: they are written
+        as they are (what matrix.update would write, without its ~15 us of tensor handling a
+        pass, ~1.5% of greedy decoding on the byte-level bench model)."""
+        if top is not None and T is None:
+            rows.write(tokens, top[1])
+        else:
+            matrix.update(tokens, lg, T, top=None if top is None else top[0], rows=rows)
+
+    idle = matrix.idle     # tokens emitted since the chooser last had a hopeful budget (TreeChooser.idle)
     while not stop:
         n = n_chosen = tree_size if chooser is None else chooser.choose()
         dt = None
         if n > 1:
             flush()
         t0 = time.perf_counter()    # the pass's own work, without the batched rows of earlier steps
+        if chooser is None or not chooser.idle:
+            idle = 0
+        run = min(IDLE_RUN if idle >= IDLE_AFTER else 0, max_new_tokens - len(out))
+        if run > 1:
+            # no budget has been hopeful for `idle` tokens: `run` plain steps back to back, each
+            # feeding its sampled token tensor to the next, their tokens read back and walked
+            # together (one host read and one tight loop instead of `run` passes of the loop's
+            # bookkeeping, which cost ~4% of a step each on the byte-level bench model). Each
+            # step draws from its position's stream, so the tokens are the plain loop's; the
+            # back-off hears of a winning stretch at most `run` tokens late
+            if len(pend_tokens) + run > 16:
+                flush()
+            e, slot, feed = len(out), len(pend_tokens), []
+            for j in range(run):
+                lg = target.one(last)
+                last = sampling.sample(lg, **settings, seed=rng.seed, offset=e + j)
+                pend_rows[slot + j].copy_(lg)
+                feed.append(last)
+            toks = torch.cat(feed).tolist()
+            pend_tokens += [out[-1]] + toks[:-1]      # step j's logits predict after the token it fed
+            for t in toks:                            # before the matrix learns from these steps
+                chooser.observe(rows, t)
+            stats.target_passes += run
+            stats.plain_passes += run
+            stats.run_steps += run
+            if meter is not None and meter.plain(time.perf_counter() - t0, run):
+                chooser.set_cost(meter)
+            if len(pend_tokens) == 16:
+                flush()
+            out += toks
+            idle += run
+            stop = len(out) >= max_new_tokens or (eos_id is not None and eos_id in toks)
+            continue
         if n > 1:
             if dynamic:
                 dt = build_dynamic_tree(matrix, out[-1], n, max_depth, min_value, rows=rows)
@@ -330,15 +382,16 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             if chooser is not None:   # before the matrix learns from this step's logits
                 chooser.observe(rows, t)
             if top is not None:
-                matrix.update([out[-1]], lg, T, top=top, rows=rows)
+                learn([out[-1]], lg, top)
             else:
-                pend_logits[len(pend_tokens)].copy_(lg[0])
+                pend_rows[len(pend_tokens)].copy_(lg)
                 pend_tokens.append(out[-1])
             if meter is not None and meter.plain(time.perf_counter() - t0):
                 chooser.set_cost(meter)
             if len(pend_tokens) == 16:
                 flush()
             out.append(t)
+            idle += 1
             stop = len(out) >= max_new_tokens or t == eos_id
             continue
         n = len(dt.parent)
@@ -355,7 +408,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             chooser.tree_ran(n_chosen, len(path) - 1)
             for t in out[emitted:]:
                 chooser.observe(rows, t)
-        matrix.update(tokens, logits, T, top=top, rows=rows)
+        learn(tokens, logits, top)
         target.keep(path)
         last = torch.tensor([out[-1]], dtype=torch.long, device=device)
         if meter is not None:
@@ -365,6 +418,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     rows.sync()
     if chooser is not None:
         matrix.backoff = chooser.state()
+        matrix.idle = idle
     if eos_id is not None and eos_id in out:
         out = out[:out.index(eos_id) + 1]
     out = out[:max_new_tokens]

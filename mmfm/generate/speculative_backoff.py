@@ -142,18 +142,20 @@ class MeasuredCost:
     def __call__(self, n: int) -> float:
         return 1.0 + self.pass_cost + self.node_cost * (n - 1)
 
-    def plain(self, seconds: float) -> bool:
-        """One plain step's seconds; True when the estimate changed (every BATCH steps)."""
-        self._n += 1
+    def plain(self, seconds: float, steps: int = 1) -> bool:
+        """The seconds of `steps` plain steps run back to back; True when the estimate changed
+        (every BATCH steps or more)."""
+        self._n += steps
         self._s += seconds
         if self._n < self.BATCH:
             return False
-        mean, self._n, self._s = self._s / self._n, 0, 0.0
+        n, mean, self._n, self._s = self._n, self._s / self._n, 0, 0.0
         if self.step_s is None:
             self.step_s = mean
         else:
             self.step_s += self.alpha * (min(mean, 3.0 * self.step_s) - self.step_s)
-        self.pass_cost = self.prior.pass_cost + self._keep * (self.pass_cost - self.prior.pass_cost)
+        keep = self._keep if n == self.BATCH else (1.0 - self.relax) ** n
+        self.pass_cost = self.prior.pass_cost + keep * (self.pass_cost - self.prior.pass_cost)
         return True
 
     def tree(self, n: int, seconds: float) -> None:
@@ -269,6 +271,12 @@ class TreeChooser:
         self._plain = not hopeful
         return best
 
+    @property
+    def idle(self) -> bool:
+        """True while choose() answers 1 without looking: no budget's running mean can win
+        (they only fall until a walk accepts a draft) and no tree streak is open."""
+        return self._plain and self._streak is None
+
     def tree_ran(self, n: int, accepted: int) -> None:
         """After a tree pass of the budget n that choose() returned: the drafts it accepted.
 
@@ -299,6 +307,12 @@ class TreeChooser:
             row = table(prev) if callable(table) else table[prev].tolist()
             r = row.index(token) if token in row else -1
             if r < 0:                       # no walk goes on: all close here
+                walks = self.walks
+                if len(walks) == 1 and not walks[0][1]:
+                    # only the walk rooted at prev, empty: it closes with nothing accepted and
+                    # the walk rooted at token is the same empty one (sampling's usual token)
+                    self._decays += 1
+                    return
                 for _, orders in self.walks:
                     self._close(orders)
                 self.walks = [(0, [])]
