@@ -662,6 +662,25 @@ def test_repeated_plain_calls_skip_the_checks_but_not_their_errors():
         S.sample(logits.double(), temperature=0.7, top_p=0.9, seed=11)
     with pytest.raises(TypeError, match="offset"):
         S.sample(logits, temperature=0.7, top_p=0.9, seed=11, offset=1.5)
+    # constrained calls (Constraints' int64 [B, 2] range and bool [B, V] mask) skip the checks too and
+    # draw what the checked call drew; a constraint of another dtype or shape takes the checked path
+    rng = torch.tensor([[0, 10], [20, 50], [5, 6]])
+    mask = torch.rand(3, 50, generator=g) < 0.5
+    mask[:, 5] = True
+    S._CHECKED.clear()
+    checked = [S.sample(logits, temperature=0.7, seed=5, offset=k, allowed_range=rng, allowed_mask=mask)
+               for k in range(30)]
+    fast = [S.sample(logits, temperature=0.7, seed=5, offset=k, allowed_range=rng, allowed_mask=mask)
+            for k in range(30)]
+    assert all(torch.equal(a, b) for a, b in zip(checked, fast))
+    drawn = torch.stack(fast)
+    assert ((drawn >= rng[:, 0]) & (drawn < rng[:, 1])).all() and mask.gather(1, drawn.T).all()
+    assert torch.equal(S.sample(logits, temperature=0.7, seed=5, offset=3, allowed_range=rng.int(),
+                                allowed_mask=mask), fast[3])
+    with pytest.raises(ValueError, match="allowed_range"):
+        S.sample(logits, temperature=0.7, seed=5, allowed_range=rng[:2])
+    with pytest.raises(ValueError, match="allowed_mask"):
+        S.sample(logits, temperature=0.7, seed=5, allowed_mask=mask[:, :40])
     # seeds outside [0, 2^63) take the checked path, which maps them to the op's int64
     assert torch.equal(S.sample(logits, temperature=0.7, top_p=0.9, seed=-3, offset=2),
                        S.sample(logits, temperature=0.7, top_p=0.9, seed=2**64 - 3, offset=2))

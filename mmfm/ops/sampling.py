@@ -376,9 +376,17 @@ def _prepare(op, logits, allowed_range, allowed_mask, history, params):
 # sample()'s checked calls: (scalar settings, logits shape, dtype, device) -> the packed parameter
 # rows. A decode loop calls sample once per step with the same settings and shapes, and the
 # argument checks and packing (a dozen small Python calls) measured ~7% of the plain decode loop
-# on the byte-level bench model, where a step is ~0.45 ms; calls seen before skip them.
+# on the byte-level bench model, where a step is ~0.45 ms; calls seen before skip them (a
+# constraint tensor is still checked, by its dtype, shape and device: its values the kernel checks).
 _CHECKED: dict = {}
 _I64 = 2**63
+
+
+def _as_checked(t, dtype, logits: torch.Tensor, width: int) -> bool:
+    """Whether a constraint tensor is one the checked path passes to the op unchanged: `dtype`,
+    [B, width], on the logits' device (Constraints keeps its range and mask so)."""
+    return (type(t) is torch.Tensor and t.dtype == dtype and t.dim() == 2 and t.shape[0] == logits.shape[0]
+            and t.shape[1] == width and t.device == logits.device)
 
 
 def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,
@@ -411,14 +419,17 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     the kept weights per tile of 256 and scans one tile. O(V) per row, no sort of V;
     rows are spread over OpenMP threads (CPU) or thread blocks (CUDA).
     """
-    plain = (allowed_range is None and allowed_mask is None and history is None and generator is None
-             and not return_probs and type(seed) is int and type(offset) is int and type(logits) is torch.Tensor)
+    plain = (history is None and generator is None and not return_probs and type(seed) is int
+             and type(offset) is int and type(logits) is torch.Tensor)
     if plain:   # a decode loop's call: the arguments were checked when these settings and shapes were first seen
         settings = (temperature, top_k, top_p, min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty)
         P = _CHECKED.get((settings, logits.shape, logits.dtype, logits.device))
-        if P is not None and 0 <= seed < _I64 and 0 <= offset < _I64 and compiled(logits):
-            return torch.ops.mmfm.sample(logits.detach() if logits.requires_grad else logits, P, None, None, None,
-                                         seed, offset, None)[0]
+        if (P is not None and 0 <= seed < _I64 and 0 <= offset < _I64
+                and (allowed_range is None or _as_checked(allowed_range, torch.int64, logits, 2))
+                and (allowed_mask is None or _as_checked(allowed_mask, torch.bool, logits, logits.shape[1]))
+                and compiled(logits)):
+            return torch.ops.mmfm.sample(logits.detach() if logits.requires_grad else logits, P, allowed_range,
+                                         allowed_mask, None, seed, offset, None)[0]
     op = "sample"
     P, r, mk, h = _prepare(op, logits, allowed_range, allowed_mask, history, dict(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
