@@ -241,6 +241,7 @@ def test_cli_fits_the_head_and_compares_at_equal_psnr(trained, tmp_path, capsys)
     ({"length_head": True, "length_calib_fraction": 0.0}, "length_calib_fraction: expected a share"),
     ({"length_head": True, "length_head_steps": 0}, "length_head_steps, length_head_width: expected >= 1"),
     ({"length_head": True, "length_saturation_db": -0.5}, "length_saturation_db: expected dB >= 0"),
+    ({"length_head": True, "length_head_slope_weight": -1.0}, "length_head_slope_weight: expected a weight >= 0"),
 ])
 def test_config_errors_name_the_field(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -269,3 +270,30 @@ def test_unfitted_or_missing_head_and_bad_sequences_are_errors():
     with pytest.raises(ValueError, match="every token must be in"):
         plain.decode_variable([torch.tensor([1, 10 ** 6])])
     assert isinstance(LengthHead(4, 1, 8)(torch.zeros(3, 4, 1)), torch.Tensor)
+
+
+def test_head_loss_adds_the_increments_and_ignores_a_shared_level():
+    """length_head_loss = smooth L1 on the curve + weight x smooth L1 on its per-token increments: a
+    prediction off by one level along the whole curve costs the same at any weight (its increments
+    are right), one with the right level and wrong slopes costs more as the weight grows."""
+    from mmfm.tokenizers.length_head import length_head_loss
+
+    g = torch.Generator().manual_seed(0)
+    curves = torch.cummax(torch.randn(6, 5, generator=g), 1).values
+    shifted = curves + 0.7
+    assert torch.equal(length_head_loss(shifted, curves, 8.0), length_head_loss(shifted, curves, 0.0))
+    tilted = curves + torch.linspace(-0.5, 0.5, 5)
+    low, high = length_head_loss(tilted, curves, 0.0), length_head_loss(tilted, curves, 8.0)
+    inc = torch.nn.functional.smooth_l1_loss(tilted.diff(dim=1), curves.diff(dim=1))
+    assert inc > 0 and torch.allclose(high, low + 8.0 * inc)
+
+
+def test_refitting_a_head_of_another_width_starts_a_fresh_one(trained):
+    """with_length_head on a tokenizer that already has a head (the CLI refitting with a new
+    length_head_width) keeps the encoder and decoder and builds the new head afresh."""
+    tok = trained[0]
+    wider = with_length_head(tok, length_head_width=CFG["length_head_width"] * 2)
+    assert wider.length_head.net[1].out_features == CFG["length_head_width"] * 2
+    for name, w in tok.state_dict().items():
+        if not name.startswith("length_"):
+            assert torch.equal(wider.state_dict()[name], w), name

@@ -277,8 +277,12 @@ class Image1DConfig:
     seed: int = 0
     # adaptive length (mmfm/tokenizers/length_head.py), fitted after training on the training images
     length_head: bool = False       # predict each image's PSNR after every prefix, hence the tokens it needs
-    length_head_width: int = 128
-    length_head_steps: int = 600
+    length_head_width: int = 256
+    length_head_steps: int = 6000
+    # weight of the per-token increments (curve[k] - curve[k-1]) in the head's loss beside the curve itself:
+    # the slope rule (slope_lengths) reads only the differences, and a head fitted to the curve alone
+    # saved no bits with it on held-out images (docs/benchmarks.md, "Adaptive length", session 11)
+    length_head_slope_weight: float = 8.0
     length_coverage: float = 0.9    # share of reachable (image, target) pairs the predicted length must reach
     length_calib_fraction: float = 0.25   # training images held back from the head's fit to calibrate its margin
     target_psnr: float = 0.0        # > 0: encode() keeps the tokens predicted for this PSNR (0: all num_tokens)
@@ -302,6 +306,9 @@ class Image1DConfig:
             raise ValueError(f"length_coverage: expected a share in (0, 1), got {self.length_coverage}")
         if not 0 < self.length_calib_fraction < 1:
             raise ValueError(f"length_calib_fraction: expected a share in (0, 1), got {self.length_calib_fraction}")
+        if not self.length_head_slope_weight >= 0:
+            raise ValueError(f"length_head_slope_weight: expected a weight >= 0 (0: the curve alone), got "
+                             f"{self.length_head_slope_weight}")
         if self.length_head_steps < 1 or self.length_head_width < 1:
             raise ValueError(f"length_head_steps, length_head_width: expected >= 1, got {self.length_head_steps}, "
                              f"{self.length_head_width}")

@@ -135,6 +135,19 @@ def calibrate_margin(pred: torch.Tensor, curves: torch.Tensor, targets: torch.Te
     return span
 
 
+def length_head_loss(pred: torch.Tensor, curves: torch.Tensor, slope_weight: float) -> torch.Tensor:
+    """The head's loss on predicted and measured curves [B, K]: smooth L1 on the curve, plus
+    slope_weight x smooth L1 on its per-token increments. The target rule needs the curve's level
+    (where it crosses t), the slope rule only its differences across images (which image gains
+    more from one more token); with the curve alone, errors in the level that are shared along an
+    image's curve dominate the fit, and the increments it predicted ranked images too poorly for
+    the slope rule to save bits on held-out images (docs/benchmarks.md, "Adaptive length")."""
+    loss = F.smooth_l1_loss(pred, curves)
+    if slope_weight:
+        loss = loss + slope_weight * F.smooth_l1_loss(pred.diff(dim=1), curves.diff(dim=1))
+    return loss
+
+
 def fit_length_head(tok, x: torch.Tensor, log=None) -> dict:
     """Fit tok.length_head on training images x [N, 3, S, S] and calibrate tok.length_margin; returns the
     fit's figures (residuals, coverage on the calibration images, mean lengths)."""
@@ -152,13 +165,14 @@ def fit_length_head(tok, x: torch.Tensor, log=None) -> dict:
     head = tok.length_head
     dev = next(head.parameters()).device
     head.base.fill_(float(envelope[fit, 0].mean()))
-    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    # weight decay: the head sees a few thousand images of K x latent_dim inputs and overfits without it
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, c.length_head_steps)
     head.train()
     batch = min(256, fit.numel())
     for step in range(c.length_head_steps):
         idx = fit[torch.randint(fit.numel(), (batch,), generator=g)]
-        loss = F.smooth_l1_loss(head(z[idx].to(dev)), envelope[idx].to(dev))
+        loss = length_head_loss(head(z[idx].to(dev)), envelope[idx].to(dev), c.length_head_slope_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -312,7 +326,9 @@ def with_length_head(tok, **fields):
 
     cfg = dataclasses.replace(tok.config, length_head=True, **fields)
     new = build_tokenizer("image_1d", cfg)
-    missing, unexpected = new.load_state_dict(tok.state_dict(), strict=False)
+    # a head the tokenizer already has (of any width) is not carried over: the new one is fitted afresh
+    weights = {k: v for k, v in tok.state_dict().items() if not k.startswith("length_")}
+    missing, unexpected = new.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith("length_") for k in missing):
         raise ValueError(f"with_length_head: weights do not match (missing {missing}, unexpected {unexpected})")
     return new.to(tok.device)
@@ -326,8 +342,8 @@ def length_head_main(args) -> int:
 
     cfg, tok = _load(args, need_head=False)
     m = cfg.model
-    fields = {k: getattr(m, k) for k in ("length_head_width", "length_head_steps", "length_coverage",
-                                         "length_calib_fraction")}
+    fields = {k: getattr(m, k) for k in ("length_head_width", "length_head_steps", "length_head_slope_weight",
+                                         "length_coverage", "length_calib_fraction")}
     tok = with_length_head(tok, **fields)
     d = cfg.data
     x = prepare_all(tok, read_samples(d.shards, d.modality, "train", d.holdout_fraction, args.max_train))
