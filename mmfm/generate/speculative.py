@@ -343,7 +343,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             e, slot, feed = len(out), len(pend_tokens), []
             for j in range(run):
                 lg = target.one(last)
-                last = sampling.sample(lg, **settings, seed=rng.seed, offset=e + j)
+                last = sampling.sample(lg, **settings, **rng.at(e + j))
                 pend_rows[slot + j].copy_(lg)
                 feed.append(last)
             toks = torch.cat(feed).tolist()

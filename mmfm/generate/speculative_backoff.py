@@ -132,7 +132,6 @@ class MeasuredCost:
     def __init__(self, prior: TreeCost | None = None, alpha: float = 0.2, relax: float = 0.01):
         self.prior = prior or TreeCost()
         self.alpha, self.relax = alpha, relax
-        self._keep = (1.0 - relax) ** self.BATCH     # the relaxation of one batch of plain steps
         self._n, self._s = 0, 0.0
         self.pass_cost = self.prior.pass_cost
         self.node_cost = self.prior.node_cost
@@ -154,8 +153,7 @@ class MeasuredCost:
             self.step_s = mean
         else:
             self.step_s += self.alpha * (min(mean, 3.0 * self.step_s) - self.step_s)
-        keep = self._keep if n == self.BATCH else (1.0 - self.relax) ** n
-        self.pass_cost = self.prior.pass_cost + keep * (self.pass_cost - self.prior.pass_cost)
+        self.pass_cost = self.prior.pass_cost + (1.0 - self.relax) ** n * (self.pass_cost - self.prior.pass_cost)
         return True
 
     def tree(self, n: int, seconds: float) -> None:
