@@ -8,8 +8,11 @@ model, settings and seeds; prefill included everywhere; no stop token, --new-tok
                                   token), batch 1
     mmfm_token_recycling          token_recycling_generate with the static template tree
                                   (--tree-size nodes), tree passes through DenseStep.tree, the
-                                  adaptive back-off on; one matrix across the prompts (the
-                                  paper's hot start), fresh for every timed run
+                                  adaptive back-off on, context chains on (the defaults); one
+                                  matrix across the prompts (the paper's hot start), fresh for
+                                  every timed run
+    mmfm_token_recycling_matrix   the same without context chains (context_draft=0): the
+                                  recycled matrix's trees alone, as in the paper
     mmfm_token_recycling_dynamic  the same with DySpec dynamic trees (tree="dynamic")
     mmfm_draft_model              draft_model_generate, the drafter being the target's first
                                   --drafter-layers blocks (layer_drafter), drafting a chain of
@@ -159,7 +162,8 @@ def plain_generate(model, prompt, max_new_tokens, seed, **settings):
     return rows[0].tolist(), None
 
 
-IMPLS = ("mmfm", "mmfm_token_recycling", "mmfm_token_recycling_dynamic", "mmfm_draft_model", "mmfm_draft_model_dynamic")
+IMPLS = ("mmfm", "mmfm_token_recycling", "mmfm_token_recycling_matrix", "mmfm_token_recycling_dynamic",
+         "mmfm_draft_model", "mmfm_draft_model_dynamic")
 
 
 def run_prompt(name, model, drafter, i, p, args, settings, matrix):
@@ -171,7 +175,8 @@ def run_prompt(name, model, drafter, i, p, args, settings, matrix):
     elif name.startswith("mmfm_token_recycling"):
         tree = "dynamic" if name.endswith("dynamic") else "static"
         o, s = token_recycling_generate(model, p, max_new_tokens=args.new_tokens, seed=args.seed * 1000 + i,
-                                        matrix=matrix, tree_size=args.tree_size, tree=tree, **settings)
+                                        matrix=matrix, tree_size=args.tree_size, tree=tree,
+                                        context_draft=0 if name.endswith("_matrix") else None, **settings)
         o = o.tolist()
     else:
         tree = {"tree": "dynamic", "tree_size": args.tree_size, "k": args.draft_k,
@@ -257,6 +262,8 @@ def bench_decoding(model, encode, desc, args) -> list[dict]:
                 fig["tree_passes"] = sum(len(s.tree_nodes) for s in stats)
                 fig["plain_passes"] = sum(s.plain_passes + s.gated_passes for s in stats)
                 fig["run_steps"] = sum(s.run_steps for s in stats)      # plain passes taken in idle runs
+                fig["chain_passes"] = sum(s.chain_passes for s in stats)  # passes holding a context chain
+                fig["chain_accepted"] = sum(s.chain_accepted for s in stats)   # drafts only the chains had
             else:
                 fig["acceptance_length"] = 1.0
                 fig["target_passes"] = n_tok - len(outs)

@@ -53,6 +53,8 @@ class RecyclingMatrix:
         # runs): a hopeless stretch, like sampling at temperature 1 from a small model, goes on
         # into the next call
         self.idle = 0
+        # the context drafts' running means (context_draft.ChainScores.state()), like backoff
+        self.context = None
 
     @property
     def k(self) -> int:

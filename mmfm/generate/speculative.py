@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mmfm.generate.context_draft import ChainScores, ContextIndex, chain_tree, merge_chain
 from mmfm.generate.decode import modality_ids
 from mmfm.generate.recycling import (HostRows, RecyclingMatrix, build_dynamic_tree, build_tree, tree_from_parents,
                                     tree_template)
@@ -46,6 +47,8 @@ class SpecStats:
     plain_passes: int = 0        # recycling passes the adaptive back-off ran without drafts
     gated_passes: int = 0        # dynamic trees: passes run without drafts as too few were expected to pass
     run_steps: int = 0           # plain passes taken in idle runs (read back together; IDLE_RUN)
+    chain_passes: int = 0        # recycling passes whose tree held a chain copied from the context
+    chain_accepted: int = 0      # drafts accepted beyond what the pass's matrix tree alone would have
 
     @property
     def acceptance_length(self) -> float:
@@ -58,7 +61,8 @@ class SpecStats:
                 "draft_passes": self.draft_passes, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_length": round(self.acceptance_length, 4),
                 "mean_tree_nodes": round(sum(self.tree_nodes) / len(self.tree_nodes), 2) if self.tree_nodes else 0,
-                "plain_passes": self.plain_passes, "gated_passes": self.gated_passes, "run_steps": self.run_steps}
+                "plain_passes": self.plain_passes, "gated_passes": self.gated_passes, "run_steps": self.run_steps,
+                "chain_passes": self.chain_passes, "chain_accepted": self.chain_accepted}
 
 
 def sampling_settings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, allowed_mask=None) -> dict:
@@ -195,6 +199,10 @@ TREES = ("static", "dynamic")
 # after 8 tokens
 IDLE_RUN = 8
 IDLE_AFTER = 32
+# context drafts (context_draft.py): the longest chain copied from the context, and the longest
+# suffix matched to find where to copy from
+CONTEXT_DRAFT = 16
+CONTEXT_NGRAM = 2
 GREEDY_VALUE_TEMPERATURE = 0.25   # dynamic trees in greedy decoding: the temperature of the node values (picked on the demo export among 1, 0.5, 0.25, 0.1)
 
 
@@ -207,7 +215,8 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
                              allowed_mask: torch.Tensor | None = None, adaptive: bool = True,
                              cost: TreeCost | None = None,
                              tree: str = "static", min_value: float = 0.0,
-                             min_expected: float = 0.0, measure_cost: bool = True) -> tuple[torch.Tensor, SpecStats]:
+                             min_expected: float = 0.0, measure_cost: bool = True,
+                             context_draft: int | None = None) -> tuple[torch.Tensor, SpecStats]:
     """Generate up to max_new_tokens after prompt_ids with Token Recycling; returns (int64 [n]
     new tokens, SpecStats). `matrix` (a RecyclingMatrix) is updated in place, so passing the same
     one across calls keeps its candidates (the paper's hot start); warm_from_prompt also fills it
@@ -236,7 +245,15 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     speculative_backoff.default_cost) is only the prior; every pass is timed and the tree pass cost refitted from the times (MeasuredCost, kept on the
     matrix as matrix.measured), so the back-off judges trees by what they cost on this model and
     machine. Draws are keyed by position (_Rng.at), so the tokens do not depend on which passes
-    ran: with a seed they are the plain decode loop's. adaptive=False: a tree of tree_size every pass."""
+    ran: with a seed they are the plain decode loop's. adaptive=False: a tree of tree_size every pass.
+
+    Context drafts (context_draft: the longest chain; default CONTEXT_DRAFT with the back-off on,
+    0 without; 0: matrix trees only; mmfm/generate/context_draft.py): a chain copied from after
+    the last earlier occurrence of the context's longest suffix (prompt + output, up to
+    CONTEXT_NGRAM tokens) joins the pass's tree as one more branch, or makes a pass on its own. With the back-off on, its length
+    (or none) is chosen per pass like the tree budgets, by running means of what the chain would
+    have had accepted at every emitted token; with adaptive=False and context_draft > 0 every
+    pass carries the full chain."""
     _check_common(max_new_tokens, seed)
     settings = sampling_settings(temperature, top_k, top_p, min_p, typical_p, allowed_mask)
     V = model.cfg.vocab_size
@@ -250,6 +267,11 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         raise ValueError(f"tree: expected one of {', '.join(TREES)}, got {tree!r}")
     if not isinstance(tree_size, int) or tree_size < 1:
         raise ValueError(f"tree_size: expected an int >= 1, got {tree_size!r}")
+    if context_draft is None:      # the paper's fixed tree every pass stays the paper's
+        context_draft = CONTEXT_DRAFT if adaptive else 0
+    if not isinstance(context_draft, int) or context_draft < 0:
+        raise ValueError(f"context_draft: expected an int >= 0 (the longest context chain; 0: none), "
+                         f"got {context_draft!r}")
     if cost is not None and not isinstance(cost, TreeCost):
         raise TypeError(f"cost: expected a TreeCost or None, got {type(cost).__name__}")
     dynamic = tree == "dynamic"
@@ -266,7 +288,14 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         chooser.set_cost(meter)
     rng = _Rng(seed)
     stats = SpecStats()
-    cache = KVCache.for_model(model, batch=1, capacity=ids.shape[1] + max_new_tokens + tree_size + 1)
+    ctx = chains = None
+    if context_draft:
+        ctx = ContextIndex(ids[0].tolist(), V, CONTEXT_NGRAM)
+        if chooser is not None:
+            chains = ChainScores(context_draft, state=matrix.context)
+    cost_of = meter if meter is not None else prior
+    cache = KVCache.for_model(model, batch=1,
+                              capacity=ids.shape[1] + max_new_tokens + tree_size + context_draft + 1)
     target = _Target(model, cache, modality_table)
     logits = target.prefill(ids)
     rows = HostRows(matrix)      # the rows this call reads and writes, on the host; in the matrix at the end
@@ -278,8 +307,19 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     matrix.update(ids[0, warm], logits[warm], T, rows=rows)
     first = sampling.sample(logits[-1:], **settings, **rng.at(0))
     out = [int(first[0])]
-    if chooser is not None:
-        chooser.observe(rows, out[0])
+
+    def emitted(toks: list[int]) -> None:
+        """Score new tokens against the drafts the back-off's shadow walks track (before the
+        matrix learns from the pass that made them) and add them to the context index."""
+        for t in toks:
+            if chooser is not None:
+                chooser.observe(rows, t)
+            if ctx is not None:
+                ctx.append(t)
+                if chains is not None:
+                    chains.observe(ctx, t)
+
+    emitted(out)
     stop = len(out) >= max_new_tokens or out[-1] == eos_id
     last = first
     # greedy without a mask: one topk per pass gives the draws (its first column: the argmax,
@@ -324,13 +364,29 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     idle = matrix.idle     # tokens emitted since the chooser last had a hopeful budget (TreeChooser.idle)
     while not stop:
         n = n_chosen = tree_size if chooser is None else chooser.choose()
-        dt = None
-        if n > 1:
-            flush()
-        t0 = time.perf_counter()    # the pass's own work, without the batched rows of earlier steps
         if chooser is None or not chooser.idle:
             idle = 0
-        run = min(IDLE_RUN if idle >= IDLE_AFTER else 0, max_new_tokens - len(out))
+        cap = context_draft if chains is None else 0
+        if chains is not None:
+            # the chain alone, or added to the chosen tree: whichever is expected to emit more
+            # tokens per unit of time than the back-off's choice
+            cap, speed = chains.best(cost_of, 1, 0.0, chooser.speed)
+            if n > 1:
+                cap2, _ = chains.best(cost_of, n, chooser.expected(n), speed)
+                if cap2:
+                    cap = cap2
+                elif cap:
+                    n = 1
+        dt = None
+        if n > 1 or cap:
+            flush()
+        t0 = time.perf_counter()    # the pass's own work, without the batched rows of earlier steps
+        # chains do not end an idle stretch: one is taken whenever ChainScores.best picks it at a
+        # pass boundary, between runs too, and the runs then go on. In sampling from the byte
+        # model a 1-token chain holds about half the time and a chain pass now and then is about
+        # break-even; ending the stretch on it cost up to 32 tokens of single steps each time
+        # (0.934x the plain loop against 0.961x without chains, when a hopeful chain mean did)
+        run = min(IDLE_RUN if idle >= IDLE_AFTER and not cap else 0, max_new_tokens - len(out))
         if run > 1:
             # no budget has been hopeful for `idle` tokens: `run` plain steps back to back, each
             # feeding its sampled token tensor to the next, their tokens read back and walked
@@ -348,8 +404,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
                 feed.append(last)
             toks = torch.cat(feed).tolist()
             pend_tokens += [out[-1]] + toks[:-1]      # step j's logits predict after the token it fed
-            for t in toks:                            # before the matrix learns from these steps
-                chooser.observe(rows, t)
+            emitted(toks)                             # before the matrix learns from these steps
             stats.target_passes += run
             stats.plain_passes += run
             stats.run_steps += run
@@ -361,26 +416,32 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             idle += run
             stop = len(out) >= max_new_tokens or (eos_id is not None and eos_id in toks)
             continue
+        gated = False
         if n > 1:
             if dynamic:
                 dt = build_dynamic_tree(matrix, out[-1], n, max_depth, min_value, rows=rows)
                 if dt.expected < min_expected:
-                    dt = None
-                    stats.gated_passes += 1
+                    dt, gated = None, True
             else:
                 dt = build_tree(matrix, out[-1], tree_template(n, matrix.k, max_depth), rows=rows)
                 if chooser is not None and len(dt.parent) == 1:   # every draft unknown: a plain step is cheaper
                     dt = None
-                    stats.plain_passes += 1
-        elif tree_size > 1:
-            stats.plain_passes += 1
+        n_tree = 0 if dt is None else len(dt.parent)     # the matrix tree's nodes; a chain's come after
+        if cap:
+            chain = ctx.chain(cap)
+            if chain:
+                dt = chain_tree(out[-1], chain) if dt is None else merge_chain(dt, chain)
+                stats.chain_passes += 1
         if dt is None:   # a plain one-token step (the same draw as a one-node tree)
+            if gated:
+                stats.gated_passes += 1
+            elif tree_size > 1 or cap:
+                stats.plain_passes += 1
             lg = target.one(last)
             stats.target_passes += 1
             last, toks, top = draw(lg)
             t = toks[0]
-            if chooser is not None:   # before the matrix learns from this step's logits
-                chooser.observe(rows, t)
+            emitted(toks)             # before the matrix learns from this step's logits
             if top is not None:
                 learn([out[-1]], lg, top)
             else:
@@ -401,13 +462,17 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         stats.drafted += n - 1
         _, draws, top = draw(logits, dt.depth.to(device))
         tokens = dt.tokens_list
-        emitted = len(out)
+        before = len(out)
         path, stop = _walk(dt, draws, out, max_new_tokens, eos_id)
         stats.accepted += len(path) - 1
-        if chooser is not None:
-            chooser.tree_ran(n_chosen, len(path) - 1)
-            for t in out[emitted:]:
-                chooser.observe(rows, t)
+        # the drafts the matrix tree alone would have had accepted: the path's run of its nodes
+        by_tree = next((i for i, node in enumerate(path) if node >= n_tree), len(path)) - 1 if n_tree else 0
+        stats.chain_accepted += len(path) - 1 - by_tree
+        if chooser is not None and n > 1 and n_tree:   # the matrix tree is judged by what it alone accepted
+            chooser.tree_ran(n_chosen, by_tree)
+        if chooser is not None and chooser.idle:     # a chain pass inside an idle stretch: it goes on
+            idle += len(out) - before
+        emitted(out[before:])
         learn(tokens, logits, top)
         target.keep(path)
         last = torch.tensor([out[-1]], dtype=torch.long, device=device)
@@ -419,6 +484,8 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     if chooser is not None:
         matrix.backoff = chooser.state()
         matrix.idle = idle
+    if chains is not None:
+        matrix.context = chains.state()
     if eos_id is not None and eos_id in out:
         out = out[:out.index(eos_id) + 1]
     out = out[:max_new_tokens]

@@ -36,8 +36,9 @@ step takes 0.78 ms, the tree pass's fixed host work (building the tree and its m
 the matrix update, the cache compaction) is a far larger share than on the demo export the
 defaults were measured on, and trees that accept 0.6 drafts per pass - a win by the defaults -
 lost 8-12% (docs/benchmarks.md, ## speculative). So by default (MeasuredCost) the loop times
-every pass and refits pass_cost from what tree passes really cost against plain steps; a losing
-tree is then seen as such after the few passes it takes the estimate to move. Timing makes which
+every pass and refits pass_cost (and node_cost, once passes of several sizes run) from what tree
+passes really cost against plain steps; a losing tree is then seen as such after the few passes
+it takes the estimate to move. Timing makes which
 passes run differ from run to run, which would make seeded runs differ too if draws were keyed by
 call; they are keyed by position (speculative._Rng.at), so the tokens are the plain loop's
 whatever passes ran.
@@ -108,26 +109,38 @@ def default_cost(device) -> TreeCost:
 
 
 class MeasuredCost:
-    """A TreeCost refitted from wall times: pass_cost follows what tree passes measure against
-    plain steps; node_cost stays the prior's (the passes a run chooses are mostly of a few sizes,
-    too few to fit a slope).
+    """A TreeCost refitted from wall times: pass_cost and node_cost follow what tree passes
+    measure against plain steps.
 
     plain(seconds) after each plain step, tree(n, seconds) after each tree pass of n nodes, each
     timing the whole pass (the model step, the draws, the walk, the matrix update; not the
     batched update of earlier plain steps' rows). Plain steps are taken 8 at a time (their
     mean enters a running mean, alpha; plain() says when the estimate changed), so a plain step
-    pays two clock reads and an add, not the refit;
-    each tree pass gives pass_cost = seconds / plain time - 1 - node_cost * (n - 1), and the
-    estimate moves alpha of the way to it. A single slow pass (a page fault, another process) is
-    clipped to 2 + 2x the current estimate, so one outlier cannot switch trees off for good; and
-    while no tree runs the estimate relaxes toward the prior by `relax` per plain step (a tree
-    judged by a stale, too-high cost would otherwise never be measured again: with relax = 0.01,
-    a model whose trees lose is re-probed about once per hundred plain steps). Learning faster
-    (the first pass moving the estimate half way) and relaxing 5x slower were tried: fewer
-    losing trees in sampling but no faster there, and 3-5% slower greedy decoding on the long
-    export, whose extra trees pay (docs/benchmarks.md, ## speculative, session 9)."""
+    pays two clock reads and an add, not the refit.
+
+    Each tree pass is one point (n - 1, seconds / plain time - 1) of the line pass_cost +
+    node_cost * (n - 1), and the two are a weighted least-squares fit over the points, each
+    older point weighing 1 - alpha less. The prior enters as points too, on its own line at 0
+    and PRIOR_NODES extra nodes, of total weight 1 / alpha, so the first pass moves the fit
+    alpha of the way and the prior fades as passes come. While the passes are of one size - a
+    run's trees often are - the data fix only the line's height there, and the slope stays the
+    prior's (a small ridge toward it): pass_cost is then the running mean, weight alpha, of
+    each pass's seconds / plain time - 1 - node_cost * (n - 1), the single-parameter estimate
+    this was before. Once passes of several sizes run (trees of a few budgets, context chains of
+    1-16 nodes; docs/speculative.md) the slope is measured too: the prior's 0.08 per node on
+    a CPU was measured with wide trees on the byte model, and chains cost more per node there.
+    A single slow pass (a page fault, another process) is clipped to 2 + 2x the current
+    estimate of its cost above a plain step, so one outlier cannot switch trees off for good;
+    and while no tree runs the fit relaxes toward the prior by `relax` per plain step (a tree
+    judged by a stale, too-high cost would otherwise never be measured again: with relax =
+    0.01, a model whose trees lose is re-probed about once per hundred plain steps). Learning
+    faster (the first pass moving the estimate half way) and relaxing 5x slower were tried:
+    fewer losing trees in sampling but no faster there, and 3-5% slower greedy decoding on the
+    long export, whose extra trees pay (docs/benchmarks.md, ## speculative, session 9)."""
 
     BATCH = 8    # plain steps per update of the plain step time
+    PRIOR_NODES = 8
+    RIDGE = 0.05   # the slope's pull toward the prior's, in passes at PRIOR_NODES (conditioning)
 
     def __init__(self, prior: TreeCost | None = None, alpha: float = 0.2, relax: float = 0.01):
         self.prior = prior or TreeCost()
@@ -135,8 +148,17 @@ class MeasuredCost:
         self._n, self._s = 0, 0.0
         self.pass_cost = self.prior.pass_cost
         self.node_cost = self.prior.node_cost
+        # the fit's sums (weight, x, y, xx, xy) over the passes and the prior's points
+        self._prior_sums = self._line_sums(self.prior.pass_cost, self.prior.node_cost, 1.0 / alpha)
+        self._sums = list(self._prior_sums)
         self.step_s: float | None = None     # running mean of a plain step's seconds
         self.tree_passes = 0                 # tree passes measured
+
+    def _line_sums(self, a: float, b: float, weight: float) -> list[float]:
+        """The sums of two points of the line a + b x, at 0 and PRIOR_NODES, weight/2 each."""
+        X, h = float(self.PRIOR_NODES), weight / 2.0
+        y1 = a + b * X
+        return [weight, h * X, h * (a + y1), h * X * X, h * X * y1]
 
     def __call__(self, n: int) -> float:
         return 1.0 + self.pass_cost + self.node_cost * (n - 1)
@@ -153,16 +175,35 @@ class MeasuredCost:
             self.step_s = mean
         else:
             self.step_s += self.alpha * (min(mean, 3.0 * self.step_s) - self.step_s)
-        self.pass_cost = self.prior.pass_cost + (1.0 - self.relax) ** n * (self.pass_cost - self.prior.pass_cost)
+        g = (1.0 - self.relax) ** n
+        self._sums = [p + g * (v - p) for v, p in zip(self._sums, self._prior_sums)]
+        self._refit()
         return True
 
     def tree(self, n: int, seconds: float) -> None:
         if self.step_s is None:     # nothing to compare with yet
             return
-        x = seconds / self.step_s - 1.0 - self.node_cost * (n - 1)
-        x = min(max(x, 0.0), 2.0 + 2.0 * self.pass_cost)
-        self.pass_cost += self.alpha * (x - self.pass_cost)
+        x = float(n - 1)
+        y = seconds / self.step_s - 1.0
+        y = min(max(y, 0.0), self.node_cost * x + 2.0 + 2.0 * self.pass_cost)
+        f = 1.0 - self.alpha
+        w, sx, sy, sxx, sxy = self._sums
+        self._sums = [w * f + 1.0, sx * f + x, sy * f + y, sxx * f + x * x, sxy * f + x * y]
+        self._refit()
         self.tree_passes += 1
+
+    def _refit(self) -> None:
+        """Weighted least squares of y = pass_cost + node_cost * x, the slope ridged toward the prior's."""
+        w, sx, sy, sxx, sxy = self._sums
+        lam = self.RIDGE * self.PRIOR_NODES ** 2
+        b0 = self.prior.node_cost
+        # normal equations: [[w, sx], [sx, sxx + lam]] @ [a, b] = [sy, sxy + lam b0]
+        det = w * (sxx + lam) - sx * sx
+        b = (w * (sxy + lam * b0) - sx * sy) / det
+        if b < 0.0:     # a falling line would make big trees look free: keep it flat
+            b = 0.0
+        self.node_cost = b
+        self.pass_cost = max((sy - b * sx) / w, 0.0)
 
 
 class TreeChooser:
@@ -202,6 +243,7 @@ class TreeChooser:
         self._plain = False
         self._streak = None          # the budget of the tree just run (tree_ran), until choose() reads it
         self._streak_mean = None     # running mean of the accepted drafts of the current streak's trees
+        self.speed = 1.0 + margin    # tokens per plain step the last choose() expects of its choice (plain: 1 + margin)
         if state and sorted(state) == self.sizes:
             for n, v in state.items():
                 m, q = (v, v * v) if isinstance(v, (int, float)) else v
@@ -252,6 +294,7 @@ class TreeChooser:
         if streak is None:
             self._streak_mean = None          # a streak runs through consecutive trees only
             if self._plain:
+                self.speed = 1.0 + self.margin
                 return 1
         self._settle()
         best, speed, ema, hopeful = 1, 1.0 + self.margin, self._ema, False
@@ -267,6 +310,7 @@ class TreeChooser:
             if s > speed:
                 best, speed = n, s
         self._plain = not hopeful
+        self.speed = speed
         return best
 
     @property
