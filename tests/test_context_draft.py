@@ -107,15 +107,12 @@ def test_shadow_walks_score_every_cap_and_follow_a_regime_change_at_once():
     idx = ContextIndex([], V, 2)
     sc = ChainScores(16)
     cost = TreeCost(pass_cost=0.3, node_cost=0.08)
-    for t in rand:
-        idx.append(t)
-        sc.observe(idx, t)
+    sc.observe(idx, rand)
     assert max(sc.expected(c) for c in sc.caps) < 0.05
     assert sc.best(cost, 1, 0.0, 1.1) == (0, 1.1)
     first = full = None
     for i, t in enumerate(loop):
-        idx.append(t)
-        sc.observe(idx, t)
+        sc.observe(idx, [t])
         cap, speed = sc.best(cost, 1, 0.0, 1.1)
         if cap and first is None:
             first = i

@@ -29,7 +29,7 @@ import torch
 
 from mmfm.generate.recycling import DraftTree
 
-CAPS = (1, 2, 4, 8, 16, 32)   # candidate chain lengths (the maximum is added)
+CAPS = (2, 4, 8, 16, 32)   # candidate chain lengths (the maximum is added)
 
 
 class ContextIndex:
@@ -182,37 +182,43 @@ class ChainScores:
             self._ema = [v * f for v in self._ema]
             self._sq = [v * f for v in self._sq]
 
-    def observe(self, index: ContextIndex, token: int) -> None:
-        """After `token` was emitted and appended to `index`: advance the open walks, and open one
-        at the new position (the chain that a pass here would draft).
+    def observe(self, index: ContextIndex, tokens: list[int]) -> None:
+        """Emitted `tokens`, in order: each is appended to `index`, advances the open walks, and
+        opens one at the new position (the chain that a pass there would draft). One call per
+        pass, one loop: this runs for every emitted token, sampling included.
 
         A walk's value under cap c is known as soon as it has accepted c drafts or failed, and
         enters cap c's mean then: waiting for the walk to end would hold back, for up to the
         longest cap's tokens, exactly the walks that succeed while failures enter at once, and the
         means would lag far below what chains accept whenever they start to win."""
-        if self.walks:
-            t, caps, ncap = index.tokens, self.caps, len(self.caps)
-            still = []
-            for w in self.walks:
-                if t[w[0]] == token:
-                    w[0] += 1
-                    a = w[1] = w[1] + 1
-                    if caps[w[2]] == a:
-                        self._update(w[2], w[2] + 1, a)
-                        w[2] += 1
-                        if w[2] == ncap:
-                            continue
-                    still.append(w)
-                elif w[1] == 0:
-                    self._decays += 1       # nothing accepted: every mean decays (no cap settled yet)
-                else:
-                    self._update(w[2], ncap, w[1])
-            self.walks = still
-        p = index.match()
-        if p >= 0:
-            self.walks.append([p, 0, 0])
-        else:
-            self._decays += 1               # no chain here: a pass here would accept nothing
+        caps = self.caps
+        ncap = len(caps)
+        t = index.tokens
+        for token in tokens:
+            index.append(token)
+            walks = self.walks
+            if walks:
+                still = []
+                for w in walks:
+                    if t[w[0]] == token:
+                        w[0] += 1
+                        a = w[1] = w[1] + 1
+                        if caps[w[2]] == a:
+                            self._update(w[2], w[2] + 1, a)
+                            w[2] += 1
+                            if w[2] == ncap:
+                                continue
+                        still.append(w)
+                    elif w[1] == 0:
+                        self._decays += 1
+                    else:
+                        self._update(w[2], ncap, w[1])
+                self.walks = still
+            p = index.match()
+            if p >= 0:
+                self.walks.append([p, 0, 0])
+            else:
+                self._decays += 1
 
     def _update(self, lo: int, hi: int, x: int) -> None:
         """caps[lo:hi] each take one walk of value x."""

@@ -311,13 +311,13 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     def emitted(toks: list[int]) -> None:
         """Score new tokens against the drafts the back-off's shadow walks track (before the
         matrix learns from the pass that made them) and add them to the context index."""
-        for t in toks:
-            if chooser is not None:
+        if chooser is not None:
+            for t in toks:
                 chooser.observe(rows, t)
-            if ctx is not None:
-                ctx.append(t)
-                if chains is not None:
-                    chains.observe(ctx, t)
+        if chains is not None:
+            chains.observe(ctx, toks)
+        elif ctx is not None:
+            ctx.extend(toks)
 
     emitted(out)
     stop = len(out) >= max_new_tokens or out[-1] == eos_id
