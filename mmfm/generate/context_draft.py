@@ -160,6 +160,7 @@ class ChainScores:
     of a cap. alpha and z as TreeChooser's: the newest walk's weight, and the standard errors
     below the mean a cap is judged by. Means are kept in lists by cap index: this runs for every
     emitted token, in sampling too, where it is pure overhead unless chains start to win."""
+
     def __init__(self, max_len: int, alpha: float = 0.3, z: float = 0.5, state: dict | None = None):
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len: expected an int >= 1, got {max_len!r}")
