@@ -6,19 +6,10 @@ import pytest
 import torch
 
 from mmfm.generate.context_draft import CAPS, ChainScores, ContextIndex, chain_tree, merge_chain
-from mmfm.generate.decode import SamplingConfig, decode
 from mmfm.generate.recycling import HostRows, RecyclingMatrix, ancestor_mask, build_tree, tree_template
 from mmfm.generate.speculative import token_recycling_generate
 from mmfm.generate.speculative_backoff import MeasuredCost, TreeCost
-from mmfm.models import ModelConfig, Transformer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_speculative import _model, one_thread, plain_generate  # noqa: F401 (one_thread: autouse fixture)
 
 
 def _brute_chain(tokens: list[int], max_ngram: int, length: int) -> list[int]:
@@ -155,19 +146,6 @@ def test_measured_cost_fits_the_slope_from_passes_of_several_sizes():
     assert abs(one.pass_cost - 0.4) < 0.01 and abs(one.node_cost - 0.08) < 0.01
 
 
-def _model(vocab, seed=0, std=0.3):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, vocab_size=vocab,
-                      max_seq_len=512, init_std=std)
-    return Transformer(cfg).eval()
-
-
-@torch.no_grad()
-def _plain(model, prompt, n, seed=0, **settings):
-    return decode(model, [torch.tensor(prompt)], None, SamplingConfig(**settings), max_new_tokens=n, seed=seed,
-                  stop_on_done=False)[0].tolist()
-
-
 @pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0),
                                       dict(temperature=0.8, top_k=4, top_p=0.9)])
 def test_chains_in_every_pass_give_the_plain_loops_tokens(settings):
@@ -176,9 +154,9 @@ def test_chains_in_every_pass_give_the_plain_loops_tokens(settings):
     V = 24
     chains = accepted = 0
     for s in range(6):
-        model = _model(V, seed=s, std=0.5)
+        model = _model(vocab=V, seed=s, std=0.5)
         prompt = torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(s)).tolist()
-        want = _plain(model, prompt, 40, seed=s, **settings)
+        want = plain_generate(model, prompt, 40, seed=s, **settings)
         for tree_size in (1, 6):
             got, st = token_recycling_generate(model, prompt, max_new_tokens=40, seed=s, tree_size=tree_size,
                                                adaptive=False, context_draft=6, **settings)
@@ -199,7 +177,7 @@ def test_context_drafts_cut_greedy_passes_on_a_looping_model():
     passes = {0: 0, 16: 0}
     for src in stdlib_sources(6):
         prompt = encode(src)[:24]
-        want = _plain(model, prompt, 100, temperature=0.0)
+        want = plain_generate(model, prompt, 100, temperature=0.0)
         for cd in passes:
             got, st = token_recycling_generate(model, prompt, max_new_tokens=100, temperature=0.0, tree_size=20,
                                                context_draft=cd, measure_cost=False,
@@ -211,7 +189,7 @@ def test_context_drafts_cut_greedy_passes_on_a_looping_model():
 
 
 def test_context_draft_argument_is_checked():
-    model = _model(16)
+    model = _model(vocab=16)
     with pytest.raises(ValueError, match="context_draft"):
         token_recycling_generate(model, [1, 2], max_new_tokens=4, context_draft=-1)
     with pytest.raises(ValueError, match="max_len"):

@@ -95,10 +95,10 @@ class ContextIndex:
                 return p
         return -1
 
-    def chain(self, length: int, start: int | None = None) -> list[int]:
-        """Up to `length` tokens copied from `start` (default: match()), continuing from the copy
-        itself once it reaches the end of the context; [] when nothing matched."""
-        p = self.match() if start is None else start
+    def chain(self, length: int) -> list[int]:
+        """`length` tokens copied from where match() points, continuing from the copy itself once
+        it reaches the end of the context; [] when nothing matched."""
+        p = self.match()
         if p < 0 or length < 1:
             return []
         t, end = self.tokens, len(self.tokens)
