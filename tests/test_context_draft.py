@@ -2,6 +2,8 @@
 search finds, chains merge into draft trees as a trie would, the shadow walks' means follow a
 change of regime within a few tokens, and Token Recycling with chains still gives exactly the
 plain decode loop's tokens while needing fewer passes on repetitive text."""
+import random
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from mmfm.generate.context_draft import CAPS, ChainScores, ContextIndex, chain_t
 from mmfm.generate.recycling import HostRows, RecyclingMatrix, ancestor_mask, build_tree, tree_template
 from mmfm.generate.speculative import token_recycling_generate
 from mmfm.generate.speculative_backoff import MeasuredCost, TreeCost
-from test_speculative import _model, one_thread, plain_generate  # noqa: F401 (one_thread: autouse fixture)
+from test_speculative import _model, _time_mean, one_thread, plain_generate  # noqa: F401 (one_thread: autouse fixture)
 
 
 def _brute_chain(tokens: list[int], max_ngram: int, length: int) -> list[int]:
@@ -146,6 +148,28 @@ def test_measured_cost_fits_the_slope_from_passes_of_several_sizes():
     assert abs(one.pass_cost - 0.4) < 0.01 and abs(one.node_cost - 0.08) < 0.01
 
 
+def test_measured_cost_refitted_once_per_batch_ends_where_it_would_step_by_step():
+    """Long idle stretches refit the cost every IDLE_METER plain steps, not every 8: plain(...,
+    batch=64) says no change until 64 steps are in, and then the fit (pulled back toward the
+    prior by the same compounded amount) and the step time are those of eight refits of 8."""
+    prior = TreeCost(pass_cost=0.4, node_cost=0.08)
+    every, batched = MeasuredCost(prior), MeasuredCost(prior)
+    for meter in (every, batched):
+        for _ in range(8):
+            meter.plain(1e-3)
+        for i in range(20):
+            meter.tree(3 if i % 2 else 17, 1e-3 * (2.0 + 0.15 * (16 if i % 2 == 0 else 2)))
+    assert every.pass_cost != prior.pass_cost
+    said = []
+    for _ in range(8):
+        assert every.plain(8e-3, 8)
+        said.append(batched.plain(8e-3, 8, 64))
+    assert said == [False] * 7 + [True]
+    for a, b in ((every.pass_cost, batched.pass_cost), (every.node_cost, batched.node_cost),
+                 (every.step_s, batched.step_s)):
+        assert abs(a - b) < 1e-9 * max(1.0, abs(a))
+
+
 @pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0),
                                       dict(temperature=0.8, top_k=4, top_p=0.9)])
 def test_chains_in_every_pass_give_the_plain_loops_tokens(settings):
@@ -194,3 +218,36 @@ def test_context_draft_argument_is_checked():
         token_recycling_generate(model, [1, 2], max_new_tokens=4, context_draft=-1)
     with pytest.raises(ValueError, match="max_len"):
         ChainScores(0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unwatched_turns_leave_the_chain_means_near_those_of_every_token_watched(seed):
+    """As the chooser's (test_speculative): with every other run of 16 unwatched, the open walks
+    dropped, the chains' running means average what they average when every token is watched,
+    within 4% for caps up to 8; the longest cap, 16, whose walks must start a run's first token
+    to finish inside it, reads up to 15% low, the safe side. Following the walks through the
+    unwatched runs instead put the longest caps' means ~2x high."""
+    V = 32
+    rnd = random.Random(seed)
+    seq = [rnd.randrange(V) for _ in range(50)]
+    while len(seq) < 30000:          # copies of earlier stretches between random tokens
+        if rnd.random() < 0.5:
+            p = rnd.randrange(len(seq) - 20)
+            seq += seq[p:p + rnd.randrange(1, 20)]
+        else:
+            seq += [rnd.randrange(V) for _ in range(rnd.randrange(1, 5))]
+
+    def means(turns):
+        index, scores = ContextIndex(seq[:50], V, 2), ChainScores(16)
+
+        def observe(toks, watch):
+            scores.observe(index, toks, watch)
+            return [m for m, _ in scores.state().values()]
+        got = _time_mean(observe, seq, turns, 50)
+        assert index.tokens == seq          # unwatched tokens join the index all the same
+        return got
+    every, turns = means(lambda j: True), means(lambda j: j % 2 == 0)
+    assert ChainScores(16).caps == [2, 4, 8, 16] and min(every) > 0.3
+    for a, b in zip(every[:3], turns[:3]):
+        assert abs(b / a - 1) < 0.04, (every, turns)
+    assert 0.85 < turns[3] / every[3] <= 1.0, (every, turns)

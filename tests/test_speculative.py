@@ -3,9 +3,13 @@ decoding give exactly the tokens of the real plain decode loop (mmfm.generate.de
 at temperature 0, and their sampled sequences follow the exact distribution of plain sampling
 (chi-square against the enumerated joint distribution of short sequences, with a power check
 that the same test rejects a 1.3x temperature error)."""
+import random
+
 import pytest
 import torch
 
+from mmfm.generate import speculative
+from mmfm.generate.context_draft import ChainScores
 from mmfm.generate.decode import SamplingConfig, decode
 from mmfm.generate.recycling import HostRows, RecyclingMatrix, build_dynamic_tree, build_tree, tree_template
 from mmfm.generate.step import DenseStep
@@ -691,12 +695,52 @@ def test_chooser_shrinks_the_tree_before_giving_up():
     assert 1 < n < 40
 
 
+def _time_mean(observe, seq, turns, start):
+    """The mean, over the calls, of the running means after each call: observe(tokens, watch) on
+    runs of 16 tokens of seq from `start`, watched where turns(i) says so."""
+    total, calls = None, 0
+    for j, i in enumerate(range(start, len(seq), 16)):
+        m = observe(seq[i:i + 16], turns(j))
+        total = list(m) if total is None else [a + b for a, b in zip(total, m)]
+        calls += 1
+    return [a / calls for a in total]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unwatched_turns_leave_the_chooser_means_as_when_every_token_is_watched(seed):
+    """Long idle stretches watch every other run (IDLE_WATCH): the walks open when an unwatched
+    run begins are dropped. The running means the chooser judges by then average what they
+    average when every token is watched (within 3% for every budget, on a sequence whose walks
+    accept 0 to several drafts). Following the open walks through the unwatched run instead
+    counts only the long ones there, and puts the means ~15% high."""
+    V, k = 32, 4
+    table = torch.randint(0, V, (V, k), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+    rows = {t: table[t].tolist() for t in range(V)}
+    rnd = random.Random(seed)
+    seq = [0]
+    for _ in range(30000):     # a recycled candidate of rank 0 or 1 next, with probability 0.7
+        row = rows[seq[-1]]
+        seq.append(row[rnd.randrange(2)] if rnd.random() < 0.7 else rnd.choice([t for t in range(V) if t not in row]))
+
+    def means(turns):
+        ch = TreeChooser(20, k, 8, TreeCost(), last_token=seq[0])
+
+        def observe(toks, watch):
+            ch.observe_tokens(rows.__getitem__, toks, watch)
+            return list(ch.ema.values())
+        return _time_mean(observe, seq, turns, 1)
+    every, turns = means(lambda j: True), means(lambda j: j % 2 == 0)
+    assert min(every) > 0.2
+    for a, b in zip(every, turns):
+        assert abs(b / a - 1) < 0.03, (every, turns)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_idle_runs_emit_the_plain_loops_tokens_and_stop_at_eos(temperature):
     """While no budget is hopeful, plain steps run back to back and are read back together (runs
-    of up to IDLE_RUN): the tokens are still the plain loop's, eos inside a run still cuts the
-    output after it, max_new_tokens is never passed, and the matrix still learns every step's
-    row (the next call's trees would draft them)."""
+    of IDLE_RUN, IDLE_RUN_LONG past IDLE_WATCH idle tokens): the tokens are still the plain
+    loop's, eos inside a run still cuts the output after it, max_new_tokens is never passed,
+    and the matrix still learns every step's row (the next call's trees would draft them)."""
     V = 512
     model = _model(vocab=V, std=0.001 if temperature else 0.3)
     prompt = [1, 2, 3]
@@ -717,6 +761,62 @@ def test_idle_runs_emit_the_plain_loops_tokens_and_stop_at_eos(temperature):
         got, _ = token_recycling_generate(model, prompt, max_new_tokens=n, temperature=temperature, seed=7,
                                           tree_size=20)
         assert got.tolist() == want[:n]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_long_idle_stretches_watch_every_other_turn(temperature, monkeypatch):
+    """Past IDLE_WATCH idle tokens the runs are IDLE_RUN_LONG steps and take turns, IDLE_RUN_LONG
+    idle tokens each, at being unwatched (a 200-token call crosses into that stretch): the back-off's and the chains' scoring get the run's
+    tokens with watch=False (the real methods run; they are only spied on). The turns are
+    counted on the idle count, which goes on across calls, so calls of 3 tokens take turns too
+    (a per-call toggle would leave every short call's only run unwatched, and the means would
+    never hear of a winning stretch again). A cost no tree can meet keeps the stretch idle."""
+    seen = []
+
+    def spy(cls, name):
+        real = getattr(cls, name)
+
+        def record(self, table, tokens, watch=True):
+            seen.append((cls.__name__, len(tokens), watch))
+            return real(self, table, tokens, watch)
+        monkeypatch.setattr(cls, name, record)
+    spy(TreeChooser, "observe_tokens")
+    spy(ChainScores, "observe")
+    V = 512
+    model = _model(vocab=V, std=0.001 if temperature else 0.3)
+    hopeless = dict(cost=TreeCost(pass_cost=9.0, node_cost=1.0), measure_cost=False, tree_size=20)
+    want = plain_generate(model, [1, 2, 3], 200, seed=11, temperature=temperature)
+    matrix = RecyclingMatrix(V, k=8)
+    got, stats = token_recycling_generate(model, [1, 2, 3], max_new_tokens=200, temperature=temperature, seed=11,
+                                          matrix=matrix, **hopeless)
+    assert got.tolist() == want and not stats.tree_nodes and not stats.chain_passes
+    assert all(matrix.table[t, 0] >= 0 for t in [1, 2, 3] + want[:-1])   # unwatched steps' rows recycled too
+    calls = [(n, w) for name, n, w in seen if name == "TreeChooser"]
+    assert calls == [(n, w) for name, n, w in seen if name == "ChainScores"]
+    # the prefill's token; single steps to IDLE_AFTER idle tokens; runs of IDLE_RUN to IDLE_WATCH;
+    # then runs of IDLE_RUN_LONG, the turns off, on, off, ...
+    after, short_run, watch, long_run = (speculative.IDLE_AFTER, speculative.IDLE_RUN, speculative.IDLE_WATCH,
+                                         speculative.IDLE_RUN_LONG)
+    assert after < watch < 200 - 2 * long_run
+    expect, idle, left = [(1, True)], 0, 199
+    while left:
+        n = 1 if idle < after else min(long_run if idle >= watch else short_run, left)
+        expect.append((n, n == 1 or not (idle >= watch and (idle - watch) // long_run % 2 == 0)))
+        idle, left = idle + n, left - n
+    assert calls == expect
+    assert sum(n for n, w in calls if not w) >= long_run
+    assert (long_run, False) in calls and (long_run, True) in calls
+    # calls of 3 tokens on a matrix already past IDLE_WATCH: the prefill's token, then one run of 2
+    seen.clear()
+    short = RecyclingMatrix(V, k=8)
+    short.idle = speculative.IDLE_WATCH
+    for s in range(24):
+        token_recycling_generate(model, [5 + s], max_new_tokens=3, temperature=temperature, seed=s,
+                                 matrix=short, **hopeless)
+    runs = [w for name, n, w in seen if name == "TreeChooser" and n == 2]
+    turn = long_run // 2      # calls per turn
+    assert runs == ([False] * turn + [True] * turn) * (24 // (2 * turn)) + [False] * (24 % (2 * turn))
+    assert short.idle == watch + 24 * 2
 
 
 def test_never_matching_drafts_switch_to_plain_steps_within_8_passes():

@@ -183,7 +183,7 @@ class ChainScores:
             self._ema = [v * f for v in self._ema]
             self._sq = [v * f for v in self._sq]
 
-    def observe(self, index: ContextIndex, tokens: list[int]) -> None:
+    def observe(self, index: ContextIndex, tokens: list[int], watch: bool = True) -> None:
         """Emitted `tokens`, in order: each is appended to `index`, advances the open walks, and
         opens one at the new position (the chain that a pass there would draft). One call per
         pass, one loop: this runs for every emitted token, sampling included.
@@ -191,10 +191,17 @@ class ChainScores:
         A walk's value under cap c is known as soon as it has accepted c drafts or failed, and
         enters cap c's mean then: waiting for the walk to end would hold back, for up to the
         longest cap's tokens, exactly the walks that succeed while failures enter at once, and the
-        means would lag far below what chains accept whenever they start to win."""
+        means would lag far below what chains accept whenever they start to win.
+
+        watch=False: the tokens only join the index; the open walks are dropped uncounted and
+        none opens (long idle stretches watch every other run; see TreeChooser.observe_tokens)."""
         caps = self.caps
         ncap = len(caps)
         t = index.tokens
+        if not watch:
+            self.walks = []
+            index.extend(tokens)
+            return
         for token in tokens:
             index.append(token)
             walks = self.walks

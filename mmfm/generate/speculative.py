@@ -194,11 +194,23 @@ TREES = ("static", "dynamic")
 # count goes on across calls sharing a matrix), plain steps run IDLE_RUN at a time, their tokens
 # read back together. Picked on the bench models (same-process A/B, docs/benchmarks.md, ##
 # speculative, session 11): sampling at temperature 1 on the byte model 0.954x the plain loop
-# against 0.937x without runs; greedy on the long export, whose hopeless stretches end often and
-# where a late tree costs, unchanged at 32 (1.162x against 1.166x) but 1.11x when runs began
+# against 0.937x without runs; greedy on the long export, whose hopeless stretches end often
+# and where a late tree costs, unchanged at 32 (1.162x against 1.166x) but 1.11x when runs began
 # after 8 tokens
 IDLE_RUN = 8
 IDLE_AFTER = 32
+# long idle stretches, past IDLE_WATCH tokens: runs of IDLE_RUN_LONG steps, every other turn of
+# IDLE_RUN_LONG idle tokens unwatched (no shadow walk there: TreeChooser.observe_tokens and
+# ChainScores.observe with watch=False), the matrix rows batched 32 at a time, and the plain
+# step time refitted every IDLE_METER steps. After a decode step has swept the caches a run's
+# bookkeeping costs several times what it costs warm: ~14 us a token against a ~340 us step on
+# the byte-level bench model, ~9 us with these (docs/benchmarks.md, ## speculative, session
+# 13). The back-off hears of a winning stretch at most 2 * IDLE_RUN_LONG tokens late there:
+# from 64 idle tokens that cost ~1% at temperature 0.6 on the byte model, where trees win after
+# the stretches; from 128 nothing measurable, and temperature 1 gains as much
+IDLE_WATCH = 128
+IDLE_RUN_LONG = 16
+IDLE_METER = 64
 # context drafts (context_draft.py): the longest chain copied from the context, and the longest
 # suffix matched to find where to copy from
 CONTEXT_DRAFT = 16
@@ -308,14 +320,14 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     first = sampling.sample(logits[-1:], **settings, **rng.at(0))
     out = [int(first[0])]
 
-    def emitted(toks: list[int]) -> None:
+    def emitted(toks: list[int], watch: bool = True) -> None:
         """Score new tokens against the drafts the back-off's shadow walks track (before the
-        matrix learns from the pass that made them) and add them to the context index."""
+        matrix learns from the pass that made them) and add them to the context index.
+        watch=False: an unwatched turn (IDLE_WATCH): the tokens only join the index."""
         if chooser is not None:
-            for t in toks:
-                chooser.observe(rows, t)
+            chooser.observe_tokens(rows, toks, watch)
         if chains is not None:
-            chains.observe(ctx, toks)
+            chains.observe(ctx, toks, watch)
         elif ctx is not None:
             ctx.extend(toks)
 
@@ -326,10 +338,10 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
     # the plain loop's token unless tied) and the matrix rows, instead of a sample call and a topk
     fast_greedy = temperature == 0 and allowed_mask is None and matrix.k >= 2
     # sampled plain passes' logits wait here and enter the matrix 16 at a time (one topk instead
-    # of 16). They are copied into one buffer rather than kept: holding 16 step outputs alive
-    # made every step allocate its logits (and the step's temporaries after them) in fresh
-    # memory instead of the block the previous step freed
-    pend_logits = torch.empty(16, V, dtype=logits.dtype, device=logits.device)
+    # of 16; idle runs fill the buffer, 32). They are copied into one buffer rather than kept:
+    # holding 16 step outputs alive made every step allocate its logits (and the step's
+    # temporaries after them) in fresh memory instead of the block the previous step freed
+    pend_logits = torch.empty(32, V, dtype=logits.dtype, device=logits.device)
     pend_rows = pend_logits.split(1)     # its rows as [1, V] views, made once: one copy_ per step
     pend_tokens: list[int] = []
 
@@ -386,7 +398,9 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         # model a 1-token chain holds about half the time and a chain pass now and then is about
         # break-even; ending the stretch on it cost up to 32 tokens of single steps each time
         # (0.934x the plain loop against 0.961x without chains, when a hopeful chain mean did)
-        run = min(IDLE_RUN if idle >= IDLE_AFTER and not cap else 0, max_new_tokens - len(out))
+        run = 0
+        if idle >= IDLE_AFTER and not cap:
+            run = min(IDLE_RUN_LONG if idle >= IDLE_WATCH else IDLE_RUN, max_new_tokens - len(out))
         if run > 1:
             # no budget has been hopeful for `idle` tokens: `run` plain steps back to back, each
             # feeding its sampled token tensor to the next, their tokens read back and walked
@@ -394,7 +408,10 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             # bookkeeping, which cost ~4% of a step each on the byte-level bench model). Each
             # step draws from its position's stream, so the tokens are the plain loop's; the
             # back-off hears of a winning stretch at most `run` tokens late
-            if len(pend_tokens) + run > 16:
+            # watched and unwatched by turns, IDLE_RUN_LONG idle tokens each: counted on `idle`,
+            # which goes on across calls, so calls shorter than a run take turns too
+            unwatched = idle >= IDLE_WATCH and (idle - IDLE_WATCH) // IDLE_RUN_LONG % 2 == 0
+            if len(pend_tokens) + run > len(pend_rows):
                 flush()
             e, slot, feed = len(out), len(pend_tokens), []
             for j in range(run):
@@ -404,13 +421,14 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
                 feed.append(last)
             toks = torch.cat(feed).tolist()
             pend_tokens += [out[-1]] + toks[:-1]      # step j's logits predict after the token it fed
-            emitted(toks)                             # before the matrix learns from these steps
+            emitted(toks, not unwatched)              # before the matrix learns from these steps
             stats.target_passes += run
             stats.plain_passes += run
             stats.run_steps += run
-            if meter is not None and meter.plain(time.perf_counter() - t0, run):
+            if meter is not None and meter.plain(time.perf_counter() - t0, run,
+                                                 IDLE_METER if idle >= IDLE_WATCH else None):
                 chooser.set_cost(meter)
-            if len(pend_tokens) == 16:
+            if len(pend_tokens) >= 16 and idle < IDLE_WATCH:    # long stretches fill the buffer
                 flush()
             out += toks
             idle += run
@@ -445,11 +463,13 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             if top is not None:
                 learn([out[-1]], lg, top)
             else:
+                if len(pend_tokens) == len(pend_rows):    # a run filled the buffer
+                    flush()
                 pend_rows[len(pend_tokens)].copy_(lg)
                 pend_tokens.append(out[-1])
             if meter is not None and meter.plain(time.perf_counter() - t0):
                 chooser.set_cost(meter)
-            if len(pend_tokens) == 16:
+            if len(pend_tokens) >= 16:
                 flush()
             out.append(t)
             idle += 1

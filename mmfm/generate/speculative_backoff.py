@@ -163,12 +163,15 @@ class MeasuredCost:
     def __call__(self, n: int) -> float:
         return 1.0 + self.pass_cost + self.node_cost * (n - 1)
 
-    def plain(self, seconds: float, steps: int = 1) -> bool:
+    def plain(self, seconds: float, steps: int = 1, batch: int | None = None) -> bool:
         """The seconds of `steps` plain steps run back to back; True when the estimate changed
-        (every BATCH steps or more)."""
+        (every `batch` steps or more, default BATCH). The decode loop's idle runs pass a larger
+        batch: while no tree is in sight a refit every 8 steps, and the back-off's re-judging of
+        every budget that follows it, costs ~1% of a step on the byte-level bench model, and the
+        relaxation toward the prior compounds the same either way."""
         self._n += steps
         self._s += seconds
-        if self._n < self.BATCH:
+        if self._n < (batch or self.BATCH):
             return False
         n, mean, self._n, self._s = self._n, self._s / self._n, 0, 0.0
         if self.step_s is None:
@@ -341,35 +344,56 @@ class TreeChooser:
         return m - self.z * self.se_scale * max(self._sq[n] - m * m, 0.0) ** 0.5
 
     def observe(self, table, token: int) -> None:
-        """table: the matrix's candidate rows as they were when the pass that emitted `token` was
-        chosen: a callable t -> list of k ints (recycling.HostRows, what the loop passes: no
-        tensor read per token) or the int [V, k] table itself."""
-        prev, self.last = self.last, token
-        if prev is not None and self.walks:
-            row = table(prev) if callable(table) else table[prev].tolist()
-            r = row.index(token) if token in row else -1
-            if r < 0:                       # no walk goes on: all close here
-                walks = self.walks
+        """observe_tokens(table, [token])."""
+        self.observe_tokens(table, [token])
+
+    def observe_tokens(self, table, tokens: list[int], watch: bool = True) -> None:
+        """Emitted `tokens`, in order. table: the matrix's candidate rows as they were when the
+        pass that emitted them was chosen: a callable t -> list of k ints (recycling.HostRows,
+        what the loop passes: no tensor read per token) or the int [V, k] table itself. One
+        call per pass, one loop: this runs for every emitted token, sampling included.
+
+        watch=False: the tokens are skipped. The open walks are dropped uncounted and none opens
+        until the next watched call (long idle stretches watch every other run,
+        token_recycling_generate's IDLE_WATCH). Dropping keeps the means what they are when
+        every token is watched: at any moment those leave out the walks still open, which are
+        the long ones. Following the open walks through the skipped tokens instead would add
+        exactly those, and inflated the means by ~15% (tests/test_speculative.py)."""
+        if not watch:
+            self.walks = []
+            self.last = tokens[-1] if tokens else self.last
+            return
+        row_of = table if callable(table) else (lambda t: table[t].tolist())
+        child, order, close = self.child, self.order, self._close
+        walks, last = self.walks, self.last
+        for token in tokens:
+            prev, last = last, token
+            if prev is None or not walks:
+                walks.append((0, []))
+                continue
+            row = row_of(prev)
+            if token not in row:           # no walk goes on: all close here
                 if len(walks) == 1 and not walks[0][1]:
                     # only the walk rooted at prev, empty: it closes with nothing accepted and
                     # the walk rooted at token is the same empty one (sampling's usual token)
                     self._decays += 1
-                    return
-                for _, orders in self.walks:
-                    self._close(orders)
-                self.walks = [(0, [])]
-                return
+                    continue
+                for _, orders in walks:
+                    close(orders)
+                walks = [(0, [])]
+                continue
+            r = row.index(token)
             still = []
-            child, order = self.child, self.order
-            for node, orders in self.walks:
+            for node, orders in walks:
                 c = child.get((node, r))
                 if c is None:
-                    self._close(orders)
+                    close(orders)
                 else:
                     orders.append(order[c])
                     still.append((c, orders))
-            self.walks = still
-        self.walks.append((0, []))
+            walks = still
+            walks.append((0, []))
+        self.walks, self.last = walks, last
 
     def _close(self, orders: list[int]) -> None:
         if not orders:                      # nothing accepted (most walks in plain stretches)
