@@ -203,8 +203,8 @@ IDLE_AFTER = 32
 # IDLE_RUN_LONG idle tokens unwatched (no shadow walk there: TreeChooser.observe_tokens and
 # ChainScores.observe with watch=False), the matrix rows batched 32 at a time, and the plain
 # step time refitted every IDLE_METER steps. After a decode step has swept the caches a run's
-# bookkeeping costs several times what it costs warm: ~14 us a token against a ~340 us step on
-# the byte-level bench model, ~9 us with these (docs/benchmarks.md, ## speculative, session
+# bookkeeping costs several times what it costs warm: ~16 us a token against a ~315 us step on
+# the byte-level bench model, ~12 us with these (docs/benchmarks.md, ## speculative, session
 # 13). The back-off hears of a winning stretch at most 2 * IDLE_RUN_LONG tokens late there:
 # from 64 idle tokens that cost ~1% at temperature 0.6 on the byte model, where trees win after
 # the stretches; from 128 nothing measurable, and temperature 1 gains as much

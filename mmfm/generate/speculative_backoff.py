@@ -358,7 +358,7 @@ class TreeChooser:
         token_recycling_generate's IDLE_WATCH). Dropping keeps the means what they are when
         every token is watched: at any moment those leave out the walks still open, which are
         the long ones. Following the open walks through the skipped tokens instead would add
-        exactly those, and inflated the means by ~15% (tests/test_speculative.py)."""
+        exactly those, and put the means 14-24% high in simulation (tests/test_speculative.py)."""
         if not watch:
             self.walks = []
             self.last = tokens[-1] if tokens else self.last
