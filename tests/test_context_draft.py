@@ -226,7 +226,7 @@ def test_unwatched_turns_leave_the_chain_means_near_those_of_every_token_watched
     dropped, the chains' running means average what they average when every token is watched,
     within 4% for caps up to 8; the longest cap, 16, whose walks must start a run's first token
     to finish inside it, reads up to 15% low, the safe side. Following the walks through the
-    unwatched runs instead put the longest caps' means ~2x high."""
+    unwatched runs instead put the longest cap's mean up to ~2x high."""
     V = 32
     rnd = random.Random(seed)
     seq = [rnd.randrange(V) for _ in range(50)]
