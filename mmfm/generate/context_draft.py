@@ -195,13 +195,13 @@ class ChainScores:
 
         watch=False: the tokens only join the index; the open walks are dropped uncounted and
         none opens (long idle stretches watch every other run; see TreeChooser.observe_tokens)."""
-        caps = self.caps
-        ncap = len(caps)
-        t = index.tokens
         if not watch:
             self.walks = []
             index.extend(tokens)
             return
+        caps = self.caps
+        ncap = len(caps)
+        t = index.tokens
         for token in tokens:
             index.append(token)
             walks = self.walks

@@ -398,9 +398,9 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
         # model a 1-token chain holds about half the time and a chain pass now and then is about
         # break-even; ending the stretch on it cost up to 32 tokens of single steps each time
         # (0.934x the plain loop against 0.961x without chains, when a hopeful chain mean did)
-        run = 0
+        run, long_idle = 0, idle >= IDLE_WATCH
         if idle >= IDLE_AFTER and not cap:
-            run = min(IDLE_RUN_LONG if idle >= IDLE_WATCH else IDLE_RUN, max_new_tokens - len(out))
+            run = min(IDLE_RUN_LONG if long_idle else IDLE_RUN, max_new_tokens - len(out))
         if run > 1:
             # no budget has been hopeful for `idle` tokens: `run` plain steps back to back, each
             # feeding its sampled token tensor to the next, their tokens read back and walked
@@ -410,7 +410,7 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             # back-off hears of a winning stretch at most `run` tokens late
             # watched and unwatched by turns, IDLE_RUN_LONG idle tokens each: counted on `idle`,
             # which goes on across calls, so calls shorter than a run take turns too
-            unwatched = idle >= IDLE_WATCH and (idle - IDLE_WATCH) // IDLE_RUN_LONG % 2 == 0
+            unwatched = long_idle and (idle - IDLE_WATCH) // IDLE_RUN_LONG % 2 == 0
             if len(pend_tokens) + run > len(pend_rows):
                 flush()
             e, slot, feed = len(out), len(pend_tokens), []
@@ -425,10 +425,9 @@ def token_recycling_generate(model, prompt_ids, *, max_new_tokens: int, temperat
             stats.target_passes += run
             stats.plain_passes += run
             stats.run_steps += run
-            if meter is not None and meter.plain(time.perf_counter() - t0, run,
-                                                 IDLE_METER if idle >= IDLE_WATCH else None):
+            if meter is not None and meter.plain(time.perf_counter() - t0, run, IDLE_METER if long_idle else None):
                 chooser.set_cost(meter)
-            if len(pend_tokens) >= 16 and idle < IDLE_WATCH:    # long stretches fill the buffer
+            if len(pend_tokens) >= 16 and not long_idle:    # long stretches fill the buffer
                 flush()
             out += toks
             idle += run
